@@ -1,0 +1,66 @@
+"""Model-level entry points: export a torch model, find or rewrite its attention, hand back a module.
+
+``torch.export`` gives the ATen graph the matcher reads, with the model's parameters attached;
+the rewritten ``GraphModule`` is a real module (forward, backward, ``state_dict``, export again).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+
+from attnpass import semantics
+from attnpass.passes import fx as fx_pass
+from attnpass.passes.match import Report
+
+
+def _as_graph(model: Any, args: tuple | None, kwargs: dict | None) -> fx.GraphModule:
+    """An fx GraphModule for ``model``: used as is if it already is one, else ``torch.export``ed."""
+    if isinstance(model, torch.export.ExportedProgram):
+        return model.module()
+    if isinstance(model, fx.GraphModule):
+        return model
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"attnpass wants an nn.Module, a GraphModule or an ExportedProgram, got {type(model).__name__}")
+    if args is None:
+        raise TypeError("attnpass needs example inputs (args, kwargs) to trace a module")
+    args = args if isinstance(args, tuple) else (args,)
+    ep = torch.export.export(model, args, kwargs or {}, strict=False)
+    return ep.module()
+
+
+def find(model: Any, args: tuple | None = None, kwargs: dict | None = None) -> Report:
+    """Every softmax-in-attention in ``model`` (sites), and the softmaxes left alone with the reason."""
+    return fx_pass.find(_as_graph(model, args, kwargs))
+
+
+def to_ssmax(
+    model: Any,
+    args: tuple | None = None,
+    kwargs: dict | None = None,
+    s: float | None = None,
+    b: float | None = None,
+    train_len: int | None = None,
+) -> fx.GraphModule:
+    """The model with every attention softmax turned into SSMax; ``s``/``b`` are trainable ``[H]`` parameters.
+
+    ``train_len=L`` sets ``s = 1/log(L)`` (and ``b`` unset) so a pretrained model is unchanged at
+    length ``L``.  The returned module carries the report as ``.attnpass_report``.
+    """
+    if train_len is not None:
+        if s is not None:
+            raise ValueError("give either s or train_len, not both")
+        s = semantics.s_for_train_len(train_len)
+    s = semantics.DEFAULT_S if s is None else s
+    gm, report = fx_pass.to_ssmax(_as_graph(model, args, kwargs), s=s, b=b)
+    gm.attnpass_report = report
+    return gm
+
+
+def fuse(model: Any, args: tuple | None = None, kwargs: dict | None = None) -> fx.GraphModule:
+    """The model with each fusable attention chain replaced by one ``attnpass::attention`` call."""
+    gm, report = fx_pass.fuse(_as_graph(model, args, kwargs))
+    gm.attnpass_report = report
+    return gm

@@ -1,0 +1,58 @@
+"""torch.compile backend ``"attnpass"``: rewrite attention in dynamo's graph, then compile the rest.
+
+Options (``torch.compile(m, backend="attnpass", options={...})``):
+``rewrite``: ``"fuse"`` (default) or ``"ssmax"``; ``s``/``b``/``train_len`` for SSMax;
+``inner``: ``"inductor"`` (default) or ``"eager"`` for what runs the rewritten graph.
+The graph is rewritten at torch level, before AOT autograd splits forward from backward, so
+training sees the op's own backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+
+from attnpass import semantics
+from attnpass.lowering import ops  # noqa: F401  (the op must exist before graphs use it)
+from attnpass.passes import fx as fx_pass
+
+_KNOWN = {"rewrite", "s", "b", "train_len", "inner"}
+
+
+def attnpass_backend(gm: fx.GraphModule, example_inputs: list[Any], **options: Any) -> Any:
+    """Dynamo backend entry point (also reachable through the ``torch_dynamo_backends`` entry point)."""
+    opts = dict(options.pop("options", None) or {}, **options)
+    unknown = set(opts) - _KNOWN
+    if unknown:
+        raise ValueError(f"attnpass backend: unknown options {sorted(unknown)}; known: {sorted(_KNOWN)}")
+    rewrite = opts.get("rewrite", "fuse")
+    if rewrite == "fuse":
+        gm, report = fx_pass.fuse(gm)
+    elif rewrite == "ssmax":
+        s = opts.get("s")
+        if opts.get("train_len") is not None:
+            s = semantics.s_for_train_len(int(opts["train_len"]))
+        gm, report = fx_pass.to_ssmax(gm, s=semantics.DEFAULT_S if s is None else float(s), b=opts.get("b"))
+    else:
+        raise ValueError(f"attnpass backend: rewrite must be 'fuse' or 'ssmax', got {rewrite!r}")
+    gm.attnpass_report = report
+    inner = opts.get("inner", "inductor")
+    if inner == "eager":
+        return gm.forward
+    if inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+    raise ValueError(f"attnpass backend: inner must be 'inductor' or 'eager', got {inner!r}")
+
+
+def _register() -> None:
+    from torch._dynamo.backends.registry import _BACKENDS, register_backend
+
+    if "attnpass" not in _BACKENDS:
+        register_backend(name="attnpass")(attnpass_backend)
+
+
+_register()

@@ -1,0 +1,949 @@
+"""The one attention matcher, shared by the torch.fx, ONNX and MLIR adapters.
+
+It starts at every softmax over the key axis and walks *backwards* through the ops that
+real exporters put between ``Q K^T`` and the softmax (casts, scale, soft-capping, masks
+and biases), and *forwards* through cast / dropout / NaN guards to the matmul that
+multiplies the probabilities into ``V``.  Walking from the softmax instead of matching
+fixed templates is what lets one algorithm cover the orderings that template lists
+(Inductor's ``fuse_attention``) miss: scale before or after the matmul, pre-scaled
+``q``, ``q`` and ``k`` both pre-scaled, upcast around the softmax, boolean or additive or
+``masked_fill`` masks, bias added before the scale, GQA glue, einsum and baddbmm.
+
+An adapter only answers questions about its IR (see ``Adapter``); everything that
+decides what is attention lives here, so the three IRs cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from attnpass.semantics import MASKED_BELOW
+
+Dim = int | str | None  # a static size, a symbolic size (its expression as text), or unknown
+
+
+class Kind(enum.Enum):
+    """Canonical op kinds. Adapters map their IR's ops onto these (operands in canonical order)."""
+
+    MATMUL = "matmul"  # inputs: a, b   (a @ b with batch broadcasting; bmm too)
+    EINSUM = "einsum"  # inputs: operands; attr "equation"
+    BADDBMM = "baddbmm"  # inputs: bias, a, b; attrs "beta", "alpha"
+    SOFTMAX = "softmax"  # inputs: x; attr "axis"
+    SDPA = "sdpa"  # inputs: q, k, v, mask|None; attrs is_causal, scale, enable_gqa, dropout_p
+    MUL = "mul"
+    DIV = "div"
+    ADD = "add"  # inputs: a, b (alpha already folded into b by the adapter, or refused)
+    SUB = "sub"
+    WHERE = "where"  # inputs: cond, x, y   (masked_fill(x, c, v) is WHERE(c, v, x))
+    CAST = "cast"
+    IDENTITY = "identity"  # clone, contiguous, alias, detach, to(same dtype)
+    TRANSPOSE = "transpose"  # attr "perm" (full permutation)
+    RESHAPE = "reshape"
+    EXPAND = "expand"
+    UNSQUEEZE = "unsqueeze"  # attr "dim"
+    REPEAT_INTERLEAVE = "repeat_interleave"  # attrs "repeats", "dim"
+    DROPOUT = "dropout"  # attrs "p", "train" (True / False / None = unknown)
+    TANH = "tanh"
+    ISNAN = "isnan"
+    NOT = "not"
+    AND = "and"
+    OR = "or"
+    COMPARE = "compare"  # attr "op" in {"le", "lt", "ge", "gt", "eq", "ne"}
+    ARANGE = "arange"
+    TRIL = "tril"  # attr "diagonal"
+    TRIU = "triu"  # attr "diagonal"
+    CONSTANT = "constant"
+    OTHER = "other"
+
+
+class Adapter(Protocol):
+    """What the matcher asks of an IR.  ``Node`` and ``Value`` are the IR's own objects.
+
+    For IRs where a node is its own output (torch.fx), ``output(n)`` is ``n`` and
+    ``producer(v)`` is ``v`` when ``v`` is a node.
+    """
+
+    def nodes(self) -> Iterable[Any]: ...
+
+    def kind(self, node: Any) -> Kind: ...
+
+    def inputs(self, node: Any) -> list[Any]: ...
+
+    def output(self, node: Any) -> Any: ...
+
+    def producer(self, value: Any) -> Any | None: ...
+
+    def users(self, value: Any) -> list[Any]: ...
+
+    def is_graph_output(self, value: Any) -> bool: ...
+
+    def constant(self, value: Any) -> float | None: ...
+
+    def attr(self, node: Any, name: str, default: Any = None) -> Any: ...
+
+    def shape(self, value: Any) -> tuple[Dim, ...] | None: ...
+
+    def is_static(self, value: Any) -> bool: ...
+
+    def name(self, node: Any) -> str: ...
+
+
+@dataclass
+class Operand:
+    """Where the op finds q, k or v: ``value`` (lifted to rank 4 by unsqueezing leading dims), an optional
+    permutation to reach ``[B, H, S, D]`` (einsum layouts), and whether it holds ``K^T``."""
+
+    value: Any
+    rank: int
+    perm: tuple[int, ...] | None = None
+    transposed: bool = False
+    groups: int = 1
+
+
+@dataclass
+class MaskTerm:
+    """One masking or bias step between ``Q K^T`` and the softmax.
+
+    ``additive``: ``value`` is added to the scores (times ``coeff``, the scales applied after it).
+    ``bool``: keys where ``value == attend_when`` stay; the rest are removed.
+    ``causal`` says the term was proven to contain the causal constraint; ``only_causal`` that it
+    is nothing else (the op then takes ``is_causal=True`` and no mask for it).
+    """
+
+    kind: str
+    value: Any
+    node: Any
+    coeff: float = 1.0
+    attend_when: bool = True
+    causal: bool = False
+    only_causal: bool = False
+    causal_offset: Any = None
+
+
+@dataclass
+class AttentionSite:
+    """One softmax-in-attention, as found: what the rewrites need and what the report shows."""
+
+    index: int
+    name: str
+    softmax: Any
+    form: str  # "explicit" (a softmax chain) or "sdpa" (an already fused call)
+    q: Operand
+    k: Operand
+    v: Operand
+    out: Any  # the value the rewrite replaces (same rank as the scores)
+    out_rank: int
+    out_perm: tuple[int, ...] | None = None
+    scale: float = 1.0
+    scale_on_q: float | None = None
+    masks: list[MaskTerm] = field(default_factory=list)
+    causal: bool = False
+    softcap: float | None = None
+    dropout_p: float = 0.0
+    dropout_train: bool | None = False
+    upcast: bool = False
+    row_guards: list[tuple[Any, bool]] = field(default_factory=list)  # (cond, zero_when)
+    heads: Dim = None
+    kv_heads: Dim = None
+    head_dim: Dim = None
+    seq_q: Dim = None
+    seq_k: Dim = None
+    probs_escape: str | None = None
+    fuse_blocker: str | None = None
+    nodes: list[Any] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    sdpa_mask: Any = None
+    sdpa_is_causal: bool = False
+
+    @property
+    def gqa(self) -> bool:
+        return self.k.groups > 1 or (self.heads is not None and self.kv_heads is not None and self.heads != self.kv_heads)
+
+    @property
+    def mask_kind(self) -> str:
+        kinds = sorted({m.kind for m in self.masks if not m.only_causal})
+        if self.form == "sdpa" and self.sdpa_mask is not None:
+            kinds.append("sdpa-mask")
+        return "+".join(kinds) if kinds else "none"
+
+    @property
+    def fusable(self) -> bool:
+        return self.fuse_blocker is None
+
+    def summary(self) -> dict[str, Any]:
+        """Plain-data view for tables and JSON (what users and tests read)."""
+        return {
+            "index": self.index,
+            "node": self.name,
+            "form": self.form,
+            "scale": None if self.scale is None else round(self.scale, 8),
+            "scale_on_q": self.scale_on_q,
+            "mask": self.mask_kind,
+            "causal": self.causal,
+            "softcap": self.softcap,
+            "dropout": self.dropout_p,
+            "heads": self.heads,
+            "kv_heads": self.kv_heads,
+            "gqa": self.gqa,
+            "head_dim": self.head_dim,
+            "seq_q": self.seq_q,
+            "seq_k": self.seq_k,
+            "upcast": self.upcast,
+            "fusable": self.fusable,
+            "why_not_fusable": self.fuse_blocker,
+            "notes": list(self.notes),
+        }
+
+
+@dataclass
+class Skipped:
+    """A softmax that is not (rewritable) attention, and why: part of the report."""
+
+    name: str
+    reason: str
+
+
+@dataclass
+class Report:
+    sites: list[AttentionSite]
+    skipped: list[Skipped]
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def __iter__(self):
+        return iter(self.sites)
+
+    def __getitem__(self, i: int) -> AttentionSite:
+        return self.sites[i]
+
+
+class NoMatch(Exception):
+    """Raised inside the walk: this softmax is not attention (the message says why)."""
+
+
+_GLUE = {Kind.RESHAPE, Kind.EXPAND, Kind.IDENTITY}
+_MASK_FILL_LIMIT = MASKED_BELOW
+
+
+class Matcher:
+    """Finds attention sites through an ``Adapter``."""
+
+    def __init__(self, adapter: Adapter):
+        self.a = adapter
+
+    # -------------------------------------------------------------- entry point
+    def find(self) -> Report:
+        sites: list[AttentionSite] = []
+        skipped: list[Skipped] = []
+        for node in list(self.a.nodes()):
+            kind = self.a.kind(node)
+            if kind not in (Kind.SOFTMAX, Kind.SDPA):
+                continue
+            try:
+                site = self._sdpa(node) if kind is Kind.SDPA else self._softmax(node)
+            except NoMatch as e:
+                skipped.append(Skipped(self.a.name(node), str(e)))
+                continue
+            site.index = len(sites)
+            sites.append(site)
+        return Report(sites, skipped)
+
+    # -------------------------------------------------------------- helpers
+    def _rank(self, v: Any) -> int | None:
+        s = self.a.shape(v)
+        return None if s is None else len(s)
+
+    def _producer_kind(self, v: Any) -> tuple[Any, Kind]:
+        p = self.a.producer(v)
+        return p, (Kind.OTHER if p is None else self.a.kind(p))
+
+    def _const(self, v: Any) -> float | None:
+        return self.a.constant(v)
+
+    def _in(self, node: Any, i: int = 0) -> Any:
+        return self.a.inputs(node)[i]
+
+    # -------------------------------------------------------------- SDPA calls
+    def _sdpa(self, node: Any) -> AttentionSite:
+        a = self.a
+        ins = a.inputs(node)
+        q, k, v = ins[0], ins[1], ins[2]
+        mask = ins[3] if len(ins) > 3 else None
+        qs, ks = a.shape(q), a.shape(k)
+        if qs is None or ks is None or len(qs) < 2:
+            raise NoMatch("scaled_dot_product_attention with unknown input ranks")
+        rank = len(qs)
+        scale = a.attr(node, "scale")
+        head_dim = qs[-1]
+        site = AttentionSite(
+            index=0,
+            name=a.name(node),
+            softmax=node,
+            form="sdpa",
+            q=Operand(q, rank),
+            k=Operand(k, rank),
+            v=Operand(v, rank),
+            out=a.output(node),
+            out_rank=rank,
+            scale=scale if scale is not None else (1.0 / math.sqrt(head_dim) if isinstance(head_dim, int) else None),
+            causal=bool(a.attr(node, "is_causal", False)),
+            dropout_p=float(a.attr(node, "dropout_p", 0.0) or 0.0),
+            dropout_train=True if float(a.attr(node, "dropout_p", 0.0) or 0.0) > 0 else False,
+            nodes=[node],
+            sdpa_mask=mask,
+            sdpa_is_causal=bool(a.attr(node, "is_causal", False)),
+        )
+        if rank >= 3:
+            site.heads, site.kv_heads = qs[-3], ks[-3]
+        site.head_dim, site.seq_q, site.seq_k = head_dim, qs[-2], ks[-2]
+        if a.attr(node, "enable_gqa", False):
+            site.notes.append("enable_gqa")
+        if site.dropout_p > 0:
+            site.fuse_blocker = f"dropout p={site.dropout_p} inside scaled_dot_product_attention (the fused op has no dropout)"
+        if mask is not None:
+            site.notes.append("mask given to scaled_dot_product_attention")
+        site.notes.append("already fused (scaled_dot_product_attention)")
+        return site
+
+    # -------------------------------------------------------------- softmax chains
+    def _softmax(self, sm: Any) -> AttentionSite:
+        a = self.a
+        x = self._in(sm)
+        shape = a.shape(x)
+        if shape is None:
+            raise NoMatch("softmax input has unknown rank")
+        rank = len(shape)
+        axis = a.attr(sm, "axis", -1)
+        if axis is None or (axis % rank) != rank - 1:
+            raise NoMatch(f"softmax over axis {axis}, not the last (key) axis")
+        if rank < 2:
+            raise NoMatch("softmax over a vector: no query rows")
+        steps: list[tuple[str, Any]] = []
+        chain: list[Any] = [sm]
+        qk = self._walk_scores(x, steps, chain, depth=0)
+        site = self._build(sm, rank, qk, steps, chain)
+        self._walk_probs(site, a.output(sm), rank)
+        if site.probs_escape and site.fuse_blocker is None:
+            site.fuse_blocker = site.probs_escape
+        if site.dropout_train and site.dropout_p > 0 and site.fuse_blocker is None:
+            site.fuse_blocker = f"dropout p={site.dropout_p} in training mode (the fused op has no dropout)"
+        return site
+
+    def _walk_scores(self, x: Any, steps: list, chain: list, depth: int) -> tuple[str, Any]:
+        """Walk from the softmax input back to ``Q K^T``; ``steps`` collects what lies between, softmax-side first."""
+        a = self.a
+        for _ in range(64 - depth):
+            node, kind = self._producer_kind(x)
+            if node is None:
+                raise NoMatch("softmax input does not come from a matmul (it is a graph input)")
+            if kind in (Kind.CAST, Kind.IDENTITY):
+                if kind is Kind.CAST:
+                    steps.append(("cast", node))
+                chain.append(node)
+                x = self._in(node)
+                continue
+            if kind in (Kind.MUL, Kind.DIV):
+                lhs, rhs = a.inputs(node)[:2]
+                c = self._const(rhs)
+                other = lhs
+                if c is None and kind is Kind.MUL:
+                    c, other = self._const(lhs), rhs
+                if c is None:
+                    raise NoMatch(f"scores multiplied by a non-constant at {a.name(node)}")
+                if c == 0:
+                    raise NoMatch(f"scores multiplied by zero at {a.name(node)}")
+                cap = self._softcap(node, kind, c, other)
+                if cap is not None:
+                    capval, inner = cap
+                    steps.append(("softcap", capval))
+                    chain.extend([node, a.producer(other), a.producer(a.inputs(a.producer(other))[0])])
+                    x = inner
+                    continue
+                steps.append(("scale", c if kind is Kind.MUL else 1.0 / c))
+                chain.append(node)
+                x = other
+                continue
+            if kind in (Kind.ADD, Kind.SUB):
+                lhs, rhs = a.inputs(node)[:2]
+                order = [(lhs, rhs, 1.0)] + ([(rhs, lhs, 1.0)] if kind is Kind.ADD else [])
+                last_error: NoMatch | None = None
+                for on_chain, term, sign in order:
+                    if self._const(on_chain) is not None or a.is_static(on_chain):
+                        continue
+                    if self._const(term) is not None:
+                        raise NoMatch(f"a constant is added to the scores at {a.name(node)}")
+                    sub_steps: list = []
+                    sub_chain: list = []
+                    try:
+                        res = self._walk_scores(on_chain, sub_steps, sub_chain, depth + 1)
+                    except NoMatch as e:
+                        last_error = e
+                        continue
+                    steps.append(("bias", (term, node, -sign if kind is Kind.SUB else sign)))
+                    steps.extend(sub_steps)
+                    chain.append(node)
+                    chain.extend(sub_chain)
+                    return res
+                raise last_error or NoMatch(f"neither operand of {a.name(node)} comes from Q K^T")
+            if kind is Kind.WHERE:
+                cond, xa, xb = a.inputs(node)[:3]
+                ca, cb = self._const(xa), self._const(xb)
+                if cb is not None and cb <= _MASK_FILL_LIMIT:
+                    steps.append(("boolmask", (cond, node, True)))
+                    x = xa
+                elif ca is not None and ca <= _MASK_FILL_LIMIT:
+                    steps.append(("boolmask", (cond, node, False)))
+                    x = xb
+                else:
+                    raise NoMatch(f"{a.name(node)} selects scores with a fill that is not a mask (-inf / very negative)")
+                chain.append(node)
+                continue
+            if kind in (Kind.MATMUL, Kind.BADDBMM, Kind.EINSUM):
+                chain.append(node)
+                return ("qk", node)
+            raise NoMatch(f"softmax input comes from {kind.value} node {a.name(node)}, not from Q K^T")
+        raise NoMatch("too many ops between Q K^T and the softmax")
+
+    def _softcap(self, node: Any, kind: Kind, c: float, other: Any) -> tuple[float, Any] | None:
+        """``c * tanh(x / c)`` (Gemma-2 style soft-capping), with ``x / c`` as DIV or MUL by ``1/c``."""
+        if kind is not Kind.MUL:
+            return None
+        tnode, tkind = self._producer_kind(other)
+        if tkind is not Kind.TANH:
+            return None
+        inner_v = self._in(tnode)
+        inode, ikind = self._producer_kind(inner_v)
+        if ikind not in (Kind.MUL, Kind.DIV):
+            return None
+        l, r = self.a.inputs(inode)[:2]
+        d = self._const(r)
+        src = l
+        if d is None and ikind is Kind.MUL:
+            d, src = self._const(l), r
+        if d is None or d == 0:
+            return None
+        cap_in = d if ikind is Kind.DIV else 1.0 / d
+        if not math.isclose(cap_in, c, rel_tol=1e-4):
+            return None
+        return c, src
+
+    # -------------------------------------------------------------- building the site from the walk
+    def _build(self, sm: Any, rank: int, qk: tuple[str, Any], steps: list, chain: list) -> AttentionSite:
+        a = self.a
+        node = qk[1]
+        kind = a.kind(node)
+        scale = 1.0
+        masks: list[MaskTerm] = []
+        softcap = None
+        upcast = False
+        # steps are softmax-side first; a bias is multiplied by the scales nearer the softmax than it
+        pending_scale = 1.0
+        seen_softcap = False
+        for step, payload in steps:
+            if step == "cast":
+                upcast = True
+            elif step == "scale":
+                if seen_softcap:
+                    scale *= payload
+                else:
+                    pending_scale *= payload
+            elif step == "softcap":
+                if seen_softcap:
+                    raise NoMatch("two soft-caps on one score chain")
+                if pending_scale != 1.0:
+                    raise NoMatch("scores scaled after soft-capping")
+                seen_softcap = True
+                softcap = payload
+            elif seen_softcap:
+                raise NoMatch("a mask or bias is applied before soft-capping")
+            elif step == "bias":
+                term, bnode, sign = payload
+                masks.append(MaskTerm("additive", term, bnode, coeff=sign * pending_scale))
+            elif step == "boolmask":
+                cond, wnode, attend_when = payload
+                if pending_scale <= 0:
+                    raise NoMatch("scores scaled by a negative number after masking")
+                masks.append(MaskTerm("bool", cond, wnode, attend_when=attend_when))
+        if not seen_softcap:
+            scale = pending_scale
+        if kind is Kind.BADDBMM:
+            bias, qv, ktv = a.inputs(node)[:3]
+            beta = float(a.attr(node, "beta", 1.0))
+            if beta != 0:
+                if seen_softcap:
+                    raise NoMatch("baddbmm adds a bias before soft-capping")
+                masks.append(MaskTerm("additive", bias, node, coeff=beta * scale))
+            scale *= float(a.attr(node, "alpha", 1.0))
+            q_op, k_op = self._qk_operands(qv, ktv, rank, node)
+        elif kind is Kind.EINSUM:
+            q_op, k_op = self._einsum_qk(node, rank)
+        else:
+            qv, ktv = a.inputs(node)[:2]
+            q_op, k_op = self._qk_operands(qv, ktv, rank, node)
+        for term in masks:
+            self._classify_mask(term)
+        causal = any(m.causal for m in masks)
+        site = AttentionSite(
+            index=0,
+            name=a.name(sm),
+            softmax=sm,
+            form="explicit",
+            q=q_op,
+            k=k_op,
+            v=q_op,  # replaced by _walk_probs
+            out=None,
+            out_rank=rank,
+            scale=scale,
+            masks=masks,
+            causal=causal,
+            softcap=softcap,
+            upcast=upcast,
+            nodes=list(chain),
+        )
+        site.scale_on_q = self._prescale(q_op.value)
+        if site.scale_on_q is not None:
+            site.notes.append(f"q pre-scaled by {site.scale_on_q:.6g}")
+        qs, ks = a.shape(q_op.value), a.shape(k_op.value)
+        if qs is not None and ks is not None:
+            qs_l, ks_l = _permuted(qs, q_op.perm), _permuted(ks, k_op.perm)
+            site.head_dim = qs_l[-1]
+            site.seq_q = qs_l[-2]
+            site.seq_k = ks_l[-1] if k_op.transposed else ks_l[-2]
+            if len(qs_l) >= 3:
+                site.heads = qs_l[-3]
+                site.kv_heads = ks_l[-3]
+        if k_op.groups > 1:
+            site.notes.append(f"GQA: {k_op.groups} query heads per key/value head")
+        if any(m.kind == "additive" and not m.only_causal and not m.causal for m in masks):
+            site.notes.append("additive mask/bias")
+        return site
+
+    def _prescale(self, q: Any) -> float | None:
+        """Report a scale already folded into ``q`` (Whisper style, or SDPA's decomposition)."""
+        a = self.a
+        v = q
+        for _ in range(8):
+            node, kind = self._producer_kind(v)
+            if kind in (Kind.RESHAPE, Kind.TRANSPOSE, Kind.IDENTITY, Kind.EXPAND, Kind.CAST):
+                v = self._in(node)
+                continue
+            if kind in (Kind.MUL, Kind.DIV):
+                lhs, rhs = a.inputs(node)[:2]
+                c = self._const(rhs)
+                if c is None and kind is Kind.MUL:
+                    c = self._const(lhs)
+                if c is not None and c != 0:
+                    return c if kind is Kind.MUL else 1.0 / c
+            return None
+        return None
+
+    def _qk_operands(self, qv: Any, ktv: Any, rank: int, mm: Any) -> tuple[Operand, Operand]:
+        a = self.a
+        if a.is_static(qv) or a.is_static(ktv):
+            raise NoMatch(f"{a.name(mm)} multiplies by a weight, not Q K^T (e.g. a router or classifier)")
+        q = self._unglue(qv, rank, gqa=False)
+        kt = self._unglue(ktv, rank, gqa=False)
+        if q is None or kt is None:
+            raise NoMatch(f"operands of {a.name(mm)} do not line up with the scores' layout")
+        tnode, tkind = self._producer_kind(kt[0])
+        if tkind is Kind.TRANSPOSE and _swaps_last_two(a.attr(tnode, "perm"), rank):
+            k = self._unglue(self._in(tnode), rank, gqa=True)
+            if k is None:
+                raise NoMatch(f"K feeding {a.name(tnode)} does not line up with the scores' layout")
+            return Operand(q[0], rank), Operand(k[0], rank, groups=k[1])
+        return Operand(q[0], rank), Operand(kt[0], rank, transposed=True)
+
+    def _unglue(self, v: Any, rank: int, gqa: bool) -> tuple[Any, int] | None:
+        """Peel the reshapes/expands a matmul decomposition or ``repeat_kv`` wraps around an operand."""
+        a = self.a
+        for _ in range(16):
+            node, kind = self._producer_kind(v)
+            r = self._rank(v)
+            if kind is Kind.IDENTITY:
+                v = self._in(node)
+                continue
+            if r != rank and kind in (Kind.RESHAPE, Kind.EXPAND):
+                src = self._in(node)
+                if _same_tail(a.shape(src), a.shape(v)) and (kind is Kind.RESHAPE or self._rank(src) == r):
+                    v = src
+                    continue
+            if r == rank and kind is Kind.EXPAND and self._rank(self._in(node)) == rank:
+                src = self._in(node)
+                ss, vs = a.shape(src), a.shape(v)
+                if ss is not None and vs is not None and ss[-2:] == vs[-2:] and all(x == y or x == 1 for x, y in zip(ss, vs)):
+                    if not gqa and ss[:-2] != vs[:-2]:
+                        # a broadcast of q over heads or batch is fine: the op broadcasts too
+                        pass
+                    v = src
+                    continue
+            break
+        if self._rank(v) != rank:
+            return None
+        groups = 1
+        if not gqa:
+            return v, groups
+        for _ in range(8):
+            node, kind = self._producer_kind(v)
+            if kind is Kind.IDENTITY:
+                v = self._in(node)
+                continue
+            if kind is Kind.REPEAT_INTERLEAVE and self._axis(a.attr(node, "dim"), rank) == rank - 3:
+                reps = a.attr(node, "repeats")
+                if isinstance(reps, int) and reps > 0:
+                    groups *= reps
+                    v = self._in(node)
+                    continue
+            if kind is Kind.RESHAPE and rank >= 3:
+                got = self._repeat_kv(v, node, rank)
+                if got is not None:
+                    v, g = got
+                    groups *= g
+                    continue
+            break
+        return v, groups
+
+    def _repeat_kv(self, v: Any, node: Any, rank: int) -> tuple[Any, int] | None:
+        """``x[:, :, None].expand(B, Hkv, G, S, D).reshape(B, Hkv*G, S, D)``: HF's ``repeat_kv``."""
+        a = self.a
+        src = self._in(node)
+        ss, vs = a.shape(src), a.shape(v)
+        if ss is None or vs is None or len(ss) != rank + 1 or ss[-2:] != vs[-2:]:
+            return None
+        enode, ekind = self._producer_kind(src)
+        if ekind is not Kind.EXPAND:
+            return None
+        pre = self._in(enode)
+        ps = a.shape(pre)
+        if ps is None or len(ps) != rank + 1 or ps[-3] != 1:
+            return None
+        g = ss[-3]
+        if not isinstance(g, int):
+            return None
+        unode, ukind = self._producer_kind(pre)
+        if ukind is Kind.UNSQUEEZE and self._axis(a.attr(unode, "dim"), rank + 1) == rank - 2:
+            base = self._in(unode)
+        elif ukind is Kind.RESHAPE:
+            base = self._in(unode)
+        else:
+            return None
+        bs = a.shape(base)
+        if bs is None or len(bs) != rank or bs[-2:] != vs[-2:]:
+            return None
+        return base, g
+
+    @staticmethod
+    def _axis(dim: Any, rank: int) -> int | None:
+        return None if not isinstance(dim, int) else dim % rank
+
+    def _einsum_qk(self, node: Any, rank: int) -> tuple[Operand, Operand]:
+        a = self.a
+        eq = str(a.attr(node, "equation", "")).replace(" ", "")
+        ops = a.inputs(node)
+        parsed = _parse_einsum(eq, 2)
+        if parsed is None or len(ops) != 2:
+            raise NoMatch(f"einsum {eq!r} at {a.name(node)} is not a two-operand contraction")
+        (la, lb), lo = parsed
+        if any(a.is_static(o) for o in ops):
+            raise NoMatch(f"einsum {eq!r} at {a.name(node)} multiplies by a weight")
+        batch = [c for c in lo if c in la and c in lb]
+        i = [c for c in la if c in lo and c not in lb]
+        j = [c for c in lb if c in lo and c not in la]
+        d = [c for c in la if c in lb and c not in lo]
+        if len(i) != 1 or len(j) != 1 or len(d) != 1 or lo != "".join(batch) + i[0] + j[0]:
+            raise NoMatch(f"einsum {eq!r} at {a.name(node)} is not Q K^T with scores laid out [batch..., q, k]")
+        q_perm = _perm_to(la, "".join(batch) + i[0] + d[0])
+        k_perm = _perm_to(lb, "".join(batch) + j[0] + d[0])
+        return Operand(ops[0], len(la), perm=q_perm), Operand(ops[1], len(lb), perm=k_perm)
+
+    # -------------------------------------------------------------- masks
+    def _classify_mask(self, term: MaskTerm) -> None:
+        """Prove whether a mask term is (or contains) the causal constraint, from how it was built."""
+        if term.kind == "bool":
+            causal, only = self._causal_bool(term.value, term.attend_when, 0)
+        else:
+            causal, only = self._causal_additive(term.value, 0)
+        term.causal, term.only_causal = causal, only
+
+    def _causal_additive(self, v: Any, depth: int) -> tuple[bool, bool]:
+        a = self.a
+        if depth > 24:
+            return False, False
+        node, kind = self._producer_kind(v)
+        if kind in (Kind.CAST, Kind.IDENTITY, Kind.EXPAND, Kind.UNSQUEEZE, Kind.RESHAPE):
+            return self._causal_additive(self._in(node), depth + 1)
+        if kind is Kind.WHERE:
+            cond, xa, xb = a.inputs(node)[:3]
+            ca, cb = self._const(xa), self._const(xb)
+            if ca == 0 and cb is not None and cb <= _MASK_FILL_LIMIT:
+                return self._causal_bool(cond, True, depth + 1)
+            if cb == 0 and ca is not None and ca <= _MASK_FILL_LIMIT:
+                return self._causal_bool(cond, False, depth + 1)
+            return False, False
+        if kind is Kind.TRIU:
+            fill = self._fill_value(self._in(node))
+            if fill is not None and fill <= _MASK_FILL_LIMIT and a.attr(node, "diagonal", 0) == 1:
+                return True, True
+        if kind is Kind.ADD:
+            l, r = a.inputs(node)[:2]
+            c1, _ = self._causal_additive(l, depth + 1)
+            c2, _ = self._causal_additive(r, depth + 1)
+            return c1 or c2, False
+        return False, False
+
+    def _fill_value(self, v: Any) -> float | None:
+        c = self._const(v)
+        if c is not None:
+            return c
+        node, kind = self._producer_kind(v)
+        if kind is Kind.CONSTANT:
+            return self.a.attr(node, "fill")
+        return None
+
+    def _causal_bool(self, v: Any, attend_when: bool, depth: int) -> tuple[bool, bool]:
+        """(contains causal, is exactly causal) for a bool tensor whose ``attend_when`` entries attend."""
+        a = self.a
+        if depth > 24:
+            return False, False
+        node, kind = self._producer_kind(v)
+        if kind in (Kind.CAST, Kind.IDENTITY, Kind.EXPAND, Kind.UNSQUEEZE, Kind.RESHAPE):
+            return self._causal_bool(self._in(node), attend_when, depth + 1)
+        if kind is Kind.NOT:
+            return self._causal_bool(self._in(node), not attend_when, depth + 1)
+        if kind is Kind.AND and attend_when:
+            parts = [self._causal_bool(x, True, depth + 1) for x in a.inputs(node)[:2]]
+            trivially = [self._all_true(x) for x in a.inputs(node)[:2]]
+            causal = any(p[0] for p in parts)
+            only = all(p[1] or t for p, t in zip(parts, trivially)) and causal
+            return causal, only
+        if kind is Kind.OR and not attend_when:
+            parts = [self._causal_bool(x, False, depth + 1) for x in a.inputs(node)[:2]]
+            causal = any(p[0] for p in parts)
+            return causal, all(p[1] for p in parts) and causal
+        if kind is Kind.TRIL and attend_when and a.attr(node, "diagonal", 0) == 0 and self._all_true(self._in(node)):
+            return True, True
+        if kind is Kind.TRIU and not attend_when and a.attr(node, "diagonal", 0) == 1 and self._all_true(self._in(node)):
+            return True, True
+        if kind is Kind.COMPARE:
+            op = a.attr(node, "op")
+            lhs, rhs = a.inputs(node)[:2]
+            if not attend_when:
+                op = {"le": "gt", "lt": "ge", "ge": "lt", "gt": "le"}.get(op)
+            # attend iff key <= query  (or query >= key; or key < query + 1)
+            if op in ("le", "ge", "lt", "gt"):
+                key_side, query_side = (lhs, rhs) if op in ("le", "lt") else (rhs, lhs)
+                kidx, qidx = self._index_along(key_side, -1), self._index_along(query_side, -2)
+                if kidx is not None and qidx is not None:
+                    koff, qoff = kidx, qidx
+                    strict = op in ("lt", "gt")
+                    if isinstance(koff, int | float) and isinstance(qoff, int | float):
+                        if qoff - koff == (1 if strict else 0):
+                            return True, True
+        return False, False
+
+    def _all_true(self, v: Any) -> bool:
+        node, kind = self._producer_kind(v)
+        c = self._const(v)
+        if c is not None:
+            return c != 0
+        if kind is Kind.CONSTANT:
+            f = self.a.attr(node, "fill")
+            return f is not None and f != 0
+        if kind in (Kind.CAST, Kind.IDENTITY, Kind.EXPAND):
+            return self._all_true(self._in(node))
+        return False
+
+    def _index_along(self, v: Any, axis: int) -> float | None:
+        """If ``v`` is ``arange(S) + offset`` laid out along ``axis`` (other dims 1), return the offset."""
+        a = self.a
+        s = a.shape(v)
+        if s is None or len(s) < 2:
+            return None
+        other = [d for i, d in enumerate(s) if i != len(s) + axis]
+        if any(d != 1 for d in other):
+            return None
+        offset = 0.0
+        for _ in range(16):
+            node, kind = self._producer_kind(v)
+            if kind in (Kind.UNSQUEEZE, Kind.RESHAPE, Kind.CAST, Kind.IDENTITY, Kind.EXPAND):
+                v = self._in(node)
+                continue
+            if kind in (Kind.ADD, Kind.SUB):
+                l, r = a.inputs(node)[:2]
+                c = self._const(r)
+                if c is None:
+                    return None
+                offset += c if kind is Kind.ADD else -c
+                v = l
+                continue
+            if kind is Kind.ARANGE:
+                start = a.attr(node, "start", 0)
+                if not isinstance(start, int | float):
+                    return None
+                return offset + start
+            return None
+        return None
+
+    # -------------------------------------------------------------- forward: probabilities into V
+    def _walk_probs(self, site: AttentionSite, p: Any, rank: int) -> None:
+        a = self.a
+        y = p
+        escapes: list[str] = []
+        for _ in range(32):
+            users = a.users(y)
+            if a.is_graph_output(y):
+                escapes.append("graph output")
+            nxt = [u for u in users if self._continues(u, y)]
+            others = [u for u in users if u not in nxt]
+            escapes.extend(a.name(u) for u in others)
+            if len(nxt) != 1:
+                raise NoMatch("softmax output is never multiplied into V" if not nxt else "softmax output feeds two matmuls")
+            node = nxt[0]
+            kind = a.kind(node)
+            site.nodes.append(node)
+            if kind in (Kind.MATMUL, Kind.EINSUM):
+                self._pv(site, node, y, rank)
+                break
+            if kind is Kind.DROPOUT:
+                site.dropout_p = float(a.attr(node, "p", 0.0) or 0.0)
+                site.dropout_train = a.attr(node, "train", None)
+            elif kind is Kind.WHERE:
+                self._guard(site, node, y, p)
+            y = a.output(node)
+        else:
+            raise NoMatch("softmax output is never multiplied into V")
+        if escapes:
+            site.probs_escape = "the attention probabilities are also used by " + ", ".join(sorted(set(escapes)))
+
+    def _continues(self, node: Any, y: Any) -> bool:
+        a = self.a
+        kind = a.kind(node)
+        ins = a.inputs(node)
+        if kind in (Kind.CAST, Kind.IDENTITY, Kind.DROPOUT):
+            return ins[0] is y
+        if kind in (Kind.RESHAPE, Kind.EXPAND):
+            return ins[0] is y
+        if kind is Kind.MATMUL:
+            return ins[0] is y and not a.is_static(ins[1])
+        if kind is Kind.EINSUM:
+            return len(ins) == 2 and ins[0] is y
+        if kind is Kind.WHERE:
+            cond, xa, xb = ins[:3]
+            return (xb is y and self._const(xa) == 0) or (xa is y and self._const(xb) == 0)
+        return False
+
+    def _guard(self, site: AttentionSite, node: Any, y: Any, p: Any) -> None:
+        """A ``where(cond, 0, probs)`` after the softmax: a NaN guard (dropped) or a per-row zeroing (kept)."""
+        a = self.a
+        cond, xa, xb = a.inputs(node)[:3]
+        zero_when = xa is not y  # where(cond, 0, y): zero when cond is True
+        if self._derives_isnan(cond, y, p):
+            site.notes.append("NaN guard after softmax")
+            return
+        cs, ys = a.shape(cond), a.shape(y)
+        if cs is not None and ys is not None and len(cs) <= len(ys) and cs[-1] == 1:
+            site.row_guards.append((cond, zero_when))
+            site.notes.append("rows zeroed after softmax (safe-softmax guard)")
+            return
+        if site.fuse_blocker is None:
+            site.fuse_blocker = f"probabilities are masked elementwise after the softmax at {a.name(node)}"
+
+    def _derives_isnan(self, cond: Any, y: Any, p: Any) -> bool:
+        node, kind = self._producer_kind(cond)
+        if kind is Kind.ISNAN:
+            src = self._in(node)
+            for _ in range(4):
+                if src is y or src is p:
+                    return True
+                n2, k2 = self._producer_kind(src)
+                if k2 not in (Kind.CAST, Kind.IDENTITY):
+                    return False
+                src = self._in(n2)
+        return False
+
+    def _pv(self, site: AttentionSite, mm: Any, y: Any, rank: int) -> None:
+        a = self.a
+        kind = a.kind(mm)
+        if kind is Kind.EINSUM:
+            eq = str(a.attr(mm, "equation", "")).replace(" ", "")
+            parsed = _parse_einsum(eq, 2)
+            if parsed is None:
+                raise NoMatch(f"einsum {eq!r} at {a.name(mm)} is not P @ V")
+            (lp, lv), lo = parsed
+            # probabilities laid out [batch..., i, j]
+            batch, i, j = lp[:-2], lp[-2], lp[-1]
+            e = [c for c in lv if c not in lp]
+            if len(e) != 1 or sorted(lv) != sorted(batch + j + e[0]) or sorted(lo) != sorted(batch + i + e[0]):
+                raise NoMatch(f"einsum {eq!r} at {a.name(mm)} is not P @ V")
+            site.v = Operand(a.inputs(mm)[1], len(lv), perm=_perm_to(lv, batch + j + e[0]))
+            canonical = batch + i + e[0]
+            site.out_perm = _perm_to(canonical, lo)
+            site.out = a.output(mm)
+            return
+        vv = a.inputs(mm)[1]
+        if a.is_static(vv):
+            raise NoMatch(f"{a.name(mm)} multiplies the probabilities by a weight, not by V")
+        v = self._unglue(vv, rank, gqa=True)
+        if v is None:
+            raise NoMatch(f"V feeding {a.name(mm)} does not line up with the scores' layout")
+        site.v = Operand(v[0], rank, groups=v[1])
+        out = a.output(mm)
+        if self._rank(out) != rank:
+            users = a.users(out)
+            if len(users) == 1 and a.kind(users[0]) is Kind.RESHAPE and self._rank(a.output(users[0])) == rank:
+                site.nodes.append(users[0])
+                out = a.output(users[0])
+            else:
+                raise NoMatch(f"output of {a.name(mm)} is not reshaped back to the scores' layout")
+        site.out = out
+        if site.v.groups != site.k.groups and site.k.groups > 1:
+            site.notes.append("K and V repeated differently")
+
+
+# ------------------------------------------------------------------ small pure helpers
+
+def _same_tail(a: Sequence[Dim] | None, b: Sequence[Dim] | None) -> bool:
+    return a is not None and b is not None and len(a) >= 2 and len(b) >= 2 and tuple(a[-2:]) == tuple(b[-2:])
+
+
+def _swaps_last_two(perm: Sequence[int] | None, rank: int) -> bool:
+    if perm is None or len(perm) != rank:
+        return False
+    want = list(range(rank))
+    want[-1], want[-2] = want[-2], want[-1]
+    return [p % rank for p in perm] == want
+
+
+def _parse_einsum(eq: str, n: int) -> tuple[list[str], str] | None:
+    if "->" not in eq or "." in eq:
+        return None
+    lhs, out = eq.split("->")
+    parts = lhs.split(",")
+    if len(parts) != n or not all(p.isalpha() for p in parts) or not (out.isalpha() or out == ""):
+        return None
+    return parts, out
+
+
+def _perm_to(src: str, dst: str) -> tuple[int, ...] | None:
+    """Permutation p with ``x.permute(p)`` turning layout ``src`` into ``dst`` (None if identity)."""
+    if sorted(src) != sorted(dst):
+        return None
+    p = tuple(src.index(c) for c in dst)
+    return None if p == tuple(range(len(src))) else p
+
+
+def _permuted(shape: Sequence[Dim], perm: tuple[int, ...] | None) -> tuple[Dim, ...]:
+    return tuple(shape) if perm is None else tuple(shape[i] for i in perm)
+
+
+def find_sites(adapter: Adapter) -> Report:
+    """All attention sites an adapter's graph holds, plus the softmaxes left alone and why."""
+    return Matcher(adapter).find()
+
+
+def hashable(x: Any) -> Hashable:
+    return id(x)
