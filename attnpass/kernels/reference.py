@@ -101,7 +101,7 @@ def attention_forward(
         l_sum = l_sum * alpha + p.sum(-1, keepdim=True)
         acc = acc * alpha + p @ vb
         m = m_new
-    has_keys = l_sum > 0
+    has_keys = l_sum != 0  # not "> 0": a NaN sum is a row with keys, and its NaN must reach the output
     out = torch.where(has_keys, acc / torch.where(has_keys, l_sum, torch.ones_like(l_sum)), torch.zeros_like(acc))
     lse = torch.where(has_keys, m + torch.log(torch.where(has_keys, l_sum, torch.ones_like(l_sum))), torch.full_like(m, float("-inf")))
     return out.to(q.dtype), lse.squeeze(-1).to(torch.float32 if acc_dtype == torch.float32 else acc_dtype)

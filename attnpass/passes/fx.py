@@ -384,8 +384,11 @@ def _unlift(b: _Builder, out: fx.Node, site: AttentionSite) -> fx.Node:
     return out
 
 
-def _remove_dead(gm: fx.GraphModule) -> None:
-    """Drop the replaced chain, including assert-only nodes that would keep it alive."""
+def _remove_dead(gm: fx.GraphModule, chain: set[fx.Node] = frozenset()) -> None:
+    """Drop the replaced chain, including assert-only nodes that would keep it alive.
+
+    Nodes of a replaced ``chain`` go even when fx calls them impure (an inference-mode dropout).
+    """
     graph = gm.graph
     changed = True
     while changed:
@@ -400,7 +403,7 @@ def _remove_dead(gm: fx.GraphModule) -> None:
                     graph.erase_node(node)
                     changed = True
                 continue
-            if node.op == "call_function" and not node.is_impure():
+            if node.op in ("call_function", "call_method") and (node in chain or not node.is_impure()):
                 graph.erase_node(node)
                 changed = True
     graph.lint()
@@ -427,6 +430,7 @@ def fuse(gm: fx.GraphModule, report: Report | None = None) -> tuple[fx.GraphModu
     """Replace each fusable site by one ``attnpass::attention`` call; returns the graph and the report."""
     report = find(gm) if report is None else report
     op = torch.ops.attnpass.attention.default
+    replaced: set[fx.Node] = set()
     for site in report.sites:
         if not site.fusable:
             continue
@@ -455,7 +459,8 @@ def fuse(gm: fx.GraphModule, report: Report | None = None) -> tuple[fx.GraphModu
                 out = b.call(aten._to_copy.default, out, dtype=want)
         _copy_meta(out, site.out)
         site.out.replace_all_uses_with(out)
-    _remove_dead(gm)
+        replaced.update(site.nodes)
+    _remove_dead(gm, replaced)
     return gm, report
 
 

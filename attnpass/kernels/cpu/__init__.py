@@ -65,7 +65,7 @@ def _build(capability: str) -> CpuKernel:
     from filelock import FileLock
     from torch.utils import cpp_extension
 
-    flags = ["-O3", "-fopenmp", "-std=c++17", *_CAPABILITY_FLAGS[capability]]
+    flags = ["-O3", "-fopenmp", *_CAPABILITY_FLAGS[capability]]
     digest = hashlib.sha256(
         _SOURCE.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()
     ).hexdigest()[:10]
@@ -192,7 +192,7 @@ class CpuKernel:
             p.q, p.k, p.v, p.mask, p.mask_kind, p.mask_thr, bool(is_causal), p.scale, p.s, p.b, p.softcap,
             q_block, kv_block,
         )
-        return out.to(q.dtype), lse
+        return out.to(q.dtype), lse.to(torch.float32)
 
     def attention_backward(self, grad_out, q, k, v, attn_mask, out, lse, is_causal, scale, ssmax_s, ssmax_b, softcap,
                            enable_gqa):
@@ -201,9 +201,15 @@ class CpuKernel:
         cdt = p.q.dtype
         want_dmask = attn_mask is not None and attn_mask.is_floating_point()
         q_block, kv_block = blocks(q.shape[2], k.shape[2])
+        if cdt == torch.float64:
+            # The op's lse is float32; float64 (gradcheck) recomputes it at full precision.
+            lse = self._ops.forward(
+                p.q, p.k, p.v, p.mask, p.mask_kind, p.mask_thr, bool(is_causal), p.scale, p.s, p.b, p.softcap,
+                q_block, kv_block,
+            )[1]
         dq, dk, dv, dmask, dfactor, dflogn = self._ops.backward(
             grad_out.detach().to(cdt).contiguous(), p.q, p.k, p.v, p.mask, p.mask_kind, p.mask_thr,
-            out.detach().to(cdt).contiguous(), lse.detach().to(torch.float32).contiguous(), bool(is_causal), p.scale,
+            out.detach().to(cdt).contiguous(), lse.detach().to(cdt).contiguous(), bool(is_causal), p.scale,
             p.s, p.b, p.softcap, want_dmask, q_block, kv_block,
         )
         dk, dv = _reduce_kv(dk, k), _reduce_kv(dv, v)

@@ -298,7 +298,7 @@ void scale_row(T* x, int64_t n, T a) {
 }
 
 template <typename T>
-void forward_impl(const Problem<T>& P, T* out, float* lse, int64_t qB, int64_t kvB) {
+void forward_impl(const Problem<T>& P, T* out, T* lse, int64_t qB, int64_t kvB) {
   const int64_t nqb = (P.Sq + qB - 1) / qB;
   const int64_t ntasks = P.B * P.H * nqb;
   const T ninf = -std::numeric_limits<T>::infinity();
@@ -343,15 +343,15 @@ void forward_impl(const Problem<T>& P, T* out, float* lse, int64_t qB, int64_t k
              acc.data(), (int)P.Dv);
       }
       T* op = out + ((b * P.H + h) * P.Sq + i0) * P.Dv;
-      float* lp = lse + (b * P.H + h) * P.Sq + i0;
+      T* lp = lse + (b * P.H + h) * P.Sq + i0;
       for (int64_t r = 0; r < m; ++r) {
         if (lrow[r] > T(0)) {
           const T inv = T(1) / lrow[r];
           for (int64_t d = 0; d < P.Dv; ++d) op[r * P.Dv + d] = acc[r * P.Dv + d] * inv;
-          lp[r] = static_cast<float>(mrow[r] + std::log(lrow[r]));
+          lp[r] = mrow[r] + std::log(lrow[r]);
         } else {
           std::fill(op + r * P.Dv, op + (r + 1) * P.Dv, T(0));
-          lp[r] = -std::numeric_limits<float>::infinity();
+          lp[r] = -std::numeric_limits<T>::infinity();
         }
       }
     }
@@ -361,7 +361,7 @@ void forward_impl(const Problem<T>& P, T* out, float* lse, int64_t qB, int64_t k
 // Backward, one (batch, head) per task so dq, dk, dv of that head are owned by one thread.
 // dk_full/dv_full are per query head ([B,H,Sk,*]); GQA groups are summed by the caller.
 template <typename T>
-void backward_impl(const Problem<T>& P, const T* dout, const T* out, const float* lse, T* dq, T* dk, T* dv,
+void backward_impl(const Problem<T>& P, const T* dout, const T* out, const T* lse, T* dq, T* dk, T* dv,
                    T* dmask, int64_t dmask_numel, bool dmask_per_thread, T* dfactor, T* dflogn, int64_t qB,
                    int64_t kvB) {
   const int64_t ntasks = P.B * P.H;
@@ -386,7 +386,7 @@ void backward_impl(const Problem<T>& P, const T* dout, const T* out, const float
         const T* qp = P.q + row0 * P.D;
         const T* dop = dout + row0 * P.Dv;
         const T* op = out + row0 * P.Dv;
-        const float* lp = lse + row0;
+        const T* lp = lse + row0;
         T* dqp = dq + row0 * P.D;
         for (int64_t r = 0; r < m; ++r) {
           T s = 0;
@@ -405,7 +405,7 @@ void backward_impl(const Problem<T>& P, const T* dout, const T* out, const float
             T* z = S.data() + r * n;
             P.transform_row(z, n, b, h, i0 + r, j0, has_factor, has_factor ? factor[r] : T(1),
                             th.empty() ? nullptr : th.data() + r * n, U.empty() ? nullptr : U.data() + r * n);
-            const T l = static_cast<T>(lp[r]);
+            const T l = lp[r];
             if (std::isinf(l)) {  // fully masked row: no probability mass, no gradient
               std::fill(z, z + n, T(0));
             } else {
@@ -508,10 +508,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  const std::optional<at::Tensor>& sb, double softcap, int64_t q_block,
                                                  int64_t kv_block) {
   auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
-  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  // lse in the compute dtype: float64 callers (gradcheck) keep full precision for the backward.
+  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   if (q.scalar_type() == at::kDouble) {
     auto P = make_problem<double>(q, k, v, mask, mask_kind, mask_thr, causal, scale, ss, sb, softcap);
-    forward_impl<double>(P, out.mutable_data_ptr<double>(), lse.mutable_data_ptr<float>(), q_block, kv_block);
+    forward_impl<double>(P, out.mutable_data_ptr<double>(), lse.mutable_data_ptr<double>(), q_block, kv_block);
   } else {
     TORCH_CHECK(q.scalar_type() == at::kFloat, "attnpass cpu: compute dtype must be float32 or float64");
     auto P = make_problem<float>(q, k, v, mask, mask_kind, mask_thr, causal, scale, ss, sb, softcap);
@@ -529,7 +530,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& lse, bool causal, double scale, const std::optional<at::Tensor>& ss,
     const std::optional<at::Tensor>& sb, double softcap, bool want_dmask, int64_t q_block, int64_t kv_block) {
   TORCH_CHECK(dout.is_contiguous() && out.is_contiguous() && lse.is_contiguous(), "attnpass cpu: grads contiguous");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, "attnpass cpu: lse must be float32");
+  TORCH_CHECK(lse.scalar_type() == q.scalar_type(), "attnpass cpu: lse must be in the compute dtype");
   const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3), Sk = k.size(2), Dv = v.size(3);
   auto opts = q.options();
   auto dq = at::zeros({B, H, Sq, D}, opts);
@@ -553,7 +554,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto run = [&](auto tag) {
     using T = decltype(tag);
     auto P = make_problem<T>(q, k, v, mask, mask_kind, mask_thr, causal, scale, ss, sb, softcap);
-    backward_impl<T>(P, dout.const_data_ptr<T>(), out.const_data_ptr<T>(), lse.const_data_ptr<float>(),
+    backward_impl<T>(P, dout.const_data_ptr<T>(), out.const_data_ptr<T>(), lse.const_data_ptr<T>(),
                      dq.mutable_data_ptr<T>(), dk.mutable_data_ptr<T>(), dv.mutable_data_ptr<T>(),
                      want_dmask ? dmask.mutable_data_ptr<T>() : nullptr, mnumel, per_thread,
                      ss.has_value() ? dfactor.mutable_data_ptr<T>() : nullptr,
