@@ -156,10 +156,11 @@ struct Problem {
   // True if no key in [j0, j1) is attendable for any row in [i0, i1) (causal already handled).
   bool tile_masked(int64_t b, int64_t h, int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
     if (mask_kind == kNoMask) return false;
+    // A mask broadcast over rows is one row: check it once, up to the widest causal limit.
     const int64_t rows = msQ == 0 ? std::min<int64_t>(i1, i0 + 1) : i1;
     for (int64_t i = i0; i < rows; ++i) {
       const int64_t moff = mask_offset(b, h, i);
-      const int64_t je = std::min(j1, key_end(i));
+      const int64_t je = std::min(j1, key_end(msQ == 0 ? i1 - 1 : i));
       if (mask_kind == kBoolMask) {
         const uint8_t* m = mask_b + moff;
         for (int64_t j = j0; j < je; ++j)
