@@ -31,15 +31,15 @@ def _attention(
     _check(q, k, v, attn_mask, ssmax_s, ssmax_b, enable_gqa)
     backend = kernels.backend_for(q.device)
     out, lse = backend.attention_forward(q, k, v, attn_mask, is_causal, scale, ssmax_s, ssmax_b, softcap, enable_gqa)
-    return out.contiguous(), lse.contiguous()
+    # lse is float32 whatever the inputs (the fake says so); the reference keeps float64 internally.
+    return out.contiguous(), lse.to(torch.float32).contiguous()
 
 
 @_attention.register_fake
 def _attention_fake(q, k, v, attn_mask=None, is_causal=False, scale=None, ssmax_s=None, ssmax_b=None, softcap=None, enable_gqa=False):
     _check(q, k, v, attn_mask, ssmax_s, ssmax_b, enable_gqa)
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
-    # lse is float32, float64 for float64 inputs (the kernels accumulate in that type).
-    lse = q.new_empty(q.shape[:-1], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     return out, lse
 
 
