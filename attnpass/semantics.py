@@ -191,6 +191,8 @@ def ssmax_logits(
     else:
         allowed = allowed.expand(x.shape)
         n = allowed.sum(-1, dtype=torch.float32)
+        # zero the masked logits before the product: -inf * dfactor would make the gradient NaN
+        x = torch.where(allowed, x, torch.zeros((), dtype=x.dtype, device=x.device))
     factor = ssmax_factor(n, s, b).unsqueeze(-1)
     z = (x.to(factor.dtype) * factor).to(x.dtype)
     if allowed is None:

@@ -37,7 +37,7 @@ _ATEN_KINDS: dict[str, Kind] = {
     "mul": Kind.MUL, "div": Kind.DIV, "add": Kind.ADD, "sub": Kind.SUB,
     "where": Kind.WHERE, "masked_fill": Kind.WHERE,
     "to": Kind.CAST, "_to_copy": Kind.CAST, "type_as": Kind.CAST, "float": Kind.CAST,
-    "clone": Kind.IDENTITY, "contiguous": Kind.IDENTITY, "alias": Kind.IDENTITY, "detach": Kind.IDENTITY,
+    "clone": Kind.IDENTITY, "contiguous": Kind.IDENTITY, "alias": Kind.IDENTITY, "detach": Kind.IDENTITY, "detach_": Kind.IDENTITY,
     "lift_fresh_copy": Kind.IDENTITY,
     "transpose": Kind.TRANSPOSE, "permute": Kind.TRANSPOSE, "t": Kind.TRANSPOSE,
     "view": Kind.RESHAPE, "reshape": Kind.RESHAPE, "_unsafe_view": Kind.RESHAPE, "flatten": Kind.RESHAPE,
@@ -178,6 +178,8 @@ class FxAdapter:
             name = _op_name(value)
             if value.op == "call_function" and _ATEN_KINDS.get(name or "") is Kind.CONSTANT:
                 return self.attr(value, "fill")
+            if value.op in ("call_function", "call_method") and self.kind(value) in (Kind.IDENTITY, Kind.CAST):
+                return self.constant(value.args[0]) if value.args else None
             if value.op == "get_attr":
                 t = _fetch_attr(self.gm, str(value.target))
                 if isinstance(t, torch.Tensor) and t.numel() == 1 and not isinstance(t, torch.nn.Parameter):
@@ -283,6 +285,40 @@ class FxAdapter:
 
     def name(self, node: Any) -> str:
         return node.name if isinstance(node, fx.Node) else str(node)
+
+    def static_value(self, value: Any, limit: int = 1 << 24) -> Any | None:
+        """Evaluate a constant-only subgraph (e.g. ``bias[:s, :s]`` of a ``tril`` buffer) to numpy."""
+        if not isinstance(value, fx.Node) or not self.is_static(value):
+            return None
+        env: dict[fx.Node, Any] = {}
+        order: list[fx.Node] = []
+        stack = [value]
+        while stack:
+            n = stack.pop()
+            if n in env or n in order:
+                continue
+            order.append(n)
+            stack.extend(n.all_input_nodes)
+        try:
+            for n in sorted(order, key=_position(self.graph)):
+                if n.op == "get_attr":
+                    env[n] = _fetch_attr(self.gm, str(n.target))
+                elif n.op == "call_function":
+                    args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda x: env[x])
+                    env[n] = n.target(*args, **kwargs)
+                else:
+                    return None
+        except Exception:
+            return None
+        out = env[value]
+        if not isinstance(out, torch.Tensor) or out.numel() > limit:
+            return None
+        return out.detach().cpu().numpy()
+
+
+def _position(graph: fx.Graph) -> Callable[[fx.Node], int]:
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    return lambda n: index[n]
 
 
 def _fetch_attr(gm: torch.nn.Module, target: str) -> Any:

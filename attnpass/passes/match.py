@@ -21,6 +21,8 @@ from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
+
 from attnpass.semantics import MASKED_BELOW
 
 Dim = int | str | None  # a static size, a symbolic size (its expression as text), or unknown
@@ -90,6 +92,10 @@ class Adapter(Protocol):
     def is_static(self, value: Any) -> bool: ...
 
     def name(self, node: Any) -> str: ...
+
+    def static_value(self, value: Any) -> Any | None:
+        """A numpy array for a value computed from constants only (a mask buffer), else None."""
+        ...
 
 
 @dataclass
@@ -375,7 +381,9 @@ class Matcher:
                 for on_chain, term, sign in order:
                     if self._const(on_chain) is not None or a.is_static(on_chain):
                         continue
-                    if self._const(term) is not None:
+                    if self._const(term) == 0:
+                        term = None  # T5 cross-attention adds a zero "position bias"
+                    elif self._const(term) is not None:
                         raise NoMatch(f"a constant is added to the scores at {a.name(node)}")
                     sub_steps: list = []
                     sub_chain: list = []
@@ -384,7 +392,8 @@ class Matcher:
                     except NoMatch as e:
                         last_error = e
                         continue
-                    steps.append(("bias", (term, node, -sign if kind is Kind.SUB else sign)))
+                    if term is not None:
+                        steps.append(("bias", (term, node, -sign if kind is Kind.SUB else sign)))
                     steps.extend(sub_steps)
                     chain.append(node)
                     chain.extend(sub_chain)
@@ -514,9 +523,11 @@ class Matcher:
             site.head_dim = qs_l[-1]
             site.seq_q = qs_l[-2]
             site.seq_k = ks_l[-1] if k_op.transposed else ks_l[-2]
-            if len(qs_l) >= 3:
+            if len(qs_l) >= 4:
                 site.heads = qs_l[-3]
                 site.kv_heads = ks_l[-3]
+            else:
+                site.notes.append(f"{len(qs_l)}-D attention: heads folded into the batch, one SSMax s for all")
         if k_op.groups > 1:
             site.notes.append(f"GQA: {k_op.groups} query heads per key/value head")
         if any(m.kind == "additive" and not m.only_causal and not m.causal for m in masks):
@@ -667,7 +678,24 @@ class Matcher:
             causal, only = self._causal_bool(term.value, term.attend_when, 0)
         else:
             causal, only = self._causal_additive(term.value, 0)
+        if not causal:
+            causal = only = self._causal_by_value(term)
         term.causal, term.only_causal = causal, only
+
+    def _causal_by_value(self, term: MaskTerm) -> bool:
+        """A constant mask (a ``tril`` buffer sliced to the sequence) is causal if its values say so."""
+        if not self.a.is_static(term.value):
+            return False
+        value = self.a.static_value(term.value)
+        if value is None or value.ndim < 2 or value.shape[-1] != value.shape[-2]:
+            return False
+        if term.kind == "bool":
+            allowed = value.astype(bool) == term.attend_when
+        else:
+            allowed = value * term.coeff > MASKED_BELOW
+        n = value.shape[-1]
+        rows = np.arange(n)[:, None]
+        return bool((allowed.reshape(-1, n, n) == (np.arange(n)[None, :] <= rows)).all())
 
     def _causal_additive(self, v: Any, depth: int) -> tuple[bool, bool]:
         a = self.a
