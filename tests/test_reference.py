@@ -56,7 +56,7 @@ def make_mask(kind: str, s_q: int, s_k: int, g: torch.Generator) -> tuple[torch.
     raise AssertionError(kind)
 
 
-SHAPES = [(1, 1), (1, 70), (70, 70), (65, 130), (130, 65), (3, 129), (64, 64)]
+SHAPES = [(1, 1), (1, 70), (65, 130), (130, 65), (3, 129), (64, 64)]
 MASKS = ["none", "bool", "additive", "causal", "causal+padding"]
 FEATURES = ["plain", "ssmax+softcap", "gqa+ssmax_scalar"]
 
