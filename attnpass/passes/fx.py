@@ -475,7 +475,7 @@ def fuse(gm: fx.GraphModule, report: Report | None = None) -> tuple[fx.GraphModu
             if site.form == "sdpa":
                 node = site.softmax
                 q, k, v = (_prepare(b, o) for o in (site.q, site.k, site.v))
-                gqa = bool(FxAdapter(gm).attr(node, "enable_gqa", False))
+                gqa = bool(FxAdapter(gm).attr(node, "enable_gqa", False)) or site.k.groups > 1
                 res = b.call(op, q, k, v, site.sdpa_mask, site.sdpa_is_causal, FxAdapter(gm).attr(node, "scale"),
                              None, None, None, gqa)
                 out = b.call(operator.getitem, res, 0)
@@ -535,7 +535,7 @@ def to_ssmax(gm: fx.GraphModule, s: float = semantics.DEFAULT_S, b: float | None
                 new = bld.call(
                     semantics.ssmax_sdpa, site.q.value, site.k.value, site.v.value, site.sdpa_mask,
                     float(ad.attr(node, "dropout_p", 0.0) or 0.0), site.sdpa_is_causal, ad.attr(node, "scale"),
-                    bool(ad.attr(node, "enable_gqa", False)), s_node, b_node,
+                    bool(ad.attr(node, "enable_gqa", False)) or site.k.groups > 1, s_node, b_node,
                 )
             _copy_meta(new, node)
             node.replace_all_uses_with(new)

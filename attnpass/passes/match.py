@@ -286,14 +286,19 @@ class Matcher:
         rank = len(qs)
         scale = a.attr(node, "scale")
         head_dim = qs[-1]
+        # HF's sdpa path repeats K/V for GQA before the call; the fused op reads them unrepeated
+        k_src = self._unglue(k, rank, gqa=True) or (k, 1)
+        v_src = self._unglue(v, rank, gqa=True) or (v, 1)
+        if k_src[1] != v_src[1]:
+            k_src, v_src = (k, 1), (v, 1)
         site = AttentionSite(
             index=0,
             name=a.name(node),
             softmax=node,
             form="sdpa",
             q=Operand(q, rank),
-            k=Operand(k, rank),
-            v=Operand(v, rank),
+            k=Operand(k_src[0], rank, groups=k_src[1]),
+            v=Operand(v_src[0], rank, groups=v_src[1]),
             out=a.output(node),
             out_rank=rank,
             scale=scale if scale is not None else (1.0 / math.sqrt(head_dim) if isinstance(head_dim, int) else None),
@@ -304,8 +309,10 @@ class Matcher:
             sdpa_mask=mask,
             sdpa_is_causal=bool(a.attr(node, "is_causal", False)),
         )
-        if rank >= 3:
-            site.heads, site.kv_heads = qs[-3], ks[-3]
+        if rank >= 4:
+            site.heads, site.kv_heads = qs[-3], (a.shape(k_src[0]) or ks)[-3]
+        if k_src[1] > 1:
+            site.notes.append(f"GQA: {k_src[1]} query heads per key/value head (K/V repeated before the call)")
         site.head_dim, site.seq_q, site.seq_k = head_dim, qs[-2], ks[-2]
         if a.attr(node, "enable_gqa", False):
             site.notes.append("enable_gqa")

@@ -1,0 +1,107 @@
+"""Tiny Hugging Face models built offline from config classes (random weights, eager attention).
+
+``CORPUS`` maps a name to (builder, expected attention sites).  Every builder returns
+``(model, args, kwargs)`` with a padded batch where the model takes a mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import transformers as T
+
+VOCAB = 100
+SEQ = 7
+
+
+def _ids() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=g)
+    mask = torch.ones(2, SEQ, dtype=torch.long)
+    mask[1, SEQ - 2:] = 0  # right padding: no fully masked query row
+    return ids, mask
+
+
+def _decoder_common() -> dict:
+    return dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                attn_implementation="eager", use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def bert():
+    cfg = T.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                       attn_implementation="eager")
+    ids, mask = _ids()
+    return T.BertModel(cfg), (ids,), {"attention_mask": mask}
+
+
+def gpt2():
+    cfg = T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, attn_implementation="eager", use_cache=False,
+                       bos_token_id=1, eos_token_id=2)
+    ids, mask = _ids()
+    return T.GPT2Model(cfg), (ids,), {"attention_mask": mask}
+
+
+def llama():
+    cfg = T.LlamaConfig(num_key_value_heads=2, **_decoder_common())
+    ids, mask = _ids()
+    return T.LlamaModel(cfg), (ids,), {"attention_mask": mask}
+
+
+def t5():
+    cfg = T.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                     attn_implementation="eager", use_cache=False)
+    ids, mask = _ids()
+    return T.T5Model(cfg), (ids,), {"attention_mask": mask, "decoder_input_ids": ids[:, :5]}
+
+
+def vit():
+    cfg = T.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, attn_implementation="eager")
+    return T.ViTModel(cfg), (torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)),), {}
+
+
+def mixtral():
+    cfg = T.MixtralConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **_decoder_common())
+    ids, mask = _ids()
+    return T.MixtralModel(cfg), (ids,), {"attention_mask": mask}
+
+
+def gemma2():
+    cfg = T.Gemma2Config(num_key_value_heads=2, head_dim=8, attn_logit_softcapping=50.0, final_logit_softcapping=None,
+                         sliding_window=4, **_decoder_common())
+    ids, mask = _ids()
+    return T.Gemma2Model(cfg), (ids,), {"attention_mask": mask}
+
+
+def llama_sdpa():
+    common = _decoder_common()
+    common["attn_implementation"] = "sdpa"
+    cfg = T.LlamaConfig(num_key_value_heads=2, **common)
+    ids, mask = _ids()
+    return T.LlamaModel(cfg), (ids,), {"attention_mask": mask}
+
+
+# name -> (builder, expected sites): T5 has encoder self, decoder self and cross attention per layer;
+# Mixtral's router softmax per layer must not count.
+CORPUS: dict[str, tuple[Callable, int]] = {
+    "bert": (bert, 2),
+    "gpt2": (gpt2, 2),
+    "llama": (llama, 2),
+    "t5": (t5, 6),
+    "vit": (vit, 2),
+    "mixtral": (mixtral, 2),
+    "gemma2": (gemma2, 2),
+    "llama_sdpa": (llama_sdpa, 2),
+}
+
+
+def output_tensor(out) -> torch.Tensor:
+    """The main output of an HF model call, whatever its output class."""
+    if isinstance(out, tuple):
+        return out[0]
+    for name in ("last_hidden_state", "logits"):
+        t = getattr(out, name, None)
+        if t is not None:
+            return t
+    raise TypeError(type(out))
