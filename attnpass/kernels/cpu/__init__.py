@@ -111,14 +111,16 @@ def load(capability: str | None = None) -> CpuKernel | None:
     return _loaded[cap]
 
 
-def blocks(s_q: int, s_k: int) -> tuple[int, int]:
+def blocks(s_q: int, s_k: int, causal: bool = False) -> tuple[int, int]:
     """Query and key block sizes.
 
     Large query blocks amortise each K/V tile over more rows (the GEMMs then run near
     peak); small sequences use small ones so that B*H*blocks still feeds every thread.
-    A 256x512 fp32 score tile (512 KiB) fits this CPU class's L2.
+    A 256x512 fp32 score tile (512 KiB) fits this CPU class's L2.  Causal problems take
+    128-row blocks: the diagonal tiles, half of which is masked work, shrink, which
+    measured ~5% faster at S=2048 (non-causal: no difference between 64 and 512 rows).
     """
-    q_block = 256 if s_q >= 768 else (64 if s_q >= 192 else 32)
+    q_block = (128 if causal else 256) if s_q >= 768 else (64 if s_q >= 192 else 32)
     kv_block = 512 if s_k >= 512 else max(s_k, 1)
     return q_block, kv_block
 
@@ -187,7 +189,7 @@ class CpuKernel:
     def attention_forward(self, q, k, v, attn_mask, is_causal, scale, ssmax_s, ssmax_b, softcap, enable_gqa):
         """``(out, lse)``: out in q's dtype, lse float32 ``[B, H, S_q]`` (``-inf`` for rows with no key)."""
         p = self._prepare(q, k, v, attn_mask, scale, ssmax_s, ssmax_b, softcap)
-        q_block, kv_block = blocks(q.shape[2], k.shape[2])
+        q_block, kv_block = blocks(q.shape[2], k.shape[2], bool(is_causal))
         out, lse = self._ops.forward(
             p.q, p.k, p.v, p.mask, p.mask_kind, p.mask_thr, bool(is_causal), p.scale, p.s, p.b, p.softcap,
             q_block, kv_block,
@@ -200,7 +202,7 @@ class CpuKernel:
         p = self._prepare(q, k, v, attn_mask, scale, ssmax_s, ssmax_b, softcap)
         cdt = p.q.dtype
         want_dmask = attn_mask is not None and attn_mask.is_floating_point()
-        q_block, kv_block = blocks(q.shape[2], k.shape[2])
+        q_block, kv_block = blocks(q.shape[2], k.shape[2], bool(is_causal))
         if cdt == torch.float64:
             # The op's lse is float32; float64 (gradcheck) recomputes it at full precision.
             lse = self._ops.forward(
