@@ -419,6 +419,14 @@ class Matcher:
                     raise NoMatch(f"{a.name(node)} selects scores with a fill that is not a mask (-inf / very negative)")
                 chain.append(node)
                 continue
+            if kind is Kind.RESHAPE:
+                # core ATen's 4-D matmul: bmm on [B*H, S, D] views, then a view back to [B, H, S_q, S_k]
+                src = self._in(node)
+                _, src_kind = self._producer_kind(src)
+                if src_kind in (Kind.MATMUL, Kind.BADDBMM) and _same_tail(a.shape(src), a.shape(x)):
+                    chain.append(node)
+                    x = src
+                    continue
             if kind in (Kind.MATMUL, Kind.BADDBMM, Kind.EINSUM):
                 chain.append(node)
                 return ("qk", node)
@@ -686,20 +694,20 @@ class Matcher:
         else:
             causal, only = self._causal_additive(term.value, 0)
         if not causal:
-            causal = only = self._causal_by_value(term)
+            causal = only = self._causal_by_value(term.value, term.kind, term.attend_when, term.coeff)
         term.causal, term.only_causal = causal, only
 
-    def _causal_by_value(self, term: MaskTerm) -> bool:
+    def _causal_by_value(self, v: Any, kind: str, attend_when: bool = True, coeff: float = 1.0) -> bool:
         """A constant mask (a ``tril`` buffer sliced to the sequence) is causal if its values say so."""
-        if not self.a.is_static(term.value):
+        if not self.a.is_static(v):
             return False
-        value = self.a.static_value(term.value)
+        value = self.a.static_value(v)
         if value is None or value.ndim < 2 or value.shape[-1] != value.shape[-2]:
             return False
-        if term.kind == "bool":
-            allowed = value.astype(bool) == term.attend_when
+        if kind == "bool":
+            allowed = value.astype(bool) == attend_when
         else:
-            allowed = value * term.coeff > MASKED_BELOW
+            allowed = value * coeff > MASKED_BELOW
         n = value.shape[-1]
         rows = np.arange(n)[:, None]
         return bool((allowed.reshape(-1, n, n) == (np.arange(n)[None, :] <= rows)).all())
@@ -778,6 +786,8 @@ class Matcher:
                     if isinstance(koff, int | float) and isinstance(qoff, int | float):
                         if qoff - koff == (1 if strict else 0):
                             return True, True
+        if self._causal_by_value(v, "bool", attend_when):
+            return True, True
         return False, False
 
     def _all_true(self, v: Any) -> bool:

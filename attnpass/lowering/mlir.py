@@ -1,0 +1,266 @@
+"""From torch-dialect MLIR to a native CPU function: torch backend -> linalg -> LLVM -> ExecutionEngine.
+
+torch-mlir's wheel ships the passes but not its Python reference backend (``torch_mlir_e2e_test``
+is not in it), so the bufferize-to-LLVM half of the pipeline and the small memref runtime live
+here.  The pass order follows the same plan as torch-mlir's reference backend: one-shot
+bufferization across function boundaries, ``refback-munge-calling-conventions`` (arguments become
+unranked memrefs, results are handed to ``refbackend_consume_func_return_*`` callbacks), then
+loops, then LLVM.  One thing differs on purpose: the ownership-based buffer deallocation runs
+*after* the calling-convention munge, so result buffers are freed once the callback has copied
+them, and every temporary (the ``S x S`` scores of an unfused attention included) is freed
+inside the call: the benchmark's peak-memory numbers depend on it.
+
+Every entry point takes the MLIR module as text or as a ``torch_mlir.ir.Module`` and never
+mutates the caller's module (it is re-parsed in a fresh context).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from attnpass.errors import AttnpassError
+
+
+def require_torch_mlir() -> Any:
+    """Import torch-mlir lazily with an actionable message: ``import attnpass`` must not need it."""
+    try:
+        import torch_mlir.dialects.torch  # noqa: F401
+        from torch_mlir import ir
+    except ImportError as e:  # pragma: no cover - exercised only where the wheel is missing
+        raise AttnpassError(
+            "the MLIR path needs torch-mlir (pip install torch-mlir; `make setup` tries it): " + str(e)
+        ) from e
+    return ir
+
+
+# torch dialect (as imported) -> torch backend contract.  Which one depends on the frontend.
+FX_TO_BACKEND = "torchdynamo-export-to-torch-backend-pipeline"
+ONNX_TO_BACKEND = "torch-onnx-to-torch-backend-pipeline"
+BACKEND_TO_LINALG = "torch-backend-to-linalg-on-tensors-backend-pipeline"
+
+# linalg-on-tensors -> LLVM dialect.
+LINALG_TO_LLVM: tuple[str, ...] = (
+    "func.func(refback-generalize-tensor-pad)",
+    "func.func(refback-generalize-tensor-concat)",
+    "func.func(tm-tensor-bufferize)",
+    "one-shot-bufferize{copy-before-write bufferize-function-boundaries "
+    "function-boundary-type-conversion=identity-layout-map}",
+    "refback-mlprogram-bufferize",
+    "inline",
+    "refback-munge-calling-conventions",
+    "buffer-deallocation-pipeline",
+    "func.func(tm-tensor-to-loops)",
+    "func.func(refback-munge-memref-copy)",
+    "func.func(convert-linalg-to-loops)",
+    "func.func(lower-affine)",
+    "convert-scf-to-cf",
+    "func.func(refback-expand-ops-for-llvm)",
+    "func.func(arith-expand)",
+    "func.func(convert-math-to-llvm)",
+    "convert-math-to-libm",
+    "expand-strided-metadata",
+    "finalize-memref-to-llvm",
+    "lower-affine",
+    "convert-bufferization-to-memref",
+    "finalize-memref-to-llvm",
+    "func.func(convert-arith-to-llvm)",
+    "convert-func-to-llvm",
+    "convert-cf-to-llvm",
+    "convert-complex-to-llvm",
+    "reconcile-unrealized-casts",
+)
+
+ORIGIN_ATTR = "attnpass.origin"  # "fx" or "onnx": which torch-backend pipeline the module needs
+
+
+def _text(module: Any) -> str:
+    return module if isinstance(module, str) else str(module.operation)
+
+
+def new_context() -> Any:
+    """A context with the torch and torch_c dialects loaded.
+
+    The Python bindings register only ``torch``; ``torch_c`` (the vtensor <-> builtin tensor
+    casts our rewrites put at the boundary of their linalg functions) gets loaded as a dependent
+    dialect of a pass that creates its ops, so one is run once on an empty module.
+    """
+    ir = require_torch_mlir()
+    from torch_mlir.dialects import torch as torch_d
+    from torch_mlir.passmanager import PassManager
+
+    ctx = ir.Context()
+    torch_d.register_dialect(ctx)
+    with ctx:
+        PassManager.parse("builtin.module(torch-func-backend-type-conversion)").run(ir.Module.parse("module {}").operation)
+    return ctx
+
+
+def parse(text: str, what: str = "MLIR module") -> Any:
+    """Parse MLIR text in a fresh context with the torch dialects loaded."""
+    ir = require_torch_mlir()
+
+    ctx = new_context()
+    try:
+        with ctx:
+            return ir.Module.parse(text)
+    except Exception as e:  # MLIRError: keep the diagnostics, drop the C++ noise
+        raise AttnpassError(f"{what} does not parse as MLIR: {str(e).splitlines()[0] if str(e) else e}") from e
+
+
+def run_passes(module: Any, passes: str | Sequence[str], what: str) -> Any:
+    """Run ``passes`` on a fresh copy of ``module``; failures become one-line AttnpassErrors."""
+    require_torch_mlir()
+    from torch_mlir.passmanager import PassManager
+
+    mod = parse(_text(module), what)
+    spec = passes if isinstance(passes, str) else ",".join(passes)
+    with mod.context as ctx:
+        ctx.emit_error_diagnostics = True
+        try:
+            PassManager.parse(f"builtin.module({spec})").run(mod.operation)
+        except Exception as e:
+            first = next((ln for ln in str(e).splitlines() if "error" in ln), str(e).splitlines()[0] if str(e) else "")
+            raise AttnpassError(f"lowering {what} failed: {first.strip()}") from e
+    return mod
+
+
+def origin(module: Any) -> str:
+    """Which frontend produced the torch dialect: decides the torch-backend pipeline."""
+    m = re.search(ORIGIN_ATTR.replace(".", r"\.") + r'\s*=\s*"(\w+)"', _text(module).split("\n", 3)[0] + _text(module)[:2000])
+    return m.group(1) if m else "fx"
+
+
+def to_torch_backend(module: Any) -> Any:
+    """torch dialect as imported -> the torch backend contract (value semantics, decomposed)."""
+    pipeline = ONNX_TO_BACKEND if origin(module) == "onnx" else FX_TO_BACKEND
+    return run_passes(module, pipeline, "torch dialect -> torch backend")
+
+
+def to_linalg(module: Any) -> Any:
+    """torch dialect -> linalg-on-tensors (with our own linalg/scf functions inlined)."""
+    backend = to_torch_backend(module)
+    return run_passes(backend, BACKEND_TO_LINALG, "torch backend -> linalg")
+
+
+def to_llvm(module: Any, from_linalg: bool = False) -> Any:
+    """torch dialect (or linalg-on-tensors if ``from_linalg``) -> LLVM dialect, ready to JIT."""
+    lin = module if from_linalg else to_linalg(module)
+    return run_passes(lin, LINALG_TO_LLVM, "linalg -> LLVM")
+
+
+# ------------------------------------------------------------------ runtime
+
+_NP_OF_SUFFIX = {"f32": np.float32, "f64": np.float64, "i1": np.bool_, "i8": np.int8, "i32": np.int32,
+                 "i64": np.int64, "f16": np.float16}
+
+
+@dataclass
+class _Result:
+    """Where a consume-return callback drops the copied results of the latest call."""
+
+    values: list[np.ndarray] | None = None
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        torch = None
+    if torch is not None and isinstance(x, torch.Tensor):
+        return x.detach().cpu().contiguous().numpy()
+    if isinstance(x, np.ndarray):
+        return np.ascontiguousarray(x)
+    raise TypeError(f"JIT function arguments must be torch tensors or numpy arrays, got {type(x).__name__}")
+
+
+class JitFunction:
+    """A JIT-compiled ``main``: call it with torch tensors or numpy arrays, get the same kind back.
+
+    Arguments are passed as unranked memref descriptors over the caller's buffers (no copy);
+    results are copied out of the JIT's buffers inside the return callback, after which the
+    generated code frees them.
+    """
+
+    def __init__(self, llvm_module: Any, func_name: str = "main", opt_level: int = 3, shared_libs: Sequence[str] = ()):
+        require_torch_mlir()
+        from torch_mlir.execution_engine import ExecutionEngine
+        from torch_mlir.runtime import np_to_memref as m2n
+
+        self._m2n = m2n
+        self.func_name = func_name
+        self.llvm_text = _text(llvm_module)
+        self._result = _Result()
+        self._callbacks: list[Any] = []  # keep the ctypes thunks alive as long as the engine
+        self.engine = ExecutionEngine(llvm_module, opt_level=opt_level, shared_libs=list(shared_libs))
+        for name, suffixes in _consume_symbols(self.llvm_text):
+            self._register(name, suffixes)
+
+    def _register(self, name: str, suffixes: list[str]) -> None:
+        m2n = self._m2n
+        ptr = ctypes.POINTER(m2n.UnrankedMemRefDescriptor)
+        dtypes = [_NP_OF_SUFFIX[s] for s in suffixes]
+
+        def consume(*descs: Any) -> None:
+            self._result.values = [np.array(m2n.unranked_memref_to_numpy(d, dt), copy=True) for d, dt in zip(descs, dtypes)]
+
+        thunk = ctypes.CFUNCTYPE(None, *([ptr] * len(suffixes)))(consume)
+        self._callbacks.append(thunk)
+        self.engine.register_runtime(name, thunk)
+
+    def __call__(self, *args: Any) -> Any:
+        arrays = [_as_numpy(a) for a in args]
+        descs = [self._m2n.get_unranked_memref_descriptor(a) for a in arrays]
+        self._result.values = None
+        self.engine.invoke(self.func_name, *[ctypes.pointer(ctypes.pointer(d)) for d in descs])
+        out = self._result.values
+        if out is None:
+            raise AttnpassError(f"JIT function {self.func_name} returned nothing")
+        if args and _is_torch(args[0]):
+            import torch
+
+            out = [torch.from_numpy(o) for o in out]
+        return out[0] if len(out) == 1 else tuple(out)
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def _consume_symbols(llvm_text: str) -> list[tuple[str, list[str]]]:
+    """The ``refbackend_consume_func_return_*`` callbacks the munged module declares, with element types.
+
+    The munge pass names each callback after its result types (``mrf32``, ``mri1_mrf32``...), so
+    the element types are read back from the name rather than from a table of known signatures.
+    """
+    found = []
+    for name in sorted(set(re.findall(r"@(refbackend_consume_func_return_[A-Za-z0-9_]+)", llvm_text))):
+        if name.startswith("_mlir_ciface_"):
+            continue
+        parts = name[len("refbackend_consume_func_return_"):].split("_")
+        suffixes = [p[2:] for p in parts if p.startswith("mr")]
+        if suffixes and all(s in _NP_OF_SUFFIX for s in suffixes):
+            found.append((name, suffixes))
+    return found
+
+
+def compile_module(module: Any, from_linalg: bool = False, func_name: str = "main", opt_level: int = 3) -> JitFunction:
+    """torch dialect (or linalg-on-tensors) -> a Python-callable native function."""
+    llvm = to_llvm(module, from_linalg=from_linalg)
+    return JitFunction(llvm, func_name=func_name, opt_level=opt_level, shared_libs=_libm())
+
+
+def _libm() -> list[str]:
+    """``convert-math-to-libm`` leaves calls to libm; name it so the JIT can resolve them."""
+    import ctypes.util
+
+    path = ctypes.util.find_library("m")
+    return [] if path is None else []
+
+
+Runner = Callable[..., Any]

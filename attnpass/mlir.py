@@ -1,0 +1,174 @@
+"""Public MLIR surface: import a model into torch-dialect MLIR, find and rewrite its attention, JIT it.
+
+```python
+mod = attnpass.mlir.import_(model, args, kwargs)     # or import_("model.onnx")
+sites = attnpass.mlir.find(mod)
+mod2 = attnpass.mlir.rewrite(mod, to="ssmax")        # or to="fused"
+fn = attnpass.mlir.compile(mod2)                     # fn(*tensors) -> tensor(s)
+```
+
+torch-mlir is imported lazily, inside these functions: ``import attnpass`` stays fast and works
+without it, and a missing wheel is reported as an ``AttnpassError`` the CLI prints in one line.
+Modules are ``torch_mlir.ir.Module`` objects; ``rewrite`` never edits its input (it works on a
+re-parsed copy), so the original and rewritten modules can be compiled side by side.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from attnpass import semantics
+from attnpass.errors import AttnpassError
+from attnpass.lowering import mlir as lowering
+
+
+def import_(model: Any, args: Sequence[Any] | Any = (), kwargs: dict | None = None) -> Any:
+    """torch-dialect MLIR for a torch module (via ``torch.export``) or for an ``.onnx`` file path.
+
+    The torch import is torch-mlir's FX importer *before* its backend pipeline ("raw"), so the
+    softmax is still one op; ONNX goes through ``convert-torch-onnx-to-torch`` only, for the
+    same reason.  ``compile`` runs the matching backend pipeline later.
+    """
+    lowering.require_torch_mlir()
+    if isinstance(model, str | os.PathLike):
+        return _import_onnx(os.fspath(model))
+    import torch
+    from torch_mlir import fx as tm_fx
+
+    if not isinstance(model, torch.nn.Module | torch.export.ExportedProgram):
+        raise AttnpassError(f"import_ wants an nn.Module, an ExportedProgram or an .onnx path, got {type(model).__name__}")
+    args = tuple(args) if isinstance(args, list | tuple) else (args,)
+    try:
+        if isinstance(model, torch.nn.Module):
+            model = torch.export.export(model, args, kwargs or {}, strict=False)
+        return tm_fx.export_and_import(model, output_type="raw")
+    except AttnpassError:
+        raise
+    except Exception as e:
+        raise AttnpassError(f"torch-mlir could not import {type(model).__name__}: {str(e).splitlines()[0][:300]}") from e
+
+
+def _import_onnx(path: str) -> Any:
+    try:
+        import onnx
+    except ImportError as e:
+        raise AttnpassError("importing ONNX into MLIR needs the onnx package") from e
+    from torch_mlir import ir
+    from torch_mlir.dialects import torch as torch_d
+    from torch_mlir.extras import onnx_importer
+
+    if not os.path.isfile(path):
+        raise AttnpassError(f"{path}: no such file")
+    try:
+        proto = onnx.load(path)
+        onnx.checker.check_model(proto)
+    except Exception as e:
+        raise AttnpassError(f"{path}: not a valid ONNX model ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from e
+    ctx = ir.Context()
+    torch_d.register_dialect(ctx)
+    try:
+        info = onnx_importer.ModelInfo(proto)
+        module = info.create_module(context=ctx).operation
+        onnx_importer.NodeImporter.define_function(info.main_graph, module).import_all()
+    except Exception as e:
+        raise AttnpassError(f"{path}: torch-mlir's ONNX importer failed: {str(e).splitlines()[0][:200]}") from e
+    converted = lowering.run_passes(module, "func.func(convert-torch-onnx-to-torch),func.func(canonicalize)",
+                                    f"{path} (ONNX -> torch)")
+    _set_origin(converted, "onnx")
+    return converted
+
+
+def _set_origin(module: Any, origin: str) -> None:
+    from torch_mlir import ir
+
+    with module.context:
+        module.operation.attributes[lowering.ORIGIN_ATTR] = ir.StringAttr.get(origin)
+
+
+def copy(module: Any) -> Any:
+    """A deep copy in a fresh context (rewrites edit in place; the user's module stays as it was)."""
+    return lowering.parse(str(module.operation) if not isinstance(module, str) else module)
+
+
+def find(module: Any) -> Any:
+    """The attention report for a torch-dialect module: same ``Report`` (sites, skipped) as for fx."""
+    lowering.require_torch_mlir()
+    from attnpass.passes import mlir as mlir_pass
+
+    return mlir_pass.find(_as_module(module))
+
+
+def rewrite(
+    module: Any,
+    to: str = "ssmax",
+    s: float | Sequence[float] | None = None,
+    b: float | Sequence[float] | None = None,
+    train_len: int | None = None,
+    params: str = "constant",
+    tile: int | None = None,
+    with_report: bool = False,
+) -> Any:
+    """A rewritten copy of ``module``: ``to="ssmax"`` (model change) or ``to="fused"`` (same numerics).
+
+    SSMax: ``s`` / ``b`` per head (a scalar is broadcast), ``train_len=L`` sets ``s = 1/log L``;
+    ``params="argument"`` passes them as extra ``[H]`` arguments of the public function instead of
+    constants.  Fused: ``tile`` keys per loop iteration (default 64).  ``with_report=True`` returns
+    ``(module, report)``: which sites were rewritten, which were left alone and why.
+    """
+    lowering.require_torch_mlir()
+    from attnpass.passes import mlir as mlir_pass
+
+    out = copy(_as_module(module))
+    if to == "ssmax":
+        if train_len is not None:
+            if s is not None:
+                raise AttnpassError("give either s or train_len, not both")
+            s = semantics.s_for_train_len(train_len)
+        s_val = semantics.DEFAULT_S if s is None else (list(s) if isinstance(s, Sequence) else float(s))
+        b_val = None if b is None else (list(b) if isinstance(b, Sequence) else float(b))
+        report = mlir_pass.to_ssmax(out, s=s_val, b=b_val, params=params)
+    elif to == "fused":
+        report = mlir_pass.fuse(out, tile=tile or mlir_pass.DEFAULT_TILE)
+    else:
+        raise AttnpassError(f"unknown rewrite {to!r}: use 'ssmax' or 'fused'")
+    return (out, report) if with_report else out
+
+
+def lower(module: Any, emit: str = "linalg") -> Any:
+    """The module lowered to ``emit``: "torch" (as is), "backend" (torch backend contract), "linalg", "llvm"."""
+    module = _as_module(module)
+    if emit == "torch":
+        return module
+    if emit == "backend":
+        return lowering.to_torch_backend(module)
+    if emit == "linalg":
+        return lowering.to_linalg(module)
+    if emit == "llvm":
+        return lowering.to_llvm(module)
+    raise AttnpassError(f"unknown emit level {emit!r}: use torch, backend, linalg or llvm")
+
+
+def compile(module: Any, opt_level: int = 3) -> lowering.JitFunction:  # noqa: A001 - the documented name
+    """JIT the module's public function for the host CPU: torch -> linalg -> LLVM -> ExecutionEngine."""
+    lowering.require_torch_mlir()
+    from attnpass.passes import mlir as mlir_pass
+
+    module = _as_module(module)
+    funcs = mlir_pass.public_funcs(module)
+    if len(funcs) != 1:
+        raise AttnpassError(f"compile wants a module with one public function, found {len(funcs)}")
+    name = funcs[0].attributes["sym_name"].value
+    return lowering.compile_module(module, func_name=name, opt_level=opt_level)
+
+
+def _as_module(module: Any) -> Any:
+    if isinstance(module, str):
+        return lowering.parse(module)
+    if not hasattr(module, "operation"):
+        raise AttnpassError(f"expected a torch_mlir.ir.Module or MLIR text, got {type(module).__name__}")
+    return module
+
+
+__all__ = ["import_", "find", "rewrite", "lower", "compile", "copy"]
