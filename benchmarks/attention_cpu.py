@@ -159,8 +159,8 @@ def run_forward(args: argparse.Namespace) -> list[Row]:
     rows = []
     for s in args.sizes:
         for dtype in args.dtypes:
-            for causal in (False, True):
-                for ssmax in (False, True):
+            for causal in args.causal:
+                for ssmax in args.ssmax:
                     impls = set(args.impls)
                     row = Row(s, dtype, causal, ssmax, 4 * B * H * s * s * D * (0.5 if causal else 1.0))
                     if s > args.eager_max:
@@ -275,12 +275,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtypes", type=lambda s: [{"fp32": torch.float32, "bf16": torch.bfloat16}[x] for x in s.split(",")],
                    default=[torch.float32, torch.bfloat16], help="comma list of fp32,bf16")
     p.add_argument("--impls", type=lambda s: s.split(","), default=list(IMPLS), help="comma list of " + ",".join(IMPLS))
+    yes_no = {"both": (False, True), "y": (True,), "n": (False,)}
+    p.add_argument("--causal", choices=yes_no, default="both", help="forward table: causal rows, plain rows or both")
+    p.add_argument("--ssmax", choices=yes_no, default="both", help="forward table: SSMax rows, plain rows or both")
     p.add_argument("--eager-max", type=int, default=4096, help="largest S for eager attention (S=8192 needs ~8 GiB)")
     p.add_argument("--rounds", type=int, default=15, help="at most this many alternating rounds")
     p.add_argument("--budget", type=float, default=3.0, help="seconds per configuration before rounds stop early")
     p.add_argument("--bwd-size", type=int, default=2048, help="S for the forward+backward comparison (0: skip)")
     p.add_argument("--no-memory", action="store_true", help="skip the profiler pass that measures peak memory")
     args = p.parse_args(argv)
+    args.causal, args.ssmax = yes_no[args.causal], yes_no[args.ssmax]
     if args.quick:
         args.sizes, args.dtypes, args.rounds, args.bwd_size = [128, 256], [torch.float32], 5, 256
         args.impls = [i for i in args.impls if i != "flex"]
