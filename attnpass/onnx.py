@@ -1,0 +1,255 @@
+"""Public ONNX API: ``find`` attention in an ``.onnx`` file and ``rewrite`` it, validated in onnxruntime.
+
+A rewrite never touches its input: the model is loaded into memory, rewritten, written to a
+temporary file next to the destination, checked through onnxruntime against the original, and
+only then renamed onto the destination.  Models whose weights exceed protobuf's 2 GB limit are
+read with their external data and written with external data (``<out>.data``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from attnpass import semantics
+from attnpass.errors import AttnpassError, NoAttentionFound
+from attnpass.passes.match import Report
+
+#: Above this many bytes of initializers, weights are written as external data.
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+def load(src: Any):
+    """An onnx-ir model from a path, a ModelProto, bytes or an onnx-ir model (copied: the caller's stays as is)."""
+    import onnx
+    import onnx_ir as ir
+
+    if isinstance(src, ir.Model):
+        model = src.clone()
+    elif isinstance(src, onnx.ModelProto):
+        model = ir.from_proto(src)
+    elif isinstance(src, bytes):
+        try:
+            model = ir.from_proto(onnx.load_from_string(src))
+        except Exception as e:
+            raise AttnpassError(f"not an ONNX model ({type(e).__name__})") from e
+    else:
+        path = Path(src)
+        if not path.exists():
+            raise AttnpassError(f"{path}: no such file")
+        if not path.is_file():
+            raise AttnpassError(f"{path}: not a file")
+        try:
+            model = ir.load(path)
+        except Exception as e:
+            raise AttnpassError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'truncated or corrupt'})") from e
+        if model.ir_version in (None, 0) or (len(model.graph) == 0 and not model.graph.outputs):
+            raise AttnpassError(f"{path}: not an ONNX model (no graph)")
+        if _weights_bytes(model) <= EXTERNAL_DATA_BYTES:
+            try:
+                model = ir.external_data.load_to_model(model)  # small: hold the weights in memory
+            except Exception as e:
+                raise AttnpassError(f"{path}: cannot read its external data ({type(e).__name__}: {str(e)[:160]})") from e
+    _infer_shapes(model)
+    return model
+
+
+def _weights_bytes(model: Any) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def _infer_shapes(model: Any) -> None:
+    """onnx shape inference (with data propagation) where it works; the adapter infers the rest itself."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    try:
+        ShapeInferencePass(strict_mode=False, data_prop=True)(model)
+    except Exception:  # custom domains or huge models: fall back to the adapter's own propagation
+        pass
+
+
+@dataclass
+class OnnxReport:
+    """``find``'s answer: the matcher's report plus the loaded model it describes."""
+
+    report: Report
+    model: Any = None
+
+    @property
+    def sites(self):
+        return self.report.sites
+
+    @property
+    def skipped(self):
+        return self.report.skipped
+
+    def __len__(self) -> int:
+        return len(self.report.sites)
+
+    def __iter__(self):
+        return iter(self.report.sites)
+
+    def __getitem__(self, i: int):
+        return self.report.sites[i]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"sites": [s.summary() for s in self.report.sites],
+                "skipped": [{"node": k.name, "reason": k.reason} for k in self.report.skipped]}
+
+
+def find(src: Any) -> OnnxReport:
+    """Attention sites of an ONNX model (path or proto), and the softmaxes left alone with the reason."""
+    from attnpass.passes import onnx as onnx_pass
+
+    model = load(src)
+    return OnnxReport(onnx_pass.find(model), model)
+
+
+@dataclass
+class RewriteResult:
+    """What ``rewrite`` did: the sites, those left alone (and why), the validation, and where it wrote."""
+
+    report: Report
+    to: str
+    left: dict[int, str] = field(default_factory=dict)
+    validation: Any = None
+    self_test: Any = None
+    written: Path | None = None
+
+    @property
+    def rewritten(self) -> int:
+        return len(self.report.sites) - len(self.left)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "to": self.to,
+            "written": None if self.written is None else str(self.written),
+            "sites": [{**s.summary(), "rewritten": s.index not in self.left, "why_left": self.left.get(s.index)}
+                      for s in self.report.sites],
+            "skipped": [{"node": k.name, "reason": k.reason} for k in self.report.skipped],
+            "validation": None if self.validation is None else self.validation.as_dict(),
+            "self_test": None if self.self_test is None else self.self_test.as_dict(),
+        }
+
+
+def _apply(model: Any, to: str, s: float, b: float | None, target: str) -> tuple[Report, dict[int, str]]:
+    from attnpass.passes import onnx as onnx_pass
+
+    report = onnx_pass.find(model)
+    if to == "ssmax":
+        return report, onnx_pass.to_ssmax(model, report, s=s, b=b)
+    return report, onnx_pass.fuse(model, report, target=target)
+
+
+def _upgrade(model: Any, opset: int) -> Any:
+    """The model converted to ``opset`` (opset-23 ``Attention`` needs the default domain at 23)."""
+    import onnx_ir as ir
+    from onnx import version_converter
+
+    if model.opset_imports.get("", 1) >= opset:
+        return model
+    try:
+        proto = version_converter.convert_version(ir.to_proto(model), opset)
+    except Exception as e:
+        raise AttnpassError(f"cannot convert the model to opset {opset} for --target onnx23: {str(e).splitlines()[0][:200]}") from e
+    out = ir.from_proto(proto)
+    _infer_shapes(out)
+    return out
+
+
+def save(model: Any, dst: Path) -> None:
+    """Write ``model`` to ``dst``; weights above ~1.8 GB go to ``<dst>.data`` as external data."""
+    import onnx_ir as ir
+
+    if _weights_bytes(model) > EXTERNAL_DATA_BYTES:
+        ir.save(model, dst, external_data=dst.name + ".data")
+    else:
+        ir.save(model, dst)
+
+
+def rewrite(
+    src: Any,
+    dst: str | Path,
+    to: str = "ssmax",
+    s: float | None = None,
+    train_len: int | None = None,
+    bias: float | None = None,
+    target: str = "ort",
+    validate: bool = True,
+    inputs: Any = None,
+    rtol: float = 1e-4,
+    atol: float = 1e-4,
+    force: bool = False,
+) -> RewriteResult:
+    """Rewrite ``src``'s attention (``to="ssmax"`` or ``"fused"``), validate in onnxruntime, then write ``dst``.
+
+    ``fused`` must match the original within ``rtol``/``atol``.  ``ssmax`` changes the model on
+    purpose, so it is checked twice: the same rewrite with ``s=0, b=1`` (factor 1) must match the
+    original, and the real one must give no NaN/inf.  Nothing is written when a check fails
+    (``AttnpassError``) or when no attention is found (``NoAttentionFound``; ``force`` copies the model).
+    """
+    from attnpass import validate as val
+
+    if to not in ("ssmax", "fused"):
+        raise AttnpassError(f"unknown rewrite {to!r}: use ssmax or fused")
+    if train_len is not None:
+        if s is not None:
+            raise AttnpassError("give either --s or --train-len, not both")
+        try:
+            s = semantics.s_for_train_len(train_len)
+        except ValueError as e:
+            raise AttnpassError(str(e)) from e
+    s = semantics.DEFAULT_S if s is None else float(s)
+    dst = Path(dst)
+    if isinstance(src, str | Path) and Path(src).resolve() == dst.resolve():
+        raise AttnpassError(f"{dst}: refusing to overwrite the input model (give another -o)")
+    original = load(src)
+    model = load(original)
+    if to == "fused" and target == "onnx23":
+        model = _upgrade(model, 23)
+    report, left = _apply(model, to, s, bias, target)
+    result = RewriteResult(report, to, left)
+    if not report.sites and not force:
+        raise NoAttentionFound("no attention found")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".attnpass-") as tmp:
+        tmp_dst = Path(tmp) / dst.name
+        save(model, tmp_dst)
+        if validate and report.sites and result.rewritten:
+            ref_path = Path(tmp) / "original.onnx"
+            save(original, ref_path)
+            feeds = val.load_inputs(inputs) if isinstance(inputs, str | Path) else (inputs or val.make_inputs(ref_path))
+            if to == "fused":
+                result.validation = val.validate(ref_path, tmp_dst, feeds, rtol=rtol, atol=atol)
+                if not result.validation.passed:
+                    raise AttnpassError(f"fused model does not match the original: {_worst(result.validation)}; nothing written")
+            else:
+                probe = load(original)
+                _apply(probe, "ssmax", 0.0, 1.0, target)
+                probe_path = Path(tmp) / "self_test.onnx"
+                save(probe, probe_path)
+                result.self_test = val.validate(ref_path, probe_path, feeds, rtol=rtol, atol=atol)
+                if not result.self_test.passed:
+                    raise AttnpassError(f"SSMax self-test (s=0, b=1) does not match the original: {_worst(result.self_test)}; nothing written")
+                bad = val.finite(tmp_dst, feeds)
+                result.validation = val.validate(ref_path, tmp_dst, feeds, rtol=float("inf"), atol=float("inf"))
+                for o in result.validation.outputs:
+                    o.ok = o.finite
+                if bad:
+                    raise AttnpassError(f"SSMax model gives NaN/inf in {', '.join(bad)}; nothing written")
+        for extra in Path(tmp).glob(dst.name + "*"):
+            os.replace(extra, dst.parent / extra.name)
+    result.written = dst
+    return result
+
+
+def _worst(rep: Any) -> str:
+    bad = [o for o in rep.outputs if not o.ok] or rep.outputs
+    o = max(bad, key=lambda x: x.max_abs if x.max_abs == x.max_abs else float("inf"))
+    return f"output {o.name}: max abs error {o.max_abs:.3g}, max rel error {o.max_rel:.3g} (rtol {rep.rtol:g}, atol {rep.atol:g})"
+
+
+__all__ = ["find", "rewrite", "load", "save", "OnnxReport", "RewriteResult"]
