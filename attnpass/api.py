@@ -43,18 +43,21 @@ def to_ssmax(
     s: float | None = None,
     b: float | None = None,
     train_len: int | None = None,
+    fused: bool = False,
 ) -> fx.GraphModule:
     """The model with every attention softmax turned into SSMax; ``s``/``b`` are trainable ``[H]`` parameters.
 
     ``train_len=L`` sets ``s = 1/log(L)`` (and ``b`` unset) so a pretrained model is unchanged at
-    length ``L``.  The returned module carries the report as ``.attnpass_report``.
+    length ``L``.  ``fused=True`` also fuses every fusable site into ``attnpass::attention`` with the
+    SSMax parameters (same meaning, fused speed).  The returned module carries the report as
+    ``.attnpass_report``.
     """
     if train_len is not None:
         if s is not None:
             raise ValueError("give either s or train_len, not both")
         s = semantics.s_for_train_len(train_len)
     s = semantics.DEFAULT_S if s is None else s
-    gm, report = fx_pass.to_ssmax(_as_graph(model, args, kwargs), s=s, b=b)
+    gm, report = fx_pass.to_ssmax(_as_graph(model, args, kwargs), s=s, b=b, fused=fused)
     gm.attnpass_report = report
     return gm
 

@@ -44,9 +44,10 @@ def test_fuse_equals_original(model_case) -> None:
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_ssmax_with_s0_b1_equals_original(model_case) -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["inplace", "fused"])
+def test_ssmax_with_s0_b1_equals_original(model_case, fused: bool) -> None:
     name, model, args, kwargs, expected, ref = model_case
-    ss = attnpass.to_ssmax(model, args, kwargs, s=0.0, b=1.0)
+    ss = attnpass.to_ssmax(model, args, kwargs, s=0.0, b=1.0, fused=fused)
     params = [k for k in ss.state_dict() if k.startswith("attnpass_ssmax.s_")]
     assert len(params) == expected
     with torch.no_grad():
@@ -61,3 +62,14 @@ def test_ssmax_changes_the_model_and_stays_finite(model_case) -> None:
         out = output_tensor(ss(*args, **kwargs))
     assert torch.isfinite(out).all()
     assert (out - ref).abs().max() > 1e-6
+
+
+def test_fused_ssmax_equals_inplace_ssmax(model_case) -> None:
+    """Two routes to one meaning: the factor on the graph's logits vs inside the fused kernel."""
+    name, model, args, kwargs, expected, ref = model_case
+    inplace = attnpass.to_ssmax(model, args, kwargs, s=0.43, b=0.05)
+    fused = attnpass.to_ssmax(model, args, kwargs, s=0.43, b=0.05, fused=True)
+    with torch.no_grad():
+        a = output_tensor(inplace(*args, **kwargs))
+        b = output_tensor(fused(*args, **kwargs))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

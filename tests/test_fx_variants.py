@@ -105,33 +105,39 @@ def test_fuse_equals_original(case: Case) -> None:
     torch.testing.assert_close(fused(*case.args), m(*case.args), rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["inplace", "fused"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_ssmax_identity_when_s0_b1(case: Case) -> None:
+def test_ssmax_identity_when_s0_b1(case: Case, fused: bool) -> None:
     m = case.module.eval()
-    ss = attnpass.to_ssmax(m, case.args, s=0.0, b=1.0)
+    ss = attnpass.to_ssmax(m, case.args, s=0.0, b=1.0, fused=fused)
+    has_op = any(n.target == torch.ops.attnpass.attention.default for n in ss.graph.nodes)
+    assert has_op == fused
     torch.testing.assert_close(ss(*case.args), m(*case.args), rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["inplace", "fused"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_ssmax_matches_semantics(case: Case) -> None:
-    ss = attnpass.to_ssmax(case.module.eval(), case.args, s=0.43)
+def test_ssmax_matches_semantics(case: Case, fused: bool) -> None:
+    ss = attnpass.to_ssmax(case.module.eval(), case.args, s=0.43, fused=fused)
     out = ss(*case.args)
     assert not torch.isnan(out).any()
     torch.testing.assert_close(out, _sem_out(case, ssmax_s=0.43), rtol=1e-5, atol=2e-5)
 
 
-def test_ssmax_first_causal_row_has_no_nan_and_keeps_its_one_key() -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["inplace", "fused"])
+def test_ssmax_first_causal_row_has_no_nan_and_keeps_its_one_key(fused: bool) -> None:
     """Row 0 of a causal mask has n=1: factor 0 with b=0; it must attend exactly key 0."""
     q, k, v = _qkv()
-    ss = attnpass.to_ssmax(M.CausalTril().eval(), (q, k, v), s=0.43)
+    ss = attnpass.to_ssmax(M.CausalTril().eval(), (q, k, v), s=0.43, fused=fused)
     out = ss(q, k, v)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[:, :, 0], v[:, :, 0], rtol=1e-6, atol=1e-6)
 
 
-def test_ssmax_parameters_are_per_head_trainable_and_saved(tmp_path) -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["inplace", "fused"])
+def test_ssmax_parameters_are_per_head_trainable_and_saved(tmp_path, fused: bool) -> None:
     q, k, v = _qkv()
-    ss = attnpass.to_ssmax(M.CausalTril().eval(), (q, k, v), s=0.3, b=0.1)
+    ss = attnpass.to_ssmax(M.CausalTril().eval(), (q, k, v), s=0.3, b=0.1, fused=fused)
     state = ss.state_dict()
     assert state["attnpass_ssmax.s_0"].shape == (H,)
     assert torch.allclose(state["attnpass_ssmax.b_0"], torch.full((H,), 0.1))
@@ -139,7 +145,7 @@ def test_ssmax_parameters_are_per_head_trainable_and_saved(tmp_path) -> None:
     grad = ss.get_submodule("attnpass_ssmax").s_0.grad
     assert grad is not None and grad.abs().sum() > 0
     # a reloaded state dict reproduces the model; and the rewritten module exports again
-    ss2 = attnpass.to_ssmax(M.CausalTril().eval(), (q, k, v), b=0.0)
+    ss2 = attnpass.to_ssmax(M.CausalTril().eval(), (q, k, v), b=0.0, fused=fused)
     torch.save(state, tmp_path / "sd.pt")
     ss2.load_state_dict(torch.load(tmp_path / "sd.pt"))
     torch.testing.assert_close(ss2(q, k, v), ss(q, k, v))

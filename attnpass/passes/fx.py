@@ -462,40 +462,42 @@ def _copy_meta(new: fx.Node, old: fx.Node) -> None:
 
 # ------------------------------------------------------------------ fuse
 
+def _fuse_site(gm: fx.GraphModule, site: AttentionSite, ssmax: tuple[fx.Node, fx.Node | None] | None) -> None:
+    """Replace one site by ``attnpass::attention`` (with SSMax parameters when ``ssmax`` is given)."""
+    op = torch.ops.attnpass.attention.default
+    ad = FxAdapter(gm)
+    s_node, b_node = ssmax if ssmax is not None else (None, None)
+    b = _Builder(gm.graph)
+    with gm.graph.inserting_before(_insert_point(site)):
+        q, k, v = (_prepare(b, o) for o in (site.q, site.k, site.v))
+        if site.form == "sdpa":
+            node = site.softmax
+            gqa = bool(ad.attr(node, "enable_gqa", False)) or site.k.groups > 1
+            res = b.call(op, q, k, v, site.sdpa_mask, site.sdpa_is_causal, ad.attr(node, "scale"), s_node, b_node, None, gqa)
+            out = _unlift(b, b.call(operator.getitem, res, 0), site)
+        else:
+            mask = _op_mask(b, site)
+            gqa = site.k.groups > 1 or site.v.groups > 1 or (site.heads != site.kv_heads and site.kv_heads not in (None, 1))
+            res = b.call(op, q, k, v, mask, site.causal, float(site.scale), s_node, b_node, site.softcap, gqa)
+            out = _unlift(b, b.call(operator.getitem, res, 0), site)
+            for cond, zero_when in site.row_guards:
+                keep_zero = cond if zero_when else b.call(aten.logical_not.default, cond)
+                out = b.call(aten.where.ScalarSelf, keep_zero, 0.0, out)
+            want = ad.dtype(site.out)
+            if want is not None and ad.dtype(site.q.value) not in (None, want):
+                out = b.call(aten._to_copy.default, out, dtype=want)
+    _copy_meta(out, site.out)
+    site.out.replace_all_uses_with(out)
+
+
 def fuse(gm: fx.GraphModule, report: Report | None = None) -> tuple[fx.GraphModule, Report]:
     """Replace each fusable site by one ``attnpass::attention`` call; returns the graph and the report."""
     report = find(gm) if report is None else report
-    op = torch.ops.attnpass.attention.default
     replaced: set[fx.Node] = set()
     for site in report.sites:
-        if not site.fusable:
-            continue
-        b = _Builder(gm.graph)
-        with gm.graph.inserting_before(_insert_point(site)):
-            if site.form == "sdpa":
-                node = site.softmax
-                q, k, v = (_prepare(b, o) for o in (site.q, site.k, site.v))
-                gqa = bool(FxAdapter(gm).attr(node, "enable_gqa", False)) or site.k.groups > 1
-                res = b.call(op, q, k, v, site.sdpa_mask, site.sdpa_is_causal, FxAdapter(gm).attr(node, "scale"),
-                             None, None, None, gqa)
-                out = b.call(operator.getitem, res, 0)
-                out = _unlift(b, out, site)
-            else:
-                q, k, v = (_prepare(b, o) for o in (site.q, site.k, site.v))
-                mask = _op_mask(b, site)
-                gqa = site.k.groups > 1 or site.v.groups > 1 or (site.heads != site.kv_heads and site.kv_heads not in (None, 1))
-                res = b.call(op, q, k, v, mask, site.causal, float(site.scale), None, None, site.softcap, gqa)
-                out = b.call(operator.getitem, res, 0)
-                out = _unlift(b, out, site)
-                for cond, zero_when in site.row_guards:
-                    keep_zero = cond if zero_when else b.call(aten.logical_not.default, cond)
-                    out = b.call(aten.where.ScalarSelf, keep_zero, 0.0, out)
-            want = FxAdapter(gm).dtype(site.out)
-            if want is not None and site.form == "explicit" and FxAdapter(gm).dtype(site.q.value) not in (None, want):
-                out = b.call(aten._to_copy.default, out, dtype=want)
-        _copy_meta(out, site.out)
-        site.out.replace_all_uses_with(out)
-        replaced.update(site.nodes)
+        if site.fusable:
+            _fuse_site(gm, site, None)
+            replaced.update(site.nodes)
     _remove_dead(gm, replaced)
     return gm, report
 
@@ -520,35 +522,50 @@ def _ssmax_params(gm: fx.GraphModule, site: AttentionSite, s: float, b: float | 
     return s_node, b_node
 
 
+def _ssmax_site(gm: fx.GraphModule, site: AttentionSite, params: tuple[fx.Node, fx.Node | None]) -> None:
+    """SSMax in the graph as it stands: the softmax input times the per-row factor (or Q, for SDPA calls)."""
+    s_node, b_node = params
+    bld = _Builder(gm.graph)
+    if site.form == "sdpa":
+        node = site.softmax
+        ad = FxAdapter(gm)
+        with gm.graph.inserting_before(node):
+            new = bld.call(
+                semantics.ssmax_sdpa, site.q.value, site.k.value, site.v.value, site.sdpa_mask,
+                float(ad.attr(node, "dropout_p", 0.0) or 0.0), site.sdpa_is_causal, ad.attr(node, "scale"),
+                bool(ad.attr(node, "enable_gqa", False)) or site.k.groups > 1, s_node, b_node,
+            )
+        _copy_meta(new, node)
+        node.replace_all_uses_with(new)
+        return
+    sm = site.softmax
+    x = sm.args[0]
+    with gm.graph.inserting_before(sm):
+        allowed = _allowed(bld, site.masks, skip_only_causal=False)
+        new_x = bld.call(semantics.ssmax_logits, x, allowed, s_node, b_node)
+    _copy_meta(new_x, x)
+    sm.replace_input_with(x, new_x)
+
+
 def to_ssmax(gm: fx.GraphModule, s: float = semantics.DEFAULT_S, b: float | None = None,
-             report: Report | None = None) -> tuple[fx.GraphModule, Report]:
-    """Turn every attention site's softmax into SSMax, with ``s`` (and ``b``) as trainable ``[H]`` parameters."""
+             report: Report | None = None, fused: bool = False) -> tuple[fx.GraphModule, Report]:
+    """Turn every attention site's softmax into SSMax, with ``s`` (and ``b``) as trainable ``[H]`` parameters.
+
+    ``fused=True`` emits ``attnpass::attention`` with the SSMax parameters for every fusable site
+    (SSMax at the speed of fused attention) and rewrites the others in place.
+    """
     report = find(gm) if report is None else report
     device = _graph_device(gm)
+    replaced: set[fx.Node] = set()
     for site in report.sites:
-        bld = _Builder(gm.graph)
-        if site.form == "sdpa":
-            node = site.softmax
-            with gm.graph.inserting_before(node):
-                s_node, b_node = _ssmax_params(gm, site, s, b, device)
-                ad = FxAdapter(gm)
-                new = bld.call(
-                    semantics.ssmax_sdpa, site.q.value, site.k.value, site.v.value, site.sdpa_mask,
-                    float(ad.attr(node, "dropout_p", 0.0) or 0.0), site.sdpa_is_causal, ad.attr(node, "scale"),
-                    bool(ad.attr(node, "enable_gqa", False)) or site.k.groups > 1, s_node, b_node,
-                )
-            _copy_meta(new, node)
-            node.replace_all_uses_with(new)
-            continue
-        sm = site.softmax
-        x = sm.args[0]
-        with gm.graph.inserting_before(sm):
-            s_node, b_node = _ssmax_params(gm, site, s, b, device)
-            allowed = _allowed(bld, site.masks, skip_only_causal=False)
-            new_x = bld.call(semantics.ssmax_logits, x, allowed, s_node, b_node)
-        _copy_meta(new_x, x)
-        sm.replace_input_with(x, new_x)
-    _remove_dead(gm)
+        with gm.graph.inserting_before(_insert_point(site) if fused and site.fusable else site.softmax):
+            params = _ssmax_params(gm, site, s, b, device)
+        if fused and site.fusable:
+            _fuse_site(gm, site, params)
+            replaced.update(site.nodes)
+        else:
+            _ssmax_site(gm, site, params)
+    _remove_dead(gm, replaced)
     return gm, report
 
 

@@ -312,7 +312,7 @@ class Matcher:
         if rank >= 4:
             site.heads, site.kv_heads = qs[-3], (a.shape(k_src[0]) or ks)[-3]
         if k_src[1] > 1:
-            site.notes.append(f"GQA: {k_src[1]} query heads per key/value head (K/V repeated before the call)")
+            site.notes.append(f"GQA {k_src[1]}:1 (K/V repeated before the call)")
         site.head_dim, site.seq_q, site.seq_k = head_dim, qs[-2], ks[-2]
         if a.attr(node, "enable_gqa", False):
             site.notes.append("enable_gqa")
@@ -444,11 +444,11 @@ class Matcher:
         inode, ikind = self._producer_kind(inner_v)
         if ikind not in (Kind.MUL, Kind.DIV):
             return None
-        l, r = self.a.inputs(inode)[:2]
-        d = self._const(r)
-        src = l
+        lhs, rhs = self.a.inputs(inode)[:2]
+        d = self._const(rhs)
+        src = lhs
         if d is None and ikind is Kind.MUL:
-            d, src = self._const(l), r
+            d, src = self._const(lhs), rhs
         if d is None or d == 0:
             return None
         cap_in = d if ikind is Kind.DIV else 1.0 / d
@@ -544,7 +544,7 @@ class Matcher:
             else:
                 site.notes.append(f"{len(qs_l)}-D attention: heads folded into the batch, one SSMax s for all")
         if k_op.groups > 1:
-            site.notes.append(f"GQA: {k_op.groups} query heads per key/value head")
+            site.notes.append(f"GQA {k_op.groups}:1")
         if any(m.kind == "additive" and not m.only_causal and not m.causal for m in masks):
             site.notes.append("additive mask/bias")
         return site
@@ -732,9 +732,9 @@ class Matcher:
             if fill is not None and fill <= _MASK_FILL_LIMIT and a.attr(node, "diagonal", 0) == 1:
                 return True, True
         if kind is Kind.ADD:
-            l, r = a.inputs(node)[:2]
-            c1, _ = self._causal_additive(l, depth + 1)
-            c2, _ = self._causal_additive(r, depth + 1)
+            lhs, rhs = a.inputs(node)[:2]
+            c1, _ = self._causal_additive(lhs, depth + 1)
+            c2, _ = self._causal_additive(rhs, depth + 1)
             return c1 or c2, False
         return False, False
 
@@ -818,12 +818,12 @@ class Matcher:
                 v = self._in(node)
                 continue
             if kind in (Kind.ADD, Kind.SUB):
-                l, r = a.inputs(node)[:2]
-                c = self._const(r)
+                lhs, rhs = a.inputs(node)[:2]
+                c = self._const(rhs)
                 if c is None:
                     return None
                 offset += c if kind is Kind.ADD else -c
-                v = l
+                v = lhs
                 continue
             if kind is Kind.ARANGE:
                 start = a.attr(node, "start", 0)

@@ -1,0 +1,40 @@
+"""Site reports as terminal tables and JSON: the product surface users read and scripts parse."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.table import Table
+
+from attnpass.passes.match import Report
+
+
+def sites_table(report: Report, title: str = "attention sites") -> Table:
+    table = Table(title=title)
+    for col in ("#", "node", "form", "scale", "mask", "causal", "softcap", "heads (kv)", "fusable / why not", "notes"):
+        table.add_column(col)
+    for s in report.sites:
+        heads = "?" if s.heads is None else f"{s.heads} ({s.kv_heads})"
+        scale = "-" if s.scale is None else f"{s.scale:.4g}"
+        table.add_row(
+            str(s.index), s.name, s.form, scale, s.mask_kind, "yes" if s.causal else "no",
+            "-" if s.softcap is None else f"{s.softcap:g}", heads,
+            "yes" if s.fusable else f"no: {s.fuse_blocker}", "; ".join(s.notes),
+        )
+    for k in report.skipped:
+        table.add_row("-", k.name, "not attention", "", "", "", "", "", "", k.reason, style="dim")
+    if not report.sites and not report.skipped:
+        table.caption = "no attention found"
+    return table
+
+
+def report_dict(report: Report) -> dict[str, Any]:
+    return {
+        "sites": [s.summary() for s in report.sites],
+        "skipped": [{"node": k.name, "reason": k.reason} for k in report.skipped],
+    }
+
+
+def report_json(report: Report) -> str:
+    return json.dumps(report_dict(report), indent=2, default=str)

@@ -1,0 +1,72 @@
+"""torch.compile(backend="attnpass"): the rewrite happens in dynamo's graph, forward and backward."""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+
+import attnpass
+from attnpass.lowering import backend
+from tests import attention_modules as M
+from tests.hf_corpus import llama, output_tensor
+
+B, H, S, D = 2, 4, 9, 8
+
+
+def _qkv(requires_grad: bool = False):
+    g = torch.Generator().manual_seed(1)
+    return tuple(torch.randn(B, H, S, D, generator=g).requires_grad_(requires_grad) for _ in range(3))
+
+
+def _compile(module, **options):
+    torch._dynamo.reset()
+    backend.reports.clear()
+    return torch.compile(module, backend="attnpass", options=options)
+
+
+@pytest.mark.parametrize("module", [M.CausalTril(), M.SoftcapPrescaled(), M.CrossEinsum()], ids=lambda m: type(m).__name__)
+def test_fuse_in_dynamo_graph_forward_and_backward(module) -> None:
+    q, k, v = _qkv(requires_grad=True)
+    extra = (torch.zeros(1, 1, S, S),) if isinstance(module, M.CrossEinsum) else ()
+    compiled = _compile(module.eval(), inner="eager")
+    out = compiled(q, k, v, *extra)
+    assert sum(len(r.sites) for r in backend.reports) == 1
+    ref = module(q, k, v, *extra)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6)
+    g_out = torch.autograd.grad(out.sum(), (q, k, v))
+    g_ref = torch.autograd.grad(ref.sum(), (q, k, v))
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_ssmax_option_matches_semantics() -> None:
+    q, k, v = _qkv()
+    compiled = _compile(M.CausalTril().eval(), rewrite="ssmax", s=0.43, inner="eager")
+    torch.testing.assert_close(compiled(q, k, v), attnpass.ssmax_attention(q, k, v, is_causal=True, s=0.43), rtol=1e-5, atol=2e-5)
+
+
+def test_inductor_default_on_a_hf_model() -> None:
+    model, args, kwargs = llama()
+    model.eval()
+    compiled = _compile(model)
+    with torch.no_grad():
+        out = output_tensor(compiled(*args, **kwargs))
+        ref = output_tensor(model(*args, **kwargs))
+    assert sum(len(r.sites) for r in backend.reports) == 2
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_options_are_named() -> None:
+    q, k, v = _qkv()
+    with pytest.raises(Exception, match="rewrite must be"):
+        _compile(M.CausalTril().eval(), rewrite="nope")(q, k, v)
+    with pytest.raises(Exception, match="unknown options"):
+        _compile(M.CausalTril().eval(), bogus=1)(q, k, v)
+
+
+def test_registered_through_entry_point() -> None:
+    names = {ep.name: ep.value for ep in entry_points(group="torch_dynamo_backends")}
+    assert names.get("attnpass") == "attnpass.lowering.backend:attnpass_backend"
+    assert "attnpass" in torch._dynamo.list_backends()
