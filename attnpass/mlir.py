@@ -42,12 +42,29 @@ def import_(model: Any, args: Sequence[Any] | Any = (), kwargs: dict | None = No
     args = tuple(args) if isinstance(args, list | tuple) else (args,)
     try:
         if isinstance(model, torch.nn.Module):
-            model = torch.export.export(model, args, kwargs or {}, strict=False)
+            model = torch.export.export(_persistent_buffers(model), args, kwargs or {}, strict=False)
         return tm_fx.export_and_import(model, output_type="raw")
     except AttnpassError:
         raise
     except Exception as e:
         raise AttnpassError(f"torch-mlir could not import {type(model).__name__}: {str(e).splitlines()[0][:300]}") from e
+
+
+def _persistent_buffers(model: Any) -> Any:
+    """A copy of ``model`` whose buffers are all persistent.
+
+    torch-mlir's frozen-program importer looks every buffer up in the state dict and fails on
+    non-persistent ones ("Could not find state mapping for buffer": LLaMA's ``inv_freq``, BERT's
+    ``position_ids``); freezing them is exactly what it should do with them anyway.
+    """
+    if not any(m._non_persistent_buffers_set for m in model.modules()):
+        return model
+    import copy as _copy
+
+    model = _copy.deepcopy(model)
+    for m in model.modules():
+        m._non_persistent_buffers_set.clear()
+    return model
 
 
 def _import_onnx(path: str) -> Any:

@@ -125,8 +125,9 @@ def run_passes(module: Any, passes: str | Sequence[str], what: str) -> Any:
         try:
             PassManager.parse(f"builtin.module({spec})").run(mod.operation)
         except Exception as e:
-            first = next((ln for ln in str(e).splitlines() if "error" in ln), str(e).splitlines()[0] if str(e) else "")
-            raise AttnpassError(f"lowering {what} failed: {first.strip()}") from e
+            diags = getattr(e, "error_diagnostics", None) or []
+            first = f"{diags[0].location}: {diags[0].message}" if diags else (str(e).splitlines() or [""])[0]
+            raise AttnpassError(f"lowering {what} failed: {first.strip()[:500]}") from e
     return mod
 
 

@@ -76,6 +76,9 @@ _FILLS = {"zeros": 0.0, "ones": 1.0, "new_ones": 1.0, "new_zeros": 0.0, "zeros_l
 _PURE_PREFIXES = ("torch.aten.", "torch.prim.ListConstruct", "torch.constant.", "torch.vtensor.literal",
                   "torch_c.", "torch.prims.")
 
+# Ops that only assert on a value: not users of it, and erased with it.
+_ASSERTS = ("torch.aten._assert_tensor_metadata", "torch.aten._assert_scalar", "torch.aten.sym_constrain_range_for_size")
+
 _VTENSOR = re.compile(r"^!torch\.vtensor<\[([^\]]*)\],([a-z0-9]+)>$")
 
 
@@ -261,6 +264,8 @@ class MlirAdapter:
             return []
         out: list[_Node] = []
         for u in value.users:
+            if u.opname in _ASSERTS:
+                continue
             owner = self._decomposed_owner(u)
             if owner is not None:
                 if owner is not value.producer and owner not in out:
@@ -396,6 +401,31 @@ class MlirAdapter:
 
     def name(self, node: Any) -> str:
         return node.label if isinstance(node, _Node) else str(node)
+
+    def static_value(self, value: Any, limit: int = 1 << 24) -> Any | None:
+        """A literal's elements as numpy (a mask buffer baked into the IR); None for anything computed.
+
+        Only inline ``dense<...>`` literals are read: evaluating torch ops here would duplicate
+        torch-mlir's folders, and ``dense_resource`` blobs are not exposed by the bindings.
+        """
+        import numpy as np
+
+        if not isinstance(value, _Val) or value.producer is None or value.producer.opname != "torch.vtensor.literal":
+            return None
+        shape = value.shape
+        if shape is None or any(d is None for d in shape) or math.prod(shape) > limit:
+            return None
+        attr = value.producer.op.attributes["value"]
+        try:
+            from torch_mlir import ir
+
+            dense = ir.DenseElementsAttr(attr)
+            if dense.is_splat:
+                v = _splat(attr)
+                return None if v is None else np.full(shape, v)
+            return np.array([float(x) if not isinstance(x, bool) else x for x in dense]).reshape(shape)
+        except Exception:
+            return None
 
 
 def _first(xs: list[int] | None) -> int | None:
@@ -1052,7 +1082,11 @@ class _Editor:
                 parsed = ir.Module.parse(text)
         except Exception as e:
             raise AttnpassError(f"internal error: generated {what} does not verify: {str(e)[:400]}") from e
+        # ONNX-origin modules: the onnx->torch pass insists every function carries the opset
+        opset = next((f.attributes[_OPSET] for f in public_funcs(self.module) if _OPSET in f.attributes), None)
         for op in list(parsed.body.operations):
+            if opset is not None:
+                op.operation.attributes[_OPSET] = opset
             self.module.body.append(op.operation)
 
     def fresh_symbol(self, base: str) -> str:
@@ -1077,6 +1111,9 @@ class _Editor:
         return arg
 
 
+_OPSET = "torch.onnx_meta.opset_version"
+
+
 def _erase_dead(func: Any) -> None:
     """Drop side-effect-free ops whose results nobody uses (what the rewritten chain leaves behind)."""
     block = func.regions[0].blocks[0]
@@ -1085,6 +1122,11 @@ def _erase_dead(func: Any) -> None:
         changed = False
         for op in reversed(list(block.operations)):
             o = op.operation
+            if o.name in _ASSERTS and len(o.operands) and all(u.owner.name in _ASSERTS for u in o.operands[0].uses):
+                if o.operands[0].owner is not None and not isinstance(o.operands[0].owner, type(block)):
+                    o.erase()
+                    changed = True
+                continue
             if not o.name.startswith(_PURE_PREFIXES) or not len(o.results):
                 continue
             if all(_unused(r) for r in o.results):
