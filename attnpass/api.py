@@ -12,6 +12,7 @@ import torch
 from torch import fx
 
 from attnpass import semantics
+from attnpass.errors import AttnpassError
 from attnpass.passes import fx as fx_pass
 from attnpass.passes.match import Report
 
@@ -23,11 +24,15 @@ def _as_graph(model: Any, args: tuple | None, kwargs: dict | None) -> fx.GraphMo
     if isinstance(model, fx.GraphModule):
         return model
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"attnpass wants an nn.Module, a GraphModule or an ExportedProgram, got {type(model).__name__}")
+        raise AttnpassError(f"attnpass wants an nn.Module, a GraphModule or an ExportedProgram, got {type(model).__name__}")
     if args is None:
-        raise TypeError("attnpass needs example inputs (args, kwargs) to trace a module")
+        raise AttnpassError("attnpass needs example inputs (args, kwargs) to trace a module")
     args = args if isinstance(args, tuple) else (args,)
-    ep = torch.export.export(model, args, kwargs or {}, strict=False)
+    try:
+        ep = torch.export.export(model, args, kwargs or {}, strict=False)
+    except Exception as e:  # torch.export raises many types; the user needs the model's name and the cause
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AttnpassError(f"torch.export could not trace {type(model).__name__}: {first}") from e
     return ep.module()
 
 

@@ -70,3 +70,25 @@ def test_registered_through_entry_point() -> None:
     names = {ep.name: ep.value for ep in entry_points(group="torch_dynamo_backends")}
     assert names.get("attnpass") == "attnpass.lowering.backend:attnpass_backend"
     assert "attnpass" in torch._dynamo.list_backends()
+
+
+def test_backend_works_without_importing_attnpass() -> None:
+    """Through the torch_dynamo_backends entry point alone, as a user's script would reach it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, sys\n"
+        "assert 'attnpass' not in sys.modules\n"
+        "def f(q, k, v):\n"
+        "    return torch.softmax(q @ k.transpose(-2, -1) * 0.5, dim=-1) @ v\n"
+        "q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))\n"
+        "out = torch.compile(f, backend='attnpass', options={'inner': 'eager'})(q, k, v)\n"
+        "torch.testing.assert_close(out, f(q, k, v))\n"
+        "from attnpass.lowering import backend\n"
+        "assert sum(len(r.sites) for r in backend.reports) == 1\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().endswith("ok")
