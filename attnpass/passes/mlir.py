@@ -293,6 +293,8 @@ class MlirAdapter:
             return float(attrs["value"].value)
         if p.opname == "torch.vtensor.literal":
             return _splat(attrs["value"])
+        if p.aten is not None and _KINDS.get(p.aten) is Kind.IDENTITY and p.operands:
+            return self.constant(p.operands[0])  # clone / lift_fresh_copy of a literal
         if p.aten is not None and _KINDS.get(p.aten) is Kind.CONSTANT and all(d == 1 for d in (value.shape or ())):
             return self.attr(p, "fill")
         return None
@@ -1105,9 +1107,10 @@ class _Editor:
         block = func.regions[0].blocks[0]
         ty = ir.Type.parse(type_text, self.ctx)
         arg = block.add_argument(ty, ir.Location.unknown(self.ctx))
-        ftype = ir.FunctionType(ir.TypeAttr(func.attributes["function_type"]).value)
-        func.attributes["function_type"] = ir.TypeAttr.get(ir.FunctionType.get(list(ftype.inputs) + [ty],
-                                                                                 list(ftype.results), self.ctx))
+        with self.ctx:
+            ftype = ir.FunctionType(ir.TypeAttr(func.attributes["function_type"]).value)
+            func.attributes["function_type"] = ir.TypeAttr.get(ir.FunctionType.get(list(ftype.inputs) + [ty],
+                                                                                     list(ftype.results)))
         return arg
 
 
