@@ -92,3 +92,18 @@ def test_backend_works_without_importing_attnpass() -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("module", [M.CausalTril(64), M.PaddedAdditive()], ids=lambda m: type(m).__name__)
+def test_dynamic_shapes_one_graph_many_lengths(module) -> None:
+    """Under ``dynamic=True`` the scale is a run-time scalar; fused onto q, the site still fuses."""
+    compiled = torch.compile(module.eval(), backend="attnpass", dynamic=True, options={"inner": "eager"})
+    torch._dynamo.reset()
+    backend.reports.clear()
+    for s in (9, 13, 17):
+        g = torch.Generator().manual_seed(s)
+        args = tuple(torch.randn(2, 4, s, 8, generator=g) for _ in range(3))
+        if isinstance(module, M.PaddedAdditive):
+            args = args + (torch.rand(2, s, generator=g) > 0.2,)
+        torch.testing.assert_close(compiled(*args), module(*args), rtol=1e-5, atol=5e-6)
+    assert [len(r.sites) for r in backend.reports] == [1]

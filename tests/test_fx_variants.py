@@ -205,3 +205,16 @@ def test_scale_reported() -> None:
     assert math.isclose(site.scale, 1 / math.sqrt(D), rel_tol=1e-6)
     site = attnpass.find(M.SoftcapPrescaled().eval(), (q, k, v)).sites[0]
     assert site.scale == 1.0 and math.isclose(site.scale_on_q, D ** -0.5, rel_tol=1e-6)
+
+
+def test_exported_with_dynamic_length_works_at_other_lengths() -> None:
+    m = M.CausalTril(64).eval()
+    q, k, v = _qkv()
+    dim = torch.export.Dim("S", min=2, max=63)
+    ep = torch.export.export(m, (q, k, v), dynamic_shapes=({2: dim}, {2: dim}, {2: dim}), strict=False)
+    report = attnpass.find(ep)
+    assert len(report.sites) == 1 and report.sites[0].seq_q == report.sites[0].seq_k
+    fused, ss = attnpass.fuse(ep), attnpass.to_ssmax(ep, s=0.43)
+    q2, k2, v2 = _qkv(sq=21, sk=21, seed=3)
+    torch.testing.assert_close(fused(q2, k2, v2), m(q2, k2, v2), rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(ss(q2, k2, v2), semantics.ssmax_attention(q2, k2, v2, is_causal=True, s=0.43), rtol=1e-5, atol=2e-5)

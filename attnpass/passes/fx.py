@@ -254,6 +254,13 @@ class FxAdapter:
             return tuple(d if isinstance(d, int) else str(d) for d in val.shape)
         return None
 
+    def is_scalar(self, value: Any) -> bool:
+        """A symbolic Python scalar (SymInt/SymFloat from ``q.size(-1)`` under dynamic shapes)."""
+        if not isinstance(value, fx.Node):
+            return False
+        val = value.meta.get("val", value.meta.get("example_value"))
+        return isinstance(val, torch.SymInt | torch.SymFloat | int | float)
+
     def dtype(self, value: Any) -> torch.dtype | None:
         if not isinstance(value, fx.Node):
             return None
@@ -470,6 +477,8 @@ def _fuse_site(gm: fx.GraphModule, site: AttentionSite, ssmax: tuple[fx.Node, fx
     b = _Builder(gm.graph)
     with gm.graph.inserting_before(_insert_point(site)):
         q, k, v = (_prepare(b, o) for o in (site.q, site.k, site.v))
+        for scalar, divide in site.q_scales:
+            q = b.call(operator.truediv if divide else operator.mul, q, scalar)
         if site.form == "sdpa":
             node = site.softmax
             gqa = bool(ad.attr(node, "enable_gqa", False)) or site.k.groups > 1

@@ -164,6 +164,7 @@ class AttentionSite:
     notes: list[str] = field(default_factory=list)
     sdpa_mask: Any = None
     sdpa_is_causal: bool = False
+    q_scales: list[tuple[Any, bool]] = field(default_factory=list)  # run-time scalars (value, divide)
 
     @property
     def gqa(self) -> bool:
@@ -367,7 +368,14 @@ class Matcher:
                 if c is None and kind is Kind.MUL:
                     c, other = self._const(lhs), rhs
                 if c is None:
-                    raise NoMatch(f"scores multiplied by a non-constant at {a.name(node)}")
+                    sym = self._symbolic_scale(lhs, rhs, kind)
+                    if sym is None:
+                        raise NoMatch(f"scores multiplied by a non-constant at {a.name(node)}")
+                    scalar, other = sym
+                    steps.append(("symscale", (scalar, kind is Kind.DIV)))
+                    chain.append(node)
+                    x = other
+                    continue
                 if c == 0:
                     raise NoMatch(f"scores multiplied by zero at {a.name(node)}")
                 cap = self._softcap(node, kind, c, other)
@@ -397,7 +405,7 @@ class Matcher:
                     try:
                         res = self._walk_scores(on_chain, sub_steps, sub_chain, depth + 1)
                     except NoMatch as e:
-                        last_error = e
+                        last_error = last_error or e  # the first operand is the scores in every exporter seen
                         continue
                     if term is not None:
                         steps.append(("bias", (term, node, -sign if kind is Kind.SUB else sign)))
@@ -432,6 +440,17 @@ class Matcher:
                 return ("qk", node)
             raise NoMatch(f"softmax input comes from {kind.value} node {a.name(node)}, not from Q K^T")
         raise NoMatch("too many ops between Q K^T and the softmax")
+
+    def _symbolic_scale(self, lhs: Any, rhs: Any, kind: Kind) -> tuple[Any, Any] | None:
+        """A scale that is a run-time scalar (``1/sqrt(q.size(-1))`` under dynamic shapes): ``(scalar, other)``."""
+        is_scalar = getattr(self.a, "is_scalar", None)
+        if is_scalar is None:
+            return None
+        if is_scalar(rhs):
+            return rhs, lhs
+        if kind is Kind.MUL and is_scalar(lhs):
+            return lhs, rhs
+        return None
 
     def _softcap(self, node: Any, kind: Kind, c: float, other: Any) -> tuple[float, Any] | None:
         """``c * tanh(x / c)`` (Gemma-2 style soft-capping), with ``x / c`` as DIV or MUL by ``1/c``."""
@@ -468,6 +487,7 @@ class Matcher:
         # steps are softmax-side first; a bias is multiplied by the scales nearer the softmax than it
         pending_scale = 1.0
         seen_softcap = False
+        q_scales: list[tuple[Any, bool]] = []
         for step, payload in steps:
             if step == "cast":
                 upcast = True
@@ -476,6 +496,10 @@ class Matcher:
                     scale *= payload
                 else:
                     pending_scale *= payload
+            elif step == "symscale":
+                q_scales.append(payload)
+            elif step in ("softcap", "bias", "boolmask") and q_scales:
+                raise NoMatch("a run-time scale is applied after a mask, bias or soft-cap")
             elif step == "softcap":
                 if seen_softcap:
                     raise NoMatch("two soft-caps on one score chain")
@@ -528,7 +552,10 @@ class Matcher:
             softcap=softcap,
             upcast=upcast,
             nodes=list(chain),
+            q_scales=q_scales,
         )
+        if q_scales:
+            site.notes.append("run-time scale (moved onto q when fused)")
         site.scale_on_q = self._prescale(q_op.value)
         if site.scale_on_q is not None:
             site.notes.append(f"q pre-scaled by {site.scale_on_q:.6g}")
