@@ -5,10 +5,30 @@ Importing the package registers ``torch.ops.attnpass.attention`` and the ``"attn
 torch.compile backend.
 """
 
+from attnpass import hf_hook as _hf_hook
 from attnpass.api import find, fuse, to_ssmax
 from attnpass.lowering import backend as _backend  # noqa: F401  (registers the compile backend)
 from attnpass.lowering.ops import attention
 from attnpass.semantics import ssmax_attention
 
-__all__ = ["find", "to_ssmax", "fuse", "attention", "ssmax_attention"]
+_hf_hook.install()
+
+__all__ = ["find", "to_ssmax", "fuse", "attention", "ssmax_attention", "export", "validate", "onnx"]
+
+
+def __getattr__(name: str):
+    """``export``, ``validate`` and the ``onnx`` namespace load onnx / onnxruntime on first use only."""
+    if name == "export":
+        from attnpass.lowering.onnx_export import export
+
+        return export
+    if name == "validate":
+        from attnpass.validate import validate
+
+        return validate
+    if name == "onnx":
+        import importlib
+
+        return importlib.import_module("attnpass.onnx")
+    raise AttributeError(f"module 'attnpass' has no attribute {name!r}")
 __version__ = "0.1.0"

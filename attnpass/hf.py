@@ -1,0 +1,178 @@
+"""Hugging Face transformers integration: ``attn_implementation="attnpass"`` and ``"attnpass_ssmax"``.
+
+transformers (v5) routes every model family's attention through one registry
+(``AttentionInterface``) and builds masks through another (``AttentionMaskInterface``).
+Registering our op in both gives every family in the corpus fused attention, and SSMax with
+the right ``n`` during generation: HF hands the function the boolean mask over the whole
+cache (or ``None`` when every cached key is visible), from which the op counts ``n`` per row.
+
+SSMax needs per-head parameters on each attention module: ``to_ssmax(model)`` adds them
+(``<attention module>.ssmax_s``, optional ``ssmax_b``), records the settings in
+``model.config.attnpass_ssmax`` so ``save_pretrained`` keeps them, and ``from_pretrained``
+rebuilds them before loading the trained values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from attnpass import semantics
+from attnpass.errors import AttnpassError
+from attnpass.lowering.ops import attention
+
+log = logging.getLogger(__name__)
+
+FUSED = "attnpass"
+SSMAX = "attnpass_ssmax"
+_registered = False
+
+
+def _attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                       is_causal: bool | None = None, position_bias: torch.Tensor | None = None,
+                       ssmax: bool = False, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The function HF calls per layer: ``[B, H, S, D]`` in, ``[B, S, H, D]`` out, no weights returned."""
+    s_param = b_param = None
+    if ssmax:
+        s_param = getattr(module, "ssmax_s", None)
+        b_param = getattr(module, "ssmax_b", None)
+        if s_param is None:
+            raise AttnpassError(
+                f"{type(module).__name__} has no SSMax parameters: convert the model with attnpass.hf.to_ssmax(model) first"
+            )
+    q_len = query.shape[-2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(q_len > 1 and attention_mask is None and causal)
+    mask = attention_mask
+    if position_bias is not None:
+        bias = position_bias.to(query.dtype)
+        if mask is None:
+            mask = bias
+        elif mask.dtype == torch.bool:
+            mask = torch.where(mask, bias, torch.finfo(bias.dtype).min)
+        else:
+            mask = bias + mask
+    if mask is not None and mask.dtype != torch.bool and mask.dtype != query.dtype:
+        mask = mask.to(query.dtype)
+    gqa = key.shape[1] != query.shape[1]
+    if dropout > 0.0 and module.training:
+        # the fused op has no dropout: train through SDPA (SSMax as a factor on q), same meaning
+        if ssmax:
+            out = semantics.ssmax_sdpa(query, key, value, mask, dropout, causal, scaling, gqa, s_param, b_param)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scaling, enable_gqa=gqa)
+    else:
+        out = attention(query, key, value, attn_mask=mask, is_causal=causal, scale=scaling, ssmax_s=s_param,
+                        ssmax_b=b_param, softcap=kwargs.get("softcap"), enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def fused_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    """``attn_implementation="attnpass"``: same meaning as eager attention, one fused op."""
+    return _attention_forward(module, query, key, value, attention_mask, ssmax=False, **kwargs)
+
+
+def ssmax_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    """``attn_implementation="attnpass_ssmax"``: SSMax with the module's ``ssmax_s``/``ssmax_b``."""
+    return _attention_forward(module, query, key, value, attention_mask, ssmax=True, **kwargs)
+
+
+def register() -> None:
+    """Register both implementations and their mask builder (HF's boolean SDPA masks) with transformers."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(FUSED, fused_attention_forward)
+    AttentionInterface.register(SSMAX, ssmax_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(FUSED, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SSMAX, sdpa_mask)
+    _registered = True
+
+
+# ------------------------------------------------------------------ converting models
+
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules that compute attention: innermost ``*Attention`` modules (BERT's SelfAttention, LLaMA's Attention)."""
+    found = []
+    for name, mod in model.named_modules():
+        if "Attention" not in type(mod).__name__:
+            continue
+        if any("Attention" in type(child).__name__ for child in mod.modules() if child is not mod):
+            continue
+        found.append((name, mod))
+    return found
+
+
+def _heads(module: nn.Module, config: Any) -> int:
+    for attr in ("num_heads", "num_attention_heads", "n_head", "n_heads"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    cfg = getattr(module, "config", config)
+    value = getattr(cfg, "num_attention_heads", None)
+    if isinstance(value, int) and value > 0:
+        return value
+    raise AttnpassError(f"cannot tell how many heads {type(module).__name__} has")
+
+
+def to_ssmax(model: nn.Module, s: float | None = None, b: float | None = None, train_len: int | None = None) -> nn.Module:
+    """Convert a (pretrained) HF model's attention to SSMax in place; weights are kept, ``s`` is trainable.
+
+    ``train_len=L`` sets ``s = 1/log(L)``: the converted model equals the original for rows that
+    see exactly ``L`` keys, and sharpens attention beyond.
+    """
+    register()
+    if train_len is not None:
+        if s is not None:
+            raise AttnpassError("give either s or train_len, not both")
+        s = semantics.s_for_train_len(train_len)
+    s = semantics.DEFAULT_S if s is None else float(s)
+    mods = attention_modules(model)
+    if not mods:
+        raise AttnpassError(f"no attention modules found in {type(model).__name__}")
+    ref = next(model.parameters())
+    for _, mod in mods:
+        heads = _heads(mod, getattr(model, "config", None))
+        mod.register_parameter("ssmax_s", nn.Parameter(torch.full((heads,), s, device=ref.device)))
+        if b is not None:
+            mod.register_parameter("ssmax_b", nn.Parameter(torch.full((heads,), float(b), device=ref.device)))
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.attnpass_ssmax = {"s": s, "b": b}
+    model.set_attn_implementation(SSMAX)
+    return model
+
+
+def from_pretrained(model_cls: Any, path: str | os.PathLike, **kwargs: Any) -> nn.Module:
+    """``model_cls.from_pretrained`` that also restores the trained SSMax parameters a conversion added."""
+    register()
+    with open(os.path.join(path, "config.json")) as f:
+        settings = json.load(f).get("attnpass_ssmax")
+    if settings is None:
+        return model_cls.from_pretrained(path, **kwargs)
+    model = model_cls.from_pretrained(path, attn_implementation=SSMAX, **kwargs)
+    to_ssmax(model, s=settings.get("s"), b=settings.get("b"))
+    from safetensors.torch import load_file
+
+    restored = 0
+    for fname in sorted(os.listdir(path)):
+        if fname.endswith(".safetensors"):
+            state = {k: v for k, v in load_file(os.path.join(path, fname)).items() if k.rsplit(".", 1)[-1] in ("ssmax_s", "ssmax_b")}
+            missing = set(state) - set(dict(model.named_parameters()))
+            if missing:
+                raise AttnpassError(f"{path}: SSMax parameters {sorted(missing)[:3]} do not fit {model_cls.__name__}")
+            model.load_state_dict(state, strict=False)
+            restored += len(state)
+    if restored == 0:
+        raise AttnpassError(f"{path}: config says SSMax but no ssmax_s tensors were saved")
+    return model
