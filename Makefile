@@ -21,11 +21,11 @@ demo: $(STAMP)
 	$(BIN)/attnpass demo
 
 test: $(STAMP)
-	$(BIN)/ruff check attnpass tests benchmarks examples
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check attnpass tests benchmarks examples
+	$(BIN)/ruff check .
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/attention_cpu.py
