@@ -324,3 +324,97 @@ def test_block_sizes_cover_every_shape():
     for s_q, s_k in [(1, 1), (191, 5), (192, 511), (5000, 9000)]:
         q_block, kv_block = cpu.blocks(s_q, s_k)
         assert q_block >= 1 and 1 <= kv_block <= max(s_k, 1)
+
+
+# ---- NaN: propagated to the rows it reaches, never hidden ------------------------------------
+#
+# The contract (semantics.attention): a NaN in q, k, v or an additive mask reaches the output
+# of every row that attends it; a NaN mask entry is not "masked" (semantics keeps keys with
+# ``~(mask <= MASKED_BELOW)``); a fully masked row still gives 0.  A NaN in v at a key a row
+# does *not* attend is left unspecified (0 * NaN in the P @ V product: semantics and the
+# reference give NaN, the kernel skips wholly masked tiles), so the v cases put their NaN at
+# key 0, which every row that has keys attends.
+
+NAN_SHAPES = {"small": (1, 2, 2, 9, 13, 8), "blocks": (2, 2, 2, 300, 600, 32)}
+NAN = float("nan")
+
+
+def _nan_inputs(where: str, shape, causal: bool):
+    """q, k, v and an additive mask with fully masked rows (every 7th), NaN placed per ``where``."""
+    b, h, hk, s_q, s_k, d = shape
+    q, k, v = _qkv(*shape, gen=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(4)
+    mask = torch.randn(b, 1, s_q, s_k, generator=g) * 0.5
+    mask[torch.rand(b, 1, s_q, s_k, generator=g) > 0.8] = float("-inf")
+    mask[..., 0] = 0.0  # key 0 stays attendable, so the v case below reaches every live row
+    mask[:, :, ::7] = float("-inf")  # fully masked rows, which must stay exactly 0
+    last = s_q - 1
+    if where == "q":
+        q[0, 1, 3, 2] = NAN
+        q[0, 1, 7, 0] = NAN  # a fully masked row: its NaN reaches nothing, output stays 0
+        q[-1, 0, last, :] = NAN
+    elif where == "k":
+        k[0, 0, 1, 2] = NAN  # seen by every live row of batch 0, head 0 (unless masked there)
+        k[-1, 1, s_k - 1, 0] = NAN  # the last key: with causal, only the last row sees it
+    elif where == "v":
+        v[0, 1, 0, 3] = NAN  # key 0, one feature: NaN in that column of every live row
+    elif where == "mask":
+        mask[0, 0, 1, 1] = NAN  # an attended position: row 1 becomes NaN (the key is not dropped)
+        mask[0, 0, 7, 4] = NAN  # inside a fully masked row: NaN is not "masked", the row is NaN
+        mask[-1, 0, 2, s_k - 1] = NAN  # causally hidden (S_q < S_k, row 2): stays out of the row
+        if s_k > 512:  # NaN in a key tile that is otherwise wholly masked: the tile must still run
+            mask[-1, 0, last, 512:] = float("-inf")
+            mask[-1, 0, last, 550] = NAN
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("where", ["q", "k", "v", "mask"])
+@pytest.mark.parametrize("size", list(NAN_SHAPES))
+def test_nan_propagates_like_reference_and_semantics(kernel, size, where, causal):
+    shape = NAN_SHAPES[size]
+    q, k, v, mask = _nan_inputs(where, shape, causal)
+    s = torch.linspace(0.3, 0.5, shape[1]) if size == "blocks" else None  # SSMax counts NaN keys as attendable
+    out, lse = _call(q, k, v, mask, causal, s)
+    ref_out, ref_lse = reference.attention_forward(q, k, v, mask, causal, None, s)
+    exact = semantics.attention(q.double(), k.double(), v.double(), mask.double(), causal, None,
+                                None if s is None else s.double())
+    dead = torch.isneginf(ref_lse)  # rows with no attendable key
+    nan_rows = out.isnan().any(-1)
+    assert nan_rows.any() and not nan_rows.all(), "the case must have both NaN and clean rows"
+    assert torch.equal(out.isnan(), ref_out.isnan())
+    assert torch.equal(lse.isnan(), ref_lse.isnan())
+    # lse is NaN exactly where the output is, except that v does not enter the logits.
+    assert torch.equal(lse.isnan(), nan_rows if where != "v" else torch.zeros_like(nan_rows))
+    # semantics' P @ V turns a NaN in v into NaN even in rows whose P is all 0; the contract says 0 there.
+    live = ~dead.unsqueeze(-1).expand_as(out)
+    assert torch.equal(out.isnan()[live], exact.isnan()[live])
+    assert (out[dead] == 0).all() and torch.isneginf(lse[dead]).all()
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=5e-6, equal_nan=True)
+    torch.testing.assert_close(out.double()[live], exact[live], rtol=1e-5, atol=5e-6, equal_nan=True)
+    torch.testing.assert_close(lse, ref_lse.float(), rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v", "mask"])
+@pytest.mark.parametrize("size", list(NAN_SHAPES))
+def test_nan_reaches_gradients(kernel, size, where):
+    """A row whose output is NaN has an all-NaN dq (not the 0 a 'fully masked' row gets), and
+    fully masked rows keep exactly zero dq and dmask whatever NaN sits in v or their q, as the
+    autograd of semantics.attention gives."""
+    shape = NAN_SHAPES[size]
+    q, k, v, mask = _nan_inputs(where, shape, True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, mask)]
+    out = _call(*leaves, True)[0]
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    dq, dk, dv, dmask = torch.autograd.grad(out, leaves, grad_out)
+    nan_rows = out.isnan().any(-1)
+    assert nan_rows.any()
+    assert dq.isnan().all(-1)[nan_rows].all()
+    exact = [t.double().requires_grad_() for t in (q, k, v, mask)]
+    want = torch.autograd.grad(semantics.attention(*exact, True), exact, grad_out.double())
+    if where != "k":  # a NaN key enters every row's dq through dq = dS @ K (0 * NaN), in semantics too
+        dead = torch.isneginf(reference.attention_forward(q, k, v, mask, True)[1])
+        assert (dq[dead] == 0).all() and (dmask.expand(*dead.shape, -1)[dead] == 0).all()
+        assert torch.equal(dq.isnan().all(-1), want[0].isnan().all(-1))
+    for g, w in zip((dq, dk, dv, dmask), want):
+        assert bool(g.isnan().any()) == bool(w.isnan().any())  # a NaN gradient is never silently zeroed

@@ -19,6 +19,13 @@
 //
 // Memory: per thread a few [q_block x kv_block] tiles; the S_q x S_k score matrix is never
 // formed.  Key blocks that are wholly masked (causal upper triangle, padding) are skipped.
+//
+// NaN: a NaN in q, k, v or an additive mask reaches the output of every row that attends
+// it, never a silent 0 or a dropped key (semantics.attention's meaning).  Three choices keep
+// it so at no cost on the hot path: an additive value is masked only when `x <= thr` holds
+// (a NaN compares false, so it stays a logit); the running row maximum propagates NaN;
+// and "the row has keys" is `l != 0` (a fully masked row sums to exactly 0, a NaN row to
+// NaN) rather than `l > 0`, which is false for NaN.  A fully masked row still gives 0.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
@@ -123,6 +130,12 @@ int thread_id() {
 #endif
 }
 
+// max(a, b) that returns NaN if either is NaN (std::max(a, NaN) returns a).
+template <typename T>
+inline T nan_max(T a, T b) {
+  return b != b ? b : std::max(a, b);
+}
+
 // Everything the per-tile logit transform needs, shared by forward and backward.
 template <typename T>
 struct Problem {
@@ -149,7 +162,7 @@ struct Problem {
 
   bool key_allowed(int64_t moff, int64_t j) const {
     if (mask_kind == kBoolMask) return mask_b[moff + j] != 0;
-    if (mask_kind == kFloatMask) return mask_f[moff + j] > mask_thr;
+    if (mask_kind == kFloatMask) return !(mask_f[moff + j] <= mask_thr);  // NaN is attendable
     return true;
   }
 
@@ -168,7 +181,7 @@ struct Problem {
       } else {
         const T* m = mask_f + moff;
         for (int64_t j = j0; j < je; ++j)
-          if (m[j] > mask_thr) return false;
+          if (!(m[j] <= mask_thr)) return false;  // a NaN key is attendable: its tile must run
       }
     }
     return true;
@@ -227,10 +240,10 @@ struct Problem {
       int64_t j = 0;
       for (; j < nv; j += VL) {
         const Vec mv = Vec::loadu(m + j);
-        const Vec keep = mv > thr;  // all-ones lanes where attendable
-        (Vec::loadu(z + j) + (mv & keep)).store(z + j);
+        // 0 where masked (mv <= thr), else the bias; NaN compares false and is added.
+        (Vec::loadu(z + j) + Vec::blendv(mv, zero, mv <= thr)).store(z + j);
       }
-      for (; j < n; ++j) z[j] += m[j] > mask_thr ? m[j] : T(0);
+      for (; j < n; ++j) z[j] += m[j] <= mask_thr ? T(0) : m[j];
     }
     if (u) std::copy(z, z + n, u);
     if (has_factor) {
@@ -246,18 +259,19 @@ struct Problem {
     } else if (mask_kind == kFloatMask) {
       const T* m = mask_f + moff + j0;
       for (int64_t j = 0; j < n; ++j)
-        if (!(m[j] > mask_thr)) z[j] = ninf;
+        if (m[j] <= mask_thr) z[j] = ninf;
     }
     const int64_t je = key_end(i) - j0;  // keys at or past je are causally hidden
     for (int64_t j = std::max<int64_t>(je, 0); j < n; ++j) z[j] = ninf;
+    // at::vec::maximum propagates NaN; the scalar reductions must too (std::max drops it).
     Vec mx(ninf);
     int64_t j = 0;
     for (; j < nv; j += VL) mx = at::vec::maximum(mx, Vec::loadu(z + j));
     T buf[VL];
     mx.store(buf);
     T best = ninf;
-    for (int64_t t = 0; t < VL; ++t) best = std::max(best, buf[t]);
-    for (; j < n; ++j) best = std::max(best, z[j]);
+    for (int64_t t = 0; t < VL; ++t) best = nan_max(best, buf[t]);
+    for (; j < n; ++j) best = nan_max(best, z[j]);
     return best;
   }
 };
@@ -329,7 +343,8 @@ void forward_impl(const Problem<T>& P, T* out, T* lse, int64_t qB, int64_t kvB) 
           T* z = S.data() + r * n;
           const T mx = P.transform_row(z, n, b, h, i0 + r, j0, has_factor, has_factor ? factor[r] : T(1), nullptr,
                                        nullptr);
-          const T mnew = std::max(mrow[r], mx);
+          // A NaN logit makes mnew NaN, and from there m, l and acc stay NaN for this row.
+          const T mnew = nan_max(mrow[r], mx);
           if (mnew == ninf) {  // nothing attendable in this row yet
             std::fill(z, z + n, T(0));
             continue;
@@ -346,7 +361,7 @@ void forward_impl(const Problem<T>& P, T* out, T* lse, int64_t qB, int64_t kvB) 
       T* op = out + ((b * P.H + h) * P.Sq + i0) * P.Dv;
       T* lp = lse + (b * P.H + h) * P.Sq + i0;
       for (int64_t r = 0; r < m; ++r) {
-        if (lrow[r] > T(0)) {
+        if (lrow[r] != T(0)) {  // 0 only for a fully masked row; NaN rows take this branch
           const T inv = T(1) / lrow[r];
           for (int64_t d = 0; d < P.Dv; ++d) op[r * P.Dv + d] = acc[r * P.Dv + d] * inv;
           lp[r] = mrow[r] + std::log(lrow[r]);
@@ -407,8 +422,10 @@ void backward_impl(const Problem<T>& P, const T* dout, const T* out, const T* ls
             P.transform_row(z, n, b, h, i0 + r, j0, has_factor, has_factor ? factor[r] : T(1),
                             th.empty() ? nullptr : th.data() + r * n, U.empty() ? nullptr : U.data() + r * n);
             const T l = lp[r];
-            if (std::isinf(l)) {  // fully masked row: no probability mass, no gradient
+            if (l == -std::numeric_limits<T>::infinity()) {  // fully masked row: no mass, no gradient
               std::fill(z, z + n, T(0));
+            } else if (l != l) {  // a NaN row: NaN on the keys it attends, 0 on the masked ones
+              for (int64_t j = 0; j < n; ++j) z[j] = z[j] == -std::numeric_limits<T>::infinity() ? T(0) : l;
             } else {
               exp_row(z, n, l);  // P = exp(z - lse); -inf logits give 0
             }
@@ -422,8 +439,13 @@ void backward_impl(const Problem<T>& P, const T* dout, const T* out, const T* ls
             T* p = S.data() + r * n;
             T* g = dP.data() + r * n;
             const T dl = delta[r];
-            // dZ = P * (dP - delta), written over p
-            for (int64_t j = 0; j < n; ++j) p[j] = p[j] * (g[j] - dl);
+            // dZ = P * (dP - delta), written over p.  A fully masked row has P = 0 but dP may
+            // hold a NaN from V: 0 * NaN must not give that row (dq, dmask) a NaN gradient.
+            if (lp[r] == -std::numeric_limits<T>::infinity()) {
+              std::fill(p, p + n, T(0));
+            } else {
+              for (int64_t j = 0; j < n; ++j) p[j] = p[j] * (g[j] - dl);
+            }
             if (has_factor) {
               const T* u = U.data() + r * n;
               T df = 0;
@@ -433,7 +455,7 @@ void backward_impl(const Problem<T>& P, const T* dout, const T* out, const T* ls
             }
             if (want_dmask) {
               T* dm = dmask_t + P.mask_offset(b, h, i0 + r) + j0;
-              for (int64_t j = 0; j < n; ++j) dm[j] += p[j];  // masked keys carry dZ = 0
+              for (int64_t j = 0; j < n; ++j) dm[j] += p[j];  // masked keys carry dZ = 0 (finite dP)
             }
             if (!th.empty()) {
               const T* t = th.data() + r * n;
