@@ -8,6 +8,8 @@ second sequence of the batch is padded at the end), position ids count up, float
 from __future__ import annotations
 
 import os
+import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,3 +213,17 @@ def finite(model: Any, feeds: dict[str, np.ndarray]) -> list[str]:
     """Outputs of ``model`` holding NaN or inf on ``feeds`` (empty: all finite)."""
     outs = run(model, feeds)
     return [k for k, v in outs.items() if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.isfinite(v).all()]
+
+
+class _CallableModule(types.ModuleType):
+    """``attnpass.validate(a, b, ...)`` keeps working after ``attnpass.validate`` the module is imported.
+
+    Importing a submodule sets it as the package attribute of the same name, which would shadow
+    the ``validate`` function the package exports; calling the module calls the function.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> ValidationReport:
+        return validate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

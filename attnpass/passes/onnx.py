@@ -324,7 +324,7 @@ class OnnxAdapter:
                 return op == "GroupQueryAttention" or (op == "Attention" and dom == "")
             if name == "dropout_p":
                 return 0.0
-            return default
+            return self._attr_raw(node, name, default)
         if op == "Softmax" and name == "axis":
             return self._attr_raw(node, "axis", -1 if self.opset >= 13 else 1)
         if op == "Transpose" and name == "perm":
@@ -532,11 +532,11 @@ def _finish_site(ad: OnnxAdapter, site: AttentionSite) -> None:
     nh = ad.attr(node, "num_heads") or ad.attr(node, "q_num_heads")
     kvh = ad.attr(node, "kv_num_heads")
     qs = ad.shape(node.inputs[0])
-    if qs is not None and len(qs) == 3:
+    if _three_d(ad, node):
         site.heads = nh
         site.kv_heads = kvh or nh
-        site.seq_q = qs[1]
-        site.head_dim = qs[2] // nh if isinstance(qs[2], int) and nh else None
+        site.seq_q = qs[1] if qs is not None else None
+        site.head_dim = qs[2] // nh if qs is not None and isinstance(qs[2], int) and nh else None
         ks = ad.shape(site.k.value)
         site.seq_k = ks[1] if ks is not None and len(ks) == 3 else None
     if site.scale is None and isinstance(site.head_dim, int):
@@ -546,6 +546,14 @@ def _finish_site(ad: OnnxAdapter, site: AttentionSite) -> None:
         site.notes.append("Q is projected inside com.microsoft.Attention: SSMax cannot scale it from outside")
     if (dom, op) == (MS, "GroupQueryAttention"):
         site.notes.append("GroupQueryAttention counts keys from seqlens_k/past: not rewritten to SSMax")
+
+
+def _three_d(ad: OnnxAdapter, node: ir.Node) -> bool:
+    """Q is ``[B, S, H*D]``: always for com.microsoft ops, for opset-23 ``Attention`` when it names its head counts."""
+    if _domain(node) == MS:
+        return True
+    qs = ad.shape(node.inputs[0])
+    return (qs is not None and len(qs) == 3) or ad.attr(node, "q_num_heads") is not None
 
 
 def ssmax_blocker(ad: OnnxAdapter, site: AttentionSite) -> str | None:
@@ -558,6 +566,8 @@ def ssmax_blocker(ad: OnnxAdapter, site: AttentionSite) -> str | None:
         return "com.microsoft.Attention projects Q inside the op (no Q to scale)"
     if (dom, op) == (MS, "GroupQueryAttention"):
         return "GroupQueryAttention (keys per row come from seqlens_k and the KV cache)"
+    if _three_d(ad, node) and not isinstance(site.heads, int):
+        return "the number of heads is not known"
     if (dom, op) == (MS, "MultiHeadAttention"):
         ins = list(node.inputs)
         if any(_at(ins, i) is not None for i in (3, 4, 6, 7)):
@@ -715,7 +725,7 @@ def _ssmax_fused_op(model: ir.Model, ad: OnnxAdapter, site: AttentionSite, s: fl
     bld = _Builder(node, f"attnpass/ssmax_{site.index}")
     q, k = node.inputs[0], node.inputs[1]
     heads = site.heads
-    three_d = len(ad.shape(q) or ()) == 3
+    three_d = _three_d(ad, node)
     if three_d:
         kv_heads = site.kv_heads or heads
         q4 = bld.op("Transpose", [bld.op("Reshape", [q, bld.ints(0, 0, int(heads), -1)])], {"perm": [0, 2, 1, 3]})

@@ -1,0 +1,163 @@
+"""ONNX sub-commands: ``inspect``, ``rewrite``, ``validate``, ``export``.
+
+onnx, onnx-ir and onnxruntime are imported inside the handlers so ``attnpass --help`` stays fast.
+Errors are ``AttnpassError`` (one line, exit 2, nothing written); a model without attention is
+not an error: ``rewrite`` says "no attention found", exits 0 and writes nothing unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from attnpass.errors import AttnpassError, NoAttentionFound
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="list the attention sites of an .onnx model (and the softmaxes left alone)")
+    p.add_argument("model", help="path to an .onnx file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("rewrite", help="rewrite an .onnx model's attention to SSMax or fused ops, validated in onnxruntime")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--to", choices=("ssmax", "fused"), required=True)
+    p.add_argument("--s", type=float, default=None, help="SSMax s per head (default 0.43)")
+    p.add_argument("--train-len", type=int, default=None, help="set s = 1/log(L): unchanged at length L")
+    p.add_argument("--bias", type=float, default=None, help="SSMax b per head (default: none)")
+    p.add_argument("--target", choices=("ort", "onnx23"), default="ort",
+                   help="fused op: com.microsoft.MultiHeadAttention (ort) or opset-23 Attention (onnx23)")
+    p.add_argument("--inputs", default=None, help=".npz of feeds for validation (default: generated)")
+    p.add_argument("--rtol", type=float, default=1e-4)
+    p.add_argument("--atol", type=float, default=1e-4)
+    p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime check")
+    p.add_argument("--force", action="store_true", help="write the output even if no attention is found")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_rewrite)
+
+    p = sub.add_parser("validate", help="compare two .onnx models' outputs in onnxruntime")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--inputs", default=None)
+    p.add_argument("--rtol", type=float, default=1e-4)
+    p.add_argument("--atol", type=float, default=1e-4)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("export", help="export a torch model (module:factory returning (model, args[, kwargs])) to ONNX")
+    p.add_argument("factory", help="python path 'pkg.module:callable' returning (model, args) or (model, args, kwargs)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--rewrite", choices=("ssmax", "fused", "none"), default="none")
+    p.add_argument("--s", type=float, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_export)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _table(rows: list[dict[str, Any]], skipped: list[dict[str, str]], title: str):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("#", "node", "form", "scale", "mask", "heads (kv)", "fusable / why not", "notes"):
+        t.add_column(col)
+    for r in rows:
+        why = r.get("why_left") or r.get("why_not_fusable")
+        t.add_row(str(r["index"]), r["node"], r["form"], "-" if r["scale"] is None else f"{r['scale']:.4g}", r["mask"],
+                  f"{r['heads']} ({r['kv_heads']})", "yes" if not why else f"no: {why}", "; ".join(r["notes"]))
+    for k in skipped:
+        t.add_row("-", k["node"], "not attention", "", "", "", "", k["reason"], style="dim")
+    return t
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import attnpass.onnx as aonnx
+
+    rep = aonnx.find(args.model)
+    data = rep.as_dict()
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+        return 0
+    con = _console()
+    if not rep.sites:
+        con.print("no attention found")
+    con.print(_table(data["sites"], data["skipped"], f"{args.model}: {len(rep.sites)} attention site(s)"))
+    return 0
+
+
+def _rewrite(args: argparse.Namespace) -> int:
+    import attnpass.onnx as aonnx
+
+    try:
+        res = aonnx.rewrite(args.model, args.output, to=args.to, s=args.s, train_len=args.train_len, bias=args.bias,
+                            target=args.target, validate=not args.no_validate, inputs=args.inputs,
+                            rtol=args.rtol, atol=args.atol, force=args.force)
+    except NoAttentionFound:
+        if args.json:
+            print(json.dumps({"written": None, "sites": [], "message": "no attention found"}))
+        else:
+            print(f"no attention found in {args.model}; nothing written (use --force to write a copy)")
+        return 0
+    data = res.as_dict()
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+        return 0
+    con = _console()
+    if not res.report.sites:
+        con.print("no attention found")
+    con.print(_table(data["sites"], data["skipped"], f"{args.model} -> {args.output}: {res.rewritten}/{len(res.report.sites)} site(s) rewritten to {args.to}"))
+    for label, rep in (("self-test (s=0, b=1) vs original", res.self_test), ("rewritten vs original", res.validation)):
+        if rep is not None:
+            for o in rep.outputs:
+                con.print(f"{label}: {o.name}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}, {'ok' if o.ok else 'FAIL'}")
+    con.print(f"wrote {res.written}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from attnpass.validate import validate
+
+    for p in (args.a, args.b):
+        if not Path(p).is_file():
+            raise AttnpassError(f"{p}: no such file")
+    import attnpass.onnx as aonnx
+
+    aonnx.load(args.a), aonnx.load(args.b)  # clear errors for non-ONNX files
+    rep = validate(args.a, args.b, inputs=args.inputs, rtol=args.rtol, atol=args.atol)
+    if args.json:
+        print(json.dumps(rep.as_dict(), indent=2, default=str))
+    else:
+        for o in rep.outputs:
+            print(f"{o.name}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}, {'ok' if o.ok else 'FAIL'}")
+        print("PASS" if rep.passed else "FAIL")
+    return 0 if rep.passed else 1
+
+
+def _export(args: argparse.Namespace) -> int:
+    import importlib
+
+    from attnpass.lowering.onnx_export import export
+
+    mod_name, _, attr = args.factory.partition(":")
+    if not attr:
+        raise AttnpassError(f"{args.factory}: expected 'pkg.module:callable'")
+    try:
+        fn = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise AttnpassError(f"{args.factory}: {e}") from e
+    made = fn()
+    model, margs = made[0], made[1]
+    kwargs = made[2] if len(made) > 2 else None
+    res = export(model, margs, kwargs, args.output, rewrite=None if args.rewrite == "none" else args.rewrite, s=args.s)
+    if args.json:
+        print(json.dumps(res.as_dict(), indent=2, default=str))
+    else:
+        print(f"wrote {args.output}: max abs error vs torch {res.max_abs:.3g} ({'ok' if res.ok else 'FAIL'})")
+    return 0 if res.ok else 1

@@ -1,0 +1,132 @@
+"""torch -> (rewritten) -> ONNX, checked in onnxruntime against torch eager on the same inputs.
+
+``rewrite="fused"`` exports the graph of ``attnpass.fuse``: its ``torch.ops.attnpass.attention``
+calls are translated (a ``custom_translation_table`` entry for the dynamo exporter, written with
+onnxscript's opset 23) into one opset-23 ``Attention`` op.  ``rewrite="ssmax"`` exports the graph
+of ``attnpass.to_ssmax``, whose per-row factor is ordinary ops (n counted from the masks at run
+time) with ``s`` as initializers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from attnpass.errors import AttnpassError
+
+FUSED_OPSET = 23
+
+
+def _attention_onnx(q, k, v, attn_mask=None, is_causal=False, scale=None, ssmax_s=None, ssmax_b=None,
+                    softcap=None, enable_gqa=False):
+    """ONNX translation of ``attnpass::attention`` (trace-only onnxscript): opset-23 ``Attention``.
+
+    The op's second output (log-sum-exp, kept for the training backward) has no ONNX counterpart;
+    rewritten graphs never read it in inference.  A zeros tensor of its shape (``q.shape[:-1]``) stands in
+    for it so the exporter's bookkeeping lines up; dead-code elimination removes it from the file.
+    """
+    from onnxscript import opset23 as op
+
+    if ssmax_s is not None or ssmax_b is not None:
+        raise AttnpassError("ONNX export of attnpass.attention with SSMax parameters: export with rewrite='ssmax' instead")
+    kwargs: dict[str, Any] = {"is_causal": int(bool(is_causal))}
+    if scale is not None:
+        kwargs["scale"] = float(scale)
+    if softcap:
+        kwargs["softcap"] = float(softcap)
+    out = op.Attention(q, k, v, attn_mask, **kwargs) if attn_mask is not None else op.Attention(q, k, v, **kwargs)
+    if isinstance(out, tuple | list):
+        out = out[0]  # Y; the optional present_key / present_value / qk outputs stay unused
+    lse = op.ReduceMax(op.Mul(q, op.CastLike(0.0, q)), [-1], keepdims=0)
+    return out, lse
+
+
+def translation_table() -> dict[Any, Any]:
+    """The dynamo exporter's ``custom_translation_table`` entry for ``torch.ops.attnpass.attention``."""
+    import attnpass.lowering.ops  # noqa: F401  (registers the op)
+
+    return {torch.ops.attnpass.attention.default: _attention_onnx}
+
+
+@dataclass
+class ExportResult:
+    """Where the model went and how far onnxruntime's outputs are from torch eager's."""
+
+    path: Path
+    rewrite: str | None
+    max_abs: float
+    ok: bool
+    sites: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "rewrite": self.rewrite, "max_abs": self.max_abs, "ok": self.ok, "sites": self.sites}
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if hasattr(x, "to_tuple"):
+        x = x.to_tuple()
+    if isinstance(x, dict):
+        x = list(x.values())
+    if isinstance(x, list | tuple):
+        return [t for item in x for t in _tensors(item)]
+    return []
+
+
+def export(model: torch.nn.Module, args: Any, kwargs: dict | None, path: str | Path, rewrite: str | None = None,
+           s: float | None = None, rtol: float = 1e-4, atol: float = 1e-4, dynamic_shapes: Any = None) -> ExportResult:
+    """Export ``model`` (optionally rewritten) to ONNX and check it in onnxruntime against torch eager.
+
+    The reference is the original model for ``None`` and ``"fused"`` (same meaning), and the
+    rewritten module for ``"ssmax"`` (a different model on purpose).  Raises ``AttnpassError``
+    and leaves no file if the numbers differ.
+    """
+    import attnpass
+    from attnpass.validate import run
+
+    args = args if isinstance(args, tuple) else (args,)
+    kwargs = kwargs or {}
+    path = Path(path)
+    sites = 0
+    table = None
+    opset = 18
+    if rewrite is None:
+        target: torch.nn.Module = model
+    elif rewrite == "fused":
+        target = attnpass.fuse(model, args, kwargs)
+        sites = sum(1 for s_ in target.attnpass_report.sites if s_.fusable)
+        table, opset = translation_table(), FUSED_OPSET
+    elif rewrite == "ssmax":
+        target = attnpass.to_ssmax(model, args, kwargs, s=s)
+        sites = len(target.attnpass_report.sites)
+    else:
+        raise AttnpassError(f"unknown rewrite {rewrite!r}: use ssmax, fused or None")
+    with torch.no_grad():
+        ref = _tensors((target if rewrite == "ssmax" else model)(*args, **kwargs))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        onnx_program = torch.onnx.export(target, args, kwargs=kwargs, dynamo=True, opset_version=opset,
+                                         custom_translation_table=table, dynamic_shapes=dynamic_shapes,
+                                         verbose=False)
+        onnx_program.save(str(tmp), external_data=False)
+        sess_inputs = [a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor)]
+        from attnpass.validate import session
+
+        names = [i.name for i in session(tmp).get_inputs()]
+        feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, sess_inputs)}
+        got = list(run(tmp, feeds).values())
+        max_abs = max(float(np.max(np.abs(g - r.detach().numpy()))) for g, r in zip(got, ref))
+        ok = all(np.allclose(g, r.detach().numpy(), rtol=rtol, atol=atol) for g, r in zip(got, ref)) and len(got) == len(ref)
+        if not ok:
+            raise AttnpassError(f"exported model differs from torch eager: max abs error {max_abs:.3g}; nothing written")
+        tmp.replace(path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return ExportResult(path, rewrite, max_abs, ok, sites)
