@@ -17,7 +17,7 @@ from attnpass.passes import fx as fx_pass
 from attnpass.passes.match import Report
 
 
-def _as_graph(model: Any, args: tuple | None, kwargs: dict | None) -> fx.GraphModule:
+def _as_graph(model: Any, args: tuple | None, kwargs: dict | None, dynamic_shapes: Any = None) -> fx.GraphModule:
     """An fx GraphModule for ``model``: used as is if it already is one, else ``torch.export``ed."""
     if isinstance(model, torch.export.ExportedProgram):
         return model.module()
@@ -29,16 +29,16 @@ def _as_graph(model: Any, args: tuple | None, kwargs: dict | None) -> fx.GraphMo
         raise AttnpassError("attnpass needs example inputs (args, kwargs) to trace a module")
     args = args if isinstance(args, tuple) else (args,)
     try:
-        ep = torch.export.export(model, args, kwargs or {}, strict=False)
+        ep = torch.export.export(model, args, kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # torch.export raises many types; the user needs the model's name and the cause
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise AttnpassError(f"torch.export could not trace {type(model).__name__}: {first}") from e
     return ep.module()
 
 
-def find(model: Any, args: tuple | None = None, kwargs: dict | None = None) -> Report:
+def find(model: Any, args: tuple | None = None, kwargs: dict | None = None, dynamic_shapes: Any = None) -> Report:
     """Every softmax-in-attention in ``model`` (sites), and the softmaxes left alone with the reason."""
-    return fx_pass.find(_as_graph(model, args, kwargs))
+    return fx_pass.find(_as_graph(model, args, kwargs, dynamic_shapes))
 
 
 def to_ssmax(
@@ -49,6 +49,7 @@ def to_ssmax(
     b: float | None = None,
     train_len: int | None = None,
     fused: bool = False,
+    dynamic_shapes: Any = None,
 ) -> fx.GraphModule:
     """The model with every attention softmax turned into SSMax; ``s``/``b`` are trainable ``[H]`` parameters.
 
@@ -62,13 +63,17 @@ def to_ssmax(
             raise ValueError("give either s or train_len, not both")
         s = semantics.s_for_train_len(train_len)
     s = semantics.DEFAULT_S if s is None else s
-    gm, report = fx_pass.to_ssmax(_as_graph(model, args, kwargs), s=s, b=b, fused=fused)
+    gm, report = fx_pass.to_ssmax(_as_graph(model, args, kwargs, dynamic_shapes), s=s, b=b, fused=fused)
     gm.attnpass_report = report
     return gm
 
 
-def fuse(model: Any, args: tuple | None = None, kwargs: dict | None = None) -> fx.GraphModule:
-    """The model with each fusable attention chain replaced by one ``attnpass::attention`` call."""
-    gm, report = fx_pass.fuse(_as_graph(model, args, kwargs))
+def fuse(model: Any, args: tuple | None = None, kwargs: dict | None = None, dynamic_shapes: Any = None) -> fx.GraphModule:
+    """The model with each fusable attention chain replaced by one ``attnpass::attention`` call.
+
+    ``dynamic_shapes`` goes to ``torch.export`` (e.g. a ``Dim`` for the sequence axis) so one
+    rewritten module serves every length.
+    """
+    gm, report = fx_pass.fuse(_as_graph(model, args, kwargs, dynamic_shapes))
     gm.attnpass_report = report
     return gm
