@@ -149,7 +149,10 @@ def attention(
     p = torch.exp(z - row_max)
     denom = p.sum(-1, keepdim=True)
     p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
-    return (p @ v).to(out_dtype)
+    out = p @ v
+    # a row with no attendable key is 0 even if v holds NaN (0 * NaN would otherwise leak in)
+    has_keys = allowed.any(-1, keepdim=True)
+    return torch.where(has_keys, out, torch.zeros((), dtype=out.dtype, device=out.device)).to(out_dtype)
 
 
 def _per_head(x: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
