@@ -199,6 +199,11 @@ class TritonKernel:
         """The autotuning space per kernel: ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``."""
         return {name: list(v) for name, v in self._k.CONFIG_TABLE.items()}
 
+    @property
+    def hopper_configs(self) -> dict[str, list[tuple[int, int, int, int]]]:
+        """The table the compiled variant tunes over (also readable from the interpreter variant, for tests)."""
+        return {name: list(v) for name, v in self._k.HOPPER_CONFIGS.items()}
+
     # -- launching ------------------------------------------------------------------------
 
     def _launch(self, which: str, tuned, raw, grid_rows: int, grid_cols: int, args: tuple, flags: dict) -> None:

@@ -43,7 +43,7 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 #: the query block, BLOCK_N the key block in every kernel.  The forward and dQ kernels keep a
 #: query tile resident and stream keys, so they favour tall query blocks; dK/dV keeps a key
 #: tile and streams queries, so it favours wide key blocks.
-_HOPPER = {
+HOPPER_CONFIGS: dict[str, list[tuple[int, int, int, int]]] = {
     "fwd": [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3)],
     "dkdv": [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3)],
     "dq": [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 4, 3)],
@@ -52,7 +52,7 @@ _HOPPER = {
 #: with BLOCK_M != BLOCK_N so the tests exercise the causal diagonal logic with both orders.
 _INTERPRETER = {"fwd": [(32, 16, 1, 1)], "dkdv": [(16, 32, 1, 1)], "dq": [(32, 16, 1, 1)]}
 
-CONFIG_TABLE: dict[str, list[tuple[int, int, int, int]]] = _INTERPRETER if INTERPRET else _HOPPER
+CONFIG_TABLE: dict[str, list[tuple[int, int, int, int]]] = _INTERPRETER if INTERPRET else HOPPER_CONFIGS
 
 
 def _configs(kernel: str) -> list[triton.Config]:
@@ -109,7 +109,8 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
     ``UPCAST`` is set only under the interpreter for bf16, whose ``np.matmul`` would multiply
     the raw uint16 storage; bf16 -> fp32 is exact and the GPU accumulates bf16 products in
-    fp32, so the upcast computes what the tensor cores compute.
+    fp32, so the upcast computes what the tensor cores compute.  (The same flag turns on
+    ``_cast``'s rounding fix: both exist only to make the interpreter's bf16 the GPU's.)
     """
     if UPCAST:
         r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
@@ -118,6 +119,22 @@ def _dot(a, b, UPCAST: tl.constexpr):
     else:
         r = tl.dot(a, b)
     return r
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
+    """``x.to(dtype)`` with round-to-nearest-even, as the GPU converts.
+
+    Triton's interpreter converts fp32 -> bf16 by truncation; under ``EMULATE`` (interpreter
+    and bf16) the value is rounded to bf16 precision first with integer arithmetic, so the
+    truncation that follows is exact and the interpreter's numbers are the GPU's.
+    """
+    if EMULATE:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -159,6 +176,19 @@ def _row_factor(offs_m, n_row, s, b, S_q, S_k,
 
 
 @triton.jit
+def _attendable(mv, mask_thr):
+    """Additive-mask values that do not mark a key as masked: above the threshold, or NaN.
+
+    fp16/bf16 convert to fp32 exactly, so comparing there decides as the mask's own dtype
+    does (the threshold is already rounded to it); float64 masks compare in float64.  The
+    conversion also keeps the interpreter honest: it compares bf16 storage as raw integers.
+    """
+    if mv.dtype != tl.float64:
+        mv = mv.to(tl.float32)
+    return (mv > mask_thr) | (mv != mv)
+
+
+@triton.jit
 def _scores(qk, offs_m, offs_n, m_ptrs, f2, S_q, S_k, scale, softcap, mask_thr,
             CAUSAL_CHECK: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr):
     """From ``q . k`` to base-2 logits for one tile; also returns ``z``, ``tanh`` and the attendable set.
@@ -185,7 +215,7 @@ def _scores(qk, offs_m, offs_n, m_ptrs, f2, S_q, S_k, scale, softcap, mask_thr,
         allowed = allowed & (mv != 0)
     if MASK_KIND == 2:
         mv = tl.load(m_ptrs, mask=inb, other=0.0)
-        keep = (mv > mask_thr) | (mv != mv)
+        keep = _attendable(mv, mask_thr)
         z = z + tl.where(keep, mv.to(tl.float32), 0.0)
         allowed = allowed & keep
     logit2 = tl.where(allowed, z * f2[:, None], float("-inf"))
@@ -223,7 +253,7 @@ def count_keys_kernel(Mask, NKeys, smb, smh, smm, smn, HM, S_q, S_k, mask_thr,
         if MASK_KIND == 1:
             ok = ok & (mv != 0)
         else:
-            ok = ok & ((mv > mask_thr) | (mv != mv))
+            ok = ok & _attendable(mv, mask_thr)
         n += _sum(ok.to(tl.int32), 1)
     tl.store(NKeys + pid_bh.to(tl.int64) * S_q + offs_m, n.to(tl.float32), mask=offs_m < S_q)
 
@@ -268,7 +298,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, m_base, skn, skd, svn, svd, smn
         l_i = l_i * alpha + _sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
                     mask=(offs_n[:, None] < S_k) & (offs_dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+        acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, UPCAST), v, UPCAST)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -337,7 +367,7 @@ def fwd_kernel(Q, K, V, Mask, NKeys, SS, SB, Out, Lse,
     lse = tl.where(has, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
     row_ok = offs_m < S_q
     tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
-             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+             _cast(out, Out.dtype.element_ty, UPCAST), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     tl.store(Lse + pid_bh.to(tl.int64) * S_q + offs_m, lse, mask=row_ok)
 
 
@@ -370,7 +400,7 @@ def _dq_inner(dq, dfac, q, do, lse2, delta, f, f2, k_base, v_base, m_base, skn, 
             dz = dlogit
         if SOFTCAP:
             dz = dz * (1.0 - t * t)
-        dq += _dot(dz.to(k.dtype), k, UPCAST)
+        dq += _dot(_cast(dz, k.dtype, UPCAST), k, UPCAST)
     return dq, dfac
 
 
@@ -438,7 +468,7 @@ def bwd_dq_kernel(Q, K, V, Mask, NKeys, SS, SB, DO, Lse, Delta, DQ, DFacLogn, DF
                              BLOCK_N, False, MASK_KIND, SOFTCAP, SSMAX, UPCAST)
     dq = dq * scale
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
-             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+             _cast(dq, DQ.dtype.element_ty, UPCAST), mask=row_ok[:, None] & (offs_d[None, :] < D))
     if SSMAX:
         tl.store(DFacLogn + pid_bh.to(tl.int64) * S_q + offs_m, dfac * logn, mask=row_ok)
         tl.store(DFac + pid_bh.to(tl.int64) * S_q + offs_m, dfac, mask=row_ok)
@@ -476,7 +506,7 @@ def _dkdv_inner(dk, dv, colsum, k, v, q_base, do_base, lse_row, delta_row, n_row
         logit2, z, t, allowed = _scores(qk, offs_m, offs_n, m_base + offs_m[:, None] * smm + offs_n[None, :] * smn,
                                         f2, S_q, S_k, scale, softcap, mask_thr, CAUSAL_CHECK, MASK_KIND, SOFTCAP)
         p = tl.exp2(logit2 - lse2[:, None])
-        dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST)
+        dv += _dot(tl.trans(_cast(p, do.dtype, UPCAST)), do, UPCAST)
         dp = _dot(do, tl.trans(v), UPCAST)
         dlogit = p * (dp - delta[:, None])
         if SSMAX:
@@ -492,7 +522,7 @@ def _dkdv_inner(dk, dv, colsum, k, v, q_base, do_base, lse_row, delta_row, n_row
                          mask=row_ok[:, None] & (offs_n[None, :] < S_k))
         if SOFTCAP:
             dz = dz * (1.0 - t * t)
-        dk += _dot(tl.trans(dz.to(q.dtype)), q, UPCAST)
+        dk += _dot(tl.trans(_cast(dz, q.dtype, UPCAST)), q, UPCAST)
     return dk, dv, colsum
 
 
@@ -576,9 +606,9 @@ def bwd_dkdv_kernel(Q, K, V, Mask, NKeys, SS, SB, DO, Lse, Delta, DK, DVout, DMa
                 tl.store(dm_base + offs_n * sdmn, colsum, mask=col_ok)
     dk = dk * scale
     tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
-             dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
+             _cast(dk, DK.dtype.element_ty, UPCAST), mask=col_ok[:, None] & (offs_d[None, :] < D))
     tl.store(DVout + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :] * sdvd,
-             dv.to(DVout.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+             _cast(dv, DVout.dtype.element_ty, UPCAST), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
 
 
 bwd_dkdv_tuned = triton.autotune(configs=_configs("dkdv"), key=_KEY, prune_configs_by={"early_config_prune": _prune})(bwd_dkdv_kernel)
