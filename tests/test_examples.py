@@ -31,3 +31,11 @@ def test_compile_backend_smoke(capsys) -> None:
     compile_backend.main(["--smoke"])
     out = capsys.readouterr().out
     assert "2 sites rewritten" in out and "training step" in out
+
+
+def test_onnx_deploy_smoke() -> None:
+    from examples import onnx_deploy
+
+    results = onnx_deploy.main(["--smoke"])
+    assert set(results) == {"original", "fused", "ssmax"}
+    assert all(r["same_as_torch"] for r in results.values())
