@@ -455,3 +455,17 @@ def test_autotune_space_is_hopper_sized(target):
         for bm, bn, warps, stages in cfgs:
             assert bm >= 16 and bn >= 16 and math.log2(bm).is_integer() and math.log2(bn).is_integer()
             assert warps in (4, 8) and stages >= 2
+
+
+def test_autotune_pruning_keeps_a_config(target):
+    """The pruning hook (GPU-only in effect) drops oversized tiles and never returns an empty list."""
+    import triton
+
+    mod = target.kernel._k
+    for name, cfgs in target.kernel.hopper_configs.items():
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in cfgs]
+        for d_pad, bucket in [(64, 4096), (128, 4096), (256, 4096), (64, 16)]:
+            kept = mod._prune(configs, {"S_BUCKET": bucket}, D_PAD=d_pad, DV_PAD=d_pad)
+            assert kept, (name, d_pad, bucket)
+            if d_pad > 128 and len(kept) < len(configs):
+                assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 for c in kept)
