@@ -236,11 +236,12 @@ def count_keys_kernel(Mask, NKeys, smb, smh, smm, smn, HM, S_q, S_k, mask_thr,
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    # Mask rows are S_k apart: at S = 64k a row offset overflows int32, hence the int64 row offsets.
     b = (pid_bh // HM).to(tl.int64)
     h = (pid_bh % HM).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
-    base = Mask + b * smb + h * smh + offs_m[:, None] * smm
+    base = Mask + b * smb + h * smh + offs_m[:, None].to(tl.int64) * smm
     n = tl.full([BLOCK_M], 0, tl.int32)
     hi = S_k
     if CAUSAL:
@@ -334,7 +335,7 @@ def fwd_kernel(Q, K, V, Mask, NKeys, SS, SB, Out, Lse,
                 mask=(offs_m[:, None] < S_q) & (offs_d[None, :] < D), other=0.0)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
-    m_base = Mask + b * smb + h * smh + offs_m[:, None] * smm
+    m_base = Mask + b * smb + h * smh + offs_m[:, None].to(tl.int64) * smm
     if SSMAX:
         s = tl.load(SS + h * ssh)
         bias = 0.0
@@ -440,7 +441,7 @@ def bwd_dq_kernel(Q, K, V, Mask, NKeys, SS, SB, DO, Lse, Delta, DQ, DFacLogn, DF
     delta = tl.load(Delta + pid_bh.to(tl.int64) * S_q + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
-    m_base = Mask + b * smb + h * smh + offs_m[:, None] * smm
+    m_base = Mask + b * smb + h * smh + offs_m[:, None].to(tl.int64) * smm
     if SSMAX:
         s = tl.load(SS + h * ssh)
         bias = 0.0
@@ -505,7 +506,7 @@ def _dkdv_inner(dk, dv, colsum, k, v, q_base, do_base, lse_row, delta_row, n_row
             f = tl.full([BLOCK_M], 1.0, tl.float32)
             f2 = tl.full([BLOCK_M], LOG2E, tl.float32)
         qk = _dot(q, tl.trans(k), UPCAST)
-        logit2, z, t, allowed = _scores(qk, offs_m, offs_n, m_base + offs_m[:, None] * smm + offs_n[None, :] * smn,
+        logit2, z, t, allowed = _scores(qk, offs_m, offs_n, m_base + offs_m[:, None].to(tl.int64) * smm + offs_n[None, :] * smn,
                                         f2, S_q, S_k, scale, softcap, mask_thr, CAUSAL_CHECK, MASK_KIND, SOFTCAP)
         p = tl.exp2(logit2 - lse2[:, None])
         dv += _dot(tl.trans(_cast(p, do.dtype, UPCAST)), do, UPCAST)
@@ -520,7 +521,7 @@ def _dkdv_inner(dk, dv, colsum, k, v, q_base, do_base, lse_row, delta_row, n_row
             if ROW_BCAST:
                 colsum += _sum(dm, 0)
             else:
-                tl.store(dm_base + offs_m[:, None] * sdmm + offs_n[None, :] * sdmn, dm,
+                tl.store(dm_base + offs_m[:, None].to(tl.int64) * sdmm + offs_n[None, :] * sdmn, dm,
                          mask=row_ok[:, None] & (offs_n[None, :] < S_k))
         if SOFTCAP:
             dz = dz * (1.0 - t * t)
