@@ -25,14 +25,7 @@ def rows_keys(
     device: torch.device,
 ) -> torch.Tensor:
     """``n_i`` as ``[B, H, S_q]`` float32, from the causal limit and the mask only (no scores needed)."""
-    if attn_mask is None:
-        if is_causal:
-            n = (torch.arange(s_q, device=device) + (s_k - s_q) + 1).clamp(0, s_k)
-        else:
-            n = torch.full((s_q,), s_k, device=device)
-        return n.to(torch.float32).expand(batch, heads, s_q)
-    n = semantics.keys_per_row((batch, heads, s_q, s_k), attn_mask, is_causal, device)
-    return n.to(torch.float32)
+    return semantics.keys_per_row((batch, heads, s_q, s_k), attn_mask, is_causal, device).to(torch.float32)
 
 
 def attention_forward(
