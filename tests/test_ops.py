@@ -216,3 +216,24 @@ def test_validation_runs_under_torch_compile() -> None:
     compiled = torch.compile(lambda q, k, v, s: ops.attention(q, k, v, ssmax_s=s), fullgraph=True, backend="eager")
     with pytest.raises(Exception, match="ssmax_s has 3 values"):
         compiled(q, k, v, torch.zeros(3))
+
+
+def test_mask_without_grad_gets_no_gradient_buffer() -> None:
+    """A padding mask that needs no gradient must not make the backward build a [B, H, S, S] one."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 6, 4, generator=g) for _ in range(3))
+    mask = torch.zeros(1, 1, 6, 6)
+    mask[..., -2:] = float("-inf")
+    out, lse = torch.ops.attnpass.attention(q, k, v, mask)
+    args = (torch.ones_like(out), q, k, v, mask, out, lse, False, None, None, None, None, False)
+    skipped = torch.ops.attnpass.attention_backward(*args, False)
+    wanted = torch.ops.attnpass.attention_backward(*args, True)
+    assert skipped[3].numel() == 0 and wanted[3].shape == mask.shape
+    torch.testing.assert_close(skipped[0], wanted[0])
+    # through autograd: no gradient for a plain mask, a gradient for a trainable bias
+    qg = q.clone().requires_grad_(True)
+    ops.attention(qg, k, v, attn_mask=mask).sum().backward()
+    assert qg.grad is not None and mask.grad is None
+    bias = (0.1 * torch.randn(1, 1, 6, 6, generator=g)).requires_grad_(True)
+    ops.attention(q, k, v, attn_mask=bias).sum().backward()
+    assert bias.grad is not None and bias.grad.shape == bias.shape

@@ -19,7 +19,8 @@ class Backend(Protocol):
 
     def attention_forward(self, q, k, v, attn_mask, is_causal, scale, ssmax_s, ssmax_b, softcap, enable_gqa): ...
 
-    def attention_backward(self, grad_out, q, k, v, attn_mask, out, lse, is_causal, scale, ssmax_s, ssmax_b, softcap, enable_gqa): ...
+    def attention_backward(self, grad_out, q, k, v, attn_mask, out, lse, is_causal, scale, ssmax_s, ssmax_b, softcap, enable_gqa,
+                           need_mask_grad=True): ...
 
 
 class _Reference:
@@ -32,7 +33,8 @@ class _Reference:
         return reference.attention_forward(q, k, v, attn_mask, is_causal, scale, ssmax_s, ssmax_b, softcap, enable_gqa)
 
     @staticmethod
-    def attention_backward(grad_out, q, k, v, attn_mask, out, lse, is_causal, scale, ssmax_s, ssmax_b, softcap, enable_gqa):
+    def attention_backward(grad_out, q, k, v, attn_mask, out, lse, is_causal, scale, ssmax_s, ssmax_b, softcap, enable_gqa,
+                           need_mask_grad=True):
         return reference.attention_backward(grad_out, q, k, v, attn_mask, is_causal, scale, ssmax_s, ssmax_b, softcap, enable_gqa)
 
 

@@ -58,19 +58,24 @@ def _attention_backward(
     ssmax_b: Tensor | None,
     softcap: float | None,
     enable_gqa: bool,
+    need_mask_grad: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     backend = kernels.backend_for(q.device)
-    grads = backend.attention_backward(grad_out, q, k, v, attn_mask, out, lse, is_causal, scale, ssmax_s, ssmax_b, softcap, enable_gqa)
+    grads = backend.attention_backward(grad_out, q, k, v, attn_mask, out, lse, is_causal, scale, ssmax_s, ssmax_b, softcap,
+                                       enable_gqa, need_mask_grad=need_mask_grad)
+    if not need_mask_grad:
+        grads = (*grads[:3], None, *grads[4:])
     # custom ops cannot return None: an absent gradient travels as an empty tensor.
     return tuple(g.contiguous() if g is not None else q.new_empty(0) for g in grads)
 
 
 @_attention_backward.register_fake
-def _attention_backward_fake(grad_out, q, k, v, attn_mask, out, lse, is_causal, scale, ssmax_s, ssmax_b, softcap, enable_gqa):
+def _attention_backward_fake(grad_out, q, k, v, attn_mask, out, lse, is_causal, scale, ssmax_s, ssmax_b, softcap, enable_gqa,
+                             need_mask_grad=True):
     def like(t, wanted):
         return torch.empty_like(t) if t is not None and wanted else q.new_empty(0)
 
-    mask_grad = attn_mask is not None and attn_mask.is_floating_point()
+    mask_grad = attn_mask is not None and attn_mask.is_floating_point() and need_mask_grad
     return (
         torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
         like(attn_mask, mask_grad), like(ssmax_s, True), like(ssmax_b, True),
@@ -85,13 +90,16 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, attn_mask, out, lse, ssmax_s, ssmax_b)
     ctx.flags = (is_causal, scale, softcap, enable_gqa)
+    # an HF padding mask needs no [B, H, S, S] gradient buffer
+    ctx.mask_grad = attn_mask is not None and attn_mask.requires_grad
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, attn_mask, out, lse, ssmax_s, ssmax_b = ctx.saved_tensors
     is_causal, scale, softcap, enable_gqa = ctx.flags
     dq, dk, dv, dmask, ds, db = _attention_backward(
-        grad_out.contiguous(), q, k, v, attn_mask, out, lse, is_causal, scale, ssmax_s, ssmax_b, softcap, enable_gqa
+        grad_out.contiguous(), q, k, v, attn_mask, out, lse, is_causal, scale, ssmax_s, ssmax_b, softcap, enable_gqa,
+        ctx.mask_grad,
     )
 
     def present(g, t):

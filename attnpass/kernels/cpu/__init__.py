@@ -197,11 +197,15 @@ class CpuKernel:
         return out.to(q.dtype), lse.to(torch.float32)
 
     def attention_backward(self, grad_out, q, k, v, attn_mask, out, lse, is_causal, scale, ssmax_s, ssmax_b, softcap,
-                           enable_gqa):
-        """``(dq, dk, dv, dmask | None, ds | None, db | None)``, each shaped and typed like its input."""
+                           enable_gqa, need_mask_grad=True):
+        """``(dq, dk, dv, dmask | None, ds | None, db | None)``, each shaped and typed like its input.
+
+        ``need_mask_grad=False`` skips the mask gradient (a padding mask): it would cost a
+        ``[B, H, S_q, S_k]`` buffer, the one thing a fused backward exists to avoid.
+        """
         p = self._prepare(q, k, v, attn_mask, scale, ssmax_s, ssmax_b, softcap)
         cdt = p.q.dtype
-        want_dmask = attn_mask is not None and attn_mask.is_floating_point()
+        want_dmask = attn_mask is not None and attn_mask.is_floating_point() and need_mask_grad
         q_block, kv_block = blocks(q.shape[2], k.shape[2], bool(is_causal))
         if cdt == torch.float64:
             # The op's lse is float32; float64 (gradcheck) recomputes it at full precision.

@@ -269,7 +269,7 @@ class TritonKernel:
         return out, lse
 
     def attention_backward(self, grad_out, q, k, v, attn_mask, out, lse, is_causal, scale, ssmax_s, ssmax_b, softcap,
-                           enable_gqa):
+                           enable_gqa, need_mask_grad=True):
         """``(dq, dk, dv, dmask | None, ds | None, db | None)``, each shaped and typed like its input."""
         if self._unsupported(q, k, v):
             from attnpass.kernels import reference
