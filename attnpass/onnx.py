@@ -135,13 +135,13 @@ class RewriteResult:
         }
 
 
-def _apply(model: Any, to: str, s: float, b: float | None, target: str) -> tuple[Report, dict[int, str]]:
+def _apply(model: Any, to: str, s: float, b: float | None, target: str, ssmax: bool = False) -> tuple[Report, dict[int, str]]:
     from attnpass.passes import onnx as onnx_pass
 
     report = onnx_pass.find(model)
     if to == "ssmax":
         return report, onnx_pass.to_ssmax(model, report, s=s, b=b)
-    return report, onnx_pass.fuse(model, report, target=target)
+    return report, onnx_pass.fuse(model, report, target=target, ssmax=(s, b) if ssmax else None)
 
 
 def _upgrade(model: Any, opset: int) -> Any:
@@ -151,10 +151,14 @@ def _upgrade(model: Any, opset: int) -> Any:
 
     if model.opset_imports.get("", 1) >= opset:
         return model
+    src = ir.to_proto(model)
     try:
-        proto = version_converter.convert_version(ir.to_proto(model), opset)
+        proto = version_converter.convert_version(src, opset)
     except Exception as e:
         raise AttnpassError(f"cannot convert the model to opset {opset} for --target onnx23: {str(e).splitlines()[0][:200]}") from e
+    if not proto.functions and src.functions:
+        # the converter drops model-local functions; their bodies keep their own opset imports
+        proto.functions.extend(src.functions)
     out = ir.from_proto(proto)
     _infer_shapes(out)
     return out
@@ -183,18 +187,25 @@ def rewrite(
     rtol: float = 1e-4,
     atol: float = 1e-4,
     force: bool = False,
+    ssmax: bool | None = None,
 ) -> RewriteResult:
     """Rewrite ``src``'s attention (``to="ssmax"`` or ``"fused"``), validate in onnxruntime, then write ``dst``.
 
     ``fused`` must match the original within ``rtol``/``atol``.  ``ssmax`` changes the model on
     purpose, so it is checked twice: the same rewrite with ``s=0, b=1`` (factor 1) must match the
-    original, and the real one must give no NaN/inf.  Nothing is written when a check fails
+    original, and the real one must give no NaN/inf.  ``to="fused"`` with SSMax (``ssmax=True``, or
+    any of ``s``/``train_len``/``bias`` given) fuses SSMax attention (Q pre-scaled by the per-row
+    factor); it is checked against the original at ``s=0, b=1`` and against the unfused
+    ``to="ssmax"`` rewrite at the real ``s``.  Nothing is written when a check fails
     (``AttnpassError``) or when no attention is found (``NoAttentionFound``; ``force`` copies the model).
     """
     from attnpass import validate as val
 
     if to not in ("ssmax", "fused"):
         raise AttnpassError(f"unknown rewrite {to!r}: use ssmax or fused")
+    if ssmax is None:
+        ssmax = to == "ssmax" or any(x is not None for x in (s, train_len, bias))
+    fused_ssmax = to == "fused" and ssmax
     if train_len is not None:
         if s is not None:
             raise AttnpassError("give either --s or --train-len, not both")
@@ -210,19 +221,22 @@ def rewrite(
     model = load(original)
     if to == "fused" and target == "onnx23":
         model = _upgrade(model, 23)
-    report, left = _apply(model, to, s, bias, target)
-    result = RewriteResult(report, to, left)
+    report, left = _apply(model, to, s, bias, target, fused_ssmax)
+    result = RewriteResult(report, "fused+ssmax" if fused_ssmax else to, left)
     if not report.sites and not force:
         raise NoAttentionFound("no attention found")
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".attnpass-") as tmp:
         tmp_dst = Path(tmp) / dst.name
         save(model, tmp_dst)
-        if validate and report.sites and result.rewritten:
+        if validate and report.sites and (result.rewritten or fused_ssmax):
             ref_path = Path(tmp) / "original.onnx"
             save(original, ref_path)
             feeds = val.load_inputs(inputs) if isinstance(inputs, str | Path) else (inputs or val.make_inputs(ref_path))
-            if to == "fused":
+            if fused_ssmax:
+                result.self_test, result.validation = _check_fused_ssmax(original, ref_path, tmp_dst, Path(tmp), feeds,
+                                                                         s, bias, target, rtol, atol)
+            elif to == "fused":
                 result.validation = val.validate(ref_path, tmp_dst, feeds, rtol=rtol, atol=atol)
                 if not result.validation.passed:
                     raise AttnpassError(f"fused model does not match the original: {_worst(result.validation)}; nothing written")
@@ -244,6 +258,28 @@ def rewrite(
             os.replace(extra, dst.parent / extra.name)
     result.written = dst
     return result
+
+
+def _check_fused_ssmax(original: Any, ref_path: Path, got: Path, tmp: Path, feeds: Any, s: float, bias: float | None,
+                       target: str, rtol: float, atol: float) -> tuple[Any, Any]:
+    """Fused SSMax: at ``s=0, b=1`` it must equal the original; at ``s`` it must equal the unfused SSMax rewrite."""
+    from attnpass import validate as val
+
+    probe = load(original)
+    if target == "onnx23":
+        probe = _upgrade(probe, 23)
+    _apply(probe, "fused", 0.0, 1.0, target, ssmax=True)
+    save(probe, tmp / "self_test.onnx")
+    self_test = val.validate(ref_path, tmp / "self_test.onnx", feeds, rtol=rtol, atol=atol)
+    if not self_test.passed:
+        raise AttnpassError(f"fused SSMax self-test (s=0, b=1) does not match the original: {_worst(self_test)}; nothing written")
+    unfused = load(original)
+    _apply(unfused, "ssmax", s, bias, target)
+    save(unfused, tmp / "unfused_ssmax.onnx")
+    rep = val.validate(tmp / "unfused_ssmax.onnx", got, feeds, rtol=rtol, atol=atol)
+    if not rep.passed or not all(o.finite for o in rep.outputs):
+        raise AttnpassError(f"fused SSMax does not match the unfused SSMax rewrite: {_worst(rep)}; nothing written")
+    return self_test, rep
 
 
 def _worst(rep: Any) -> str:

@@ -714,6 +714,18 @@ class Matcher:
         return Operand(ops[0], len(la), perm=q_perm), Operand(ops[1], len(lb), perm=k_perm)
 
     # -------------------------------------------------------------- masks
+    def proves_causal(self, v: Any, attend_when: bool = True) -> bool:
+        """True if bool ``v`` (attendable where it equals ``attend_when``) is exactly ``key <= query``.
+
+        Rewrites use it on the factors of a mask to count keys per row without materialising the mask.
+        """
+        causal, only = self._causal_bool(v, attend_when, 0)
+        return causal and only
+
+    def all_true(self, v: Any) -> bool:
+        """True if ``v`` is a constant (or a fill/expand of one) that is non-zero everywhere."""
+        return self._all_true(v)
+
     def _classify_mask(self, term: MaskTerm) -> None:
         """Prove whether a mask term is (or contains) the causal constraint, from how it was built."""
         if term.kind == "bool":

@@ -29,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from attnpass import semantics
-from attnpass.passes.match import AttentionSite, Dim, Kind, Report, find_sites
+from attnpass.passes.match import AttentionSite, Dim, Kind, Matcher, Report, find_sites
 
 MS = "com.microsoft"
 
@@ -74,6 +74,23 @@ class OnnxAdapter:
         self._pvals: dict[int, list[Dim] | None] = {}
         self._static: dict[int, bool] = {}
         self._consts: dict[int, float | None] = {}
+        self._seed_function_inputs()
+
+    def _seed_function_inputs(self) -> None:
+        """Give a model-local function's inputs the shapes its callers pass (onnx shape inference leaves
+        function bodies without value_info), so a site inside a function has a known rank and head count.
+        Calls that disagree keep only the dims they share; calls of different ranks leave the input unknown."""
+        calls: dict[tuple, list[ir.Node]] = {}
+        for node in ir.traversal.RecursiveGraphIterator(self.model.graph):
+            calls.setdefault((node.domain, node.op_type, node.overload), []).append(node)
+        for key, fn in self.model.functions.items():
+            callers = calls.get(key, [])
+            for i, inp in enumerate(fn.inputs):
+                shapes = [self.shape(c.inputs[i]) if i < len(c.inputs) else None for c in callers]
+                if not shapes or any(x is None for x in shapes) or len({len(x) for x in shapes}) != 1:  # type: ignore[arg-type]
+                    continue
+                merged = tuple(d[0] if all(x == d[0] for x in d) else None for d in zip(*shapes))  # type: ignore[misc]
+                self._shapes[id(inp)] = merged
 
     # ------------------------------------------------------------------ graph walking
     def graphs(self) -> Iterator[ir.Graph | ir.Function]:
@@ -276,8 +293,30 @@ class OnnxAdapter:
             s0, e0 = int(st.reshape(-1)[0]), int(en.reshape(-1)[0])
             e0 = min(e0, 1 << 30) if e0 > 0 else e0
             return data[s0:e0:step]
+        if op == "ConstantOfShape":
+            # TorchScript's ``expand(-1, ...)`` handling: ``Where(Equal(shape, -1), ConstantOfShape(...) * -1, shape)``
+            n = self.partial_value(p.inputs[0], depth + 1)
+            a = p.attributes.get("value")
+            fill = 0 if a is None else a.value.numpy().reshape(-1)[0]
+            if n is None or len(n) != 1 or not isinstance(n[0], int) or n[0] > 16 or not float(fill).is_integer():
+                return None
+            return [int(fill)] * n[0]
+        if op == "Equal":
+            a, b = self.partial_value(p.inputs[0], depth + 1), self.partial_value(p.inputs[1], depth + 1)
+            if a is None or b is None or len(b) not in (1, len(a)):
+                return None
+            return [_dim_equal(x, y) for x, y in zip(a, b * len(a) if len(b) == 1 else b)]
+        if op == "Where":
+            c, x, y = (self.partial_value(i, depth + 1) for i in p.inputs[:3])
+            if c is None or x is None or y is None or not len(c) == len(x) == len(y):
+                return None
+            if any(ci is None for ci in c):
+                return None
+            return [xi if ci else yi for ci, xi, yi in zip(c, x, y)]
         if op in ("Mul", "Add", "Sub", "Div"):
             a, b = self.partial_value(p.inputs[0], depth + 1), self.partial_value(p.inputs[1], depth + 1)
+            if a is not None and b is not None and len(a) != len(b) and 1 in (len(a), len(b)):
+                a, b = (a * len(b), b) if len(a) == 1 else (a, b * len(a))  # a scalar broadcasts
             if a is None or b is None or len(a) != len(b):
                 return None
             res: list[Dim] = []
@@ -388,6 +427,9 @@ class OnnxAdapter:
     def _infer(self, value: ir.Value) -> tuple[Dim, ...] | None:
         """Our own propagation for the ops between projections and attention (TorchScript graphs lack value_info)."""
         p = value.producer()
+        if p is not None and p.op_type == "Constant" and _domain(p) == "":
+            t = self._tensor(value)  # inside function bodies nothing else gives a Constant its shape
+            return None if t is None else tuple(int(d) for d in t.shape)
         if p is None or _domain(p) != "" or value is not p.outputs[0]:
             return None
         op, ins = p.op_type, list(p.inputs)
@@ -461,6 +503,17 @@ class OnnxAdapter:
         if isinstance(node, ir.Node):
             return node.name or f"{node.op_type}@{id(node):x}"
         return str(node)
+
+
+def _dim_equal(x: Dim, y: Dim) -> Dim:
+    """``Equal`` on two shape elements: 1/0 when decidable (a run-time size is never negative), else None."""
+    if isinstance(x, int) and isinstance(y, int):
+        return int(x == y)
+    if isinstance(x, str) and isinstance(y, int) and y < 0 or isinstance(y, str) and isinstance(x, int) and x < 0:
+        return 0
+    if isinstance(x, str) and x == y:
+        return 1
+    return None
 
 
 def _at(xs: list, i: int) -> Any:
@@ -664,13 +717,209 @@ def _to_float(b: _Builder, v: ir.Value) -> ir.Value:
     return v if v.dtype == ir.DataType.FLOAT else b.op("Cast", [v], {"to": ir.DataType.FLOAT})
 
 
-def _count(b: _Builder, allowed: ir.Value | None, like: ir.Value) -> ir.Value:
-    """``n``: keys each row may attend, ``[..., S_q, 1]`` float32, from the masks and ``like``'s (score) shape."""
-    if allowed is None:
-        sk = b.op("Shape", [like], {"start": -1})
-        return b.op("Cast", [sk], {"to": ir.DataType.FLOAT})
-    full = b.op("Expand", [allowed, b.op("Shape", [like])])
-    return b.op("ReduceSum", [b.op("Cast", [full], {"to": ir.DataType.FLOAT}), b.ints(-1)], {"keepdims": 1})
+class _Keys:
+    """Which keys each query row may attend, kept as the small factors the masks were built from.
+
+    Exporters build a mask as ``Where(And(key <= query, padding[B, 1, 1, S_k]), 0, finfo.min)`` and
+    broadcast it to ``[B, H, S_q, S_k]`` only when it meets the scores.  Counting ``n`` on the broadcast
+    tensor costs an ``S x S`` float pass per head (3x the attention's time at S=4096); counting on the
+    factors costs ``O(B * S)``: a key-only factor gives ``n`` by a reduction, a proven-causal factor by
+    a ``Range``, both together by a cumulative sum of the key-only factor read at ``i``.  Factors that
+    depend on both axes (sliding windows, arbitrary masks) are counted on their own, unbroadcast, shape.
+    """
+
+    def __init__(self, b: _Builder, ad: OnnxAdapter):
+        self.b, self.ad = b, ad
+        self.matcher = Matcher(ad)
+        self.leaves: list[tuple[ir.Value, bool]] = []  # (bool tensor, attend_when): a conjunction
+        self.terms: list[ir.Value] = []  # per mask term, a bool tensor True where attendable (for Where)
+        self.causal_op: tuple[ir.Value, ir.Value] | None = None  # is_causal: (S_q, S_k) int64 scalars
+
+    # -------------------------------------------------------------- collecting
+    def add_bool(self, v: ir.Value, attend_when: bool) -> None:
+        self.terms.append(v if attend_when else self.b.op("Not", [v]))
+        self._conjuncts(v, attend_when, 0)
+
+    def add_additive(self, v: ir.Value, coeff: float = 1.0) -> None:
+        """An additive term: a pure ``Where(cond, 0, very negative)`` mask splits into ``cond``'s factors."""
+        src = v
+        for _ in range(8):
+            p = src.producer()
+            if p is not None and _domain(p) == "" and p.op_type in ("Cast", "CastLike", "Identity", "Expand"):
+                src = p.inputs[0]
+                continue
+            break
+        p = src.producer()
+        if p is not None and _domain(p) == "" and p.op_type == "Where" and coeff > 0:
+            cond, xa, xb = p.inputs[:3]
+            ca, cb = self.ad.constant(xa), self.ad.constant(xb)
+            if ca == 0 and cb is not None and cb * coeff <= semantics.MASKED_BELOW:
+                self.add_bool(cond, True)
+                return
+            if cb == 0 and ca is not None and ca * coeff <= semantics.MASKED_BELOW:
+                self.add_bool(cond, False)
+                return
+        t = v if coeff == 1.0 else self.b.op("Mul", [v, self.b.scalar_like(coeff, v)])
+        keep = self.b.op("Greater", [t, self.b.scalar_like(semantics.MASKED_BELOW, t)])
+        self.terms.append(keep)
+        self.leaves.append((keep, True))
+
+    def add_causal_op(self, sq: ir.Value, sk: ir.Value) -> None:
+        """``is_causal`` of a fused op (bottom-right aligned): ``j <= i + S_k - S_q``; ``sq``/``sk`` int64 scalars."""
+        self.causal_op = (sq, sk)
+
+    def _conjuncts(self, v: ir.Value, aw: bool, depth: int) -> None:
+        c = self.ad.constant(v)
+        if c is not None and (c != 0) == aw and self.ad.static_value(v) is not None:
+            return  # attendable everywhere: no constraint
+        p = v.producer()
+        op = p.op_type if p is not None and _domain(p) == "" and depth < 32 else None
+        if op == "And" and aw or op == "Or" and not aw:
+            for x in p.inputs[:2]:
+                self._conjuncts(x, aw, depth + 1)
+            return
+        if op == "Not":
+            self._conjuncts(p.inputs[0], not aw, depth + 1)
+            return
+        if op in ("Expand", "Identity") or op == "Cast" and p.inputs[0].dtype == ir.DataType.BOOL:
+            self._conjuncts(p.inputs[0], aw, depth + 1)  # a broadcast keeps each row's count
+            return
+        if aw and self.matcher.all_true(v):
+            return
+        self.leaves.append((v, aw))
+
+    # -------------------------------------------------------------- answering
+    def _bool(self, v: ir.Value, aw: bool) -> ir.Value:
+        if v.dtype not in (None, ir.DataType.BOOL):
+            v = self.b.op("Cast", [v], {"to": ir.DataType.BOOL})
+        return v if aw else self.b.op("Not", [v])
+
+    def allowed(self) -> ir.Value | None:
+        """Bool, broadcastable to the scores: True where attendable (None: everywhere).  Reuses the graph's masks."""
+        parts = list(self.terms)
+        if self.causal_op is not None:
+            parts.append(self._causal_bool())
+        return _and_all(self.b, parts)
+
+    def count(self, sq: ir.Value, sk: ir.Value, full_shape: ir.Value) -> tuple[ir.Value, str]:
+        n, how, rows = self._count(sq, sk, full_shape)
+        flags = _and_all(self.b, [self._bool(v, aw) for v, aw in rows])
+        if flags is not None:
+            n = self.b.op("Mul", [n, self.b.op("Cast", [flags], {"to": ir.DataType.FLOAT})])
+        return n, how
+
+    def _count(self, sq: ir.Value, sk: ir.Value, full_shape: ir.Value) -> tuple[ir.Value, str, list]:
+        """``(n, how)``: float32 keys per row, broadcastable to ``[..., S_q, 1]``; ``how`` names the method.
+
+        ``sq``/``sk`` are int64 scalars; ``full_shape`` is the scores' shape (used only when a factor's
+        rank is unknown, the one case that still counts on the broadcast tensor).
+        """
+        b = self.b
+        causal, keys, rows, general = [], [], [], []
+        for v, aw in self.leaves:
+            shape = self.ad.shape(v)
+            if self.matcher.proves_causal(v, aw):
+                causal.append((v, aw))
+            elif shape is not None and (len(shape) < 2 or shape[-2] == 1):
+                keys.append((v, aw, len(shape)))
+            elif shape is not None and shape[-1] == 1:
+                rows.append((v, aw))  # a per-row flag (``query >= 0`` in HF's padding masks): all keys or none
+            else:
+                general.append((v, aw, None if shape is None else len(shape)))
+        sk1 = b.op("Unsqueeze", [sk, b.ints(0)])
+        if len(causal) + (self.causal_op is not None) > 1:  # two causal constraints (aligned differently?): jointly
+            general += [(v, aw, len(self.ad.shape(v) or ())) for v, aw in causal]
+            causal = []
+        # the last attendable key of row i is i + offset: 0 for a proven ``key <= query``, S_k - S_q for is_causal
+        causal_offset = None if self.causal_op is None else b.op("Sub", [self.causal_op[1], self.causal_op[0]])
+        is_causal = bool(causal) or self.causal_op is not None
+        if general:
+            ranks = [r for *_, r in general] + [r for *_, r in keys] + [len(self.ad.shape(v) or ()) for v, _ in causal]
+            parts = [self._bool(v, aw) for v, aw, _ in general] + [self._bool(v, aw) for v, aw, _ in keys]
+            parts += [self._bool(v, aw) for v, aw in causal]
+            if self.causal_op is not None:
+                parts.append(self._causal_bool())
+                ranks.append(2)
+            g = _and_all(b, parts)
+            if any(r is None for r in ranks):
+                target, how = full_shape, "full"
+            else:
+                r = max(ranks)
+                target = b.op("Concat", [b.ints(*([1] * (r - 1))), sk1], {"axis": 0}) if r > 1 else sk1
+                how = "mask"
+            full = b.op("Expand", [g, target])
+            return b.op("ReduceSum", [b.op("Cast", [full], {"to": ir.DataType.FLOAT}), b.ints(-1)], {"keepdims": 1}), how, rows
+        p = _and_all(b, [self._bool(v, aw) for v, aw, _ in keys])
+        if p is not None:
+            r = max(r for *_, r in keys)
+            if r < 2:  # ``[S_k]`` or a scalar: give it a query axis of 1 to squeeze after the gather
+                p, r = b.op("Reshape", [p, b.ints(1, -1)]), 2
+            pf = b.op("Cast", [b.op("Expand", [p, b.op("Concat", [b.ints(*([1] * (r - 1))), sk1], {"axis": 0})])], {"to": ir.DataType.FLOAT})
+        if not is_causal:
+            if p is None:
+                return b.op("Cast", [sk1], {"to": ir.DataType.FLOAT}), "length", rows
+            return b.op("ReduceSum", [pf, b.ints(-1)], {"keepdims": 1}), "keys", rows
+        i = b.op("Unsqueeze", [b.op("Range", [b.const(0, np.int64), sq, b.const(1, np.int64)]), b.ints(-1)])  # [S_q, 1]
+        last = i if causal_offset is None else b.op("Add", [i, causal_offset])  # last attendable key index
+        if p is None:
+            n = b.op("Min", [b.op("Max", [b.op("Add", [last, b.ints(1)]), b.ints(0)]), sk1])
+            return b.op("Cast", [n], {"to": ir.DataType.FLOAT}), "causal", rows
+        idx = b.op("Max", [b.op("Min", [last, b.op("Sub", [sk1, b.ints(1)])]), b.ints(0)])
+        c = b.op("CumSum", [pf, b.const(-1, np.int64)])
+        n = b.op("Squeeze", [b.op("Gather", [c, idx], {"axis": -1}), b.ints(-3)])  # [..., 1, S_q, 1] -> [..., S_q, 1]
+        if causal_offset is not None:
+            n = b.op("Where", [b.op("Less", [last, b.ints(0)]), b.const(np.zeros(1, np.float32)), n])
+        return n, "causal+keys", rows
+
+    def _causal_bool(self) -> ir.Value:
+        """``[S_q, S_k]`` bool of ``is_causal`` (bottom-right): built only where a factor forces a joint count."""
+        assert self.causal_op is not None
+        b = self.b
+        sq, sk = self.causal_op
+        i = b.op("Unsqueeze", [b.op("Range", [b.const(0, np.int64), sq, b.const(1, np.int64)]), b.ints(-1)])
+        j = b.op("Range", [b.const(0, np.int64), sk, b.const(1, np.int64)])
+        return b.op("LessOrEqual", [j, b.op("Add", [i, b.op("Sub", [sk, sq])])])
+
+
+def _size(b: _Builder, x: ir.Value, axis: int) -> ir.Value:
+    """``x.shape[axis]`` as an int64 scalar."""
+    end = {"end": axis + 1} if axis != -1 else {}
+    return b.op("Squeeze", [b.op("Shape", [x], {"start": axis, **end}), b.ints(0)])
+
+
+def _and_all(b: _Builder, parts: list[ir.Value]) -> ir.Value | None:
+    out = parts[0] if parts else None
+    for p in parts[1:]:
+        out = b.op("And", [out, p])
+    return out
+
+
+def _site_keys(b: _Builder, ad: OnnxAdapter, site: AttentionSite) -> _Keys:
+    """The keys of an explicit site: its mask terms, split into factors."""
+    keys = _Keys(b, ad)
+    for m in site.masks:
+        if m.kind == "bool":
+            keys.add_bool(m.value, m.attend_when)
+        else:
+            keys.add_additive(m.value, m.coeff)
+    return keys
+
+
+def _pure_mask(ad: OnnxAdapter, v: ir.Value, coeff: float) -> bool:
+    """True if additive ``v`` is only 0 or a masking value (``Where(cond, 0, finfo.min)``): nothing for SSMax to scale."""
+    for _ in range(8):
+        p = v.producer()
+        if p is None or _domain(p) != "":
+            return False
+        if p.op_type in ("Cast", "CastLike", "Identity", "Expand"):
+            v = p.inputs[0]
+            continue
+        if p.op_type == "Where" and coeff > 0:
+            ca, cb = ad.constant(p.inputs[1]), ad.constant(p.inputs[2])
+            return (ca == 0 and cb is not None and cb * coeff <= semantics.MASKED_BELOW) or (
+                cb == 0 and ca is not None and ca * coeff <= semantics.MASKED_BELOW)
+        return False
+    return False
 
 
 # ------------------------------------------------------------------ SSMax
@@ -680,8 +929,9 @@ def to_ssmax(model: ir.Model, report: Report, s: float, b: float | None = None) 
 
     Explicit chains: the softmax input ``x`` (masks already folded in) becomes
     ``Where(allowed, x * (s log n + b), finfo.min)`` with ``n`` counted per row from the masks in the
-    graph (never from the example length).  Fused ops: Q is scaled by the per-row factor and the
-    finite part of an additive mask with it (``semantics.ssmax_sdpa``).
+    graph (never from the example length), on the masks' own small factors where they allow it
+    (``_Keys``).  Fused ops: Q is scaled by the per-row factor and the finite part of an additive
+    mask with it (``semantics.ssmax_sdpa``).
     """
     ad = OnnxAdapter(model)
     left: dict[int, str] = {}
@@ -691,25 +941,26 @@ def to_ssmax(model: ir.Model, report: Report, s: float, b: float | None = None) 
             left[site.index] = why
             continue
         if site.form == "explicit":
-            _ssmax_explicit(model, site, s, b)
+            _ssmax_explicit(model, ad, site, s, b)
         else:
             _ssmax_fused_op(model, ad, site, s, b)
     return left
 
 
-def _ssmax_explicit(model: ir.Model, site: AttentionSite, s: float, bias: float | None) -> None:
+def _ssmax_explicit(model: ir.Model, ad: OnnxAdapter, site: AttentionSite, s: float, bias: float | None) -> None:
     sm = site.softmax
     x = sm.inputs[0]
     bld = _Builder(sm, f"attnpass/ssmax_{site.index}")
-    allowed = _allowed(bld, site)
-    full = None if allowed is None else bld.op("Expand", [allowed, bld.op("Shape", [x])])
-    n = _count(bld, full, x)
+    keys = _site_keys(bld, ad, site)
+    n, how = keys.count(_size(bld, x, -2), _size(bld, x, -1), bld.op("Shape", [x]))
+    site.notes.append(f"SSMax n counted from the {_HOW[how]}")
     f = _factor(model, bld, site, n, s, bias, site.out_rank)
     z = bld.op("Mul", [_to_float(bld, x), f])
     if x.dtype not in (None, ir.DataType.FLOAT):
         z = bld.op("Cast", [z], {"to": x.dtype})
-    if full is not None:
-        z = bld.op("Where", [full, z, bld.scalar_like(_float_min(x), z)])
+    allowed = keys.allowed()
+    if allowed is not None:
+        z = bld.op("Where", [allowed, z, bld.scalar_like(_float_min(x), z)])
     bld.commit()
     sm.replace_input_with(0, z)
 
@@ -717,6 +968,11 @@ def _ssmax_explicit(model: ir.Model, site: AttentionSite, s: float, bias: float 
 def _scores_shape(b: _Builder, q4: ir.Value, k4: ir.Value) -> ir.Value:
     """``[B, H, S_q, S_k]`` of 4-D Q and K (K in ``[B, H_kv, S_k, D]``)."""
     return b.op("Concat", [b.op("Shape", [q4], {"start": 0, "end": 3}), b.op("Shape", [k4], {"start": 2, "end": 3})], {"axis": 0})
+
+
+_HOW = {"length": "key length (no mask)", "keys": "key-only mask factor", "causal": "causal structure (Range)",
+        "causal+keys": "cumulative sum of the key-only mask factor under the causal structure",
+        "mask": "mask at its own (unbroadcast) shape", "full": "mask broadcast to the scores (rank unknown)"}
 
 
 def _ssmax_fused_op(model: ir.Model, ad: OnnxAdapter, site: AttentionSite, s: float, bias: float | None) -> None:
@@ -732,41 +988,30 @@ def _ssmax_fused_op(model: ir.Model, ad: OnnxAdapter, site: AttentionSite, s: fl
         k4 = bld.op("Transpose", [bld.op("Reshape", [k, bld.ints(0, 0, int(kv_heads), -1)])], {"perm": [0, 2, 1, 3]})
     else:
         q4, k4 = q, k
-    shape = _scores_shape(bld, q4, k4)
     mask_index = 5 if (dom, op) == (MS, "MultiHeadAttention") else 3
     mask = _at(list(node.inputs), mask_index)
-    parts: list[ir.Value] = []
+    keys = _Keys(bld, ad)
     if mask is not None:
         if mask.dtype == ir.DataType.BOOL:
-            parts.append(mask)
+            keys.add_bool(mask, True)
         else:
-            parts.append(bld.op("Greater", [mask, bld.scalar_like(semantics.MASKED_BELOW, mask)]))
+            keys.add_additive(mask)
+    sq, sk = _size(bld, q4, 2), _size(bld, k4, 2)
     if ad.attr(node, "is_causal"):
-        sq = bld.op("Shape", [q4], {"start": 2, "end": 3})
-        sk = bld.op("Shape", [k4], {"start": 2, "end": 3})
-        zero, one = bld.ints(0), bld.ints(1)
-        i = bld.op("Unsqueeze", [bld.op("Range", [bld.op("Squeeze", [zero]), bld.op("Squeeze", [sq]), bld.op("Squeeze", [one])]), bld.ints(-1)])
-        j = bld.op("Range", [bld.op("Squeeze", [zero]), bld.op("Squeeze", [sk]), bld.op("Squeeze", [one])])
-        parts.append(bld.op("LessOrEqual", [j, bld.op("Add", [i, bld.op("Sub", [sk, sq])])]))
-    allowed = parts[0] if parts else None
-    for p in parts[1:]:
-        allowed = bld.op("And", [allowed, p])
-    ones = bld.op("ConstantOfShape", [shape], {"value": ir.tensor(np.array([1.0], np.float32))})
-    if allowed is None:
-        n = bld.op("ReduceSum", [ones, bld.ints(-1)], {"keepdims": 1})
-    else:
-        n = _count(bld, allowed, ones)
+        keys.add_causal_op(sq, sk)
+    n, how = keys.count(sq, sk, _scores_shape(bld, q4, k4))
+    site.notes.append(f"SSMax n counted from the {_HOW[how]}")
     f = _factor(model, bld, site, n, s, bias, 4)  # [B, H, S_q, 1]
     if three_d:
         qf = bld.op("Mul", [_to_float(bld, bld.op("Reshape", [q, bld.ints(0, 0, int(heads), -1)])),
-                           bld.op("Transpose", [f], {"perm": [0, 2, 1, 3]})])
+                           bld.op("Transpose", [_expand_heads(bld, f)], {"perm": [0, 2, 1, 3]})])
         new_q = bld.op("Reshape", [qf, bld.ints(0, 0, -1)])
     else:
         new_q = bld.op("Mul", [_to_float(bld, q), f])
     if q.dtype not in (None, ir.DataType.FLOAT):
         new_q = bld.op("Cast", [new_q], {"to": q.dtype})
     new_mask = None
-    if mask is not None and mask.dtype != ir.DataType.BOOL:
+    if mask is not None and mask.dtype != ir.DataType.BOOL and not _pure_mask(ad, mask, 1.0):
         keep = bld.op("Greater", [mask, bld.scalar_like(semantics.MASKED_BELOW, mask)])
         scaled = bld.op("CastLike", [bld.op("Mul", [_to_float(bld, mask), f]), mask])
         new_mask = bld.op("Where", [keep, scaled, mask])
@@ -774,6 +1019,11 @@ def _ssmax_fused_op(model: ir.Model, ad: OnnxAdapter, site: AttentionSite, s: fl
     node.replace_input_with(0, new_q)
     if new_mask is not None:
         node.replace_input_with(mask_index, new_mask)
+
+
+def _expand_heads(b: _Builder, f: ir.Value) -> ir.Value:
+    """The factor (``[S_q, 1]`` .. ``[B, H, S_q, 1]``) made rank 4 without growing it, so it can be transposed."""
+    return b.op("Expand", [f, b.ints(1, 1, 1, 1)])
 
 
 # ------------------------------------------------------------------ fused
@@ -812,13 +1062,21 @@ def _prepare(b: _Builder, op: Any, transpose: bool = True) -> ir.Value:
     return v
 
 
-def _op_bias(b: _Builder, site: AttentionSite, q4: ir.Value, k4: ir.Value) -> ir.Value | None:
-    """The fused op's additive bias: additive terms (times their coefficients) summed, bool terms as finfo.min."""
+def _op_bias(b: _Builder, ad: OnnxAdapter, site: AttentionSite, q4: ir.Value, k4: ir.Value,
+             factor: ir.Value | None = None) -> ir.Value | None:
+    """The fused op's additive bias: additive terms (times their coefficients) summed, bool terms as finfo.min.
+
+    With an SSMax ``factor`` (Q pre-scaled by it), a term's finite, attendable entries are logits and are
+    scaled by the factor too (``semantics.ssmax_sdpa``); pure ``0 / finfo.min`` masks need no scaling.
+    """
     add: ir.Value | None = None
     for m in site.masks:
         if m.kind != "additive":
             continue
         t = m.value if m.coeff == 1.0 else b.op("Mul", [m.value, b.scalar_like(m.coeff, m.value)])
+        if factor is not None and not _pure_mask(ad, m.value, m.coeff):
+            keep = b.op("Greater", [t, b.scalar_like(semantics.MASKED_BELOW, t)])
+            t = b.op("Where", [keep, b.op("CastLike", [b.op("Mul", [_to_float(b, t), factor]), t]), t])
         add = t if add is None else b.op("Add", [add, t])
     keep = _allowed(b, type(site)(**{**site.__dict__, "masks": [m for m in site.masks if m.kind == "bool"]}))
     if add is not None:
@@ -832,19 +1090,37 @@ def _op_bias(b: _Builder, site: AttentionSite, q4: ir.Value, k4: ir.Value) -> ir
     return b.op("Expand", [add, target])
 
 
-def fuse(model: ir.Model, report: Report, target: str = "ort") -> dict[int, str]:
+def fuse(model: ir.Model, report: Report, target: str = "ort",
+         ssmax: tuple[float, float | None] | None = None) -> dict[int, str]:
     """Replace each fusable chain by ``com.microsoft.MultiHeadAttention`` (``ort``) or ``Attention`` (``onnx23``).
 
     Returns {site index: why it stayed unfused}.  GQA K/V are repeated to the query heads for
     MultiHeadAttention (onnxruntime's CPU GroupQueryAttention is decode-oriented: causal only,
     with seqlens/KV-cache inputs); opset-23 ``Attention`` takes the grouped K/V as they are.
+
+    ``ssmax=(s, b)`` fuses SSMax attention: Q is multiplied by the per-row factor ``s log n + b``
+    (``n`` counted from the site's masks, as in ``to_ssmax``) and the finite part of an additive
+    mask with it.  A site that cannot fuse still gets SSMax, unfused, so the whole model has one meaning.
     """
     if target not in TARGETS:
         raise ValueError(f"unknown fused target {target!r} (choose from {', '.join(TARGETS)})")
+    ad = OnnxAdapter(model)
     left: dict[int, str] = {}
     for site in report.sites:
         why = fuse_blocker(site, target)
+        if why is None and ssmax is not None and site.softcap is not None:
+            why = "soft-capping with SSMax: the factor multiplies the capped scores, a pre-scaled Q would be capped too"
         if why is not None:
+            if ssmax is not None:
+                blocked = ssmax_blocker(ad, site)
+                if blocked is not None:
+                    why = f"{why}; SSMax not applied: {blocked}"
+                elif site.form == "explicit":
+                    _ssmax_explicit(model, ad, site, *ssmax)
+                    why = f"{why} (SSMax applied unfused)"
+                else:
+                    _ssmax_fused_op(model, ad, site, *ssmax)
+                    why = f"{why} (SSMax applied to its Q)"
             left[site.index] = why
             continue
         mms = [n for n in site.nodes if n.op_type in ("MatMul", "Einsum")]
@@ -853,7 +1129,16 @@ def fuse(model: ir.Model, report: Report, target: str = "ort") -> dict[int, str]
         q4 = _prepare(b, site.q)
         k4 = _prepare(b, site.k, transpose=True) if target == "ort" else _prepare_gqa(b, site.k)
         v4 = _prepare(b, site.v) if target == "ort" else _prepare_gqa(b, site.v)
-        bias = _op_bias(b, site, q4, k4)
+        factor = None
+        if ssmax is not None:
+            keys = _site_keys(b, ad, site)
+            n, how = keys.count(_size(b, q4, 2), _size(b, k4, 2), _scores_shape(b, q4, k4))
+            site.notes.append(f"SSMax n counted from the {_HOW[how]}; Q pre-scaled by the factor")
+            factor = _factor(model, b, site, n, ssmax[0], ssmax[1], 4)
+            qdt = site.q.value.dtype
+            scaled = b.op("Mul", [q4 if qdt in (None, ir.DataType.FLOAT) else b.op("Cast", [q4], {"to": ir.DataType.FLOAT}), factor])
+            q4 = scaled if qdt in (None, ir.DataType.FLOAT) else b.op("Cast", [scaled], {"to": qdt})
+        bias = _op_bias(b, ad, site, q4, k4, factor)
         heads = int(site.heads)  # type: ignore[arg-type]
         if target == "ort":
             to3 = [b.op("Reshape", [b.op("Transpose", [x], {"perm": [0, 2, 1, 3]}), b.ints(0, 0, -1)]) for x in (q4, k4, v4)]
@@ -875,10 +1160,21 @@ def fuse(model: ir.Model, report: Report, target: str = "ort") -> dict[int, str]
             out = b.op("Cast", [out], {"to": site.out.dtype})
         b.commit()
         ir.convenience.replace_all_uses_with(site.out, out, replace_graph_outputs=True)
+        fn = _function_of(model, anchor)
+        if fn is not None:  # a function body imports its own opsets
+            if target == "ort":
+                fn.opset_imports.setdefault(MS, 1)
+            else:
+                fn.opset_imports[""] = max(fn.opset_imports.get("", 1), 23)
     if len(left) < len(report.sites) and target == "ort":
         model.opset_imports.setdefault(MS, 1)
     ir.passes.common.RemoveUnusedNodesPass()(model)
     return left
+
+
+def _function_of(model: ir.Model, node: ir.Node) -> ir.Function | None:
+    """The model-local function whose body holds ``node`` (None for the main graph and its subgraphs)."""
+    return next((f for f in model.functions.values() if node.graph is f.graph), None)
 
 
 def _prepare_gqa(b: _Builder, op: Any) -> ir.Value:
