@@ -107,3 +107,18 @@ def test_dynamic_shapes_one_graph_many_lengths(module) -> None:
             args = args + (torch.rand(2, s, generator=g) > 0.2,)
         torch.testing.assert_close(compiled(*args), module(*args), rtol=1e-5, atol=5e-6)
     assert [len(r.sites) for r in backend.reports] == [1]
+
+
+def test_demo_cli_json() -> None:
+    """``attnpass demo --json``: the torch half's numbers, machine-readable, exit 0."""
+    import json
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "attnpass.cli", "demo", "--json", "--no-onnx", "--seq", "32"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(res.stdout)
+    assert data["ok"] is True and len(data["sites"]["sites"]) == 2
+    by = {r["variant"]: r for r in data["torch"]}
+    assert by["fused (attnpass::attention)"]["max_abs_err"] < 1e-5

@@ -17,6 +17,7 @@ from rich.table import Table
 import attnpass
 from attnpass import onnx as attnpass_onnx
 from attnpass import validate as val
+from attnpass.progress import steps
 
 
 def _ort_time(path: Path, feeds: dict[str, np.ndarray], repeat: int = 5) -> float:
@@ -30,10 +31,12 @@ def _ort_time(path: Path, feeds: dict[str, np.ndarray], repeat: int = 5) -> floa
     return best
 
 
-def run(console: Console, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> bool:
-    with tempfile.TemporaryDirectory(prefix="attnpass-demo-") as tmp:
+def run(console: Console, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+        progress: bool = True) -> tuple[bool, list[dict]]:
+    with tempfile.TemporaryDirectory(prefix="attnpass-demo-") as tmp, steps(total=4, enabled=progress) as step:
         tmpdir = Path(tmp)
         src = tmpdir / "tiny_gpt.onnx"
+        step("exporting to ONNX (torch.onnx, dynamo) and checking in onnxruntime")
         exported = attnpass.export(model, (ids, mask), None, src)
         console.print(f"exported TinyGPT to ONNX; onnxruntime vs torch eager: max |err| {exported.max_abs:.2e}")
         found = attnpass_onnx.find(src)
@@ -44,8 +47,10 @@ def run(console: Console, model: torch.nn.Module, ids: torch.Tensor, mask: torch
             table.add_column(col)
         base = _ort_time(src, feeds)
         table.add_row("original", "-", "-", f"{base * 1e3:.2f}", "1.00x")
+        rows = [{"model": "original", "ort_ms": base * 1e3, "sites": len(found.report.sites), "export_max_abs": exported.max_abs}]
         ok = len(found.report.sites) > 0
         for to, kw in (("fused", {"target": "ort"}), ("ssmax", {"s": 0.43})):
+            step(f"rewriting --to {to} and validating in onnxruntime")
             dst = tmpdir / f"tiny_gpt.{to}.onnx"
             res = attnpass_onnx.rewrite(src, dst, to=to, inputs=feeds, **kw)
             check = res.validation if to == "fused" else res.self_test
@@ -55,5 +60,6 @@ def run(console: Console, model: torch.nn.Module, ids: torch.Tensor, mask: torch
             table.add_row(f"--to {to}", f"{res.rewritten}/{len(res.report.sites)}", f"{label} (max |err| {worst:.1e})",
                           f"{t * 1e3:.2f}", f"{base / t:.2f}x")
             ok = ok and res.written is not None and res.rewritten == len(res.report.sites)
-        console.print(table)
-        return ok
+            rows.append({"model": f"--to {to}", "ort_ms": t * 1e3, "rewritten": res.rewritten, "check_max_abs": worst})
+    console.print(table)
+    return ok, rows
