@@ -8,8 +8,10 @@ read with their external data and written with external data (``<out>.data``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,31 +32,130 @@ def load(src: Any):
     if isinstance(src, ir.Model):
         model = src.clone()
     elif isinstance(src, onnx.ModelProto):
-        model = ir.from_proto(src)
+        _check_proto(src, "model")
+        model = _from_proto(src, "model")
     elif isinstance(src, bytes):
         try:
-            model = ir.from_proto(onnx.load_from_string(src))
+            proto = onnx.load_from_string(src)
         except Exception as e:
             raise AttnpassError(f"not an ONNX model ({type(e).__name__})") from e
+        _check_proto(proto, "model")
+        model = _from_proto(proto, "model")
+    elif not isinstance(src, str | os.PathLike):
+        raise AttnpassError(f"wants an .onnx path, a ModelProto, bytes or an onnx_ir.Model, got {type(src).__name__}")
     else:
         path = Path(src)
         if not path.exists():
             raise AttnpassError(f"{path}: no such file")
         if not path.is_file():
             raise AttnpassError(f"{path}: not a file")
+        if not os.access(path, os.R_OK):
+            raise AttnpassError(f"{path}: not readable (permission denied)")
+        _check_file(path)  # before loading: the checker's parse and ours never hold the weights at once
         try:
             model = ir.load(path)
         except Exception as e:
             raise AttnpassError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'truncated or corrupt'})") from e
         if model.ir_version in (None, 0) or (len(model.graph) == 0 and not model.graph.outputs):
             raise AttnpassError(f"{path}: not an ONNX model (no graph)")
+        model.meta["attnpass.input_files"] = sorted({str(t.path) for t in _external_tensors(model)})
         if _weights_bytes(model) <= EXTERNAL_DATA_BYTES:
             try:
                 model = ir.external_data.load_to_model(model)  # small: hold the weights in memory
             except Exception as e:
                 raise AttnpassError(f"{path}: cannot read its external data ({type(e).__name__}: {str(e)[:160]})") from e
+        else:
+            _check_external(model, path)
+        _check_model(model, str(path))
     _infer_shapes(model)
     return model
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (onnx's checker spreads node context over several)."""
+    text = " ".join(str(e).replace("==> Context:", ";").split())
+    return (text or type(e).__name__)[:limit]
+
+
+def _check_file(path: Path) -> None:
+    """onnx's checker on the file: cycles and dangling inputs (not topologically sorted), unknown ops, bad
+    opsets, initializers shorter than their shape, external data missing or outside the model's folder.
+
+    It reads the file itself (external data resolved next to it, which a checker run on a parsed proto
+    cannot do), so an unparseable file is reported here as unreadable.
+    """
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as e:
+        msg = _one_line(e)
+        if "Unable to parse" in msg or "parse proto" in msg.lower() or isinstance(e, UnicodeDecodeError):
+            raise AttnpassError(f"{path}: not a readable ONNX model (truncated or corrupt protobuf)") from e
+        if "ir_version set properly" in msg:  # any bytes parse as *some* protobuf: this one has no model header
+            raise AttnpassError(f"{path}: not an ONNX model (no ir_version: empty, truncated or another kind of file)") from e
+        raise AttnpassError(f"{path}: invalid ONNX model: {msg}") from e
+
+
+def _check_proto(proto: Any, label: str) -> None:
+    """The checker on an in-memory proto (external data, which it would resolve against the cwd, excepted)."""
+    import onnx
+
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+        return
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as e:
+        raise AttnpassError(f"{label}: invalid ONNX model: {_one_line(e)}") from e
+
+
+def _from_proto(proto: Any, label: str) -> Any:
+    import onnx_ir as ir
+
+    try:
+        return ir.from_proto(proto)
+    except Exception as e:
+        raise AttnpassError(f"{label}: not a readable ONNX model ({_one_line(e, 160)})") from e
+
+
+def _check_external(model: Any, path: Path) -> None:
+    """Large models keep their weights on disk: each external tensor's file must hold the bytes it claims,
+    checked now rather than as a crash half-way through writing the output."""
+    import onnx_ir as ir
+
+    for v in model.graph.initializers.values():
+        t = v.const_value
+        if isinstance(t, ir.ExternalTensor):
+            data = Path(t.path)
+            size = data.stat().st_size if data.is_file() else -1
+            need = (t.offset or 0) + (t.length if t.length is not None else t.nbytes)
+            if size < need:
+                what = "missing" if size < 0 else f"{size} bytes, needs {need}"
+                raise AttnpassError(f"{path}: external data of initializer {v.name!r} in {data.name}: {what}")
+
+
+def _external_tensors(model: Any) -> list[Any]:
+    import onnx_ir as ir
+
+    return [v.const_value for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
+
+
+def _check_model(model: Any, label: str) -> None:
+    """What onnx's checker lets through but onnxruntime and our report cannot use: an opset newer than
+    this onnx knows, and two nodes of one graph with the same name (the report names nodes)."""
+    import onnx
+    import onnx_ir as ir
+
+    opset, newest = model.opset_imports.get("", None), onnx.defs.onnx_opset_version()
+    if opset is not None and not 1 <= opset <= newest:
+        raise AttnpassError(f"{label}: opset {opset} of the default ONNX domain is out of range (1..{newest})")
+    for graph in (model.graph, *model.functions.values()):
+        seen: set[str] = set()
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            if node.name and node.graph is graph:
+                if node.name in seen:
+                    raise AttnpassError(f"{label}: two nodes are named {node.name!r} (node names must be unique)")
+                seen.add(node.name)
 
 
 def _weights_bytes(model: Any) -> int:
@@ -217,7 +318,9 @@ def rewrite(
     dst = Path(dst)
     if isinstance(src, str | Path) and Path(src).resolve() == dst.resolve():
         raise AttnpassError(f"{dst}: refusing to overwrite the input model (give another -o)")
+    _check_output(dst)
     original = load(src)
+    _check_not_input(original, src, dst)
     model = load(original)
     if to == "fused" and target == "onnx23":
         model = _upgrade(model, 23)
@@ -225,13 +328,14 @@ def rewrite(
     result = RewriteResult(report, "fused+ssmax" if fused_ssmax else to, left)
     if not report.sites and not force:
         raise NoAttentionFound("no attention found")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".attnpass-") as tmp:
+    with _staging(dst, src) as tmp:
         tmp_dst = Path(tmp) / dst.name
         save(model, tmp_dst)
         if validate and report.sites and (result.rewritten or fused_ssmax):
-            ref_path = Path(tmp) / "original.onnx"
-            save(original, ref_path)
+            # a path is checked as the user's own file (no second copy of the weights written)
+            ref_path = Path(src) if isinstance(src, str | os.PathLike) else Path(tmp) / "original.onnx"
+            if ref_path.parent == Path(tmp):
+                save(original, ref_path)
             feeds = val.load_inputs(inputs) if isinstance(inputs, str | Path) else (inputs or val.make_inputs(ref_path))
             if fused_ssmax:
                 result.self_test, result.validation = _check_fused_ssmax(original, ref_path, tmp_dst, Path(tmp), feeds,
@@ -254,10 +358,56 @@ def rewrite(
                     o.ok = o.finite
                 if bad:
                     raise AttnpassError(f"SSMax model gives NaN/inf in {', '.join(bad)}; nothing written")
-        for extra in Path(tmp).glob(dst.name + "*"):
-            os.replace(extra, dst.parent / extra.name)
+        for name in (dst.name + ".data", dst.name):  # the weights first: the .onnx file is the commit point
+            if (Path(tmp) / name).exists():
+                os.replace(Path(tmp) / name, dst.parent / name)
     result.written = dst
     return result
+
+
+def _check_output(dst: Path) -> None:
+    """Fail before any work when ``dst`` cannot be written: a missing folder is a typo more often than a wish."""
+    if dst.is_dir():
+        raise AttnpassError(f"{dst}: is a directory (give a file name with -o)")
+    parent = dst.parent
+    if not parent.exists():
+        raise AttnpassError(f"{dst}: output directory {parent} does not exist")
+    if not parent.is_dir():
+        raise AttnpassError(f"{dst}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise AttnpassError(f"{dst}: cannot write to {parent} (permission denied)")
+
+
+def _check_not_input(original: Any, src: Any, dst: Path) -> None:
+    """Refuse outputs that are the input under another name (a hard link, a symlink) or one of its
+    external-data files: writing them would destroy the model being read."""
+    targets = [dst, dst.with_name(dst.name + ".data")]
+    inputs = [Path(src)] if isinstance(src, str | os.PathLike) else []
+    inputs += [Path(f) for f in original.meta.get("attnpass.input_files", ())]
+    for t in targets:
+        for f in inputs:
+            if t.exists() and f.exists() and os.path.samefile(t, f):
+                raise AttnpassError(f"{t}: refusing to overwrite the input model's file {f.name} (give another -o)")
+
+
+@contextlib.contextmanager
+def _staging(dst: Path, src: Any) -> Iterator[str]:
+    """A temporary folder next to ``dst`` (removed whatever happens), with write failures (read-only
+    folder, disk full) and validation failures reported as one-line errors naming the input model."""
+    label = f"{src}" if isinstance(src, str | os.PathLike) else "model"
+    try:
+        with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".attnpass-") as tmp:
+            try:
+                yield tmp
+            except AttnpassError as e:
+                msg = str(e).replace(tmp + os.sep, "")
+                if label not in msg and not Path(msg.split(":")[0]).exists():
+                    msg = f"{label}: {msg}"
+                if "nothing written" not in msg:
+                    msg += "; nothing written"
+                raise AttnpassError(msg) from e
+    except OSError as e:
+        raise AttnpassError(f"{dst}: cannot write ({e.strerror or type(e).__name__}); nothing written") from e
 
 
 def _check_fused_ssmax(original: Any, ref_path: Path, got: Path, tmp: Path, feeds: Any, s: float, bias: float | None,

@@ -1,4 +1,4 @@
-"""onnxruntime CPU time and peak memory: original vs ``--to fused`` vs ``--to ssmax``.
+"""onnxruntime CPU time and peak memory: original vs ``--to fused`` vs ``--to ssmax`` vs fused SSMax.
 
 GPT-style (GPT-2, causal) and BERT-style (padding mask) models with random weights are exported
 once (dynamo exporter, dynamic batch/sequence) and rewritten with ``attnpass.onnx.rewrite``; each
@@ -87,6 +87,8 @@ def main() -> None:
             for to in ("fused", "ssmax"):
                 variants[to] = Path(d) / f"{name}_{to}.onnx"
                 aonnx.rewrite(src, variants[to], to=to)
+            variants["fused_ssmax"] = Path(d) / f"{name}_fused_ssmax.onnx"
+            aonnx.rewrite(src, variants["fused_ssmax"], to="fused", ssmax=True)
             for seq in seqs:
                 res = {}
                 for v, p in variants.items():
@@ -94,11 +96,13 @@ def main() -> None:
                                          capture_output=True, text=True, check=True)
                     res[v] = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append((name, seq, res))
-    print(f"{'model':<11} {'S':>5} {'orig ms':>9} {'fused/orig':>10} {'ssmax/orig':>10} {'orig MB':>8} {'fused/orig':>10} {'ssmax/orig':>10}")
+    cols = ("fused", "ssmax", "fused_ssmax")
+    print(f"{'model':<11} {'S':>5} {'orig ms':>9} " + " ".join(f"{c + '/orig':>16}" for c in cols)
+          + f" {'orig MB':>8} " + " ".join(f"{c + ' MB/orig':>19}" for c in cols))
     for name, seq, r in rows:
-        o, f, s = r["original"], r["fused"], r["ssmax"]
-        print(f"{name:<11} {seq:>5} {o['ms']:>9.1f} {f['ms'] / o['ms']:>10.2f} {s['ms'] / o['ms']:>10.2f} "
-              f"{o['peak_mb']:>8.0f} {f['peak_mb'] / o['peak_mb']:>10.2f} {s['peak_mb'] / o['peak_mb']:>10.2f}")
+        o = r["original"]
+        print(f"{name:<11} {seq:>5} {o['ms']:>9.1f} " + " ".join(f"{r[c]['ms'] / o['ms']:>16.2f}" for c in cols)
+              + f" {o['peak_mb']:>8.0f} " + " ".join(f"{r[c]['peak_mb'] / o['peak_mb']:>19.2f}" for c in cols))
 
 
 if __name__ == "__main__":

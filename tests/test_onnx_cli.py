@@ -94,3 +94,21 @@ def test_rewrite_refuses_to_overwrite_its_input(models, capsys):
     before = models["good"].read_bytes()
     assert main(["rewrite", str(models["good"]), "-o", str(models["good"]), "--to", "fused"]) == 2
     assert models["good"].read_bytes() == before
+
+
+def test_rewrite_fused_ssmax(models, tmp_path, capsys):
+    """``--to fused --ssmax``: one fused op with Q pre-scaled; equal to ``--to ssmax`` at the same s, b."""
+    fused = tmp_path / "fused_ssmax.onnx"
+    argv = ["rewrite", str(models["good"]), "-o", str(fused), "--to", "fused", "--ssmax", "--s", "0.7", "--bias", "0.3"]
+    assert main([*argv, "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["to"] == "fused+ssmax" and res["sites"][0]["rewritten"]
+    assert res["self_test"]["passed"] and res["validation"]["passed"]
+    import onnx_ir as ir
+
+    ops = {n.op_type for n in ir.load(fused).graph}
+    assert "MultiHeadAttention" in ops and "Softmax" not in ops
+    unfused = tmp_path / "ssmax.onnx"
+    assert main(["rewrite", str(models["good"]), "-o", str(unfused), "--to", "ssmax", "--s", "0.7", "--bias", "0.3"]) == 0
+    assert main(["validate", str(unfused), str(fused)]) == 0
+    assert "PASS" in capsys.readouterr().out

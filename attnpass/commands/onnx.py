@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--s", type=float, default=None, help="SSMax s per head (default 0.43)")
     p.add_argument("--train-len", type=int, default=None, help="set s = 1/log(L): unchanged at length L")
     p.add_argument("--bias", type=float, default=None, help="SSMax b per head (default: none)")
+    p.add_argument("--ssmax", action="store_true",
+                   help="with --to fused: fuse SSMax attention (Q pre-scaled by the per-row factor; implied by --s, "
+                        "--train-len or --bias)")
     p.add_argument("--target", choices=("ort", "onnx23"), default="ort",
                    help="fused op: com.microsoft.MultiHeadAttention (ort) or opset-23 Attention (onnx23)")
     p.add_argument("--inputs", default=None, help=".npz of feeds for validation (default: generated)")
@@ -98,7 +101,7 @@ def _rewrite(args: argparse.Namespace) -> int:
     try:
         res = aonnx.rewrite(args.model, args.output, to=args.to, s=args.s, train_len=args.train_len, bias=args.bias,
                             target=args.target, validate=not args.no_validate, inputs=args.inputs,
-                            rtol=args.rtol, atol=args.atol, force=args.force)
+                            rtol=args.rtol, atol=args.atol, force=args.force, ssmax=args.ssmax or None)
     except NoAttentionFound:
         if args.json:
             print(json.dumps({"written": None, "sites": [], "message": "no attention found"}))
@@ -112,8 +115,9 @@ def _rewrite(args: argparse.Namespace) -> int:
     con = _console()
     if not res.report.sites:
         con.print("no attention found")
-    con.print(_table(data["sites"], data["skipped"], f"{args.model} -> {args.output}: {res.rewritten}/{len(res.report.sites)} site(s) rewritten to {args.to}"))
-    for label, rep in (("self-test (s=0, b=1) vs original", res.self_test), ("rewritten vs original", res.validation)):
+    con.print(_table(data["sites"], data["skipped"], f"{args.model} -> {args.output}: {res.rewritten}/{len(res.report.sites)} site(s) rewritten to {res.to}"))
+    against = "unfused SSMax" if res.to == "fused+ssmax" else "original"
+    for label, rep in (("self-test (s=0, b=1) vs original", res.self_test), (f"rewritten vs {against}", res.validation)):
         if rep is not None:
             for o in rep.outputs:
                 con.print(f"{label}: {o.name}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}, {'ok' if o.ok else 'FAIL'}")
@@ -125,7 +129,7 @@ def _validate(args: argparse.Namespace) -> int:
     from attnpass.validate import validate
 
     for p in (args.a, args.b):
-        if not Path(p).is_file():
+        if not Path(p).exists():
             raise AttnpassError(f"{p}: no such file")
     import attnpass.onnx as aonnx
 
@@ -140,6 +144,12 @@ def _validate(args: argparse.Namespace) -> int:
     return 0 if rep.passed else 1
 
 
+def torch_module() -> type:
+    import torch
+
+    return torch.nn.Module
+
+
 def _export(args: argparse.Namespace) -> int:
     import importlib
 
@@ -152,9 +162,17 @@ def _export(args: argparse.Namespace) -> int:
         fn = getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError) as e:
         raise AttnpassError(f"{args.factory}: {e}") from e
-    made = fn()
+    try:
+        made = fn()
+    except Exception as e:
+        raise AttnpassError(f"{args.factory}: the factory raised {type(e).__name__}: {e}") from e
+    if not isinstance(made, tuple | list) or len(made) not in (2, 3) or not isinstance(made[0], torch_module()):
+        raise AttnpassError(f"{args.factory}: must return (model, args) or (model, args, kwargs) with an nn.Module, "
+                            f"got {type(made).__name__}")
     model, margs = made[0], made[1]
     kwargs = made[2] if len(made) > 2 else None
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise AttnpassError(f"{args.factory}: kwargs must be a dict, got {type(kwargs).__name__}")
     res = export(model, margs, kwargs, args.output, rewrite=None if args.rewrite == "none" else args.rewrite, s=args.s)
     if args.json:
         print(json.dumps(res.as_dict(), indent=2, default=str))

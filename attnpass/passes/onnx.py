@@ -927,10 +927,10 @@ def _pure_mask(ad: OnnxAdapter, v: ir.Value, coeff: float) -> bool:
 def to_ssmax(model: ir.Model, report: Report, s: float, b: float | None = None) -> dict[int, str]:
     """Rewrite every site to SSMax in standard ONNX ops; returns {site index: why it was left alone}.
 
-    Explicit chains: the softmax input ``x`` (masks already folded in) becomes
-    ``Where(allowed, x * (s log n + b), finfo.min)`` with ``n`` counted per row from the masks in the
-    graph (never from the example length), on the masks' own small factors where they allow it
-    (``_Keys``).  Fused ops: Q is scaled by the per-row factor and the finite part of an additive
+    Explicit chains: Q entering the ``Q K^T`` matmul is multiplied by the per-row factor
+    ``s log n + b`` (soft-capped chains: the softmax input ``x`` becomes ``Where(allowed, x * f, finfo.min)``),
+    with ``n`` counted per row from the masks in the graph (never from the example length), on the
+    masks' own small factors where they allow it (``_Keys``).  Fused ops: Q is scaled by the per-row factor and the finite part of an additive
     mask with it (``semantics.ssmax_sdpa``).
     """
     ad = OnnxAdapter(model)
@@ -948,12 +948,84 @@ def to_ssmax(model: ir.Model, report: Report, s: float, b: float | None = None) 
 
 
 def _ssmax_explicit(model: ir.Model, ad: OnnxAdapter, site: AttentionSite, s: float, bias: float | None) -> None:
+    """SSMax on an explicit chain: Q pre-scaled by the per-row factor where the chain allows, else the scores.
+
+    ``(f_i q_i) . k_j = f_i (q_i . k_j)``: scaling Q costs ``O(S D)`` per head where scaling the scores
+    costs two ``S x S`` passes (the multiply, and the ``Where`` that keeps masked keys masked when
+    ``f = 0``).  Masks added after the matmul stay masks; a finite bias is scaled with the factor
+    (``semantics.attention``).  Soft-capping applies the factor after the cap, so those chains, and
+    layouts where Q is not ``[..., S_q, D]`` in the scores' rank, take the scores route.
+    """
+    qk = _qk_matmul(ad, site)
+    if qk is None:
+        _ssmax_scores(model, ad, site, s, bias)
+        return
+    bld = _Builder(qk, f"attnpass/ssmax_{site.index}")
+    q, kt = qk.inputs[0], qk.inputs[1]
+    keys = _site_keys(bld, ad, site)
+    # the scores' shape from the operands (the scores themselves come after Q, which now depends on n)
+    full = bld.op("Concat", [bld.op("Shape", [q], {"end": -1}), bld.op("Shape", [kt], {"start": -1})], {"axis": 0})
+    n, how = keys.count(_size(bld, q, -2), _size(bld, kt, -1), full)
+    site.notes.append(f"SSMax n counted from the {_HOW[how]}; Q pre-scaled by the factor")
+    f = _factor(model, bld, site, n, s, bias, site.out_rank)
+    new_q = bld.op("Mul", [_to_float(bld, q), f])
+    if q.dtype not in (None, ir.DataType.FLOAT):
+        new_q = bld.op("Cast", [new_q], {"to": q.dtype})
+    scaled_terms = []
+    for m in site.masks:
+        if m.kind == "additive" and not _pure_mask(ad, m.value, m.coeff):
+            t = m.value if m.coeff == 1.0 else bld.op("Mul", [m.value, bld.scalar_like(m.coeff, m.value)])
+            keep = bld.op("Greater", [t, bld.scalar_like(semantics.MASKED_BELOW, t)])
+            scaled = bld.op("CastLike", [bld.op("Mul", [_to_float(bld, m.value), f]), m.value])
+            scaled_terms.append((m, bld.op("Where", [keep, scaled, m.value])))
+    bld.commit()
+    qk.replace_input_with(0, new_q)
+    for m, t in scaled_terms:
+        m.node.replace_input_with(list(m.node.inputs).index(m.value), t)
+    qk.graph.sort()  # the masks the factor reads may come later in node order than the Q K^T matmul
+
+
+def _qk_matmul(ad: OnnxAdapter, site: AttentionSite) -> ir.Node | None:
+    """The site's ``Q K^T`` MatMul if Q can carry the factor there (see ``_ssmax_explicit``), else None."""
+    if site.softcap is not None or site.q.perm is not None:
+        return None
+    qk = next((n for n in site.nodes if isinstance(n, ir.Node) and n.op_type == "MatMul"), None)
+    if qk is None or qk.graph is None or len(ad.shape(qk.inputs[0]) or ()) != site.out_rank:
+        return None
+    for m in site.masks:
+        if m.kind != "additive" or _pure_mask(ad, m.value, m.coeff):
+            continue
+        if not isinstance(m.node, ir.Node) or m.value not in list(m.node.inputs) or m.node.op_type not in ("Add", "Sub"):
+            return None
+    # a mask computed from the scores themselves (top-k style) would make Q depend on its own product
+    if any(_reaches(m.value, qk) for m in site.masks):
+        return None
+    return qk
+
+
+def _reaches(v: ir.Value, target: ir.Node, limit: int = 4096) -> bool:
+    """True if ``target`` is an ancestor of ``v``."""
+    stack, seen = [v], set()
+    while stack and len(seen) < limit:
+        x = stack.pop()
+        p = x.producer() if isinstance(x, ir.Value) else None
+        if p is None or id(p) in seen:
+            continue
+        if p is target:
+            return True
+        seen.add(id(p))
+        stack.extend(i for i in p.inputs if i is not None)
+    return len(seen) >= limit
+
+
+def _ssmax_scores(model: ir.Model, ad: OnnxAdapter, site: AttentionSite, s: float, bias: float | None) -> None:
+    """SSMax on the softmax input: ``Where(allowed, x * f, finfo.min)`` (``semantics.ssmax_logits``)."""
     sm = site.softmax
     x = sm.inputs[0]
     bld = _Builder(sm, f"attnpass/ssmax_{site.index}")
     keys = _site_keys(bld, ad, site)
     n, how = keys.count(_size(bld, x, -2), _size(bld, x, -1), bld.op("Shape", [x]))
-    site.notes.append(f"SSMax n counted from the {_HOW[how]}")
+    site.notes.append(f"SSMax n counted from the {_HOW[how]}; scores scaled by the factor")
     f = _factor(model, bld, site, n, s, bias, site.out_rank)
     z = bld.op("Mul", [_to_float(bld, x), f])
     if x.dtype not in (None, ir.DataType.FLOAT):
@@ -1129,7 +1201,7 @@ def fuse(model: ir.Model, report: Report, target: str = "ort",
         q4 = _prepare(b, site.q)
         k4 = _prepare(b, site.k, transpose=True) if target == "ort" else _prepare_gqa(b, site.k)
         v4 = _prepare(b, site.v) if target == "ort" else _prepare_gqa(b, site.v)
-        factor = None
+        factor, n = None, None
         if ssmax is not None:
             keys = _site_keys(b, ad, site)
             n, how = keys.count(_size(b, q4, 2), _size(b, k4, 2), _scores_shape(b, q4, k4))
@@ -1149,6 +1221,8 @@ def fuse(model: ir.Model, report: Report, target: str = "ort",
             if site.softcap is not None:
                 attrs["softcap"] = float(site.softcap)
             out = b.op("Attention", [q4, k4, v4, bias], attrs)
+            if site.masks and _finite_fill(ad, site):
+                out = _uniform_empty_rows(b, ad, site, out, q4, k4, v4, n)
         if site.q.rank < 4:
             out = b.op("Squeeze", [out, b.ints(*range(4 - site.q.rank))])
         if site.out_perm is not None:
@@ -1170,6 +1244,47 @@ def fuse(model: ir.Model, report: Report, target: str = "ort",
         model.opset_imports.setdefault(MS, 1)
     ir.passes.common.RemoveUnusedNodesPass()(model)
     return left
+
+
+def _finite_fill(ad: OnnxAdapter, site: AttentionSite) -> bool:
+    """True if every mask term of the site masks with a known, finite value (``finfo.min``, not ``-inf``)."""
+    for m in site.masks:
+        node = m.node if m.kind == "bool" else None
+        if m.kind == "additive":
+            v = m.value
+            for _ in range(8):
+                p = v.producer()
+                if p is None or p.op_type not in ("Cast", "CastLike", "Identity", "Expand"):
+                    break
+                v = p.inputs[0]
+            node = v.producer()
+        if not isinstance(node, ir.Node) or node.op_type != "Where":
+            return False
+        fills = [ad.constant(x) for x in node.inputs[1:3]]
+        masked = [f for f in fills if f is not None and f <= semantics.MASKED_BELOW]
+        if len(masked) != 1 or not math.isfinite(masked[0]):
+            return False
+    return True
+
+
+def _uniform_empty_rows(b: _Builder, ad: OnnxAdapter, site: AttentionSite, out: ir.Value, q4: ir.Value,
+                        k4: ir.Value, v4: ir.Value, n: ir.Value | None) -> ir.Value:
+    """Rows with no attendable key, as the original graph computes them.
+
+    With a finite mask value (``finfo.min``) every logit of such a row rounds to the same number, so the
+    original softmax is uniform and the row is the mean of V (a sliding window over right padding does
+    this in Gemma-2).  Opset-23 ``Attention`` gives those rows zeros instead; this puts the mean back.
+    """
+    if n is None:
+        n, _ = _site_keys(b, ad, site).count(_size(b, q4, 2), _size(b, k4, 2), _scores_shape(b, q4, k4))
+    mean_v = b.op("ReduceMean", [v4, b.ints(2)], {"keepdims": 1})  # [B, H_kv, 1, D]
+    g = site.v.groups
+    if g > 1:
+        x = b.op("Expand", [b.op("Unsqueeze", [mean_v, b.ints(2)]), b.ints(1, 1, g, 1, 1)])
+        target = b.op("Concat", [b.op("Shape", [mean_v], {"start": 0, "end": 1}), b.ints(-1), b.op("Shape", [mean_v], {"start": 2, "end": 4})], {"axis": 0})
+        mean_v = b.op("Reshape", [x, target])
+    empty = b.op("Equal", [n, b.const(np.zeros(1, np.float32))])
+    return b.op("Where", [empty, b.op("CastLike", [mean_v, out]), out])
 
 
 def _function_of(model: ir.Model, node: ir.Node) -> ir.Function | None:
