@@ -3,9 +3,9 @@
 Two views of the same effect (arXiv 2501.19399, Fig. 1):
   1. the paper's synthetic vector: one logit stands out by a fixed margin among ``n`` noise
      logits; softmax's weight on it falls like ``1/n``, SSMax's does not;
-  2. a real architecture converted with ``attnpass.hf.to_ssmax(train_len=L)``: a tiny LLaMA built
-     from its config class, whose last query row we read at growing context lengths. At ``L``
-     both agree exactly; beyond it SSMax stays sharper.
+  2. a real trained model converted with ``train_len=L``: the one-layer retriever of
+     ``key_retrieval.py``, trained at 16 pairs; we read the query row's weight on the key it must
+     retrieve at growing context lengths. At ``L`` both agree exactly; beyond it SSMax stays sharper.
 
 Run:  python examples/attention_fading.py [--smoke] [--out examples/figures]
 """
@@ -13,12 +13,11 @@ Run:  python examples/attention_fading.py [--smoke] [--out examples/figures]
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
 
-from attnpass import hf, semantics
+from attnpass import semantics
 
 
 def synthetic(lengths: list[int], s_values: list[float], margin: float = 3.0, draws: int = 256) -> dict:
@@ -41,39 +40,38 @@ def synthetic(lengths: list[int], s_values: list[float], margin: float = 3.0, dr
     return out
 
 
-def converted_model(lengths: list[int], train_len: int) -> dict:
-    """Last-row attention statistics of a tiny LLaMA's first layer, softmax vs after SSMax conversion."""
-    import transformers as T
-    from transformers import AttentionInterface
+def converted_model(lengths: list[int], train_pairs: int, steps: int) -> dict:
+    """A one-layer retriever trained at ``train_pairs``, then SSMax-converted with ``train_len``.
 
-    stats: dict[str, list[tuple[float, float]]] = {"softmax": [], f"SSMax (train_len={train_len})": []}
-    captured: dict[str, torch.Tensor] = {}
+    We read the query row's weight on the key it must retrieve, at growing context lengths: the
+    same logits normalised by softmax (the trained model) and by SSMax (the converted model; for a
+    one-layer model its logits are exactly these).
+    """
+    import argparse
 
-    def probe(module, query, key, value, attention_mask, scaling=None, **kwargs):
-        """Records layer 0's queries/keys, then computes what eager attention computes."""
-        if "q" not in captured:
-            captured["q"], captured["k"], captured["scale"] = query, key, scaling
-        rep = query.shape[1] // key.shape[1]
-        out = semantics.attention(query, key, value, attention_mask, is_causal=attention_mask is None and query.shape[2] > 1,
-                                  scale=scaling, enable_gqa=rep > 1)
-        return out.transpose(1, 2), None
+    try:
+        from examples.key_retrieval import Retriever, batch, train
+    except ImportError:  # run as a script: this folder is on sys.path
+        from key_retrieval import Retriever, batch, train
 
-    AttentionInterface.register("attnpass_fading_probe", probe)
+    args = argparse.Namespace(train_pairs=train_pairs, keys=1024, values=16, steps=steps, batch=64, lr=3e-3)
     torch.manual_seed(0)
-    cfg = T.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                        num_key_value_heads=4, max_position_embeddings=max(lengths), attn_implementation="attnpass_fading_probe")
-    model = T.LlamaModel(cfg).eval()
+    model = Retriever(args.keys, args.values, layers=1)
+    train(model, args, seed=0)
+    train_len = train_pairs + 1
     s = semantics.s_for_train_len(train_len)
-    for n in lengths:
-        captured.clear()
-        ids = torch.randint(0, 512, (2, n), generator=torch.Generator().manual_seed(n))
-        with torch.no_grad():
-            model(ids)
-        q, k = captured["q"][:, :, -1:], captured["k"]
-        z = (q @ k.transpose(-2, -1)) * captured["scale"]
-        for label, factor in (("softmax", 1.0), (f"SSMax (train_len={train_len})", s * math.log(n))):
-            p = torch.softmax(z * factor, -1)
-            stats[label].append((p.amax(-1).mean().item(), (-(p * p.clamp_min(1e-30).log()).sum(-1)).mean().item()))
+    stats: dict[str, list[tuple[float, float]]] = {"softmax (trained)": [], f"SSMax (converted, train_len={train_len})": []}
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n in lengths:
+            keys, vals, _ = batch(n, 256, args.keys, args.values, gen)
+            target = (keys[:, :-1] == keys[:, -1:]).float()  # where the queried key sits
+            z = model.query_logits(keys, vals)[0]
+            for label, factor in zip(stats, (1.0, semantics.ssmax_factor(torch.tensor(float(n + 1)), s).item())):
+                p = torch.softmax(z * factor, -1)
+                on_target = (p[..., :-1] * target[:, None]).sum(-1).amax(1).mean().item()  # best head
+                entropy = (-(p * p.clamp_min(1e-30).log()).sum(-1)).mean().item()
+                stats[label].append((on_target, entropy))
     return stats
 
 
@@ -83,15 +81,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("examples/figures"))
     args = p.parse_args(argv)
     syn_lengths = [2 ** i for i in range(1, 9 if args.smoke else 17)]
-    model_lengths = [64, 128] if args.smoke else [64, 128, 256, 512, 1024, 2048]
+    model_lengths = [16, 64] if args.smoke else [16, 32, 64, 128, 256, 512, 1024]
     syn = synthetic(syn_lengths, [0.3, 0.43, 0.6])
-    real = converted_model(model_lengths, train_len=64)
-    hf.register()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread beats two
+    try:
+        real = converted_model(model_lengths, train_pairs=16, steps=30 if args.smoke else 600)
+    finally:
+        torch.set_num_threads(threads)
     print("synthetic vector (margin 3): max weight on the leading logit")
     print("n       " + "  ".join(f"{k:>14}" for k in syn))
     for i, n in enumerate(syn_lengths):
         print(f"{n:<7d} " + "  ".join(f"{syn[k]['max'][i]:14.4f}" for k in syn))
-    print("tiny LLaMA, layer 0, last query row: max weight / entropy")
+    print("retriever trained at 16 pairs, query row: weight on the queried key (best head) / entropy")
     for i, n in enumerate(model_lengths):
         print(f"{n:<7d} " + "  ".join(f"{k}: {v[i][0]:.4f} / {v[i][1]:.3f}" for k, v in real.items()))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +114,8 @@ def _plot(syn: dict, syn_lengths: list[int], real: dict, model_lengths: list[int
     axes[1].set_title("synthetic: entropy (nats)")
     for label, v in real.items():
         axes[2].plot(model_lengths, [x[0] for x in v], "o-", label=label)
-    axes[2].set_title("tiny LLaMA (converted): last-row max weight")
+    axes[2].set_xlabel("context pairs")
+    axes[2].set_title("trained retriever: weight on the queried key")
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length n")

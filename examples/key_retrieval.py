@@ -47,15 +47,24 @@ class Retriever(nn.Module):
         self.out = nn.Linear(dim, values)
 
     def forward(self, keys: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+        return self.out(self._run(keys, vals)[0][:, -1])
+
+    def query_logits(self, keys: torch.Tensor, vals: torch.Tensor) -> list[torch.Tensor]:
+        """Per layer, the query row's attention logits ``[B, H, S]`` (for looking at what it attends)."""
+        return self._run(keys, vals)[1]
+
+    def _run(self, keys: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x = self.key_emb(keys) + self.val_emb(vals)
         b, s, d = x.shape
         hd = d // self.heads
+        logits = []
         for blk in self.blocks:
             q, k, v = blk["qkv"](blk["ln1"](x)).view(b, s, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
-            probs = torch.softmax(q @ k.transpose(-2, -1) / hd ** 0.5, dim=-1)
-            x = x + blk["o"]((probs @ v).transpose(1, 2).reshape(b, s, d))
+            scores = q @ k.transpose(-2, -1) / hd ** 0.5
+            logits.append(scores[:, :, -1])
+            x = x + blk["o"]((torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, s, d))
             x = x + blk["mlp"](blk["ln2"](x))
-        return self.out(x[:, -1])
+        return x, logits
 
 
 def batch(n_pairs: int, size: int, keys: int, values: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
