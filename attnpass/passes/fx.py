@@ -586,8 +586,4 @@ def _graph_device(gm: fx.GraphModule) -> torch.device:
     return torch.device("cpu")
 
 
-def describe(report: Report) -> list[dict[str, Any]]:
-    return [s.summary() for s in report.sites]
-
-
-__all__ = ["FxAdapter", "find", "fuse", "to_ssmax", "describe"]
+__all__ = ["FxAdapter", "find", "fuse", "to_ssmax"]

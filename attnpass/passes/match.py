@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -1027,7 +1027,3 @@ def _permuted(shape: Sequence[Dim], perm: tuple[int, ...] | None) -> tuple[Dim, 
 def find_sites(adapter: Adapter) -> Report:
     """All attention sites an adapter's graph holds, plus the softmaxes left alone and why."""
     return Matcher(adapter).find()
-
-
-def hashable(x: Any) -> Hashable:
-    return id(x)
