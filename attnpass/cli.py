@@ -1,15 +1,17 @@
 """``attnpass`` command line: one sub-command per module in ``attnpass/commands``.
 
 Every command reports bad input as one line naming the file or node, exits 2, and writes
-nothing; ``--debug`` shows the traceback instead.
+nothing; ``--debug`` shows the traceback instead.  An unexpected exception (a bug of ours) is one
+line too, with exit code 3.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from attnpass.errors import AttnpassError
 
@@ -42,15 +44,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
+        with contextlib.nullcontext() if args.debug else _quiet():
+            return int(args.func(args) or 0)
     except AttnpassError as e:
         if args.debug:
             raise
-        print(f"attnpass {args.command}: error: {e}", file=sys.stderr)
+        print(f"attnpass {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("attnpass: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug of ours: still one line (and exit 3, so it is told apart from bad input)
+        if args.debug:
+            raise
+        text = " ".join(str(e).split())[:300]
+        print(f"attnpass {args.command}: internal error: {type(e).__name__}: {text} (rerun with --debug for the "
+              "traceback, and please report it)", file=sys.stderr)
+        return 3
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Keep stderr to our one line: onnx-ir, onnxscript and torch log warnings (with tracebacks) about
+    the very models we then reject with a clear message; ``--debug`` keeps them.  Restored on exit, so
+    ``main`` called in-process leaves the caller's logging and warning filters as they were."""
+    import logging
+    import warnings
+
+    loggers = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript", "torch", "onnx")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
 
 
 if __name__ == "__main__":

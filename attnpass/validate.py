@@ -81,7 +81,19 @@ def session(model: Any):
     try:
         return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types
-        raise AttnpassError(f"onnxruntime cannot load the model: {str(e).splitlines()[0][:300]}") from e
+        name = Path(model).name if isinstance(model, str | Path) else "the model"
+        raise AttnpassError(f"onnxruntime cannot load {name}: {_ort_message(e)}") from e
+
+
+def _ort_message(e: BaseException) -> str:
+    """onnxruntime's message on one line, without its ``[ONNXRuntimeError] : 1 : FAIL : Load model from <path>
+    failed:`` preamble (the path may be a temporary file the user never saw)."""
+    import re
+
+    text = " ".join(str(e).split()) or type(e).__name__
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"^Load model from .*? failed:\s*", "", text)
+    return text[:300]
 
 
 def _vocab_sizes(model_path: Any) -> dict[str, int]:
@@ -166,7 +178,8 @@ def run(model: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     try:
         outs = sess.run(names, {k: v for k, v in feeds.items() if k in wanted})
     except Exception as e:
-        raise AttnpassError(f"onnxruntime failed to run the model: {str(e).splitlines()[0][:300]}") from e
+        raise AttnpassError(f"onnxruntime failed to run {Path(model).name if isinstance(model, str | Path) else 'the model'}: "
+                            f"{_ort_message(e)}") from e
     return dict(zip(names, outs))
 
 
@@ -198,6 +211,9 @@ def validate(a: Any, b: Any, inputs: dict[str, np.ndarray] | str | Path | None =
     ``a``/``b``: paths, ModelProtos or onnx-ir models.  ``inputs``: feeds, an ``.npz`` path, or None
     (generated from ``a``'s inputs).
     """
+    for m in (a, b):
+        if isinstance(m, str | Path) and not Path(m).is_file():
+            raise AttnpassError(f"{m}: {'not a file' if Path(m).exists() else 'no such file'}")
     if isinstance(inputs, str | Path):
         feeds = load_inputs(inputs)
     elif inputs is None:

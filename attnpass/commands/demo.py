@@ -23,11 +23,22 @@ from attnpass.tiny import TinyGPT, example_inputs
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run find -> rewrite -> validate on a built-in tiny GPT and print the result")
-    p.add_argument("--seq", type=int, default=256, help="sequence length (default 256)")
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--seq", type=_positive, default=256, help="sequence length (default 256)")
+    p.add_argument("--layers", type=_positive, default=2)
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export/validate half")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
     p.set_defaults(func=run)
+
+
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1 (a zero or negative length is a usage error, not a crash)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
 
 
 def _time(fn: Callable[[], torch.Tensor], repeat: int = 5) -> float:

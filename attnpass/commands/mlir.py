@@ -33,11 +33,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _load(path: str):
     from attnpass import mlir as am
 
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise AttnpassError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise AttnpassError(f"{path}: not a file")
     if path.endswith(".mlir"):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise AttnpassError(f"{path}: not readable MLIR text ({type(e).__name__})") from e
         try:
             return am.copy(text)
         except AttnpassError as e:
@@ -45,9 +50,25 @@ def _load(path: str):
     return am.import_(path)
 
 
+def _check_output(path: str) -> None:
+    """A missing or unwritable output folder is reported before minutes of import and lowering."""
+    target = os.path.abspath(path)
+    parent = os.path.dirname(target)
+    if os.path.isdir(target):
+        raise AttnpassError(f"{path}: is a directory (give a file name with -o)")
+    if not os.path.exists(parent):
+        raise AttnpassError(f"{path}: output directory {parent} does not exist")
+    if not os.path.isdir(parent):
+        raise AttnpassError(f"{path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise AttnpassError(f"{path}: cannot write to {parent} (permission denied)")
+
+
 def run(args: argparse.Namespace) -> int:
     from attnpass import mlir as am
 
+    if args.output:
+        _check_output(args.output)  # before the import and lowering, which take a while
     mod = _load(args.model)
     report = am.find(mod)
     if args.to != "none":
@@ -70,14 +91,19 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         return 0
     target = os.path.abspath(args.output)
-    fd, tmp = tempfile.mkstemp(prefix=".attnpass-", suffix=".mlir", dir=os.path.dirname(target))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".attnpass-", suffix=".mlir", dir=os.path.dirname(target))
+    except OSError as e:
+        raise AttnpassError(f"{args.output}: cannot write ({e.strerror or type(e).__name__}); nothing written") from e
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise AttnpassError(f"{args.output}: cannot write ({e.strerror or type(e).__name__}); nothing written") from e
         raise
     print(f"wrote {args.output} ({len(report.sites)} attention site(s), --to {args.to}, --emit {args.emit})", file=sys.stderr)
     return 0

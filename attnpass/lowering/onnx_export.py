@@ -108,13 +108,25 @@ def export(model: torch.nn.Module, args: Any, kwargs: dict | None, path: str | P
         raise AttnpassError(f"unknown rewrite {rewrite!r}: use ssmax, fused or None")
     with torch.no_grad():
         ref = _tensors((target if rewrite == "ssmax" else model)(*args, **kwargs))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise AttnpassError(f"{path}: is a directory (give a file name)")
+    if not path.parent.is_dir():
+        raise AttnpassError(f"{path}: output directory {path.parent} does not exist")
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        onnx_program = torch.onnx.export(target, args, kwargs=kwargs, dynamo=True, opset_version=opset,
-                                         custom_translation_table=table, dynamic_shapes=dynamic_shapes,
-                                         verbose=False)
-        onnx_program.save(str(tmp), external_data=False)
+        try:
+            onnx_program = torch.onnx.export(target, args, kwargs=kwargs, dynamo=True, opset_version=opset,
+                                             custom_translation_table=table, dynamic_shapes=dynamic_shapes,
+                                             verbose=False)
+        except AttnpassError:
+            raise
+        except Exception as e:  # the exporter raises many types; the user needs the model and the first line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise AttnpassError(f"torch.onnx.export could not export {type(target).__name__}: {first}") from e
+        try:
+            onnx_program.save(str(tmp), external_data=False)
+        except OSError as e:
+            raise AttnpassError(f"{path}: cannot write ({e.strerror or type(e).__name__}); nothing written") from e
         sess_inputs = [a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor)]
         from attnpass.validate import session
 
