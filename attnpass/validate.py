@@ -7,6 +7,7 @@ second sequence of the batch is padded at the end), position ids count up, float
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import types
@@ -17,6 +18,11 @@ from typing import Any
 import numpy as np
 
 from attnpass.errors import AttnpassError
+
+#: Generated inputs stay below these: a model whose fixed sequence axis is 10^6 would have onnxruntime
+#: allocate 10^12 attention scores (the fuzzer found it: 21 GB before the OOM killer).
+MAX_FIXED_DIM = 16384
+MAX_INPUT_ELEMENTS = 1 << 24
 
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-4
@@ -139,6 +145,12 @@ def make_inputs(model: Any, batch: int = 2, seq: int = 16, seed: int = 0) -> dic
                 key = d if isinstance(d, str) and d else f"{i.name}:{ax}"
                 named.setdefault(key, batch if ax == 0 else seq)
                 shape.append(named[key])
+        big = [d for d in i.shape[1:] if isinstance(d, int) and d > MAX_FIXED_DIM]
+        if big or math.prod(shape) > MAX_INPUT_ELEMENTS:
+            # a fixed axis of 10^6 makes attention allocate S^2 scores: refuse, never run out of memory
+            raise AttnpassError(f"input {i.name!r} has shape {list(i.shape)}: too large for generated validation "
+                                f"inputs (an axis above {MAX_FIXED_DIM} or over {MAX_INPUT_ELEMENTS} elements); give "
+                                "--inputs or --no-validate")
         dt = _NP.get(i.type)
         if dt is None:
             raise AttnpassError(f"input {i.name!r} has type {i.type}: give inputs with --inputs")

@@ -35,7 +35,7 @@ import attnpass.onnx as aonnx
 from attnpass.cli import main
 from attnpass.errors import AttnpassError
 
-FUZZ_EXAMPLES = int(os.environ.get("ATTNPASS_FUZZ_EXAMPLES", "40"))
+FUZZ_EXAMPLES = int(os.environ.get("ATTNPASS_FUZZ_EXAMPLES", "150"))
 
 
 class _Attn(torch.nn.Module):
@@ -287,6 +287,20 @@ def test_declared_custom_domain_inspects_but_cannot_be_validated(good: Path, tmp
     assert not out.exists() and _sha(src) == digest
     assert _run(["rewrite", str(src), "-o", str(out), "--to", "fused", "--no-validate"])[0] == 0
     onnx.checker.check_model(str(out))
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_rewrite_refuses_inputs_too_large_to_generate(good: Path, tmp_path: Path, axis: int) -> None:
+    """A fixed axis of 10^6 (found by the fuzzer): onnxruntime would allocate 10^12 attention scores and the
+    OOM killer would end the run; instead, one line that says how to validate anyway."""
+    m = _copy_proto(good)
+    m.graph.input[0].type.tensor_type.shape.dim[axis].dim_value = 10**6
+    src = _save(m, tmp_path / "huge_axis.onnx")
+    out = tmp_path / "out.onnx"
+    assert _run(["inspect", str(src)])[0] == 0
+    rc, err = _run(["rewrite", str(src), "-o", str(out), "--to", "fused"])
+    _assert_one_line_error(rc, err, "rewrite", "huge_axis.onnx", "--inputs or --no-validate")
+    assert not out.exists()
 
 
 @pytest.fixture
