@@ -148,7 +148,7 @@ def test_site_counts_and_every_rewrite_validates(corpus, tmp_path, name, exporte
     assert src.read_bytes() == before  # the input is never modified
 
 
-@pytest.mark.parametrize("name,exporter", [("bert", "dynamo"), ("gpt2", "dynamo"), ("gpt2", "torchscript"),
+@pytest.mark.parametrize("name,exporter", [("bert", "dynamo"), ("t5", "torchscript"), ("gpt2", "dynamo"), ("gpt2", "torchscript"),
                                            ("llama", "torchscript"), ("gemma2", "dynamo"), ("gemma2", "torchscript")])
 def test_ssmax_matches_the_fx_rewrite_with_padding(corpus, tmp_path, name, exporter):
     """Same model, two IRs: ONNX SSMax in onnxruntime equals the torch.fx SSMax rewrite, unfused and fused.
@@ -176,6 +176,8 @@ def test_ssmax_matches_the_fx_rewrite_with_padding(corpus, tmp_path, name, expor
         assert "cumulative sum" in how and "broadcast to the scores" not in how
     if name == "bert":
         assert "key-only mask factor" in how
+    if name == "t5":  # the relative position bias is part of the logits: scaled by the factor with Q
+        assert "Q pre-scaled" in how
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)

@@ -145,3 +145,39 @@ def test_ssmax_counts_keys_from_the_padding(models, tmp_path, name):
         assert res.rewritten == 1 and res.self_test.passed and res.validation.passed
         np.testing.assert_allclose(run(out, feeds)["out"], want, rtol=1e-4, atol=1e-5)
         assert ("", "Softmax") not in _ops(out) if to == "fused" else ("", "Softmax") in _ops(out)
+
+
+def causal_attention_op_model(s_q: int = 3, s_k: int = 6) -> onnx.ModelProto:
+    """Opset-23 ``Attention(is_causal=1)`` with fewer queries than keys and a boolean key-padding mask
+    (expanded over the queries first: onnxruntime wants the mask's query axis in full)."""
+    shape = helper.make_node("Constant", [], ["mask_shape"], value=helper.make_tensor("ms", TensorProto.INT64, [4], [1, 1, s_q, s_k]))
+    expand = helper.make_node("Expand", ["attention_mask", "mask_shape"], ["mask_full"])
+    node = helper.make_node("Attention", ["q", "k", "v", "mask_full"], ["out"], is_causal=1)
+    ins = [helper.make_tensor_value_info("q", TensorProto.FLOAT, ["batch", H, s_q, D])]
+    ins += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", H, s_k, D]) for n in "kv"]
+    ins.append(helper.make_tensor_value_info("attention_mask", TensorProto.BOOL, ["batch", 1, 1, s_k]))
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", H, s_q, D])
+    graph = helper.make_graph([shape, expand, node], "causal_op", ins, [out])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
+
+
+def test_ssmax_on_causal_attention_op(tmp_path):
+    """An sdpa-form site: n from the padding under ``is_causal`` (top-left without a KV cache, as the op
+    defines it), counted without a ``[S_q, S_k]`` tensor, equals the reference SSMax."""
+    src = tmp_path / "causal_op.onnx"
+    onnx.save(causal_attention_op_model(), src)
+    rng = np.random.default_rng(1)
+    feeds = {"q": rng.standard_normal((2, H, 3, D)).astype(np.float32) * 2}
+    feeds.update({n: rng.standard_normal((2, H, 6, D)).astype(np.float32) * 2 for n in "kv"})
+    mask = np.ones((2, 1, 1, 6), bool)
+    mask[1, ..., 1] = False  # a hole inside the causal window of every row of the second sequence
+    feeds["attention_mask"] = mask
+    allowed = torch.from_numpy(mask) & torch.ones(3, 6, dtype=torch.bool).tril()
+    q, k, v = (torch.from_numpy(feeds[n]) for n in "qkv")
+    np.testing.assert_allclose(run(src, feeds)["out"], semantics.attention(q, k, v, allowed).numpy(), rtol=1e-5, atol=1e-5)
+    out = tmp_path / "ssmax.onnx"
+    res = aonnx.rewrite(src, out, to="ssmax", s=0.9, bias=0.2, inputs=feeds)
+    assert res.rewritten == 1 and res.self_test.passed
+    assert "cumulative sum" in " ".join(res.report.sites[0].notes)
+    want = semantics.ssmax_attention(q, k, v, allowed, s=0.9, b=0.2).numpy()
+    np.testing.assert_allclose(run(out, feeds)["out"], want, rtol=1e-4, atol=1e-5)

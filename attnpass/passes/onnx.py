@@ -733,7 +733,7 @@ class _Keys:
         self.matcher = Matcher(ad)
         self.leaves: list[tuple[ir.Value, bool]] = []  # (bool tensor, attend_when): a conjunction
         self.terms: list[ir.Value] = []  # per mask term, a bool tensor True where attendable (for Where)
-        self.causal_op: tuple[ir.Value, ir.Value] | None = None  # is_causal: (S_q, S_k) int64 scalars
+        self.causal_op: tuple[ir.Value, ir.Value, ir.Value | None] | None = None  # is_causal: S_q, S_k, offset
 
     # -------------------------------------------------------------- collecting
     def add_bool(self, v: ir.Value, attend_when: bool) -> None:
@@ -764,9 +764,13 @@ class _Keys:
         self.terms.append(keep)
         self.leaves.append((keep, True))
 
-    def add_causal_op(self, sq: ir.Value, sk: ir.Value) -> None:
-        """``is_causal`` of a fused op (bottom-right aligned): ``j <= i + S_k - S_q``; ``sq``/``sk`` int64 scalars."""
-        self.causal_op = (sq, sk)
+    def add_causal_op(self, sq: ir.Value, sk: ir.Value, offset: ir.Value | None = None) -> None:
+        """``is_causal`` of a fused op: ``j <= i + offset`` (None: 0); ``sq``/``sk``/``offset`` int64 scalars.
+
+        Opset-23 ``Attention`` without ``past_key`` aligns it top-left (offset 0: the spec's
+        ``past_sequence_length``), which onnxruntime 1.32 follows for ``S_q != S_k`` too.
+        """
+        self.causal_op = (sq, sk, offset)
 
     def _conjuncts(self, v: ir.Value, aw: bool, depth: int) -> None:
         c = self.ad.constant(v)
@@ -830,8 +834,8 @@ class _Keys:
         if len(causal) + (self.causal_op is not None) > 1:  # two causal constraints (aligned differently?): jointly
             general += [(v, aw, len(self.ad.shape(v) or ())) for v, aw in causal]
             causal = []
-        # the last attendable key of row i is i + offset: 0 for a proven ``key <= query``, S_k - S_q for is_causal
-        causal_offset = None if self.causal_op is None else b.op("Sub", [self.causal_op[1], self.causal_op[0]])
+        # the last attendable key of row i is i + offset: 0 for a proven ``key <= query`` and top-left is_causal
+        causal_offset = None if self.causal_op is None else self.causal_op[2]
         is_causal = bool(causal) or self.causal_op is not None
         if general:
             ranks = [r for *_, r in general] + [r for *_, r in keys] + [len(self.ad.shape(v) or ()) for v, _ in causal]
@@ -872,13 +876,13 @@ class _Keys:
         return n, "causal+keys", rows
 
     def _causal_bool(self) -> ir.Value:
-        """``[S_q, S_k]`` bool of ``is_causal`` (bottom-right): built only where a factor forces a joint count."""
+        """``[S_q, S_k]`` bool of ``is_causal``: built only where a factor forces a joint count."""
         assert self.causal_op is not None
         b = self.b
-        sq, sk = self.causal_op
+        sq, sk, offset = self.causal_op
         i = b.op("Unsqueeze", [b.op("Range", [b.const(0, np.int64), sq, b.const(1, np.int64)]), b.ints(-1)])
         j = b.op("Range", [b.const(0, np.int64), sk, b.const(1, np.int64)])
-        return b.op("LessOrEqual", [j, b.op("Add", [i, b.op("Sub", [sk, sq])])])
+        return b.op("LessOrEqual", [j, i if offset is None else b.op("Add", [i, offset])])
 
 
 def _size(b: _Builder, x: ir.Value, axis: int) -> ir.Value:
