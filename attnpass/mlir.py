@@ -43,11 +43,26 @@ def import_(model: Any, args: Sequence[Any] | Any = (), kwargs: dict | None = No
     try:
         if isinstance(model, torch.nn.Module):
             model = torch.export.export(_persistent_buffers(model), args, kwargs or {}, strict=False)
-        return tm_fx.export_and_import(model, output_type="raw")
+        return tm_fx.export_and_import(model, output_type="raw", decomposition_table=_decompositions())
     except AttnpassError:
         raise
     except Exception as e:
         raise AttnpassError(f"torch-mlir could not import {type(model).__name__}: {str(e).splitlines()[0][:300]}") from e
+
+
+def _decompositions() -> dict:
+    """torch-mlir's default decompositions, except ``scaled_dot_product_attention``.
+
+    Decomposed, an SDPA call becomes a softmax chain plus a safe-softmax guard (still found, as an
+    explicit site); kept, it stays one op that the report names as such and the rewrites replace
+    whole (fused) or feed a scaled Q (SSMax).  torch-mlir lowers a kept call itself
+    (``tm_tensor.attention``), so the unrewritten module still compiles.
+    """
+    import torch
+    from torch_mlir.extras.fx_decomp_util import get_decomposition_table
+
+    keep = {torch.ops.aten.scaled_dot_product_attention.default, torch.ops.aten.scaled_dot_product_attention}
+    return {op: fn for op, fn in get_decomposition_table().items() if op not in keep}
 
 
 def _persistent_buffers(model: Any) -> Any:
@@ -67,6 +82,18 @@ def _persistent_buffers(model: Any) -> Any:
     return model
 
 
+_SHAPES = ("torch-reify-shape-calculations,inline,func.func(torch-simplify-shape-calculations),func.func(cse),"
+           "func.func(torch-simplify-shape-calculations),func.func(torch-drop-abstract-interp-calculations)")
+ONNX_IMPORT = ("func.func(convert-torch-onnx-to-torch)," + _SHAPES + ",func.func(torch-scalarize-shapes),"
+               + _SHAPES + ",func.func(canonicalize)")
+"""ONNX -> torch dialect with static shapes where the model has them, softmax still one op.
+
+The shape half of ``torch-onnx-to-torch-backend-pipeline`` without its op decompositions: the
+TorchScript exporter computes ``Expand`` targets from ``Shape`` ops, which the plain conversion
+leaves as ``?`` dims (GPT-2's mask ``[2,?,7,7]``) that the fused rewrite cannot size.
+"""
+
+
 def _import_onnx(path: str) -> Any:
     try:
         import onnx
@@ -81,6 +108,9 @@ def _import_onnx(path: str) -> Any:
     try:
         proto = onnx.load(path)
         onnx.checker.check_model(proto)
+        # the TorchScript exporter leaves some value types out (its Identity outputs): without them
+        # torch-mlir's importer types those values !torch.none and onnx->torch cannot convert the op
+        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception as e:
         raise AttnpassError(f"{path}: not a valid ONNX model ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from e
     ctx = ir.Context()
@@ -91,8 +121,7 @@ def _import_onnx(path: str) -> Any:
         onnx_importer.NodeImporter.define_function(info.main_graph, module).import_all()
     except Exception as e:
         raise AttnpassError(f"{path}: torch-mlir's ONNX importer failed: {str(e).splitlines()[0][:200]}") from e
-    converted = lowering.run_passes(module, "func.func(convert-torch-onnx-to-torch),func.func(canonicalize)",
-                                    f"{path} (ONNX -> torch)")
+    converted = lowering.run_passes(module, ONNX_IMPORT, f"{path} (ONNX -> torch)")
     _set_origin(converted, "onnx")
     return converted
 
@@ -126,13 +155,16 @@ def rewrite(
     params: str = "constant",
     tile: int | None = None,
     with_report: bool = False,
+    fused: bool = False,
 ) -> Any:
     """A rewritten copy of ``module``: ``to="ssmax"`` (model change) or ``to="fused"`` (same numerics).
 
     SSMax: ``s`` / ``b`` per head (a scalar is broadcast), ``train_len=L`` sets ``s = 1/log L``;
     ``params="argument"`` passes them as extra ``[H]`` arguments of the public function instead of
-    constants.  Fused: ``tile`` keys per loop iteration (default 64).  ``with_report=True`` returns
-    ``(module, report)``: which sites were rewritten, which were left alone and why.
+    constants; ``fused=True`` (as in ``attnpass.to_ssmax``) fuses each fusable site with the SSMax
+    factor inside the online-softmax loop nest.  Fused: ``tile`` keys per loop iteration (default
+    64).  ``with_report=True`` returns ``(module, report)``: which sites were rewritten, which were
+    left alone and why.
     """
     lowering.require_torch_mlir()
     from attnpass.passes import mlir as mlir_pass
@@ -145,7 +177,10 @@ def rewrite(
             s = semantics.s_for_train_len(train_len)
         s_val = semantics.DEFAULT_S if s is None else (list(s) if isinstance(s, Sequence) else float(s))
         b_val = None if b is None else (list(b) if isinstance(b, Sequence) else float(b))
-        report = mlir_pass.to_ssmax(out, s=s_val, b=b_val, params=params)
+        report = mlir_pass.to_ssmax(out, s=s_val, b=b_val, params=params, fused=fused,
+                                    tile=tile or mlir_pass.DEFAULT_TILE)
+    elif fused:
+        raise AttnpassError("fused=True goes with to='ssmax' (to='fused' is already fused)")
     elif to == "fused":
         report = mlir_pass.fuse(out, tile=tile or mlir_pass.DEFAULT_TILE)
     else:

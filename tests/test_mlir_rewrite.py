@@ -19,7 +19,6 @@ from torch import nn
 from attnpass import semantics
 from attnpass.errors import AttnpassError
 from tests.attention_modules import CausalTril, GQARepeatInterleave, PaddedAdditive, SoftcapPrescaled
-from tests.hf_corpus import CORPUS, output_tensor
 
 am = pytest.importorskip("attnpass.mlir")  # the facade itself imports without torch-mlir
 pytest.importorskip("torch_mlir")
@@ -117,30 +116,103 @@ def test_rewrite_leaves_input_module_alone(imported):
     assert str(imported["causal"]) == before
 
 
-# ------------------------------------------------------------------ HF corpus (torch import)
+# ------------------------------------------------------------------ SSMax inside the fused loop nest
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
-def test_hf_corpus_counts(name):
-    build, expected = CORPUS[name]
-    model, args, kwargs = build()
-    report = am.find(am.import_(model.eval(), args, kwargs))
-    assert len(report.sites) == expected, report.skipped
-    assert all(s.fusable for s in report.sites), [s.fuse_blocker for s in report.sites]
+@pytest.mark.parametrize("name", list(CASES))
+def test_fused_ssmax_equals_semantics(imported, name):
+    """``to="ssmax", fused=True``: one loop nest, the factor applied per row inside it."""
+    _, args, sem = CASES[name]
+    s = [0.3, 0.4, 0.5, 0.6]
+    rewritten, report = am.rewrite(imported[name], to="ssmax", s=s, b=0.1, fused=True, tile=8, with_report=True)
+    text = str(rewritten)
+    assert "attnpass_fused_0" in text and "attnpass_ssmax" not in text and "_softmax" not in text
+    assert "with SSMax" in " ".join(report.sites[0].notes)
+    got = am.compile(rewritten)(*args)
+    want = semantics.ssmax_attention(*args[:3], s=torch.tensor(s), b=0.1, **sem)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_hf_fused_jit_equals_eager(name):
-    build, expected = CORPUS[name]
-    torch.manual_seed(0)
-    model, args, kwargs = build()
-    model.eval()
-    fused, report = am.rewrite(am.import_(model, args, kwargs), to="fused", with_report=True)
-    assert sum("fused via" in " ".join(s.notes) for s in report.sites) == expected
-    got = am.compile(fused)(*args, *kwargs.values())
-    got = got[0] if isinstance(got, tuple) else got
+def test_fused_ssmax_parameters_as_arguments(imported):
+    _, args, sem = CASES["padded"]
+    rewritten = am.rewrite(imported["padded"], to="ssmax", fused=True, b=0.0, params="argument", tile=8)
+    assert re.search(r"func\.func @main\([^)]*!torch\.vtensor<\[4\],f32>, %arg\d+: !torch\.vtensor<\[4\],f32>\)",
+                     str(rewritten))
+    s, b = torch.tensor([0.2, 0.4, 0.6, 0.8]), torch.tensor([0.5, 0.0, -0.1, 0.3])
+    got = am.compile(rewritten)(*args, s, b)
+    torch.testing.assert_close(got, semantics.ssmax_attention(*args[:3], s=s, b=b, **sem), atol=ATOL, rtol=1e-5)
+
+
+def test_fused_and_fused_ssmax_rejects_mixed_names(imported):
+    with pytest.raises(AttnpassError):
+        am.rewrite(imported["causal"], to="fused", fused=True)
+
+
+# ------------------------------------------------------------------ scaled_dot_product_attention calls
+
+class SdpaFloatMask(nn.Module):
+    """SDPA with an additive float mask (finite bias and finfo.min padding) and enable_gqa."""
+
+    def forward(self, q, k, v, mask):
+        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+class SdpaCausal(nn.Module):
+    """is_causal with a ``scale``: torch-mlir's own lowering of such a call ignores the scale, so the
+    SSMax rewrite (which keeps the call) moves it onto q."""
+
+    def forward(self, q, k, v):
+        return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2)
+
+
+class SdpaBool(nn.Module):
+    def forward(self, q, k, v, allowed):
+        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.2)
+
+
+def _sdpa_cases():
+    q, k, v = _qkv(h=4, hk=2, sq=6, sk=9)
+    mask = torch.randn(1, 1, 6, 9, generator=torch.Generator().manual_seed(1))
+    mask[..., 7:] = torch.finfo(torch.float32).min
+    qc, kc, vc = _qkv(sq=12, sk=12)
+    allowed = torch.rand(1, 4, 5, 11, generator=torch.Generator().manual_seed(2)) > 0.4
+    allowed[..., 0] = True
+    qb, kb, vb = _qkv(sq=5, sk=11)
+    return {
+        "float-gqa": (SdpaFloatMask(), (q, k, v, mask), dict(attn_mask=mask, enable_gqa=True)),
+        "causal": (SdpaCausal(), (qc, kc, vc), dict(is_causal=True, scale=0.2)),
+        "bool": (SdpaBool(), (qb, kb, vb, allowed), dict(attn_mask=allowed, scale=0.2)),
+    }
+
+
+SDPA_CASES = _sdpa_cases()
+
+
+@pytest.fixture(scope="module")
+def sdpa_imported():
+    return {name: am.import_(mod.eval(), args) for name, (mod, args, _) in SDPA_CASES.items()}
+
+
+@pytest.mark.parametrize("name", list(SDPA_CASES))
+def test_sdpa_call_fused_and_ssmax(sdpa_imported, name):
+    """An SDPA call is a site: fused into the loop nest; SSMax scales q (and the additive mask) and keeps the call."""
+    mod, args, sem = SDPA_CASES[name]
+    report = am.find(sdpa_imported[name])
+    assert [s.form for s in report.sites] == ["sdpa"] and report.sites[0].fusable
+    fused = am.rewrite(sdpa_imported[name], to="fused", tile=4)
+    assert "scaled_dot_product_attention" not in str(fused)  # the call itself is replaced
     with torch.no_grad():
-        want = output_tensor(model(*args, **kwargs))
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        want = mod(*args)
+    torch.testing.assert_close(am.compile(fused)(*args), want, atol=ATOL, rtol=1e-5)
+    s = torch.tensor([0.3, 0.4, 0.5, 0.6])
+    q, k, v = args[:3]
+    ssmax = am.rewrite(sdpa_imported[name], to="ssmax", s=s.tolist(), b=0.1)
+    assert "torch.aten.scaled_dot_product_attention" in str(ssmax)
+    want_sdpa = semantics.ssmax_sdpa(q, k, v, sem.get("attn_mask"), 0.0, sem.get("is_causal", False),
+                                     sem.get("scale"), sem.get("enable_gqa", False), s=s, b=0.1)
+    torch.testing.assert_close(am.compile(ssmax)(*args), want_sdpa, atol=ATOL, rtol=1e-5)
+    both = am.rewrite(sdpa_imported[name], to="ssmax", s=s.tolist(), b=0.1, fused=True, tile=4)
+    want_fused = semantics.ssmax_attention(q, k, v, s=s, b=0.1, **sem)
+    torch.testing.assert_close(am.compile(both)(*args), want_fused, atol=ATOL, rtol=1e-5)
 
 
 # ------------------------------------------------------------------ ONNX import
@@ -201,11 +273,15 @@ def test_fused_lowering_has_no_s_by_s_tensor():
     plain = str(am.lower(imported, emit="linalg"))
     assert _square_tensors(plain, s), "the unfused lowering should hold the S x S scores"
     fused = am.rewrite(imported, to="fused", tile=32)
-    for level in ("torch", "linalg", "llvm"):
-        text = str(am.lower(fused, emit=level))
-        assert not _square_tensors(text, s), (level, _square_tensors(text, s)[:3])
+    fused_ssmax = am.rewrite(imported, to="ssmax", s=0.5, fused=True, tile=32)
+    for mod in (fused, fused_ssmax):
+        for level in ("torch", "linalg", "llvm"):
+            text = str(am.lower(mod, emit=level))
+            assert not _square_tensors(text, s), (level, _square_tensors(text, s)[:3])
     got = am.compile(fused)(q, k, v)
     torch.testing.assert_close(got, semantics.attention(q, k, v, is_causal=True), atol=ATOL, rtol=1e-5)
+    got = am.compile(fused_ssmax)(q, k, v)
+    torch.testing.assert_close(got, semantics.ssmax_attention(q, k, v, is_causal=True, s=0.5), atol=ATOL, rtol=1e-5)
 
 
 def test_fused_tail_tile_and_fully_masked_row():
@@ -233,6 +309,10 @@ def test_cli_writes_lowered_mlir(gqa_onnx, tmp_path):
     out = tmp_path / "ssmax.mlir"
     assert main(["mlir", str(gqa_onnx), "--to", "ssmax", "--train-len", "16", "-o", str(out)]) == 0
     assert "attnpass_ssmax_0" in out.read_text()
+    out = tmp_path / "ssmax_fused.mlir"
+    assert main(["mlir", str(gqa_onnx), "--to", "ssmax", "--fused", "--s", "0.5", "-o", str(out)]) == 0
+    assert "attnpass_fused_0" in out.read_text() and "attnpass_ssmax" not in out.read_text()
+    assert main(["mlir", str(gqa_onnx), "--to", "fused", "--fused"]) == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".attnpass-")]
 
 

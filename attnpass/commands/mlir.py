@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--b", type=float, default=None, help="SSMax b for every head (default none)")
     p.add_argument("--train-len", type=int, default=None, help="SSMax s = 1/log(train_len)")
     p.add_argument("--tile", type=int, default=None, help="keys per loop iteration of the fused lowering")
+    p.add_argument("--fused", action="store_true",
+                   help="with --to ssmax: apply SSMax inside the fused online-softmax loop nest")
     p.set_defaults(func=run)
 
 
@@ -71,10 +73,12 @@ def run(args: argparse.Namespace) -> int:
         _check_output(args.output)  # before the import and lowering, which take a while
     mod = _load(args.model)
     report = am.find(mod)
+    if args.fused and args.to != "ssmax":
+        raise AttnpassError("--fused goes with --to ssmax (--to fused is already fused)")
     if args.to != "none":
         try:
             mod, report = am.rewrite(mod, to=args.to, s=args.s, b=args.b, train_len=args.train_len, tile=args.tile,
-                                     with_report=True)
+                                     with_report=True, fused=args.fused)
         except AttnpassError as e:
             raise AttnpassError(f"{args.model}: {e}") from e
     try:

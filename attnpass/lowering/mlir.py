@@ -87,8 +87,9 @@ def new_context() -> Any:
     """A context with the torch and torch_c dialects loaded.
 
     The Python bindings register only ``torch``; ``torch_c`` (the vtensor <-> builtin tensor
-    casts our rewrites put at the boundary of their linalg functions) gets loaded as a dependent
-    dialect of a pass that creates its ops, so one is run once on an empty module.
+    casts our rewrites put at the boundary of their linalg functions) and ``tm_tensor`` (what
+    torch-mlir lowers an SDPA call it keeps to) get loaded as dependent dialects of passes that
+    create their ops, so those are run once on an empty module.
     """
     ir = require_torch_mlir()
     from torch_mlir.dialects import torch as torch_d
@@ -97,7 +98,7 @@ def new_context() -> Any:
     ctx = ir.Context()
     torch_d.register_dialect(ctx)
     with ctx:
-        PassManager.parse("builtin.module(torch-func-backend-type-conversion)").run(ir.Module.parse("module {}").operation)
+        PassManager.parse("builtin.module(torch-func-backend-type-conversion,func.func(convert-torch-to-tmtensor))").run(ir.Module.parse("module {}").operation)
     return ctx
 
 
@@ -253,15 +254,8 @@ def _consume_symbols(llvm_text: str) -> list[tuple[str, list[str]]]:
 def compile_module(module: Any, from_linalg: bool = False, func_name: str = "main", opt_level: int = 3) -> JitFunction:
     """torch dialect (or linalg-on-tensors) -> a Python-callable native function."""
     llvm = to_llvm(module, from_linalg=from_linalg)
-    return JitFunction(llvm, func_name=func_name, opt_level=opt_level, shared_libs=_libm())
-
-
-def _libm() -> list[str]:
-    """``convert-math-to-libm`` leaves calls to libm; name it so the JIT can resolve them."""
-    import ctypes.util
-
-    path = ctypes.util.find_library("m")
-    return [] if path is None else []
+    # calls that convert-math-to-libm leaves resolve against the host process, which has libm loaded
+    return JitFunction(llvm, func_name=func_name, opt_level=opt_level)
 
 
 Runner = Callable[..., Any]

@@ -79,6 +79,9 @@ _PURE_PREFIXES = ("torch.aten.", "torch.prim.ListConstruct", "torch.constant.", 
 # Ops that only assert on a value: not users of it, and erased with it.
 _ASSERTS = ("torch.aten._assert_tensor_metadata", "torch.aten._assert_scalar", "torch.aten.sym_constrain_range_for_size")
 
+# Ops that read only the shape and dtype of their first operand: not users of its values.
+_SHAPE_ONLY = ("full_like", "zeros_like", "ones_like", "empty_like")
+
 _VTENSOR = re.compile(r"^!torch\.vtensor<\[([^\]]*)\],([a-z0-9]+)>$")
 
 
@@ -91,6 +94,9 @@ class _Val:
     producer: _Node | None = None
     users: list[_Node] = field(default_factory=list)
     returned: bool = False
+
+    def __repr__(self) -> str:  # the generated one walks producers and users: the whole graph
+        return f"_Val({self.type})"
 
     @property
     def shape(self) -> tuple[Dim, ...] | None:
@@ -120,6 +126,9 @@ class _Node:
     results: list[_Val]
     label: str
     softmax_parts: list[_Node] = field(default_factory=list)  # decomposed softmax: max, sub, exp, sum
+
+    def __repr__(self) -> str:
+        return f"_Node({self.label} = {self.opname})"
 
 
 def _aten_name(opname: str) -> tuple[str | None, str]:
@@ -266,6 +275,8 @@ class MlirAdapter:
         for u in value.users:
             if u.opname in _ASSERTS:
                 continue
+            if u.aten in _SHAPE_ONLY and u.operands[0] is value and value not in u.operands[1:]:
+                continue  # full_like(p, 0) in the safe-softmax guard reads p's shape, not the probabilities
             owner = self._decomposed_owner(u)
             if owner is not None:
                 if owner is not value.producer and owner not in out:
@@ -295,7 +306,9 @@ class MlirAdapter:
             return _splat(attrs["value"])
         if p.aten is not None and _KINDS.get(p.aten) is Kind.IDENTITY and p.operands:
             return self.constant(p.operands[0])  # clone / lift_fresh_copy of a literal
-        if p.aten is not None and _KINDS.get(p.aten) is Kind.CONSTANT and all(d == 1 for d in (value.shape or ())):
+        if p.aten is not None and _KINDS.get(p.aten) is Kind.CONSTANT:
+            # a filled tensor of any shape is its fill value, as in the fx adapter (and as a splat literal
+            # is here): the safe-softmax guard's ``where(cond, full_like(p, 0), p)`` needs it
             return self.attr(p, "fill")
         return None
 
@@ -505,24 +518,85 @@ def _check_causal_alignment(site: AttentionSite) -> None:
 
 def _check_lowerable(adapter: MlirAdapter, site: AttentionSite) -> None:
     """What the MLIR rewrites cannot express yet goes into the report as the reason."""
+    _drop_implied_guards(adapter, site)
     if site.fuse_blocker is not None:
         return
     why = None
-    if site.form != "explicit":
-        why = "scaled_dot_product_attention calls are left to torch-mlir's own lowering"
-    elif any(o.perm is not None for o in (site.q, site.k, site.v)) or site.out_perm is not None:
+    masks = site_masks(site)
+    if any(o.perm is not None for o in (site.q, site.k, site.v)) or site.out_perm is not None:
         why = "einsum layouts are not handled by the MLIR fused rewrite"
     elif site.row_guards:
-        why = "rows zeroed after the softmax are not handled by the MLIR fused rewrite"
+        why = "rows zeroed after the softmax by a condition other than 'no attendable key' are not handled"
     else:
-        vals = [site.q.value, site.k.value, site.v.value, site.out] + [m.value for m in site.masks]
-        if any(v.shape is None or any(d is None for d in v.shape) for v in vals):
+        vals = [site.q.value, site.k.value, site.v.value, site.out] + [m.value for m in masks]
+        if any(not isinstance(v, _Val) or v.shape is None or any(d is None for d in v.shape) for v in vals):
             why = "dynamic shapes: the MLIR fused rewrite needs static sizes"
         elif any(v.dtype != "f32" for v in (site.q.value, site.k.value, site.v.value, site.out)):
             why = "the MLIR fused rewrite computes in f32 and the site is not f32"
-        elif any(m.value.dtype not in ("i1", "f32") for m in site.masks):
+        elif any(m.value.dtype not in ("i1", "f32") for m in masks):
             why = "a mask that is neither bool nor f32"
+        elif site.form == "sdpa" and site.k.groups == 1 and _gqa_groups(site) is None:
+            why = "scaled_dot_product_attention with a head count of Q that is not a multiple of K's"
     site.fuse_blocker = why
+
+
+def _drop_implied_guards(adapter: MlirAdapter, site: AttentionSite) -> None:
+    """Forget the safe-softmax guard: the rewrites give 0 for a row with no attendable key anyway.
+
+    torch's decomposition of ``scaled_dot_product_attention`` (what ``torch_mlir.fx.export_and_import``
+    applies by default) zeroes the rows whose scores are all ``-inf``:
+    ``where(all(eq(x, -inf), -1, keepdim), full_like(p, 0), softmax(x))``; fx's own spelling is
+    ``where(any(not(eq(x, -inf))), softmax(x), 0)``.  Both only restate what the fused loop nest
+    does, and keeping the guard would keep the ``S x S`` scores alive just to compute it.
+    """
+    x = adapter.inputs(site.softmax)[0] if site.form == "explicit" else None
+    kept = []
+    for cond, zero_when in site.row_guards:
+        if x is not None and _is_no_key_test(cond, x, want_all=zero_when):
+            site.notes.append("safe-softmax guard: implied (a row with no attendable key is 0)")
+        else:
+            kept.append((cond, zero_when))
+    site.row_guards = kept
+
+
+def _is_no_key_test(cond: Any, x: _Val, want_all: bool) -> bool:
+    """``all(x == -inf)`` over the key axis (``want_all``), or ``any(x != -inf)`` (its negation)."""
+    red = cond.producer if isinstance(cond, _Val) else None
+    if red is None or red.aten not in ("all", "any") or (red.aten == "all") != want_all:
+        return False
+    test = red.operands[0].producer
+    if test is not None and test.aten in ("logical_not", "bitwise_not") and not want_all:
+        test = test.operands[0].producer
+        wanted = "eq"
+    else:
+        wanted = "eq" if want_all else "ne"
+    if test is None or test.aten != wanted or test.operands[0] is not x:
+        return False
+    lit = test.operands[1].producer
+    if lit is None or lit.opname != "torch.constant.float":
+        return False
+    return float(lit.op.attributes["value"].value) == -math.inf
+
+
+def site_masks(site: AttentionSite) -> list[MaskTerm]:
+    """The mask terms the rewrites apply: the chain's, or the ``attn_mask`` of an SDPA call."""
+    if site.form != "sdpa":
+        return list(site.masks)
+    m = site.sdpa_mask
+    if m is None or (isinstance(m, _Val) and m.type == "!torch.none"):
+        return []
+    kind = "bool" if isinstance(m, _Val) and m.dtype == "i1" else "additive"
+    return [MaskTerm(kind, m, site.softmax)]
+
+
+def _gqa_groups(site: AttentionSite) -> int | None:
+    """Query heads per K/V head of an SDPA call (1 without GQA); None if they do not divide."""
+    qs, ks = site.q.value.shape, site.k.value.shape
+    if len(qs) < 3 or len(ks) < 3 or qs[-3] == ks[-3]:
+        return 1
+    if ks[-3] and qs[-3] % ks[-3] == 0:
+        return qs[-3] // ks[-3]
+    return None
 
 
 # ------------------------------------------------------------------ text generation helpers
@@ -632,48 +706,82 @@ def _region_args(t: _Text, elems: list[str]) -> list[str]:
     return [t.fresh("a") for _ in elems]
 
 
-# ------------------------------------------------------------------ the SSMax logits function
+# ------------------------------------------------------------------ the SSMax factor and logits
 
-def _ssmax_func(name: str, x_shape: tuple[int, ...], masks: list[_MaskIn], heads: int,
-                s_arg: bool, b_arg: bool, s: list[float], b: list[float] | None) -> str:
-    """``z = allowed ? (s_h log max(n_i, 1) + b_h) * x : finfo.min`` with ``n_i`` reduced from the masks."""
-    t = _Text()
-    rank = len(x_shape)
+@dataclass
+class _Ssmax:
+    """SSMax parameters as the generated code takes them: constants, or ``[H]`` function arguments."""
+
+    heads: int
+    s: list[float]
+    b: list[float] | None
+    s_arg: bool = False
+    b_arg: bool = False
+
+    def args(self) -> list[str]:
+        hty = _tensor_type((self.heads,), "f32")
+        return ([f"%s: {hty}"] if self.s_arg else []) + ([f"%b: {hty}"] if self.b_arg else [])
+
+    def emit_constants(self, t: _Text) -> None:
+        """Bind ``%s`` and ``%b`` for the factor code when they are not arguments."""
+        hty = _tensor_type((self.heads,), "f32")
+        if not self.s_arg:
+            t.emit(f"%s = arith.constant dense<[{', '.join(_f32(v) for v in self.s)}]> : {hty}")
+        if not self.b_arg:
+            bv = self.b if self.b is not None else [0.0] * self.heads
+            t.emit(f"%b = arith.constant dense<[{', '.join(_f32(v) for v in bv)}]> : {hty}")
+
+
+def _emit_factor(t: _Text, row_shape: tuple[int, ...], s_k: int, masks: list[_MaskIn], causal: bool,
+                 ss: _Ssmax) -> str:
+    """``s_h log max(n_i, 1) + b_h`` per row, ``n_i`` counted over the keys from the masks (and causal).
+
+    The count is a reduction over the key axis that reads the masks where they are (broadcast),
+    so it builds only a ``[..., S_q]`` tensor: the fused rewrite keeps its no-``S x S`` promise.
+    Causal is top-left (``j <= i``), what the fused loop nest and SDPA's ``is_causal`` apply.
+    """
+    rank = len(row_shape) + 1
     dims = [f"d{i}" for i in range(rank)]
     dl = "(" + ", ".join(dims) + ")"
-    xty = _tensor_type(x_shape, "f32")
-    row_shape = x_shape[:-1]
+    domain = (*row_shape, s_k)
     rty = _tensor_type(row_shape, "f32")
-    hty = _tensor_type((heads,), "f32")
-    args = [f"%x: {xty}"] + [f"{m.arg}: {_tensor_type(m.shape, m.elem)}" for m in masks]
-    if s_arg:
-        args.append(f"%s: {hty}")
-    if b_arg:
-        args.append(f"%b: {hty}")
-    t.emit(f"func.func private @{name}({', '.join(args)}) -> {xty} {{", 1)
-    if not s_arg:
-        t.emit(f"%s = arith.constant dense<[{', '.join(_f32(v) for v in s)}]> : {hty}")
-    if not b_arg:
-        bv = b if b is not None else [0.0] * heads
-        t.emit(f"%b = arith.constant dense<[{', '.join(_f32(v) for v in bv)}]> : {hty}")
-    ident = f"affine_map<{dl} -> {dl}>"
+    hty = _tensor_type((ss.heads,), "f32")
     row = f"affine_map<{dl} -> ({', '.join(dims[:-1])})>"
-    mmaps = [f"affine_map<{dl} -> {_bcast_map(m.shape, x_shape, dims)}>" for m in masks]
-    head_d = dims[rank - 3] if rank >= 3 and heads > 1 else "0"
-    hmap_row = f"affine_map<({', '.join(dims[:-1])}) -> ({head_d})>"
-    # n_i: count the attendable keys of each row
     n0 = _filled(t, row_shape, "0.0", 2)
     n = t.fresh("n")
-    if masks:
-        ins = ", ".join(m.arg for m in masks)
-        ins_ty = ", ".join(_tensor_type(m.shape, m.elem) for m in masks)
+    if causal and not masks:
+        # no tensor to reduce over (a generic needs one to size the key loop): n_i = min(i + 1, S_k)
+        rd = "(" + ", ".join(dims[:-1]) + ")"
+        par = ", ".join(['"parallel"'] * (rank - 1))
+        t.emit(f"{n} = linalg.generic {{indexing_maps = [affine_map<{rd} -> {rd}>], "
+               f"iterator_types = [{par}]}} outs({n0} : {rty}) {{")
+        acc, ii, one, cnt, top, r, ri = (t.fresh(h) for h in ("a", "i", "one", "cnt", "top", "n", "ri"))
+        t.emit(f"^bb0({acc}: f32):", 2)
+        t.emit(f"{ii} = linalg.index {rank - 2} : index", 3)
+        t.emit(f"{one} = arith.constant 1 : index", 3)
+        t.emit(f"{cnt} = arith.addi {ii}, {one} : index", 3)
+        t.emit(f"{top} = arith.constant {s_k} : index", 3)
+        t.emit(f"{r} = arith.minui {cnt}, {top} : index", 3)
+        t.emit(f"{ri} = arith.index_cast {r} : index to i64", 3)
+        rf = t.fresh("nf")
+        t.emit(f"{rf} = arith.uitofp {ri} : i64 to f32", 3)
+        t.emit(f"linalg.yield {rf} : f32", 3)
+        t.emit(f"}} -> {rty}")
+    elif masks:
+        mmaps = [f"affine_map<{dl} -> {_bcast_map(m.shape, domain, dims)}>" for m in masks]
         iters = ", ".join(['"parallel"'] * (rank - 1) + ['"reduction"'])
-        t.emit(f"{n} = linalg.generic {{indexing_maps = [{', '.join(mmaps + [row])}], iterator_types = [{iters}]}} "
-               f"ins({ins} : {ins_ty}) outs({n0} : {rty}) {{")
+        ins = ""
+        if masks:
+            ins = (f" ins({', '.join(m.arg for m in masks)} : "
+                   f"{', '.join(_tensor_type(m.shape, m.elem) for m in masks)})")
+        t.emit(f"{n} = linalg.generic {{indexing_maps = [{', '.join(mmaps + [row])}], iterator_types = [{iters}]}}"
+               f"{ins} outs({n0} : {rty}) {{")
         ra = _region_args(t, [m.elem for m in masks])
         acc = t.fresh("acc")
-        t.emit("^bb0(" + ", ".join(f"{a}: {m.elem}" for a, m in zip(ra, masks)) + f", {acc}: f32):", 2)
+        t.emit("^bb0(" + ", ".join([f"{a}: {m.elem}" for a, m in zip(ra, masks)] + [f"{acc}: f32"]) + "):", 2)
         _, ok = _mask_body(t, masks, ra, 3)
+        if causal:
+            ok = _and(t, ok, _causal_test(t, rank - 2, rank - 1, None, 3), 3)
         one, zero, inc, out = t.fresh("one"), t.fresh("zero"), t.fresh("inc"), t.fresh("cnt")
         t.emit(f"{one} = arith.constant 1.0 : f32", 3)
         t.emit(f"{zero} = arith.constant 0.0 : f32", 3)
@@ -682,15 +790,16 @@ def _ssmax_func(name: str, x_shape: tuple[int, ...], masks: list[_MaskIn], heads
         t.emit(f"linalg.yield {out} : f32", 3)
         t.emit(f"}} -> {rty}")
     else:
-        t.emit(f"%cnt_all = arith.constant {_f32(float(x_shape[-1]))} : f32")
-        t.emit(f"{n} = linalg.fill ins(%cnt_all : f32) outs({n0} : {rty}) -> {rty}")
-    # factor_i = s_h * log(max(n_i, 1)) + b_h
-    f0 = t.fresh("empty")
-    t.emit(f"{f0} = tensor.empty() : {rty}")
-    fac = t.fresh("factor")
+        call = t.fresh("cnt_all")
+        t.emit(f"{call} = arith.constant {_f32(float(s_k))} : f32")
+        t.emit(f"{n} = linalg.fill ins({call} : f32) outs({n0} : {rty}) -> {rty}")
     rdims = "(" + ", ".join(dims[:-1]) + ")"
     rident = f"affine_map<{rdims} -> {rdims}>"
+    head_d = dims[rank - 3] if rank >= 3 and ss.heads > 1 else "0"
+    hmap_row = f"affine_map<{rdims} -> ({head_d})>"
     riters = ", ".join(['"parallel"'] * (rank - 1))
+    f0, fac = t.fresh("empty"), t.fresh("factor")
+    t.emit(f"{f0} = tensor.empty() : {rty}")
     t.emit(f"{fac} = linalg.generic {{indexing_maps = [{rident}, {hmap_row}, {hmap_row}, {rident}], "
            f"iterator_types = [{riters}]}} ins({n}, %s, %b : {rty}, {hty}, {hty}) outs({f0} : {rty}) {{")
     an, as_, ab, ao = (t.fresh("a") for _ in range(4))
@@ -703,6 +812,45 @@ def _ssmax_func(name: str, x_shape: tuple[int, ...], masks: list[_MaskIn], heads
     t.emit(f"{r} = arith.addf {m1}, {ab} : f32", 3)
     t.emit(f"linalg.yield {r} : f32", 3)
     t.emit(f"}} -> {rty}")
+    return fac
+
+
+def _causal_test(t: _Text, i_dim: int, j_dim: int, j0: str | None, ind: int) -> str:
+    """Inside a linalg region: ``j0 + j <= i`` (top-left causal) from the loop indices."""
+    ii, jj, ok = t.fresh("i"), t.fresh("j"), t.fresh("causal")
+    t.emit(f"{ii} = linalg.index {i_dim} : index", ind)
+    t.emit(f"{jj} = linalg.index {j_dim} : index", ind)
+    if j0 is not None:
+        jg = t.fresh("jg")
+        t.emit(f"{jg} = arith.addi {jj}, {j0} : index", ind)
+        jj = jg
+    t.emit(f"{ok} = arith.cmpi ule, {jj}, {ii} : index", ind)
+    return ok
+
+
+def _and(t: _Text, a: str | None, b: str, ind: int) -> str:
+    if a is None:
+        return b
+    both = t.fresh("ok")
+    t.emit(f"{both} = arith.andi {a}, {b} : i1", ind)
+    return both
+
+
+def _ssmax_func(name: str, x_shape: tuple[int, ...], masks: list[_MaskIn], ss: _Ssmax) -> str:
+    """``z = allowed ? (s_h log max(n_i, 1) + b_h) * x : finfo.min`` with ``n_i`` reduced from the masks."""
+    t = _Text()
+    rank = len(x_shape)
+    dims = [f"d{i}" for i in range(rank)]
+    dl = "(" + ", ".join(dims) + ")"
+    xty = _tensor_type(x_shape, "f32")
+    args = [f"%x: {xty}"] + [f"{m.arg}: {_tensor_type(m.shape, m.elem)}" for m in masks] + ss.args()
+    t.emit(f"func.func private @{name}({', '.join(args)}) -> {xty} {{", 1)
+    ss.emit_constants(t)
+    fac = _emit_factor(t, x_shape[:-1], x_shape[-1], masks, False, ss)
+    ident = f"affine_map<{dl} -> {dl}>"
+    row = f"affine_map<{dl} -> ({', '.join(dims[:-1])})>"
+    mmaps = [f"affine_map<{dl} -> {_bcast_map(m.shape, x_shape, dims)}>" for m in masks]
+    rty = _tensor_type(x_shape[:-1], "f32")
     # z = allowed ? x * factor : finfo.min
     z0 = t.fresh("empty")
     t.emit(f"{z0} = tensor.empty() : {xty}")
@@ -729,6 +877,65 @@ def _ssmax_func(name: str, x_shape: tuple[int, ...], masks: list[_MaskIn], heads
         t.emit(f"linalg.yield {sel} : f32", 3)
     t.emit(f"}} -> {xty}")
     t.emit(f"return {z} : {xty}")
+    t.emit("}", 1)
+    return "\n".join(t.lines)
+
+
+def _ssmax_sdpa_func(name: str, q_shape: tuple[int, ...], s_k: int, masks: list[_MaskIn], causal: bool,
+                     ss: _Ssmax, q_mult: float = 1.0) -> str:
+    """SSMax for an SDPA call, as ``semantics.ssmax_sdpa``: returns ``q * f * q_mult`` and, for an additive
+    mask, the mask with its attendable entries times ``f`` (``[..., S_q, S_k]``); masked entries keep their
+    value, which SDPA adds after the product, so no factor can unmask a key."""
+    t = _Text()
+    rank = len(q_shape)
+    row_shape = q_shape[:-1]
+    qty = _tensor_type(q_shape, "f32")
+    rty = _tensor_type(row_shape, "f32")
+    mask_shape = (*row_shape, s_k)
+    mty = _tensor_type(mask_shape, "f32")
+    additive = [m for m in masks if m.term.kind == "additive"]
+    results = [qty] + ([mty] if additive else [])
+    args = [f"%q: {qty}"] + [f"{m.arg}: {_tensor_type(m.shape, m.elem)}" for m in masks] + ss.args()
+    t.emit(f"func.func private @{name}({', '.join(args)}) -> ({', '.join(results)}) {{", 1)
+    ss.emit_constants(t)
+    fac = _emit_factor(t, row_shape, s_k, masks, causal, ss)
+    dims = [f"d{i}" for i in range(rank)]
+    dl = "(" + ", ".join(dims) + ")"
+    ident, row = f"affine_map<{dl} -> {dl}>", f"affine_map<{dl} -> ({', '.join(dims[:-1])})>"
+    iters = ", ".join(['"parallel"'] * rank)
+    q0, q2 = t.fresh("empty"), t.fresh("qs")
+    t.emit(f"{q0} = tensor.empty() : {qty}")
+    t.emit(f"{q2} = linalg.generic {{indexing_maps = [{ident}, {row}, {ident}], iterator_types = [{iters}]}} "
+           f"ins(%q, {fac} : {qty}, {rty}) outs({q0} : {qty}) {{")
+    a, b, c, r = t.fresh("a"), t.fresh("a"), t.fresh("a"), t.fresh("r")
+    t.emit(f"^bb0({a}: f32, {b}: f32, {c}: f32):", 2)
+    if q_mult != 1.0:
+        cm, bm = t.fresh("qmult"), t.fresh("f")
+        t.emit(f"{cm} = arith.constant {_f32(q_mult)} : f32", 3)
+        t.emit(f"{bm} = arith.mulf {b}, {cm} : f32", 3)
+        b = bm
+    t.emit(f"{r} = arith.mulf {a}, {b} : f32", 3)
+    t.emit(f"linalg.yield {r} : f32", 3)
+    t.emit(f"}} -> {qty}")
+    outs = [q2]
+    if additive:
+        m = additive[0]
+        mmap = f"affine_map<{dl} -> {_bcast_map(m.shape, mask_shape, dims)}>"
+        m0, m2 = t.fresh("empty"), t.fresh("mask")
+        t.emit(f"{m0} = tensor.empty() : {mty}")
+        t.emit(f"{m2} = linalg.generic {{indexing_maps = [{mmap}, {row}, {ident}], iterator_types = [{iters}]}} "
+               f"ins({m.arg}, {fac} : {_tensor_type(m.shape, 'f32')}, {rty}) outs({m0} : {mty}) {{")
+        a, b, c = t.fresh("a"), t.fresh("a"), t.fresh("a")
+        t.emit(f"^bb0({a}: f32, {b}: f32, {c}: f32):", 2)
+        lim, keep, p, sel = t.fresh("lim"), t.fresh("keep"), t.fresh("p"), t.fresh("sel")
+        t.emit(f"{lim} = arith.constant {_f32(semantics.MASKED_BELOW)} : f32", 3)
+        t.emit(f"{keep} = arith.cmpf ogt, {a}, {lim} : f32", 3)
+        t.emit(f"{p} = arith.mulf {a}, {b} : f32", 3)
+        t.emit(f"{sel} = arith.select {keep}, {p}, {a} : f32", 3)
+        t.emit(f"linalg.yield {sel} : f32", 3)
+        t.emit(f"}} -> {mty}")
+        outs.append(m2)
+    t.emit(f"return {', '.join(outs)} : {', '.join(results)}")
     t.emit("}", 1)
     return "\n".join(t.lines)
 
@@ -762,6 +969,7 @@ class _FusedSpec:
     causal: bool
     masks: list[_MaskIn]
     tile: int
+    ssmax: _Ssmax | None = None  # SSMax inside the loop nest: a per-row factor on the logits
 
 
 def _fused_func(name: str, sp: _FusedSpec) -> str:
@@ -781,7 +989,13 @@ def _fused_func(name: str, sp: _FusedSpec) -> str:
     qty, kty, vty = (_tensor_type(s, "f32") for s in (sp.q_shape, sp.k_shape, sp.v_shape))
     group_dim = nb - 1 if nb >= 1 else None
     args = [f"%q: {qty}", f"%k: {kty}", f"%v: {vty}"] + [f"{m.arg}: {_tensor_type(m.shape, m.elem)}" for m in sp.masks]
+    args += sp.ssmax.args() if sp.ssmax else []
     t.emit(f"func.func private @{name}({', '.join(args)}) -> {oty} {{", 1)
+    factor = None
+    if sp.ssmax is not None:
+        # n_i needs every key of the row before the first tile: one reduction over the masks up front
+        sp.ssmax.emit_constants(t)
+        factor = _emit_factor(t, row_shape, sp.s_k, sp.masks, sp.causal, sp.ssmax)
     m_init = _filled(t, row_shape, _f32(-math.inf), 2)
     l_init = _filled(t, row_shape, "0.0", 2)
     acc_init = _filled(t, out_shape, "0.0", 2)
@@ -797,14 +1011,14 @@ def _fused_func(name: str, sp: _FusedSpec) -> str:
         j0, m, lv, acc = "%j0", t.fresh("m"), t.fresh("l"), t.fresh("acc")
         t.emit(f"{res}:3 = scf.for {j0} = {c0} to {cend} step {cstep} iter_args({m} = {state[0]}, {lv} = {state[1]}, "
                f"{acc} = {state[2]}) -> ({rty}, {rty}, {oty}) {{")
-        new = _fused_tile(t, sp, j0, sp.tile, (m, lv, acc), (dims5, dl5, dl4, dl3, dlo, group_dim), 3)
+        new = _fused_tile(t, sp, j0, sp.tile, (m, lv, acc), (dims5, dl5, dl4, dl3, dlo, group_dim), factor, 3)
         t.emit(f"scf.yield {new[0]}, {new[1]}, {new[2]} : {rty}, {rty}, {oty}", 3)
         t.emit("}")
         state = (f"{res}#0", f"{res}#1", f"{res}#2")
     if tail:
         jt = t.fresh("c")
         t.emit(f"{jt} = arith.constant {n_full * sp.tile} : index")
-        state = _fused_tile(t, sp, jt, tail, state, (dims5, dl5, dl4, dl3, dlo, group_dim), 2)
+        state = _fused_tile(t, sp, jt, tail, state, (dims5, dl5, dl4, dl3, dlo, group_dim), factor, 2)
     # out = l > 0 ? acc / l : 0   (a row with no attendable key is 0, never NaN)
     o0, out = t.fresh("empty"), t.fresh("out")
     t.emit(f"{o0} = tensor.empty() : {oty}")
@@ -827,8 +1041,12 @@ def _fused_func(name: str, sp: _FusedSpec) -> str:
 
 
 def _fused_tile(t: _Text, sp: _FusedSpec, j0: str, tile: int, state: tuple[str, str, str],
-                layout: tuple, ind: int) -> tuple[str, str, str]:
-    """One key tile ``[j0, j0 + tile)``: logits, new running max, rescaled normaliser and accumulator."""
+                layout: tuple, factor: str | None, ind: int) -> tuple[str, str, str]:
+    """One key tile ``[j0, j0 + tile)``: logits, new running max, rescaled normaliser and accumulator.
+
+    ``factor`` (SSMax) is the ``[..., S_q]`` per-row multiplier, applied after the biases and before
+    the masks, the order ``semantics.attention`` defines.
+    """
     dims5, dl5, dl4, dl3, dlo, group_dim = layout
     nb = len(sp.batch)
     m_old, l_old, acc_old = state
@@ -837,7 +1055,6 @@ def _fused_tile(t: _Text, sp: _FusedSpec, j0: str, tile: int, state: tuple[str, 
     row_shape = (*sp.batch, sp.s_q)
     out_shape = (*sp.batch, sp.s_q, sp.dv)
     sty, rty, oty = _tensor_type(tile_shape, "f32"), _tensor_type(row_shape, "f32"), _tensor_type(out_shape, "f32")
-    zero_idx = ["0"] * (len(sp.k_shape) - 2)
     one_idx = ["1"] * len(sp.k_shape)
 
     def kslice(src: str, shape: tuple[int, ...], axis_from_end: int) -> tuple[str, tuple[int, ...]]:
@@ -848,11 +1065,10 @@ def _fused_tile(t: _Text, sp: _FusedSpec, j0: str, tile: int, state: tuple[str, 
         sizes[ax] = tile
         out = t.fresh("tile")
         t.emit(f"{out} = tensor.extract_slice {src}[{', '.join(offs)}] [{', '.join(map(str, sizes))}] "
-               f"[{', '.join(one_idx[:len(shape)])}] : {_tensor_type(shape, _elem_of(src, sp))} to "
-               f"{_tensor_type(tuple(sizes), _elem_of(src, sp))}", ind)
+               f"[{', '.join(one_idx[:len(shape)])}] : {_tensor_type(shape, 'f32')} to "
+               f"{_tensor_type(tuple(sizes), 'f32')}", ind)
         return out, tuple(sizes)
 
-    del zero_idx
     kt, kt_shape = kslice("%k", sp.k_shape, 1 if sp.k_transposed else 2)
     vt, vt_shape = kslice("%v", sp.v_shape, 2)
     mask_tiles: list[tuple[str, tuple[int, ...], _MaskIn]] = []
@@ -896,16 +1112,18 @@ def _fused_tile(t: _Text, sp: _FusedSpec, j0: str, tile: int, state: tuple[str, 
     z0, z = t.fresh("empty"), t.fresh("z")
     iters_z = ", ".join(['"parallel"'] * (nb + 2))
     t.emit(f"{z0} = tensor.empty() : {sty}", ind)
-    ins = ", ".join([s] + [mt[0] for mt in mask_tiles])
-    ins_ty = ", ".join([sty] + [_tensor_type(mt[1], mt[2].elem) for mt in mask_tiles])
-    t.emit(f"{z} = linalg.generic {{indexing_maps = [{', '.join([ident4] + mmaps + [ident4])}], "
+    fmaps = [f"affine_map<{dl4} -> {dl3}>"] if factor else []
+    ins = ", ".join([s] + [mt[0] for mt in mask_tiles] + ([factor] if factor else []))
+    ins_ty = ", ".join([sty] + [_tensor_type(mt[1], mt[2].elem) for mt in mask_tiles] + ([rty] if factor else []))
+    t.emit(f"{z} = linalg.generic {{indexing_maps = [{', '.join([ident4] + mmaps + fmaps + [ident4])}], "
            f"iterator_types = [{iters_z}]}} ins({ins} : {ins_ty}) outs({z0} : {sty}) {{",
            ind)
     ax = t.fresh("a")
     ra = _region_args(t, [mt[2].elem for mt in mask_tiles])
+    af = [t.fresh("a")] if factor else []
     ao = t.fresh("a")
     t.emit("^bb0(" + ", ".join([f"{ax}: f32"] + [f"{x}: {mt[2].elem}" for x, mt in zip(ra, mask_tiles)]
-                               + [f"{ao}: f32"]) + "):", ind + 1)
+                               + [f"{x}: f32" for x in af] + [f"{ao}: f32"]) + "):", ind + 1)
     i2 = ind + 2
     sc, x = t.fresh("scale"), t.fresh("x")
     t.emit(f"{sc} = arith.constant {_f32(sp.scale)} : f32", i2)
@@ -922,18 +1140,12 @@ def _fused_tile(t: _Text, sp: _FusedSpec, j0: str, tile: int, state: tuple[str, 
         nx = t.fresh("x")
         t.emit(f"{nx} = arith.addf {x}, {add} : f32", i2)
         x = nx
+    if af:
+        nx = t.fresh("x")
+        t.emit(f"{nx} = arith.mulf {x}, {af[0]} : f32", i2)
+        x = nx
     if sp.causal:
-        ii, jj, jg, okc = t.fresh("i"), t.fresh("j"), t.fresh("jg"), t.fresh("causal")
-        t.emit(f"{ii} = linalg.index {nb} : index", i2)
-        t.emit(f"{jj} = linalg.index {nb + 1} : index", i2)
-        t.emit(f"{jg} = arith.addi {jj}, {j0} : index", i2)
-        t.emit(f"{okc} = arith.cmpi ule, {jg}, {ii} : index", i2)
-        if ok is None:
-            ok = okc
-        else:
-            both = t.fresh("ok")
-            t.emit(f"{both} = arith.andi {ok}, {okc} : i1", i2)
-            ok = both
+        ok = _and(t, ok, _causal_test(t, nb, nb + 1, j0, i2), i2)
     if ok is not None:
         ninf, sel = t.fresh("ninf"), t.fresh("x")
         t.emit(f"{ninf} = arith.constant {_f32(-math.inf)} : f32", i2)
@@ -1038,10 +1250,6 @@ def _fused_tile(t: _Text, sp: _FusedSpec, j0: str, tile: int, state: tuple[str, 
     return m_new, l_new, acc_new
 
 
-def _elem_of(src: str, sp: _FusedSpec) -> str:
-    return "f32"
-
-
 # ------------------------------------------------------------------ rewriting the module
 
 class _Editor:
@@ -1063,18 +1271,17 @@ class _Editor:
                                  loc=ir.Location.unknown(self.ctx), ip=ir.InsertionPoint(before))
         return op.result
 
-    def call(self, callee: str, args: list[Any], result: _Val, before: Any) -> Any:
-        """``func.call @callee(args)`` returning a builtin tensor, converted back to ``result``'s vtensor type."""
+    def call(self, callee: str, args: list[Any], types: list[str], before: Any) -> list[Any]:
+        """``func.call @callee(args)`` returning builtin tensors, each converted back to its vtensor type."""
         ir = self.ir
-        shape = tuple(result.shape or ())
-        bty = ir.Type.parse(_tensor_type(shape, "f32"), self.ctx)
+        btys = [ir.Type.parse(_builtin_of(ty), self.ctx) for ty in types]
         loc = ir.Location.unknown(self.ctx)
-        call = ir.Operation.create("func.call", results=[bty], operands=args,
+        call = ir.Operation.create("func.call", results=btys, operands=args,
                                    attributes={"callee": ir.FlatSymbolRefAttr.get(callee, self.ctx)},
                                    loc=loc, ip=ir.InsertionPoint(before))
-        back = ir.Operation.create("torch_c.from_builtin_tensor", results=[ir.Type.parse(result.type, self.ctx)],
-                                   operands=[call.result], loc=loc, ip=ir.InsertionPoint(before))
-        return back.result
+        return [ir.Operation.create("torch_c.from_builtin_tensor", results=[ir.Type.parse(ty, self.ctx)],
+                                    operands=[r], loc=loc, ip=ir.InsertionPoint(before)).result
+                for r, ty in zip(call.results, types)]
 
     def add_func(self, text: str, what: str) -> None:
         """Parse one generated ``func.func`` (the MLIR parser verifies it) and append it to the module."""
@@ -1143,6 +1350,15 @@ def _unused(v: Any) -> bool:
     return True
 
 
+def _builtin_of(vtensor: str) -> str:
+    """``!torch.vtensor<[2,4],f32>`` -> ``tensor<2x4xf32>`` (static shapes only, as the rewrites need)."""
+    m = _VTENSOR.match(vtensor)
+    if m is None:
+        raise AttnpassError(f"internal error: not a value tensor type: {vtensor}")
+    dims = tuple(int(d) for d in m.group(1).split(",")) if m.group(1) else ()
+    return _tensor_type(dims, _builtin_elem(m.group(2)))
+
+
 def _mask_inputs(ed: _Editor, terms: list[MaskTerm], before: Any, prefix: str) -> tuple[list[_MaskIn], list[Any]]:
     ins, vals = [], []
     for i, term in enumerate(terms):
@@ -1153,64 +1369,117 @@ def _mask_inputs(ed: _Editor, terms: list[MaskTerm], before: Any, prefix: str) -
     return ins, vals
 
 
-def _heads(site: AttentionSite, x_shape: tuple[int, ...]) -> int:
+def _heads(x_shape: tuple[int, ...]) -> int:
+    """Heads of ``[..., H, S_q, S_k]`` scores (1 for rank-2; rank-3 ``[B*H, ...]`` counts every slice)."""
     return x_shape[-3] if len(x_shape) >= 3 and isinstance(x_shape[-3], int) else 1
 
 
+def _ssmax_params(ed: _Editor, func: Any, heads: int, s: float | list[float], b: float | list[float] | None,
+                  params: str, before: Any) -> tuple[_Ssmax, list[Any]]:
+    """The SSMax parameters of one site, and the builtin-tensor values to pass when they are arguments."""
+    ss = _Ssmax(heads, _per_head(s, heads, "s"), None if b is None else _per_head(b, heads, "b"))
+    vals = []
+    if params == "argument":
+        hty, bty = f"!torch.vtensor<[{heads}],f32>", f"tensor<{heads}xf32>"
+        vals.append(_to_builtin_raw(ed, ed.add_argument(func, hty), bty, before))
+        ss.s_arg = True
+        if b is not None:
+            vals.append(_to_builtin_raw(ed, ed.add_argument(func, hty), bty, before))
+            ss.b_arg = True
+    return ss, vals
+
+
 def to_ssmax(module: Any, s: float | list[float] = semantics.DEFAULT_S, b: float | list[float] | None = None,
-             params: str = "constant", report: MlirReport | None = None) -> MlirReport:
-    """Rewrite every explicit softmax site to SSMax in place; ``params="argument"`` makes s (and b)
-    trailing ``[H]`` arguments of the public function instead of constants."""
+             params: str = "constant", fused: bool = False, tile: int = DEFAULT_TILE,
+             report: MlirReport | None = None) -> MlirReport:
+    """Rewrite every site to SSMax in place; ``params="argument"`` makes s (and b) trailing ``[H]``
+    arguments of the public function instead of constants.
+
+    Explicit chains get the factor on the softmax input (``semantics.ssmax_logits``); SDPA calls
+    keep the call and get ``q * f`` and a scaled additive mask (``semantics.ssmax_sdpa``).
+    ``fused=True`` (as ``attnpass.to_ssmax(..., fused=True)``) instead replaces each fusable site by
+    the online-softmax loop nest with the factor applied inside it; unfusable sites still get SSMax.
+    """
     if params not in ("constant", "argument"):
         raise AttnpassError(f"ssmax params must be 'constant' or 'argument', got {params!r}")
     report = find(module) if report is None else report
     ed = _Editor(module)
-    touched = set()
     for site in report.sites:
-        if site.form != "explicit":
-            site.notes.append("left alone: SSMax on scaled_dot_product_attention calls is not done in MLIR")
-            continue
         adapter = report.adapters[site.index]
-        sm: _Node = site.softmax
-        x: _Val = adapter.inputs(sm)[0]
-        x_shape = x.shape
-        if x_shape is None or any(d is None for d in x_shape) or x.dtype != "f32":
-            site.notes.append("left alone: SSMax in MLIR needs static f32 scores")
-            continue
-        if any(m.value.dtype not in ("i1", "f32") or m.value.shape is None for m in site.masks):
-            site.notes.append("left alone: a mask that is neither bool nor f32")
-            continue
-        heads = _heads(site, x_shape)
-        s_list = _per_head(s, heads, "s")
-        b_list = None if b is None else _per_head(b, heads, "b")
-        first = sm.softmax_parts[0].op if sm.softmax_parts else sm.op
-        masks, mvals = _mask_inputs(ed, site.masks, first, "m")
-        xb = ed.builtin(x, first)
-        args = [xb, *mvals]
-        s_arg = b_arg = False
-        if params == "argument":
-            hty = f"!torch.vtensor<[{heads}],f32>"
-            sv = ed.add_argument(adapter.func, hty)
-            args.append(_to_builtin_raw(ed, sv, f"tensor<{heads}xf32>", first))
-            s_arg = True
-            if b is not None:
-                bv = ed.add_argument(adapter.func, hty)
-                args.append(_to_builtin_raw(ed, bv, f"tensor<{heads}xf32>", first))
-                b_arg = True
-        name = ed.fresh_symbol(f"attnpass_ssmax_{site.index}")
-        ed.add_func(_ssmax_func(name, tuple(x_shape), masks, heads, s_arg, b_arg, s_list, b_list), f"SSMax for {site.name}")
-        z = ed.call(name, args, x, first)
-        targets = [p.op for p in sm.softmax_parts[:2]] if sm.softmax_parts else [sm.op]
-        for t in targets:
-            for i, operand in enumerate(t.operands):
-                if operand == x.value:
-                    t.operands[i] = z
-        site.notes.append(f"SSMax via @{name}" + (" (s, b as arguments)" if s_arg else ""))
-        touched.add(id(adapter.func))
+        if fused and site.fusable:
+            _fuse_site(ed, site, tile, ssmax=(s, b, params, adapter.func))
+        elif site.form == "sdpa":
+            _ssmax_sdpa_site(ed, adapter, site, s, b, params)
+        else:
+            _ssmax_explicit_site(ed, adapter, site, s, b, params)
     for f in public_funcs(module):
-        if id(f) in touched or True:
-            _erase_dead(f)
+        _erase_dead(f)
     return report
+
+
+def _ssmax_explicit_site(ed: _Editor, adapter: MlirAdapter, site: AttentionSite, s: Any, b: Any, params: str) -> None:
+    sm: _Node = site.softmax
+    x: _Val = adapter.inputs(sm)[0]
+    x_shape = x.shape
+    if x_shape is None or any(d is None for d in x_shape) or x.dtype != "f32":
+        site.notes.append("left alone: SSMax in MLIR needs static f32 scores")
+        return
+    if any(m.value.dtype not in ("i1", "f32") or m.value.shape is None for m in site.masks):
+        site.notes.append("left alone: a mask that is neither bool nor f32")
+        return
+    first = sm.softmax_parts[0].op if sm.softmax_parts else sm.op
+    masks, mvals = _mask_inputs(ed, site.masks, first, "m")
+    xb = ed.builtin(x, first)
+    ss, pvals = _ssmax_params(ed, adapter.func, _heads(tuple(x_shape)), s, b, params, first)
+    name = ed.fresh_symbol(f"attnpass_ssmax_{site.index}")
+    ed.add_func(_ssmax_func(name, tuple(x_shape), masks, ss), f"SSMax for {site.name}")
+    z = ed.call(name, [xb, *mvals, *pvals], [x.type], first)[0]
+    targets = [p.op for p in sm.softmax_parts[:2]] if sm.softmax_parts else [sm.op]
+    for t in targets:
+        for i, operand in enumerate(t.operands):
+            if operand == x.value:
+                t.operands[i] = z
+    site.notes.append(f"SSMax via @{name}" + (" (s, b as arguments)" if ss.s_arg else ""))
+
+
+def _ssmax_sdpa_site(ed: _Editor, adapter: MlirAdapter, site: AttentionSite, s: Any, b: Any, params: str) -> None:
+    """SDPA call: the call stays; its q becomes ``q * f`` and an additive mask is scaled where attendable."""
+    call: _Node = site.softmax
+    q: _Val = call.operands[0]
+    masks_t = site_masks(site)
+    qs = q.shape
+    if qs is None or any(d is None for d in qs) or q.dtype != "f32" or site.seq_k is None or not isinstance(site.seq_k, int):
+        site.notes.append("left alone: SSMax in MLIR needs static f32 inputs")
+        return
+    if any(m.value.dtype not in ("i1", "f32") or m.value.shape is None for m in masks_t):
+        site.notes.append("left alone: a mask that is neither bool nor f32")
+        return
+    qs = tuple(qs)
+    masks, mvals = _mask_inputs(ed, masks_t, call.op, "m")
+    ss, pvals = _ssmax_params(ed, adapter.func, _heads((*qs[:-1], 1)), s, b, params, call.op)
+    # An explicit scale moves onto q and the call gets the default: torch-mlir's lowering of an SDPA
+    # call that has a mask or is_causal ignores its ``scale`` (off by ~0.5 on unit inputs), and the
+    # SSMax rewrite keeps the call.  ``(q c sqrt(d)) k / sqrt(d) = c q k`` is the same logits.
+    q_mult = 1.0
+    has_scale = len(call.operands) > 6 and call.operands[6].type != "!torch.none"
+    if has_scale and isinstance(qs[-1], int):
+        q_mult = float(site.scale) * math.sqrt(qs[-1])
+    name = ed.fresh_symbol(f"attnpass_ssmax_{site.index}")
+    ed.add_func(_ssmax_sdpa_func(name, qs, site.seq_k, masks, site.causal, ss, q_mult), f"SSMax for {site.name}")
+    additive = any(m.term.kind == "additive" for m in masks)
+    types = [q.type] + ([f"!torch.vtensor<[{','.join(map(str, (*qs[:-1], site.seq_k)))}],f32>"] if additive else [])
+    new = ed.call(name, [ed.builtin(q, call.op), *mvals, *pvals], types, call.op)
+    call.op.operands[0] = new[0]
+    if additive:
+        call.op.operands[3] = new[1]
+    if has_scale:
+        ir = ed.ir
+        none = ir.Operation.create("torch.constant.none", results=[ir.Type.parse("!torch.none", ed.ctx)],
+                                   loc=ir.Location.unknown(ed.ctx), ip=ir.InsertionPoint(call.op))
+        call.op.operands[6] = none.result
+        site.notes.append(f"scale {site.scale:g} folded into q")
+    site.notes.append(f"SSMax via @{name} (factor on q" + (", mask scaled" if additive else "") + ")"
+                      + (" (s, b as arguments)" if ss.s_arg else ""))
 
 
 def _to_builtin_raw(ed: _Editor, v: Any, ty: str, before: Any) -> Any:
@@ -1232,27 +1501,36 @@ def _per_head(x: float | list[float], heads: int, what: str) -> list[float]:
 
 
 def fuse(module: Any, tile: int = DEFAULT_TILE, report: MlirReport | None = None) -> MlirReport:
-    """Replace each fusable explicit site by a call to a generated online-softmax loop nest, in place."""
+    """Replace each fusable site (explicit chain or SDPA call) by a call to a generated online-softmax
+    loop nest, in place."""
     report = find(module) if report is None else report
     ed = _Editor(module)
     for site in report.sites:
-        if not site.fusable:
-            continue
-        spec = _spec(site, tile)
-        out: _Val = site.out
-        before = out.producer.op
-        # everything the call reads is defined before the op that produces the site's output
-        masks, mvals = _mask_inputs(ed, [m for m in site.masks if not (m.only_causal and site.causal)], before, "m")
-        spec.masks = masks
-        q, k, v = (ed.builtin(o.value, before) for o in (site.q, site.k, site.v))
-        name = ed.fresh_symbol(f"attnpass_fused_{site.index}")
-        ed.add_func(_fused_func(name, spec), f"fused attention for {site.name}")
-        new = ed.call(name, [q, k, v, *mvals], out, before)
-        out.value.replace_all_uses_with(new)
-        site.notes.append(f"fused via @{name} (tile {spec.tile})")
+        if site.fusable:
+            _fuse_site(ed, site, tile)
     for f in public_funcs(module):
         _erase_dead(f)
     return report
+
+
+def _fuse_site(ed: _Editor, site: AttentionSite, tile: int, ssmax: tuple | None = None) -> None:
+    """One site -> ``func.call @attnpass_fused_N(q, k, v, masks..., [s, b])``; ``ssmax = (s, b, params, func)``."""
+    spec = _spec(site, tile)
+    out: _Val = site.out
+    before = out.producer.op
+    # everything the call reads is defined before the op that produces the site's output
+    masks, mvals = _mask_inputs(ed, [m for m in site_masks(site) if not (m.only_causal and site.causal)], before, "m")
+    spec.masks = masks
+    pvals: list[Any] = []
+    if ssmax is not None:
+        s, b, params, func = ssmax
+        spec.ssmax, pvals = _ssmax_params(ed, func, spec.batch[-1] if spec.batch else 1, s, b, params, before)
+    q, k, v = (ed.builtin(o.value, before) for o in (site.q, site.k, site.v))
+    name = ed.fresh_symbol(f"attnpass_fused_{site.index}")
+    ed.add_func(_fused_func(name, spec), f"fused attention for {site.name}")
+    new = ed.call(name, [q, k, v, *mvals, *pvals], [out.type], before)[0]
+    out.value.replace_all_uses_with(new)
+    site.notes.append(f"fused via @{name} (tile {spec.tile})" + (" with SSMax" if ssmax is not None else ""))
 
 
 def _spec(site: AttentionSite, tile: int) -> _FusedSpec:
@@ -1263,9 +1541,12 @@ def _spec(site: AttentionSite, tile: int) -> _FusedSpec:
     batch = tuple(os_[:-2])
     if len(batch) != rank - 2:
         raise AttnpassError(f"internal error: output of {site.name} is not [batch..., S_q, D_v]")
+    k_groups, v_groups = site.k.groups, site.v.groups
+    if site.form == "sdpa" and k_groups == 1:
+        k_groups = v_groups = _gqa_groups(site) or 1  # enable_gqa: K/V carry fewer heads, not repeated
     return _FusedSpec(
         batch=batch, s_q=s_q, s_k=s_k, d=qs[-1], dv=vs[-1], q_shape=qs, k_shape=ks, v_shape=vs,
-        k_transposed=site.k.transposed, k_groups=site.k.groups, v_groups=site.v.groups,
+        k_transposed=site.k.transposed, k_groups=k_groups, v_groups=v_groups,
         scale=float(site.scale), softcap=site.softcap, causal=site.causal, masks=[], tile=_tile_for(s_k, tile),
     )
 
