@@ -181,3 +181,20 @@ def test_ssmax_on_causal_attention_op(tmp_path):
     assert "cumulative sum" in " ".join(res.report.sites[0].notes)
     want = semantics.ssmax_attention(q, k, v, allowed, s=0.9, b=0.2).numpy()
     np.testing.assert_allclose(run(out, feeds)["out"], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["ort", "onnx23"])
+def test_fused_attention_that_is_the_graph_output_keeps_its_name(tmp_path, target: str) -> None:
+    """When ``P @ V`` is itself the model's output, the fused op must take over its name."""
+
+    class Bare(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.softmax(q @ k.transpose(-2, -1) * 0.35, dim=-1) @ v
+
+    q = torch.randn(1, 2, 5, 8, generator=torch.Generator().manual_seed(0))
+    src = tmp_path / "bare.onnx"
+    torch.onnx.export(Bare(), (q, q, q), str(src), dynamo=False, opset_version=17)
+    out_name = onnx.load(str(src)).graph.output[0].name
+    res = aonnx.rewrite(src, tmp_path / f"bare.{target}.onnx", to="fused", target=target)
+    assert res.rewritten == 1 and res.validation.passed
+    assert onnx.load(str(res.written)).graph.output[0].name == out_name

@@ -1237,7 +1237,7 @@ def fuse(model: ir.Model, report: Report, target: str = "ort",
         if site.out.dtype is not None and site.q.value.dtype not in (None, site.out.dtype):
             out = b.op("Cast", [out], {"to": site.out.dtype})
         b.commit()
-        ir.convenience.replace_all_uses_with(site.out, out, replace_graph_outputs=True)
+        _replace_keeping_name(site.out, out)
         fn = _function_of(model, anchor)
         if fn is not None:  # a function body imports its own opsets
             if target == "ort":
@@ -1302,3 +1302,12 @@ def _prepare_gqa(b: _Builder, op: Any) -> ir.Value:
 
 
 __all__ = ["OnnxAdapter", "find", "fuse", "to_ssmax", "fuse_blocker", "ssmax_blocker", "FUSED_OPS", "TARGETS"]
+
+
+def _replace_keeping_name(old: ir.Value, new: ir.Value) -> None:
+    """Replace ``old`` everywhere; a graph output keeps its name, which is the model's interface."""
+    if old.is_graph_output():
+        name = old.name
+        old.name = f"{name}__replaced"
+        new.name = name
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
