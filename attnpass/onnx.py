@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,6 +289,7 @@ def rewrite(
     atol: float = 1e-4,
     force: bool = False,
     ssmax: bool | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> RewriteResult:
     """Rewrite ``src``'s attention (``to="ssmax"`` or ``"fused"``), validate in onnxruntime, then write ``dst``.
 
@@ -299,8 +300,11 @@ def rewrite(
     factor); it is checked against the original at ``s=0, b=1`` and against the unfused
     ``to="ssmax"`` rewrite at the real ``s``.  Nothing is written when a check fails
     (``AttnpassError``) or when no attention is found (``NoAttentionFound``; ``force`` copies the model).
+    ``progress`` is called with the name of each step as it starts (the CLI's progress bar).
     """
     from attnpass import validate as val
+
+    step = progress or (lambda _name: None)
 
     if to not in ("ssmax", "fused"):
         raise AttnpassError(f"unknown rewrite {to!r}: use ssmax or fused")
@@ -319,17 +323,20 @@ def rewrite(
     if isinstance(src, str | Path) and Path(src).resolve() == dst.resolve():
         raise AttnpassError(f"{dst}: refusing to overwrite the input model (give another -o)")
     _check_output(dst)
+    step(f"loading {src if isinstance(src, str | os.PathLike) else 'model'}")
     original = load(src)
     _check_not_input(original, src, dst)
     model = load(original)
     if to == "fused" and target == "onnx23":
         model = _upgrade(model, 23)
+    step("finding and rewriting attention")
     report, left = _apply(model, to, s, bias, target, fused_ssmax)
     result = RewriteResult(report, "fused+ssmax" if fused_ssmax else to, left)
     if not report.sites and not force:
         raise NoAttentionFound("no attention found")
     with _staging(dst, src) as tmp:
         tmp_dst = Path(tmp) / dst.name
+        step("saving to a temporary file")
         save(model, tmp_dst)
         if validate and report.sites and (result.rewritten or fused_ssmax):
             # a path is checked as the user's own file (no second copy of the weights written)
@@ -337,6 +344,7 @@ def rewrite(
             if ref_path.parent == Path(tmp):
                 save(original, ref_path)
             feeds = val.load_inputs(inputs) if isinstance(inputs, str | Path) else (inputs or val.make_inputs(ref_path))
+            step("validating in onnxruntime")
             if fused_ssmax:
                 result.self_test, result.validation = _check_fused_ssmax(original, ref_path, tmp_dst, Path(tmp), feeds,
                                                                          s, bias, target, rtol, atol)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from attnpass.errors import AttnpassError, NoAttentionFound
+from attnpass.progress import steps
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -99,9 +100,11 @@ def _rewrite(args: argparse.Namespace) -> int:
     import attnpass.onnx as aonnx
 
     try:
-        res = aonnx.rewrite(args.model, args.output, to=args.to, s=args.s, train_len=args.train_len, bias=args.bias,
-                            target=args.target, validate=not args.no_validate, inputs=args.inputs,
-                            rtol=args.rtol, atol=args.atol, force=args.force, ssmax=args.ssmax or None)
+        with steps(total=4, enabled=not args.json) as step:
+            res = aonnx.rewrite(args.model, args.output, to=args.to, s=args.s, train_len=args.train_len, bias=args.bias,
+                                target=args.target, validate=not args.no_validate, inputs=args.inputs,
+                                rtol=args.rtol, atol=args.atol, force=args.force, ssmax=args.ssmax or None,
+                                progress=step)
     except NoAttentionFound:
         if args.json:
             print(json.dumps({"written": None, "sites": [], "message": "no attention found"}))
@@ -173,7 +176,9 @@ def _export(args: argparse.Namespace) -> int:
     kwargs = made[2] if len(made) > 2 else None
     if kwargs is not None and not isinstance(kwargs, dict):
         raise AttnpassError(f"{args.factory}: kwargs must be a dict, got {type(kwargs).__name__}")
-    res = export(model, margs, kwargs, args.output, rewrite=None if args.rewrite == "none" else args.rewrite, s=args.s)
+    with steps(total=1, enabled=not args.json) as step:
+        step(f"exporting {type(model).__name__} and checking it in onnxruntime")
+        res = export(model, margs, kwargs, args.output, rewrite=None if args.rewrite == "none" else args.rewrite, s=args.s)
     if args.json:
         print(json.dumps(res.as_dict(), indent=2, default=str))
     else:
