@@ -6,8 +6,10 @@ Causal attention, B=1, fp32, mask built in the graph from aranges (so the fused 
 and tests indices instead).  Each configuration runs in its own subprocess so that its peak
 resident memory (``ru_maxrss`` minus the RSS before the first call) is its own; memory is
 what this benchmark is about: the fused lowering's extra memory should grow like S, the unfused
-one's like S^2.  Both MLIR variants are scalar loops from ``convert-linalg-to-loops`` (no
-vectorisation or tiling schedule yet), so their times are a baseline, not a competitor to SDPA.
+one's like S^2.  Both MLIR variants go through ``convert-linalg-to-loops`` (no tiling schedule);
+the fused loop nest marks its two matmul-like reductions ``fastmath<reassoc,contract>`` so LLVM
+vectorises them (about 5x at S=512), while the unfused lowering stays scalar.  Causal key tiles
+above the diagonal are still computed (masked), so causal costs what non-causal does.
 """
 
 from __future__ import annotations
