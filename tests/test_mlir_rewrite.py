@@ -6,6 +6,7 @@ model's meaning) or with ``semantics.ssmax_attention`` (``ssmax`` is the one def
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import subprocess
@@ -299,7 +300,7 @@ def test_fused_tail_tile_and_fully_masked_row():
 
 # ------------------------------------------------------------------ CLI and errors
 
-def test_cli_writes_lowered_mlir(gqa_onnx, tmp_path):
+def test_cli_writes_lowered_mlir(gqa_onnx, tmp_path, capsys):
     from attnpass.cli import main
 
     for emit, marker in (("torch", "torch_c.to_builtin_tensor"), ("linalg", "scf.for"), ("llvm", "llvm.func")):
@@ -313,6 +314,11 @@ def test_cli_writes_lowered_mlir(gqa_onnx, tmp_path):
     assert main(["mlir", str(gqa_onnx), "--to", "ssmax", "--fused", "--s", "0.5", "-o", str(out)]) == 0
     assert "attnpass_fused_0" in out.read_text() and "attnpass_ssmax" not in out.read_text()
     assert main(["mlir", str(gqa_onnx), "--to", "fused", "--fused"]) == 2
+    capsys.readouterr()
+    assert main(["mlir", str(gqa_onnx), "--to", "fused", "--json", "-o", str(tmp_path / "j.mlir")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["sites"]) == 1 and data["sites"][0]["fusable"] and data["written"].endswith("j.mlir")
+    assert main(["mlir", str(gqa_onnx), "--json"]) == 2  # stdout would carry the MLIR text
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".attnpass-")]
 
 

@@ -9,11 +9,14 @@ leaves a half-written file behind.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
 
 from attnpass.errors import AttnpassError
+from attnpass.progress import steps
+from attnpass.report import report_dict
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tile", type=int, default=None, help="keys per loop iteration of the fused lowering")
     p.add_argument("--fused", action="store_true",
                    help="with --to ssmax: apply SSMax inside the fused online-softmax loop nest")
+    p.add_argument("--json", action="store_true", help="print the site report as JSON (needs -o: stdout is free then)")
     p.set_defaults(func=run)
 
 
@@ -69,27 +73,33 @@ def _check_output(path: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from attnpass import mlir as am
 
+    if args.json and not args.output:
+        raise AttnpassError("--json needs -o: without it, stdout carries the MLIR text")
     if args.output:
         _check_output(args.output)  # before the import and lowering, which take a while
-    mod = _load(args.model)
-    report = am.find(mod)
     if args.fused and args.to != "ssmax":
         raise AttnpassError("--fused goes with --to ssmax (--to fused is already fused)")
-    if args.to != "none":
+    with steps(total=3, enabled=not args.json) as step:
+        step(f"importing {args.model} (torch-mlir)")
+        mod = _load(args.model)
+        report = am.find(mod)
+        if args.to != "none":
+            step(f"rewriting attention --to {args.to}")
+            try:
+                mod, report = am.rewrite(mod, to=args.to, s=args.s, b=args.b, train_len=args.train_len, tile=args.tile,
+                                         with_report=True, fused=args.fused)
+            except AttnpassError as e:
+                raise AttnpassError(f"{args.model}: {e}") from e
+        step(f"lowering to {args.emit}")
         try:
-            mod, report = am.rewrite(mod, to=args.to, s=args.s, b=args.b, train_len=args.train_len, tile=args.tile,
-                                     with_report=True, fused=args.fused)
+            out = am.lower(mod, emit=args.emit)
         except AttnpassError as e:
             raise AttnpassError(f"{args.model}: {e}") from e
-    try:
-        out = am.lower(mod, emit=args.emit)
-    except AttnpassError as e:
-        raise AttnpassError(f"{args.model}: {e}") from e
     text = str(out.operation if hasattr(out, "operation") else out)
-    for site in report.sites:
+    for site in [] if args.json else report.sites:
         state = "fusable" if site.fusable else f"left alone: {site.fuse_blocker}"
         print(f"site {site.index} {site.name}: mask={site.mask_kind} causal={site.causal} {state}", file=sys.stderr)
-    for sk in report.skipped:
+    for sk in [] if args.json else report.skipped:
         print(f"skipped {sk.name}: {sk.reason}", file=sys.stderr)
     if not args.output:
         sys.stdout.write(text)
@@ -110,4 +120,7 @@ def run(args: argparse.Namespace) -> int:
             raise AttnpassError(f"{args.output}: cannot write ({e.strerror or type(e).__name__}); nothing written") from e
         raise
     print(f"wrote {args.output} ({len(report.sites)} attention site(s), --to {args.to}, --emit {args.emit})", file=sys.stderr)
+    if args.json:
+        print(json.dumps({**report_dict(report), "written": args.output, "to": args.to, "emit": args.emit}, indent=2,
+                         default=str))
     return 0
