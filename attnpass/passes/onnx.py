@@ -474,30 +474,40 @@ class OnnxAdapter:
         return value.dtype
 
     def is_static(self, value: Any) -> bool:
-        """True if ``value`` is computed from initializers/constants only (a weight, never an activation)."""
+        """True if ``value`` is computed from initializers/constants only (a weight, never an activation).
+
+        Every value visited is memoised (post-order), so asking about each layer of a deep model
+        stays linear in its size instead of re-walking the residual stream once per layer.
+        """
         if not isinstance(value, ir.Value):
             return True
-        key = id(value)
-        if key in self._static:
-            return self._static[key]
-        self._static[key] = False
-        stack = [value]
-        result = True
-        seen: set[int] = set()
+        memo = self._static
+        visiting: set[int] = set()
+        stack: list[tuple[ir.Value, bool]] = [(value, False)]
         while stack:
-            v = stack.pop()
-            if id(v) in seen:
+            v, expanded = stack.pop()
+            key = id(v)
+            if key in memo:
                 continue
-            seen.add(id(v))
             if v.const_value is not None:
+                memo[key] = True
                 continue
             p = v.producer()
             if p is None or p.op_type == "Shape":
-                result = False  # a graph / function input, or shape of an activation
-                break
-            stack.extend(i for i in p.inputs if i is not None)
-        self._static[key] = result
-        return result
+                memo[key] = False  # a graph / function input, or the shape of an activation
+                continue
+            ins = [i for i in p.inputs if i is not None]
+            if expanded or any(memo.get(id(i)) is False for i in ins):
+                memo[key] = all(memo.get(id(i), False) for i in ins)
+                visiting.discard(key)
+                continue
+            if key in visiting:  # a cycle: not computable from constants
+                memo[key] = False
+                continue
+            visiting.add(key)
+            stack.append((v, True))
+            stack.extend((i, False) for i in ins if id(i) not in memo)
+        return memo[id(value)]
 
     def name(self, node: Any) -> str:
         if isinstance(node, ir.Node):
