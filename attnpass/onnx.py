@@ -24,13 +24,18 @@ from attnpass.passes.match import Report
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
-def load(src: Any):
-    """An onnx-ir model from a path, a ModelProto, bytes or an onnx-ir model (copied: the caller's stays as is)."""
+def load(src: Any, infer: bool = True):
+    """An onnx-ir model from a path, a ModelProto, bytes or an onnx-ir model (copied: the caller's stays as is).
+
+    ``infer=False`` skips shape inference, for a copy of a model this function already loaded.
+    """
     import onnx
     import onnx_ir as ir
 
     if isinstance(src, ir.Model):
         model = src.clone()
+        if not infer:
+            return model
     elif isinstance(src, onnx.ModelProto):
         _check_proto(src, "model")
         model = _from_proto(src, "model")
@@ -326,7 +331,7 @@ def rewrite(
     step(f"loading {src if isinstance(src, str | os.PathLike) else 'model'}")
     original = load(src)
     _check_not_input(original, src, dst)
-    model = load(original)
+    model = load(original, infer=False)
     if to == "fused" and target == "onnx23":
         model = _upgrade(model, 23)
     step("finding and rewriting attention")
@@ -353,7 +358,7 @@ def rewrite(
                 if not result.validation.passed:
                     raise AttnpassError(f"fused model does not match the original: {_worst(result.validation)}; nothing written")
             else:
-                probe = load(original)
+                probe = load(original, infer=False)
                 _apply(probe, "ssmax", 0.0, 1.0, target)
                 probe_path = Path(tmp) / "self_test.onnx"
                 save(probe, probe_path)
@@ -423,7 +428,7 @@ def _check_fused_ssmax(original: Any, ref_path: Path, got: Path, tmp: Path, feed
     """Fused SSMax: at ``s=0, b=1`` it must equal the original; at ``s`` it must equal the unfused SSMax rewrite."""
     from attnpass import validate as val
 
-    probe = load(original)
+    probe = load(original, infer=False)
     if target == "onnx23":
         probe = _upgrade(probe, 23)
     _apply(probe, "fused", 0.0, 1.0, target, ssmax=True)
@@ -431,7 +436,7 @@ def _check_fused_ssmax(original: Any, ref_path: Path, got: Path, tmp: Path, feed
     self_test = val.validate(ref_path, tmp / "self_test.onnx", feeds, rtol=rtol, atol=atol)
     if not self_test.passed:
         raise AttnpassError(f"fused SSMax self-test (s=0, b=1) does not match the original: {_worst(self_test)}; nothing written")
-    unfused = load(original)
+    unfused = load(original, infer=False)
     _apply(unfused, "ssmax", s, bias, target)
     save(unfused, tmp / "unfused_ssmax.onnx")
     rep = val.validate(tmp / "unfused_ssmax.onnx", got, feeds, rtol=rtol, atol=atol)
