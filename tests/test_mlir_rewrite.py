@@ -89,6 +89,20 @@ def test_variants_found_and_fused_equal_eager(imported, name):
     torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-5)
 
 
+def test_fused_lowering_propagates_nan(imported):
+    """A NaN in q reaches that row's output (never hidden as a zero row); other rows stay exact."""
+    mod, (q, k, v, keep), _ = CASES["padded"]
+    q = q.clone()
+    q[0, 1, 3, 0] = float("nan")
+    fused = am.rewrite(imported["padded"], to="fused", tile=8)
+    got = am.compile(fused)(q, k, v, keep)
+    with torch.no_grad():
+        want = mod(q, k, v, keep)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(got[0, 1, 3]).all()
+    ok = ~torch.isnan(want)
+    torch.testing.assert_close(got[ok], want[ok], atol=ATOL, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["causal", "padded", "gqa", "cross"])
 def test_variants_ssmax_equal_semantics(imported, name):
     _, args, sem = CASES[name]
