@@ -469,3 +469,23 @@ def test_autotune_pruning_keeps_a_config(target):
             assert kept, (name, d_pad, bucket)
             if d_pad > 128 and len(kept) < len(configs):
                 assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 for c in kept)
+
+
+def test_interp_mask_gradient_skipped_when_not_needed() -> None:
+    """A float mask that needs no gradient gets none, and the other gradients do not change."""
+    from attnpass.kernels import triton as tk
+
+    kern = tk.load_interpreted()
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 12, 16, generator=g) for _ in range(3))
+    mask = torch.zeros(1, 1, 12, 12)
+    mask[..., 9:] = float("-inf")
+    mask[..., :3] = 0.25
+    out, lse = kern.attention_forward(q, k, v, mask, False, None, None, None, None, False)
+    do = torch.randn_like(out)
+    full = kern.attention_backward(do, q, k, v, mask, out, lse, False, None, None, None, None, False)
+    skipped = kern.attention_backward(do, q, k, v, mask, out, lse, False, None, None, None, None, False,
+                                      need_mask_grad=False)
+    assert full[3] is not None and full[3].shape == mask.shape and skipped[3] is None
+    for a, b in zip(full[:3], skipped[:3]):
+        torch.testing.assert_close(a, b)

@@ -302,9 +302,11 @@ class TritonKernel:
         kv_dtype = k.dtype if k.shape[0] == p.B else torch.float32
         dk = torch.empty((p.B, p.HK, p.S_k, p.D), dtype=kv_dtype, device=dev)
         dv = torch.empty((p.B, p.HK, p.S_k, p.DV), dtype=kv_dtype, device=dev)
-        want_dmask = p.mask_kind == 2
-        row_bcast = want_dmask and p.mask4.shape[2] == 1 and p.S_q > 1
-        if want_dmask:
+        want_dmask = p.mask_kind == 2 and need_mask_grad
+        # The kernel writes a mask gradient for every float mask; one that needs none (a padding mask) is
+        # handed the row-summed [B, H, 1, S_k] form, so no [B, H, S_q, S_k] buffer is ever allocated.
+        row_bcast = p.mask_kind == 2 and ((p.mask4.shape[2] == 1 and p.S_q > 1) or not need_mask_grad)
+        if p.mask_kind == 2:
             dmask = torch.zeros((p.B, p.H, 1 if row_bcast else p.S_q, p.S_k), dtype=torch.float32, device=dev)
         else:
             dmask = torch.zeros((1, 1, 1, 1), dtype=torch.float32, device=dev)
