@@ -23,38 +23,22 @@ import torch.nn.functional as F
 from torch import fx
 
 from attnpass import semantics
+from attnpass.passes.aten import ATEN_KINDS
 from attnpass.passes.match import AttentionSite, Dim, Kind, MaskTerm, Operand, Report, find_sites
 
 aten = torch.ops.aten
 
 # ------------------------------------------------------------------ op tables
 
+# Python-level spellings dynamo graphs use, on top of the shared ATen table
 _ATEN_KINDS: dict[str, Kind] = {
-    "matmul": Kind.MATMUL, "bmm": Kind.MATMUL, "mm": Kind.MATMUL,
-    "einsum": Kind.EINSUM, "baddbmm": Kind.BADDBMM,
-    "softmax": Kind.SOFTMAX, "_softmax": Kind.SOFTMAX, "_safe_softmax": Kind.SOFTMAX,
-    "scaled_dot_product_attention": Kind.SDPA,
-    "mul": Kind.MUL, "div": Kind.DIV, "add": Kind.ADD, "sub": Kind.SUB,
-    "where": Kind.WHERE, "masked_fill": Kind.WHERE,
-    "to": Kind.CAST, "_to_copy": Kind.CAST, "type_as": Kind.CAST, "float": Kind.CAST,
-    "clone": Kind.IDENTITY, "contiguous": Kind.IDENTITY, "alias": Kind.IDENTITY, "detach": Kind.IDENTITY, "detach_": Kind.IDENTITY,
-    "lift_fresh_copy": Kind.IDENTITY,
-    "transpose": Kind.TRANSPOSE, "permute": Kind.TRANSPOSE, "t": Kind.TRANSPOSE,
-    "view": Kind.RESHAPE, "reshape": Kind.RESHAPE, "_unsafe_view": Kind.RESHAPE, "flatten": Kind.RESHAPE,
-    "unflatten": Kind.RESHAPE,
-    "expand": Kind.EXPAND, "expand_as": Kind.EXPAND, "broadcast_to": Kind.EXPAND,
-    "unsqueeze": Kind.UNSQUEEZE,
-    "repeat_interleave": Kind.REPEAT_INTERLEAVE,
-    "dropout": Kind.DROPOUT, "native_dropout": Kind.OTHER,
-    "tanh": Kind.TANH, "isnan": Kind.ISNAN,
-    "logical_not": Kind.NOT, "bitwise_not": Kind.NOT,
-    "logical_and": Kind.AND, "bitwise_and": Kind.AND, "__and__": Kind.AND,
-    "logical_or": Kind.OR, "bitwise_or": Kind.OR, "__or__": Kind.OR,
-    "le": Kind.COMPARE, "lt": Kind.COMPARE, "ge": Kind.COMPARE, "gt": Kind.COMPARE, "eq": Kind.COMPARE, "ne": Kind.COMPARE,
-    "arange": Kind.ARANGE, "tril": Kind.TRIL, "triu": Kind.TRIU,
-    "zeros": Kind.CONSTANT, "ones": Kind.CONSTANT, "full": Kind.CONSTANT, "new_ones": Kind.CONSTANT,
-    "new_zeros": Kind.CONSTANT, "new_full": Kind.CONSTANT, "zeros_like": Kind.CONSTANT, "ones_like": Kind.CONSTANT,
-    "full_like": Kind.CONSTANT, "scalar_tensor": Kind.CONSTANT, "tensor": Kind.CONSTANT,
+    **ATEN_KINDS,
+    "float": Kind.CAST,
+    "detach_": Kind.IDENTITY,
+    "native_dropout": Kind.OTHER,
+    "__and__": Kind.AND,
+    "__or__": Kind.OR,
+    "tensor": Kind.CONSTANT,
 }
 
 _PY_OPS: dict[Any, str] = {

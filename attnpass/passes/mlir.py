@@ -38,38 +38,11 @@ from typing import Any
 
 from attnpass import semantics
 from attnpass.errors import AttnpassError
+from attnpass.passes.aten import ATEN_KINDS
 from attnpass.passes.match import AttentionSite, Dim, Kind, MaskTerm, Report, find_sites
 
 # ------------------------------------------------------------------ op tables
 
-_KINDS: dict[str, Kind] = {
-    "matmul": Kind.MATMUL, "bmm": Kind.MATMUL, "mm": Kind.MATMUL,
-    "einsum": Kind.EINSUM, "baddbmm": Kind.BADDBMM,
-    "softmax": Kind.SOFTMAX, "_softmax": Kind.SOFTMAX, "_safe_softmax": Kind.SOFTMAX,
-    "scaled_dot_product_attention": Kind.SDPA,
-    "mul": Kind.MUL, "div": Kind.DIV, "add": Kind.ADD, "sub": Kind.SUB, "rsub": Kind.OTHER,
-    "where": Kind.WHERE, "masked_fill": Kind.WHERE,
-    "to": Kind.CAST, "_to_copy": Kind.CAST, "type_as": Kind.CAST,
-    "clone": Kind.IDENTITY, "contiguous": Kind.IDENTITY, "alias": Kind.IDENTITY, "detach": Kind.IDENTITY,
-    "lift_fresh_copy": Kind.IDENTITY,
-    "transpose": Kind.TRANSPOSE, "permute": Kind.TRANSPOSE, "t": Kind.TRANSPOSE,
-    "view": Kind.RESHAPE, "reshape": Kind.RESHAPE, "_unsafe_view": Kind.RESHAPE, "flatten": Kind.RESHAPE,
-    "unflatten": Kind.RESHAPE,
-    "expand": Kind.EXPAND, "expand_as": Kind.EXPAND, "broadcast_to": Kind.EXPAND,
-    "unsqueeze": Kind.UNSQUEEZE,
-    "repeat_interleave": Kind.REPEAT_INTERLEAVE,
-    "dropout": Kind.DROPOUT,
-    "tanh": Kind.TANH, "isnan": Kind.ISNAN,
-    "logical_not": Kind.NOT, "bitwise_not": Kind.NOT,
-    "logical_and": Kind.AND, "bitwise_and": Kind.AND,
-    "logical_or": Kind.OR, "bitwise_or": Kind.OR,
-    "le": Kind.COMPARE, "lt": Kind.COMPARE, "ge": Kind.COMPARE, "gt": Kind.COMPARE, "eq": Kind.COMPARE,
-    "ne": Kind.COMPARE,
-    "arange": Kind.ARANGE, "tril": Kind.TRIL, "triu": Kind.TRIU,
-    "zeros": Kind.CONSTANT, "ones": Kind.CONSTANT, "full": Kind.CONSTANT, "new_ones": Kind.CONSTANT,
-    "new_zeros": Kind.CONSTANT, "new_full": Kind.CONSTANT, "zeros_like": Kind.CONSTANT,
-    "ones_like": Kind.CONSTANT, "full_like": Kind.CONSTANT, "scalar_tensor": Kind.CONSTANT,
-}
 _FILLS = {"zeros": 0.0, "ones": 1.0, "new_ones": 1.0, "new_zeros": 0.0, "zeros_like": 0.0, "ones_like": 1.0}
 
 # Ops without side effects in value semantics: safe to erase once unused.
@@ -237,7 +210,7 @@ class MlirAdapter:
             return Kind.OTHER
         if name == "max" or name == "amax":
             return Kind.OTHER
-        return _KINDS.get(name, Kind.OTHER)
+        return ATEN_KINDS.get(name, Kind.OTHER)
 
     def _is_cast(self, node: _Node) -> bool:
         src, dst = node.operands[0].dtype, node.results[0].dtype
@@ -304,9 +277,9 @@ class MlirAdapter:
             return float(attrs["value"].value)
         if p.opname == "torch.vtensor.literal":
             return _splat(attrs["value"])
-        if p.aten is not None and _KINDS.get(p.aten) is Kind.IDENTITY and p.operands:
+        if p.aten is not None and ATEN_KINDS.get(p.aten) is Kind.IDENTITY and p.operands:
             return self.constant(p.operands[0])  # clone / lift_fresh_copy of a literal
-        if p.aten is not None and _KINDS.get(p.aten) is Kind.CONSTANT:
+        if p.aten is not None and ATEN_KINDS.get(p.aten) is Kind.CONSTANT:
             # a filled tensor of any shape is its fill value, as in the fx adapter (and as a splat literal
             # is here): the safe-softmax guard's ``where(cond, full_like(p, 0), p)`` needs it
             return self.attr(p, "fill")
