@@ -246,8 +246,10 @@ def _apply(model: Any, to: str, s: float, b: float | None, target: str, ssmax: b
 
     report = onnx_pass.find(model)
     if to == "ssmax":
-        return report, onnx_pass.to_ssmax(model, report, s=s, b=b)
-    return report, onnx_pass.fuse(model, report, target=target, ssmax=(s, b) if ssmax else None)
+        done = onnx_pass.to_ssmax(model, report, s=s, b=b)
+    else:
+        done = onnx_pass.fuse(model, report, target=target, ssmax=(s, b) if ssmax else None)
+    return done.report, dict(done.left)
 
 
 def _upgrade(model: Any, opset: int) -> Any:

@@ -194,7 +194,7 @@ def test_training_dropout_blocks_fusion() -> None:
 def test_classifier_and_router_softmax_are_not_attention() -> None:
     q, k, v = _qkv()
     report = attnpass.find(M.NotAttention(D).eval(), (q, k, v))
-    assert report.sites == []
+    assert report.sites == ()  # sites are a tuple: a report is frozen
     assert len(report.skipped) == 2
     assert all(s.reason for s in report.skipped)
 

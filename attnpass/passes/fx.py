@@ -325,23 +325,7 @@ def _fetch_attr(gm: torch.nn.Module, target: str) -> Any:
 
 def find(gm: fx.GraphModule) -> Report:
     """Attention sites in an fx graph (ATen or torch level)."""
-    adapter = FxAdapter(gm)
-    report = find_sites(adapter)
-    for site in report.sites:
-        _check_causal_alignment(site)
-    return report
-
-
-def _check_causal_alignment(site: AttentionSite) -> None:
-    """A causal mask proven from its construction is top-left aligned; the op's is bottom-right.
-
-    They agree only when ``S_q == S_k``; otherwise the mask stays explicit (still correct, no skipping).
-    """
-    if site.form != "explicit" or site.seq_q == site.seq_k:
-        return
-    for m in site.masks:
-        m.causal = m.only_causal = False
-    site.causal = False
+    return find_sites(FxAdapter(gm))
 
 
 # ------------------------------------------------------------------ rewriting helpers

@@ -10,141 +10,54 @@ fixed templates is what lets one algorithm cover the orderings that template lis
 ``masked_fill`` masks, bias added before the scale, GQA glue, einsum and baddbmm.
 
 An adapter only answers questions about its IR (see ``Adapter``); everything that
-decides what is attention lives here, so the three IRs cannot drift apart.
+decides what is attention lives here, so the three IRs cannot drift apart.  The walk fills a
+private mutable ``_Draft``; ``find`` returns frozen ``AttentionSite``s (``site.py``) that nothing
+changes afterwards.
 """
 
 from __future__ import annotations
 
-import enum
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-import numpy as np
+from attnpass.passes.einsum import _parse_einsum, _perm_to, _permuted, _same_tail
+from attnpass.passes.kinds import Adapter, Dim, Kind
+from attnpass.passes.masks import _MASK_FILL_LIMIT, MaskProofs
+from attnpass.passes.operands import OperandFinder
+from attnpass.passes.site import (
+    AttentionSite,
+    Form,
+    FusedOpInfo,
+    Guard,
+    GuardKind,
+    MaskKind,
+    MaskRole,
+    MaskTerm,
+    Operand,
+    Report,
+    Skipped,
+)
+from attnpass.passes.walk_base import NoMatch
 
-from attnpass.semantics import MASKED_BELOW
-
-Dim = int | str | None  # a static size, a symbolic size (its expression as text), or unknown
-
-
-class Kind(enum.Enum):
-    """Canonical op kinds. Adapters map their IR's ops onto these (operands in canonical order)."""
-
-    MATMUL = "matmul"  # inputs: a, b   (a @ b with batch broadcasting; bmm too)
-    EINSUM = "einsum"  # inputs: operands; attr "equation"
-    BADDBMM = "baddbmm"  # inputs: bias, a, b; attrs "beta", "alpha"
-    SOFTMAX = "softmax"  # inputs: x; attr "axis"
-    SDPA = "sdpa"  # inputs: q, k, v, mask|None; attrs is_causal, scale, enable_gqa, dropout_p
-    MUL = "mul"
-    DIV = "div"
-    ADD = "add"  # inputs: a, b (alpha already folded into b by the adapter, or refused)
-    SUB = "sub"
-    WHERE = "where"  # inputs: cond, x, y   (masked_fill(x, c, v) is WHERE(c, v, x))
-    CAST = "cast"
-    IDENTITY = "identity"  # clone, contiguous, alias, detach, to(same dtype)
-    TRANSPOSE = "transpose"  # attr "perm" (full permutation)
-    RESHAPE = "reshape"
-    EXPAND = "expand"
-    UNSQUEEZE = "unsqueeze"  # attr "dim"
-    REPEAT_INTERLEAVE = "repeat_interleave"  # attrs "repeats", "dim"
-    DROPOUT = "dropout"  # attrs "p", "train" (True / False / None = unknown)
-    TANH = "tanh"
-    ISNAN = "isnan"
-    NOT = "not"
-    AND = "and"
-    OR = "or"
-    COMPARE = "compare"  # attr "op" in {"le", "lt", "ge", "gt", "eq", "ne"}
-    ARANGE = "arange"
-    TRIL = "tril"  # attr "diagonal"
-    TRIU = "triu"  # attr "diagonal"
-    CONSTANT = "constant"
-    OTHER = "other"
-
-
-class Adapter(Protocol):
-    """What the matcher asks of an IR.  ``Node`` and ``Value`` are the IR's own objects.
-
-    For IRs where a node is its own output (torch.fx), ``output(n)`` is ``n`` and
-    ``producer(v)`` is ``v`` when ``v`` is a node.
-    """
-
-    def nodes(self) -> Iterable[Any]: ...
-
-    def kind(self, node: Any) -> Kind: ...
-
-    def inputs(self, node: Any) -> list[Any]: ...
-
-    def output(self, node: Any) -> Any: ...
-
-    def producer(self, value: Any) -> Any | None: ...
-
-    def users(self, value: Any) -> list[Any]: ...
-
-    def is_graph_output(self, value: Any) -> bool: ...
-
-    def constant(self, value: Any) -> float | None: ...
-
-    def attr(self, node: Any, name: str, default: Any = None) -> Any: ...
-
-    def shape(self, value: Any) -> tuple[Dim, ...] | None: ...
-
-    def is_static(self, value: Any) -> bool: ...
-
-    def name(self, node: Any) -> str: ...
-
-    def static_value(self, value: Any) -> Any | None:
-        """A numpy array for a value computed from constants only (a mask buffer), else None."""
-        ...
+_GLUE = {Kind.RESHAPE, Kind.EXPAND, Kind.IDENTITY}
 
 
 @dataclass
-class Operand:
-    """Where the op finds q, k or v: ``value`` (lifted to rank 4 by unsqueezing leading dims), an optional
-    permutation to reach ``[B, H, S, D]`` (einsum layouts), and whether it holds ``K^T``."""
-
-    value: Any
-    rank: int
-    perm: tuple[int, ...] | None = None
-    transposed: bool = False
-    groups: int = 1
-
-
-@dataclass
-class MaskTerm:
-    """One masking or bias step between ``Q K^T`` and the softmax.
-
-    ``additive``: ``value`` is added to the scores (times ``coeff``, the scales applied after it).
-    ``bool``: keys where ``value == attend_when`` stay; the rest are removed.
-    ``causal`` says the term was proven to contain the causal constraint; ``only_causal`` that it
-    is nothing else (the op then takes ``is_causal=True`` and no mask for it).
-    """
-
-    kind: str
-    value: Any
-    node: Any
-    coeff: float = 1.0
-    attend_when: bool = True
-    causal: bool = False
-    only_causal: bool = False
-    causal_offset: Any = None
-
-
-@dataclass
-class AttentionSite:
-    """One softmax-in-attention, as found: what the rewrites need and what the report shows."""
+class _Draft:
+    """The site while the walk fills it in (same field names as ``AttentionSite``); frozen by ``_freeze``."""
 
     index: int
     name: str
     softmax: Any
-    form: str  # "explicit" (a softmax chain) or "sdpa" (an already fused call)
+    form: Form
     q: Operand
     k: Operand
     v: Operand
-    out: Any  # the value the rewrite replaces (same rank as the scores)
+    out: Any
     out_rank: int
     out_perm: tuple[int, ...] | None = None
-    scale: float = 1.0
+    scale: float | None = 1.0
     scale_on_q: float | None = None
     masks: list[MaskTerm] = field(default_factory=list)
     causal: bool = False
@@ -153,6 +66,7 @@ class AttentionSite:
     dropout_train: bool | None = False
     upcast: bool = False
     row_guards: list[tuple[Any, bool]] = field(default_factory=list)  # (cond, zero_when)
+    nan_guards: list[Any] = field(default_factory=list)
     heads: Dim = None
     kv_heads: Dim = None
     head_dim: Dim = None
@@ -164,84 +78,12 @@ class AttentionSite:
     notes: list[str] = field(default_factory=list)
     sdpa_mask: Any = None
     sdpa_is_causal: bool = False
-    q_scales: list[tuple[Any, bool]] = field(default_factory=list)  # run-time scalars (value, divide)
+    q_scales: list[tuple[Any, bool]] = field(default_factory=list)
+    three_d: bool = False
+    ssmax_blocker: str | None = None
 
-    @property
-    def gqa(self) -> bool:
-        return self.k.groups > 1 or (self.heads is not None and self.kv_heads is not None and self.heads != self.kv_heads)
-
-    @property
-    def mask_kind(self) -> str:
-        kinds = sorted({m.kind for m in self.masks if not m.only_causal})
-        if self.form == "sdpa" and self.sdpa_mask is not None:
-            kinds.append("sdpa-mask")
-        return "+".join(kinds) if kinds else "none"
-
-    @property
-    def fusable(self) -> bool:
-        return self.fuse_blocker is None
-
-    def summary(self) -> dict[str, Any]:
-        """Plain-data view for tables and JSON (what users and tests read)."""
-        return {
-            "index": self.index,
-            "node": self.name,
-            "form": self.form,
-            "scale": None if self.scale is None else round(self.scale, 8),
-            "scale_on_q": self.scale_on_q,
-            "mask": self.mask_kind,
-            "causal": self.causal,
-            "softcap": self.softcap,
-            "dropout": self.dropout_p,
-            "heads": self.heads,
-            "kv_heads": self.kv_heads,
-            "gqa": self.gqa,
-            "head_dim": self.head_dim,
-            "seq_q": self.seq_q,
-            "seq_k": self.seq_k,
-            "upcast": self.upcast,
-            "fusable": self.fusable,
-            "why_not_fusable": self.fuse_blocker,
-            "notes": list(self.notes),
-        }
-
-
-@dataclass
-class Skipped:
-    """A softmax that is not (rewritable) attention, and why: part of the report."""
-
-    name: str
-    reason: str
-
-
-@dataclass
-class Report:
-    sites: list[AttentionSite]
-    skipped: list[Skipped]
-
-    def __len__(self) -> int:
-        return len(self.sites)
-
-    def __iter__(self):
-        return iter(self.sites)
-
-    def __getitem__(self, i: int) -> AttentionSite:
-        return self.sites[i]
-
-
-class NoMatch(Exception):
-    """Raised inside the walk: this softmax is not attention (the message says why)."""
-
-
-_GLUE = {Kind.RESHAPE, Kind.EXPAND, Kind.IDENTITY}
-_MASK_FILL_LIMIT = MASKED_BELOW
-
-
-class Matcher:
+class Matcher(MaskProofs, OperandFinder):
     """Finds attention sites through an ``Adapter``."""
-
-    def __init__(self, adapter: Adapter):
-        self.a = adapter
 
     # -------------------------------------------------------------- entry point
     def find(self) -> Report:
@@ -252,31 +94,63 @@ class Matcher:
             if kind not in (Kind.SOFTMAX, Kind.SDPA):
                 continue
             try:
-                site = self._sdpa(node) if kind is Kind.SDPA else self._softmax(node)
+                draft = self._sdpa(node) if kind is Kind.SDPA else self._softmax(node)
             except NoMatch as e:
                 skipped.append(Skipped(self.a.name(node), str(e)))
                 continue
-            site.index = len(sites)
-            sites.append(site)
-        return Report(sites, skipped)
+            draft.index = len(sites)
+            sites.append(self._freeze(draft))
+        return Report(tuple(sites), tuple(skipped))
 
-    # -------------------------------------------------------------- helpers
-    def _rank(self, v: Any) -> int | None:
-        s = self.a.shape(v)
-        return None if s is None else len(s)
+    # -------------------------------------------------------------- freezing: the last decisions, once
+    def _freeze(self, d: _Draft) -> AttentionSite:
+        """The frozen site: causal alignment and post-softmax guards decided here, for every IR alike."""
+        masks = tuple(d.masks)
+        causal = d.causal
+        if d.form is Form.EXPLICIT and d.seq_q != d.seq_k and (causal or any(m.causal for m in masks)):
+            # a causal mask proven from its construction is top-left aligned; a fused op's is_causal is
+            # bottom-right: they agree only when S_q == S_k (otherwise the mask stays explicit, still exact)
+            masks = tuple(replace(m, causal=False, only_causal=False) for m in masks)
+            causal = False
+        guards = [Guard(GuardKind.NAN, c) for c in d.nan_guards]
+        notes = list(d.notes)
+        no_key = getattr(self.a, "no_key_test", None)
+        scores = self.a.inputs(d.softmax)[0] if d.form is Form.EXPLICIT else None
+        for cond, zero_when in d.row_guards:
+            if no_key is not None and scores is not None and no_key(cond, scores, zero_when):
+                guards.append(Guard(GuardKind.NO_KEY, cond, zero_when))
+                notes.append("safe-softmax guard: implied (a row with no attendable key is 0)")
+            else:
+                guards.append(Guard(GuardKind.ROW, cond, zero_when))
+        return AttentionSite(
+            index=d.index, name=d.name, softmax=d.softmax, form=d.form, q=d.q, k=d.k, v=d.v, out=d.out,
+            out_rank=d.out_rank, out_perm=d.out_perm, scale=d.scale, scale_on_q=d.scale_on_q, masks=masks,
+            causal=causal, softcap=d.softcap, dropout_p=d.dropout_p, dropout_train=d.dropout_train, upcast=d.upcast,
+            guards=tuple(guards), heads=d.heads, kv_heads=d.kv_heads, head_dim=d.head_dim, seq_q=d.seq_q,
+            seq_k=d.seq_k, probs_escape=d.probs_escape, fuse_blocker=d.fuse_blocker, nodes=tuple(d.nodes),
+            notes=tuple(notes), sdpa_mask=d.sdpa_mask, sdpa_is_causal=d.sdpa_is_causal, q_scales=tuple(d.q_scales),
+            three_d=d.three_d, ssmax_blocker=d.ssmax_blocker,
+        )
 
-    def _producer_kind(self, v: Any) -> tuple[Any, Kind]:
-        p = self.a.producer(v)
-        return p, (Kind.OTHER if p is None else self.a.kind(p))
-
-    def _const(self, v: Any) -> float | None:
-        return self.a.constant(v)
-
-    def _in(self, node: Any, i: int = 0) -> Any:
-        return self.a.inputs(node)[i]
+    def _fused_op_info(self, d: _Draft) -> None:
+        """Ask the adapter what only the fused op's IR knows (ONNX ops carry head counts as attributes)."""
+        ask = getattr(self.a, "fused_op_info", None)
+        info: FusedOpInfo | None = None if ask is None else ask(d.softmax)
+        if info is None:
+            return
+        if info.op_name is not None:
+            d.notes = [n for n in d.notes if not n.startswith("already fused")] + [f"already fused ({info.op_name})"]
+        if info.three_d:
+            d.three_d = True
+            d.heads, d.kv_heads, d.seq_q, d.head_dim, d.seq_k = info.heads, info.kv_heads, info.seq_q, info.head_dim, info.seq_k
+        if d.scale is None and isinstance(d.head_dim, int):
+            d.scale = 1.0 / math.sqrt(d.head_dim)
+        d.softcap = info.softcap
+        d.notes.extend(info.notes)
+        d.ssmax_blocker = info.ssmax_blocker
 
     # -------------------------------------------------------------- SDPA calls
-    def _sdpa(self, node: Any) -> AttentionSite:
+    def _sdpa(self, node: Any) -> _Draft:
         a = self.a
         ins = a.inputs(node)
         q, k, v = ins[0], ins[1], ins[2]
@@ -292,11 +166,11 @@ class Matcher:
         v_src = self._unglue(v, rank, gqa=True) or (v, 1)
         if k_src[1] != v_src[1]:
             k_src, v_src = (k, 1), (v, 1)
-        site = AttentionSite(
+        site = _Draft(
             index=0,
             name=a.name(node),
             softmax=node,
-            form="sdpa",
+            form=Form.FUSED_OP,
             q=Operand(q, rank),
             k=Operand(k_src[0], rank, groups=k_src[1]),
             v=Operand(v_src[0], rank, groups=v_src[1]),
@@ -322,10 +196,11 @@ class Matcher:
         if mask is not None:
             site.notes.append("mask given to scaled_dot_product_attention")
         site.notes.append("already fused (scaled_dot_product_attention)")
+        self._fused_op_info(site)
         return site
 
     # -------------------------------------------------------------- softmax chains
-    def _softmax(self, sm: Any) -> AttentionSite:
+    def _softmax(self, sm: Any) -> _Draft:
         a = self.a
         x = self._in(sm)
         shape = a.shape(x)
@@ -476,7 +351,7 @@ class Matcher:
         return c, src
 
     # -------------------------------------------------------------- building the site from the walk
-    def _build(self, sm: Any, rank: int, qk: tuple[str, Any], steps: list, chain: list) -> AttentionSite:
+    def _build(self, sm: Any, rank: int, qk: tuple[str, Any], steps: list, chain: list) -> _Draft:
         a = self.a
         node = qk[1]
         kind = a.kind(node)
@@ -511,12 +386,12 @@ class Matcher:
                 raise NoMatch("a mask or bias is applied before soft-capping")
             elif step == "bias":
                 term, bnode, sign = payload
-                masks.append(MaskTerm("additive", term, bnode, coeff=sign * pending_scale))
+                masks.append(MaskTerm(MaskKind.ADDITIVE, term, bnode, coeff=sign * pending_scale))
             elif step == "boolmask":
                 cond, wnode, attend_when = payload
                 if pending_scale <= 0:
                     raise NoMatch("scores scaled by a negative number after masking")
-                masks.append(MaskTerm("bool", cond, wnode, attend_when=attend_when))
+                masks.append(MaskTerm(MaskKind.BOOL, cond, wnode, attend_when=attend_when))
         if not seen_softcap:
             scale = pending_scale
         if kind is Kind.BADDBMM:
@@ -525,7 +400,7 @@ class Matcher:
             if beta != 0:
                 if seen_softcap:
                     raise NoMatch("baddbmm adds a bias before soft-capping")
-                masks.append(MaskTerm("additive", bias, node, coeff=beta * scale))
+                masks.append(MaskTerm(MaskKind.ADDITIVE, bias, node, coeff=beta * scale))
             scale *= float(a.attr(node, "alpha", 1.0))
             q_op, k_op = self._qk_operands(qv, ktv, rank, node)
         elif kind is Kind.EINSUM:
@@ -533,14 +408,13 @@ class Matcher:
         else:
             qv, ktv = a.inputs(node)[:2]
             q_op, k_op = self._qk_operands(qv, ktv, rank, node)
-        for term in masks:
-            self._classify_mask(term)
+        masks = [self._classify_mask(term) for term in masks]
         causal = any(m.causal for m in masks)
-        site = AttentionSite(
+        site = _Draft(
             index=0,
             name=a.name(sm),
             softmax=sm,
-            form="explicit",
+            form=Form.EXPLICIT,
             q=q_op,
             k=k_op,
             v=q_op,  # replaced by _walk_probs
@@ -572,7 +446,7 @@ class Matcher:
                 site.notes.append(f"{len(qs_l)}-D attention: heads folded into the batch, one SSMax s for all")
         if k_op.groups > 1:
             site.notes.append(f"GQA {k_op.groups}:1")
-        if any(m.kind == "additive" and not m.only_causal and not m.causal for m in masks):
+        if any(m.kind == MaskKind.ADDITIVE and not m.only_causal and not m.causal for m in masks):
             site.notes.append("additive mask/bias")
         return site
 
@@ -595,104 +469,6 @@ class Matcher:
             return None
         return None
 
-    def _qk_operands(self, qv: Any, ktv: Any, rank: int, mm: Any) -> tuple[Operand, Operand]:
-        a = self.a
-        if a.is_static(qv) or a.is_static(ktv):
-            raise NoMatch(f"{a.name(mm)} multiplies by a weight, not Q K^T (e.g. a router or classifier)")
-        q = self._unglue(qv, rank, gqa=False)
-        kt = self._unglue(ktv, rank, gqa=False)
-        if q is None or kt is None:
-            raise NoMatch(f"operands of {a.name(mm)} do not line up with the scores' layout")
-        tnode, tkind = self._producer_kind(kt[0])
-        if tkind is Kind.TRANSPOSE and _swaps_last_two(a.attr(tnode, "perm"), rank):
-            k = self._unglue(self._in(tnode), rank, gqa=True)
-            if k is None:
-                raise NoMatch(f"K feeding {a.name(tnode)} does not line up with the scores' layout")
-            return Operand(q[0], rank), Operand(k[0], rank, groups=k[1])
-        return Operand(q[0], rank), Operand(kt[0], rank, transposed=True)
-
-    def _unglue(self, v: Any, rank: int, gqa: bool) -> tuple[Any, int] | None:
-        """Peel the reshapes/expands a matmul decomposition or ``repeat_kv`` wraps around an operand."""
-        a = self.a
-        for _ in range(16):
-            node, kind = self._producer_kind(v)
-            r = self._rank(v)
-            if kind is Kind.IDENTITY:
-                v = self._in(node)
-                continue
-            if r != rank and kind in (Kind.RESHAPE, Kind.EXPAND):
-                src = self._in(node)
-                if _same_tail(a.shape(src), a.shape(v)) and (kind is Kind.RESHAPE or self._rank(src) == r):
-                    v = src
-                    continue
-            if r == rank and kind is Kind.EXPAND and self._rank(self._in(node)) == rank:
-                src = self._in(node)
-                ss, vs = a.shape(src), a.shape(v)
-                if ss is not None and vs is not None and ss[-2:] == vs[-2:] and all(x == y or x == 1 for x, y in zip(ss, vs)):
-                    if not gqa and ss[:-2] != vs[:-2]:
-                        # a broadcast of q over heads or batch is fine: the op broadcasts too
-                        pass
-                    v = src
-                    continue
-            break
-        if self._rank(v) != rank:
-            return None
-        groups = 1
-        if not gqa:
-            return v, groups
-        for _ in range(8):
-            node, kind = self._producer_kind(v)
-            if kind is Kind.IDENTITY:
-                v = self._in(node)
-                continue
-            if kind is Kind.REPEAT_INTERLEAVE and self._axis(a.attr(node, "dim"), rank) == rank - 3:
-                reps = a.attr(node, "repeats")
-                if isinstance(reps, int) and reps > 0:
-                    groups *= reps
-                    v = self._in(node)
-                    continue
-            if kind is Kind.RESHAPE and rank >= 3:
-                got = self._repeat_kv(v, node, rank)
-                if got is not None:
-                    v, g = got
-                    groups *= g
-                    continue
-            break
-        return v, groups
-
-    def _repeat_kv(self, v: Any, node: Any, rank: int) -> tuple[Any, int] | None:
-        """``x[:, :, None].expand(B, Hkv, G, S, D).reshape(B, Hkv*G, S, D)``: HF's ``repeat_kv``."""
-        a = self.a
-        src = self._in(node)
-        ss, vs = a.shape(src), a.shape(v)
-        if ss is None or vs is None or len(ss) != rank + 1 or ss[-2:] != vs[-2:]:
-            return None
-        enode, ekind = self._producer_kind(src)
-        if ekind is not Kind.EXPAND:
-            return None
-        pre = self._in(enode)
-        ps = a.shape(pre)
-        if ps is None or len(ps) != rank + 1 or ps[-3] != 1:
-            return None
-        g = ss[-3]
-        if not isinstance(g, int):
-            return None
-        unode, ukind = self._producer_kind(pre)
-        if ukind is Kind.UNSQUEEZE and self._axis(a.attr(unode, "dim"), rank + 1) == rank - 2:
-            base = self._in(unode)
-        elif ukind is Kind.RESHAPE:
-            base = self._in(unode)
-        else:
-            return None
-        bs = a.shape(base)
-        if bs is None or len(bs) != rank or bs[-2:] != vs[-2:]:
-            return None
-        return base, g
-
-    @staticmethod
-    def _axis(dim: Any, rank: int) -> int | None:
-        return None if not isinstance(dim, int) else dim % rank
-
     def _einsum_qk(self, node: Any, rank: int) -> tuple[Operand, Operand]:
         a = self.a
         eq = str(a.attr(node, "equation", "")).replace(" ", "")
@@ -713,167 +489,8 @@ class Matcher:
         k_perm = _perm_to(lb, "".join(batch) + j[0] + d[0])
         return Operand(ops[0], len(la), perm=q_perm), Operand(ops[1], len(lb), perm=k_perm)
 
-    # -------------------------------------------------------------- masks
-    def proves_causal(self, v: Any, attend_when: bool = True) -> bool:
-        """True if bool ``v`` (attendable where it equals ``attend_when``) is exactly ``key <= query``.
-
-        Rewrites use it on the factors of a mask to count keys per row without materialising the mask.
-        """
-        causal, only = self._causal_bool(v, attend_when, 0)
-        return causal and only
-
-    def all_true(self, v: Any) -> bool:
-        """True if ``v`` is a constant (or a fill/expand of one) that is non-zero everywhere."""
-        return self._all_true(v)
-
-    def _classify_mask(self, term: MaskTerm) -> None:
-        """Prove whether a mask term is (or contains) the causal constraint, from how it was built."""
-        if term.kind == "bool":
-            causal, only = self._causal_bool(term.value, term.attend_when, 0)
-        else:
-            causal, only = self._causal_additive(term.value, 0)
-        if not causal:
-            causal = only = self._causal_by_value(term.value, term.kind, term.attend_when, term.coeff)
-        term.causal, term.only_causal = causal, only
-
-    def _causal_by_value(self, v: Any, kind: str, attend_when: bool = True, coeff: float = 1.0) -> bool:
-        """A constant mask (a ``tril`` buffer sliced to the sequence) is causal if its values say so."""
-        if not self.a.is_static(v):
-            return False
-        value = self.a.static_value(v)
-        if value is None or value.ndim < 2 or value.shape[-1] != value.shape[-2]:
-            return False
-        if kind == "bool":
-            allowed = value.astype(bool) == attend_when
-        else:
-            allowed = value * coeff > MASKED_BELOW
-        n = value.shape[-1]
-        rows = np.arange(n)[:, None]
-        return bool((allowed.reshape(-1, n, n) == (np.arange(n)[None, :] <= rows)).all())
-
-    def _causal_additive(self, v: Any, depth: int) -> tuple[bool, bool]:
-        a = self.a
-        if depth > 24:
-            return False, False
-        node, kind = self._producer_kind(v)
-        if kind in (Kind.CAST, Kind.IDENTITY, Kind.EXPAND, Kind.UNSQUEEZE, Kind.RESHAPE):
-            return self._causal_additive(self._in(node), depth + 1)
-        if kind is Kind.WHERE:
-            cond, xa, xb = a.inputs(node)[:3]
-            ca, cb = self._const(xa), self._const(xb)
-            if ca == 0 and cb is not None and cb <= _MASK_FILL_LIMIT:
-                return self._causal_bool(cond, True, depth + 1)
-            if cb == 0 and ca is not None and ca <= _MASK_FILL_LIMIT:
-                return self._causal_bool(cond, False, depth + 1)
-            return False, False
-        if kind is Kind.TRIU:
-            fill = self._fill_value(self._in(node))
-            if fill is not None and fill <= _MASK_FILL_LIMIT and a.attr(node, "diagonal", 0) == 1:
-                return True, True
-        if kind is Kind.ADD:
-            lhs, rhs = a.inputs(node)[:2]
-            c1, _ = self._causal_additive(lhs, depth + 1)
-            c2, _ = self._causal_additive(rhs, depth + 1)
-            return c1 or c2, False
-        return False, False
-
-    def _fill_value(self, v: Any) -> float | None:
-        c = self._const(v)
-        if c is not None:
-            return c
-        node, kind = self._producer_kind(v)
-        if kind is Kind.CONSTANT:
-            return self.a.attr(node, "fill")
-        return None
-
-    def _causal_bool(self, v: Any, attend_when: bool, depth: int) -> tuple[bool, bool]:
-        """(contains causal, is exactly causal) for a bool tensor whose ``attend_when`` entries attend."""
-        a = self.a
-        if depth > 24:
-            return False, False
-        node, kind = self._producer_kind(v)
-        if kind in (Kind.CAST, Kind.IDENTITY, Kind.EXPAND, Kind.UNSQUEEZE, Kind.RESHAPE):
-            return self._causal_bool(self._in(node), attend_when, depth + 1)
-        if kind is Kind.NOT:
-            return self._causal_bool(self._in(node), not attend_when, depth + 1)
-        if kind is Kind.AND and attend_when:
-            parts = [self._causal_bool(x, True, depth + 1) for x in a.inputs(node)[:2]]
-            trivially = [self._all_true(x) for x in a.inputs(node)[:2]]
-            causal = any(p[0] for p in parts)
-            only = all(p[1] or t for p, t in zip(parts, trivially)) and causal
-            return causal, only
-        if kind is Kind.OR and not attend_when:
-            parts = [self._causal_bool(x, False, depth + 1) for x in a.inputs(node)[:2]]
-            causal = any(p[0] for p in parts)
-            return causal, all(p[1] for p in parts) and causal
-        if kind is Kind.TRIL and attend_when and a.attr(node, "diagonal", 0) == 0 and self._all_true(self._in(node)):
-            return True, True
-        if kind is Kind.TRIU and not attend_when and a.attr(node, "diagonal", 0) == 1 and self._all_true(self._in(node)):
-            return True, True
-        if kind is Kind.COMPARE:
-            op = a.attr(node, "op")
-            lhs, rhs = a.inputs(node)[:2]
-            if not attend_when:
-                op = {"le": "gt", "lt": "ge", "ge": "lt", "gt": "le"}.get(op)
-            # attend iff key <= query  (or query >= key; or key < query + 1)
-            if op in ("le", "ge", "lt", "gt"):
-                key_side, query_side = (lhs, rhs) if op in ("le", "lt") else (rhs, lhs)
-                kidx, qidx = self._index_along(key_side, -1), self._index_along(query_side, -2)
-                if kidx is not None and qidx is not None:
-                    koff, qoff = kidx, qidx
-                    strict = op in ("lt", "gt")
-                    if isinstance(koff, int | float) and isinstance(qoff, int | float):
-                        if qoff - koff == (1 if strict else 0):
-                            return True, True
-        if self._causal_by_value(v, "bool", attend_when):
-            return True, True
-        return False, False
-
-    def _all_true(self, v: Any) -> bool:
-        node, kind = self._producer_kind(v)
-        c = self._const(v)
-        if c is not None:
-            return c != 0
-        if kind is Kind.CONSTANT:
-            f = self.a.attr(node, "fill")
-            return f is not None and f != 0
-        if kind in (Kind.CAST, Kind.IDENTITY, Kind.EXPAND):
-            return self._all_true(self._in(node))
-        return False
-
-    def _index_along(self, v: Any, axis: int) -> float | None:
-        """If ``v`` is ``arange(S) + offset`` laid out along ``axis`` (other dims 1), return the offset."""
-        a = self.a
-        s = a.shape(v)
-        if s is None or len(s) < 2:
-            return None
-        other = [d for i, d in enumerate(s) if i != len(s) + axis]
-        if any(d != 1 for d in other):
-            return None
-        offset = 0.0
-        for _ in range(16):
-            node, kind = self._producer_kind(v)
-            if kind in (Kind.UNSQUEEZE, Kind.RESHAPE, Kind.CAST, Kind.IDENTITY, Kind.EXPAND):
-                v = self._in(node)
-                continue
-            if kind in (Kind.ADD, Kind.SUB):
-                lhs, rhs = a.inputs(node)[:2]
-                c = self._const(rhs)
-                if c is None:
-                    return None
-                offset += c if kind is Kind.ADD else -c
-                v = lhs
-                continue
-            if kind is Kind.ARANGE:
-                start = a.attr(node, "start", 0)
-                if not isinstance(start, int | float):
-                    return None
-                return offset + start
-            return None
-        return None
-
     # -------------------------------------------------------------- forward: probabilities into V
-    def _walk_probs(self, site: AttentionSite, p: Any, rank: int) -> None:
+    def _walk_probs(self, site: _Draft, p: Any, rank: int) -> None:
         a = self.a
         y = p
         escapes: list[str] = []
@@ -920,13 +537,14 @@ class Matcher:
             return (xb is y and self._const(xa) == 0) or (xa is y and self._const(xb) == 0)
         return False
 
-    def _guard(self, site: AttentionSite, node: Any, y: Any, p: Any) -> None:
+    def _guard(self, site: _Draft, node: Any, y: Any, p: Any) -> None:
         """A ``where(cond, 0, probs)`` after the softmax: a NaN guard (dropped) or a per-row zeroing (kept)."""
         a = self.a
         cond, xa, xb = a.inputs(node)[:3]
         zero_when = xa is not y  # where(cond, 0, y): zero when cond is True
         if self._derives_isnan(cond, y, p):
             site.notes.append("NaN guard after softmax")
+            site.nan_guards.append(cond)
             return
         cs, ys = a.shape(cond), a.shape(y)
         if cs is not None and ys is not None and len(cs) <= len(ys) and cs[-1] == 1:
@@ -949,7 +567,7 @@ class Matcher:
                 src = self._in(n2)
         return False
 
-    def _pv(self, site: AttentionSite, mm: Any, y: Any, rank: int) -> None:
+    def _pv(self, site: _Draft, mm: Any, y: Any, rank: int) -> None:
         a = self.a
         kind = a.kind(mm)
         if kind is Kind.EINSUM:
@@ -988,42 +606,10 @@ class Matcher:
             site.notes.append("K and V repeated differently")
 
 
-# ------------------------------------------------------------------ small pure helpers
-
-def _same_tail(a: Sequence[Dim] | None, b: Sequence[Dim] | None) -> bool:
-    return a is not None and b is not None and len(a) >= 2 and len(b) >= 2 and tuple(a[-2:]) == tuple(b[-2:])
-
-
-def _swaps_last_two(perm: Sequence[int] | None, rank: int) -> bool:
-    if perm is None or len(perm) != rank:
-        return False
-    want = list(range(rank))
-    want[-1], want[-2] = want[-2], want[-1]
-    return [p % rank for p in perm] == want
-
-
-def _parse_einsum(eq: str, n: int) -> tuple[list[str], str] | None:
-    if "->" not in eq or "." in eq:
-        return None
-    lhs, out = eq.split("->")
-    parts = lhs.split(",")
-    if len(parts) != n or not all(p.isalpha() for p in parts) or not (out.isalpha() or out == ""):
-        return None
-    return parts, out
-
-
-def _perm_to(src: str, dst: str) -> tuple[int, ...] | None:
-    """Permutation p with ``x.permute(p)`` turning layout ``src`` into ``dst`` (None if identity)."""
-    if sorted(src) != sorted(dst):
-        return None
-    p = tuple(src.index(c) for c in dst)
-    return None if p == tuple(range(len(src))) else p
-
-
-def _permuted(shape: Sequence[Dim], perm: tuple[int, ...] | None) -> tuple[Dim, ...]:
-    return tuple(shape) if perm is None else tuple(shape[i] for i in perm)
-
-
 def find_sites(adapter: Adapter) -> Report:
     """All attention sites an adapter's graph holds, plus the softmaxes left alone and why."""
     return Matcher(adapter).find()
+
+
+__all__ = ["Kind", "Adapter", "Dim", "Matcher", "NoMatch", "find_sites", "AttentionSite", "Operand", "MaskTerm",
+           "MaskKind", "MaskRole", "Form", "Guard", "GuardKind", "FusedOpInfo", "Report", "Skipped"]

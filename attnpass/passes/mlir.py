@@ -33,13 +33,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from attnpass import semantics
 from attnpass.errors import AttnpassError
 from attnpass.passes.aten import ATEN_KINDS
 from attnpass.passes.match import AttentionSite, Dim, Kind, MaskTerm, Report, find_sites
+from attnpass.passes.site import Notes
 
 # ------------------------------------------------------------------ op tables
 
@@ -115,6 +116,16 @@ def _aten_name(opname: str) -> tuple[str | None, str]:
 
 class MlirAdapter:
     """Answers the matcher's questions about one ``func.func`` in torch dialect."""
+
+    def no_key_test(self, cond: Any, scores: Any, zero_when: bool) -> bool:
+        """A post-softmax guard that only zeroes rows with no attendable key (torch's safe-softmax).
+
+        torch's decomposition of ``scaled_dot_product_attention`` (what ``torch_mlir.fx.export_and_import``
+        applies by default) zeroes the rows whose scores are all ``-inf``:
+        ``where(all(eq(x, -inf), -1, keepdim), full_like(p, 0), softmax(x))``; fx's own spelling is
+        ``where(any(not(eq(x, -inf))), softmax(x), 0)``.
+        """
+        return _is_no_key_test(cond, scores, want_all=zero_when)
 
     def __init__(self, func_op: Any):
         from torch_mlir import ir
@@ -455,7 +466,7 @@ def public_funcs(module: Any) -> list[Any]:
     return out
 
 
-@dataclass
+@dataclass(frozen=True)
 class MlirReport(Report):
     """A ``Report`` whose sites also remember the adapter (the rewrite needs the IR objects)."""
 
@@ -471,29 +482,18 @@ def find(module: Any) -> MlirReport:
         adapter = MlirAdapter(func)
         rep = find_sites(adapter)
         for site in rep.sites:
-            site.index = len(sites)
-            _check_causal_alignment(site)
-            _check_lowerable(adapter, site)
+            site = replace(site, index=len(sites))
+            site = replace(site, fuse_blocker=_lowering_blocker(site))
             adapters[site.index] = adapter
             sites.append(site)
         skipped.extend(rep.skipped)
     return MlirReport(sites, skipped, adapters)
 
 
-def _check_causal_alignment(site: AttentionSite) -> None:
-    """A causal mask proven from its construction is top-left aligned: trusted only when S_q == S_k."""
-    if site.form != "explicit" or site.seq_q == site.seq_k:
-        return
-    for m in site.masks:
-        m.causal = m.only_causal = False
-    site.causal = False
-
-
-def _check_lowerable(adapter: MlirAdapter, site: AttentionSite) -> None:
+def _lowering_blocker(site: AttentionSite) -> str | None:
     """What the MLIR rewrites cannot express yet goes into the report as the reason."""
-    _drop_implied_guards(adapter, site)
     if site.fuse_blocker is not None:
-        return
+        return site.fuse_blocker
     why = None
     masks = site_masks(site)
     if any(o.perm is not None for o in (site.q, site.k, site.v)) or site.out_perm is not None:
@@ -510,26 +510,7 @@ def _check_lowerable(adapter: MlirAdapter, site: AttentionSite) -> None:
             why = "a mask that is neither bool nor f32"
         elif site.form == "sdpa" and site.k.groups == 1 and _gqa_groups(site) is None:
             why = "scaled_dot_product_attention with a head count of Q that is not a multiple of K's"
-    site.fuse_blocker = why
-
-
-def _drop_implied_guards(adapter: MlirAdapter, site: AttentionSite) -> None:
-    """Forget the safe-softmax guard: the rewrites give 0 for a row with no attendable key anyway.
-
-    torch's decomposition of ``scaled_dot_product_attention`` (what ``torch_mlir.fx.export_and_import``
-    applies by default) zeroes the rows whose scores are all ``-inf``:
-    ``where(all(eq(x, -inf), -1, keepdim), full_like(p, 0), softmax(x))``; fx's own spelling is
-    ``where(any(not(eq(x, -inf))), softmax(x), 0)``.  Both only restate what the fused loop nest
-    does, and keeping the guard would keep the ``S x S`` scores alive just to compute it.
-    """
-    x = adapter.inputs(site.softmax)[0] if site.form == "explicit" else None
-    kept = []
-    for cond, zero_when in site.row_guards:
-        if x is not None and _is_no_key_test(cond, x, want_all=zero_when):
-            site.notes.append("safe-softmax guard: implied (a row with no attendable key is 0)")
-        else:
-            kept.append((cond, zero_when))
-    site.row_guards = kept
+    return why
 
 
 def _is_no_key_test(cond: Any, x: _Val, want_all: bool) -> bool:
@@ -1239,6 +1220,7 @@ class _Editor:
         self.module = module
         self.ctx = module.context
         self.names: set[str] = set()
+        self.notes = Notes()  # what the rewrite did, per site: returned in a new report
 
     def builtin(self, v: _Val, before: Any) -> Any:
         ir = self.ir
@@ -1391,7 +1373,7 @@ def to_ssmax(module: Any, s: float | list[float] = semantics.DEFAULT_S, b: float
             _ssmax_explicit_site(ed, adapter, site, s, b, params)
     for f in public_funcs(module):
         _erase_dead(f)
-    return report
+    return report.with_notes(ed.notes.by_site)
 
 
 def _ssmax_explicit_site(ed: _Editor, adapter: MlirAdapter, site: AttentionSite, s: Any, b: Any, params: str) -> None:
@@ -1399,10 +1381,10 @@ def _ssmax_explicit_site(ed: _Editor, adapter: MlirAdapter, site: AttentionSite,
     x: _Val = adapter.inputs(sm)[0]
     x_shape = x.shape
     if x_shape is None or any(d is None for d in x_shape) or x.dtype != "f32":
-        site.notes.append("left alone: SSMax in MLIR needs static f32 scores")
+        ed.notes.add(site, "left alone: SSMax in MLIR needs static f32 scores")
         return
     if any(m.value.dtype not in ("i1", "f32") or m.value.shape is None for m in site.masks):
-        site.notes.append("left alone: a mask that is neither bool nor f32")
+        ed.notes.add(site, "left alone: a mask that is neither bool nor f32")
         return
     first = sm.softmax_parts[0].op if sm.softmax_parts else sm.op
     masks, mvals = _mask_inputs(ed, site.masks, first, "m")
@@ -1416,7 +1398,7 @@ def _ssmax_explicit_site(ed: _Editor, adapter: MlirAdapter, site: AttentionSite,
         for i, operand in enumerate(t.operands):
             if operand == x.value:
                 t.operands[i] = z
-    site.notes.append(f"SSMax via @{name}" + (" (s, b as arguments)" if ss.s_arg else ""))
+    ed.notes.add(site, f"SSMax via @{name}" + (" (s, b as arguments)" if ss.s_arg else ""))
 
 
 def _ssmax_sdpa_site(ed: _Editor, adapter: MlirAdapter, site: AttentionSite, s: Any, b: Any, params: str) -> None:
@@ -1426,10 +1408,10 @@ def _ssmax_sdpa_site(ed: _Editor, adapter: MlirAdapter, site: AttentionSite, s: 
     masks_t = site_masks(site)
     qs = q.shape
     if qs is None or any(d is None for d in qs) or q.dtype != "f32" or site.seq_k is None or not isinstance(site.seq_k, int):
-        site.notes.append("left alone: SSMax in MLIR needs static f32 inputs")
+        ed.notes.add(site, "left alone: SSMax in MLIR needs static f32 inputs")
         return
     if any(m.value.dtype not in ("i1", "f32") or m.value.shape is None for m in masks_t):
-        site.notes.append("left alone: a mask that is neither bool nor f32")
+        ed.notes.add(site, "left alone: a mask that is neither bool nor f32")
         return
     qs = tuple(qs)
     masks, mvals = _mask_inputs(ed, masks_t, call.op, "m")
@@ -1454,8 +1436,8 @@ def _ssmax_sdpa_site(ed: _Editor, adapter: MlirAdapter, site: AttentionSite, s: 
         none = ir.Operation.create("torch.constant.none", results=[ir.Type.parse("!torch.none", ed.ctx)],
                                    loc=ir.Location.unknown(ed.ctx), ip=ir.InsertionPoint(call.op))
         call.op.operands[6] = none.result
-        site.notes.append(f"scale {site.scale:g} folded into q")
-    site.notes.append(f"SSMax via @{name} (factor on q" + (", mask scaled" if additive else "") + ")"
+        ed.notes.add(site, f"scale {site.scale:g} folded into q")
+    ed.notes.add(site, f"SSMax via @{name} (factor on q" + (", mask scaled" if additive else "") + ")"
                       + (" (s, b as arguments)" if ss.s_arg else ""))
 
 
@@ -1487,7 +1469,7 @@ def fuse(module: Any, tile: int = DEFAULT_TILE, report: MlirReport | None = None
             _fuse_site(ed, site, tile)
     for f in public_funcs(module):
         _erase_dead(f)
-    return report
+    return report.with_notes(ed.notes.by_site)
 
 
 def _fuse_site(ed: _Editor, site: AttentionSite, tile: int, ssmax: tuple | None = None) -> None:
@@ -1507,7 +1489,7 @@ def _fuse_site(ed: _Editor, site: AttentionSite, tile: int, ssmax: tuple | None 
     ed.add_func(_fused_func(name, spec), f"fused attention for {site.name}")
     new = ed.call(name, [q, k, v, *mvals, *pvals], [out.type], before)[0]
     out.value.replace_all_uses_with(new)
-    site.notes.append(f"fused via @{name} (tile {spec.tile})" + (" with SSMax" if ssmax is not None else ""))
+    ed.notes.add(site, f"fused via @{name} (tile {spec.tile})" + (" with SSMax" if ssmax is not None else ""))
 
 
 def _spec(site: AttentionSite, tile: int) -> _FusedSpec:

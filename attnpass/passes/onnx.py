@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ import onnx_ir as ir
 
 from attnpass import semantics
 from attnpass.passes.match import AttentionSite, Dim, Kind, Matcher, Report, find_sites
+from attnpass.passes.site import Emitted, FusedOpInfo, Notes
 
 MS = "com.microsoft"
 
@@ -509,6 +511,27 @@ class OnnxAdapter:
             stack.extend((i, False) for i in ins if id(i) not in memo)
         return memo[id(value)]
 
+    def fused_op_info(self, node: ir.Node) -> FusedOpInfo:
+        """What only the ONNX op knows: head counts as attributes, a 3-D Q, softcap, what SSMax cannot do."""
+        dom, op = _domain(node), node.op_type
+        nh = self.attr(node, "num_heads") or self.attr(node, "q_num_heads")
+        kvh = self.attr(node, "kv_num_heads")
+        notes: list[str] = []
+        if (dom, op) == (MS, "Attention"):
+            notes.append("Q is projected inside com.microsoft.Attention: SSMax cannot scale it from outside")
+        if (dom, op) == (MS, "GroupQueryAttention"):
+            notes.append("GroupQueryAttention counts keys from seqlens_k/past: not rewritten to SSMax")
+        three_d = _three_d(self, node)
+        info: dict[str, Any] = {}
+        if three_d:
+            qs = self.shape(node.inputs[0])
+            ks = self.shape(node.inputs[1])
+            info = {"heads": nh, "kv_heads": kvh or nh, "seq_q": qs[1] if qs is not None else None,
+                    "head_dim": qs[2] // nh if qs is not None and isinstance(qs[2], int) and nh else None,
+                    "seq_k": ks[1] if ks is not None and len(ks) == 3 else None}
+        return FusedOpInfo(three_d=three_d, softcap=self.attr(node, "softcap"), op_name=f"{dom + '.' if dom else ''}{op}",
+                           notes=tuple(notes), ssmax_blocker=_op_ssmax_blocker(self, node, info.get("heads")), **info)
+
     def name(self, node: Any) -> str:
         if isinstance(node, ir.Node):
             return node.name or f"{node.op_type}@{id(node):x}"
@@ -577,38 +600,7 @@ def _reshape(src: tuple[Dim, ...] | None, target: list[Dim]) -> tuple[Dim, ...]:
 
 def find(model: ir.Model) -> Report:
     """Attention sites of an onnx-ir model (every graph, function and subgraph)."""
-    adapter = OnnxAdapter(model)
-    report = find_sites(adapter)
-    for site in report.sites:
-        _finish_site(adapter, site)
-    return report
-
-
-def _finish_site(ad: OnnxAdapter, site: AttentionSite) -> None:
-    """Fill in what only the ONNX op knows (fused ops carry head counts as attributes, Q may be 3-D)."""
-    if site.form != "sdpa":
-        return
-    node = site.softmax
-    dom, op = _domain(node), node.op_type
-    site.notes = [n for n in site.notes if not n.startswith("already fused")]
-    site.notes.append(f"already fused ({dom + '.' if dom else ''}{op})")
-    nh = ad.attr(node, "num_heads") or ad.attr(node, "q_num_heads")
-    kvh = ad.attr(node, "kv_num_heads")
-    qs = ad.shape(node.inputs[0])
-    if _three_d(ad, node):
-        site.heads = nh
-        site.kv_heads = kvh or nh
-        site.seq_q = qs[1] if qs is not None else None
-        site.head_dim = qs[2] // nh if qs is not None and isinstance(qs[2], int) and nh else None
-        ks = ad.shape(site.k.value)
-        site.seq_k = ks[1] if ks is not None and len(ks) == 3 else None
-    if site.scale is None and isinstance(site.head_dim, int):
-        site.scale = 1.0 / math.sqrt(site.head_dim)
-    site.softcap = ad.attr(node, "softcap")
-    if (dom, op) == (MS, "Attention"):
-        site.notes.append("Q is projected inside com.microsoft.Attention: SSMax cannot scale it from outside")
-    if (dom, op) == (MS, "GroupQueryAttention"):
-        site.notes.append("GroupQueryAttention counts keys from seqlens_k/past: not rewritten to SSMax")
+    return find_sites(OnnxAdapter(model))
 
 
 def _three_d(ad: OnnxAdapter, node: ir.Node) -> bool:
@@ -620,16 +612,18 @@ def _three_d(ad: OnnxAdapter, node: ir.Node) -> bool:
 
 
 def ssmax_blocker(ad: OnnxAdapter, site: AttentionSite) -> str | None:
-    """Why a site cannot take the SSMax rewrite here (None: it can)."""
-    if site.form == "explicit":
-        return None
-    node = site.softmax
+    """Why a site cannot take the SSMax rewrite here (None: it can); decided when the site was found."""
+    return site.ssmax_blocker
+
+
+def _op_ssmax_blocker(ad: OnnxAdapter, node: ir.Node, heads: Dim) -> str | None:
+    """Why SSMax cannot scale a fused op's Q from outside (None: it can)."""
     dom, op = _domain(node), node.op_type
     if (dom, op) == (MS, "Attention"):
         return "com.microsoft.Attention projects Q inside the op (no Q to scale)"
     if (dom, op) == (MS, "GroupQueryAttention"):
         return "GroupQueryAttention (keys per row come from seqlens_k and the KV cache)"
-    if _three_d(ad, node) and not isinstance(site.heads, int):
+    if _three_d(ad, node) and not isinstance(heads, int):
         return "the number of heads is not known"
     if (dom, op) == (MS, "MultiHeadAttention"):
         ins = list(node.inputs)
@@ -642,8 +636,6 @@ def ssmax_blocker(ad: OnnxAdapter, site: AttentionSite) -> str | None:
         if any(_at(ins, i) is not None for i in (4, 5)) or len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:]):
             return "Attention with a KV cache"
     return None
-
-
 
 
 # ------------------------------------------------------------------ rewriting helpers
@@ -938,7 +930,7 @@ def _pure_mask(ad: OnnxAdapter, v: ir.Value, coeff: float) -> bool:
 
 # ------------------------------------------------------------------ SSMax
 
-def to_ssmax(model: ir.Model, report: Report, s: float, b: float | None = None) -> dict[int, str]:
+def to_ssmax(model: ir.Model, report: Report, s: float, b: float | None = None) -> Emitted:
     """Rewrite every site to SSMax in standard ONNX ops; returns {site index: why it was left alone}.
 
     Explicit chains: Q entering the ``Q K^T`` matmul is multiplied by the per-row factor
@@ -949,19 +941,20 @@ def to_ssmax(model: ir.Model, report: Report, s: float, b: float | None = None) 
     """
     ad = OnnxAdapter(model)
     left: dict[int, str] = {}
+    notes = Notes()
     for site in report.sites:
         why = ssmax_blocker(ad, site)
         if why is not None:
             left[site.index] = why
             continue
         if site.form == "explicit":
-            _ssmax_explicit(model, ad, site, s, b)
+            _ssmax_explicit(model, ad, site, s, b, notes)
         else:
-            _ssmax_fused_op(model, ad, site, s, b)
-    return left
+            _ssmax_fused_op(model, ad, site, s, b, notes)
+    return Emitted(report.with_notes(notes.by_site), left)
 
 
-def _ssmax_explicit(model: ir.Model, ad: OnnxAdapter, site: AttentionSite, s: float, bias: float | None) -> None:
+def _ssmax_explicit(model: ir.Model, ad: OnnxAdapter, site: AttentionSite, s: float, bias: float | None, notes: Notes) -> None:
     """SSMax on an explicit chain: Q pre-scaled by the per-row factor where the chain allows, else the scores.
 
     ``(f_i q_i) . k_j = f_i (q_i . k_j)``: scaling Q costs ``O(S D)`` per head where scaling the scores
@@ -972,7 +965,7 @@ def _ssmax_explicit(model: ir.Model, ad: OnnxAdapter, site: AttentionSite, s: fl
     """
     qk = _qk_matmul(ad, site)
     if qk is None:
-        _ssmax_scores(model, ad, site, s, bias)
+        _ssmax_scores(model, ad, site, s, bias, notes)
         return
     bld = _Builder(qk, f"attnpass/ssmax_{site.index}")
     q, kt = qk.inputs[0], qk.inputs[1]
@@ -980,7 +973,7 @@ def _ssmax_explicit(model: ir.Model, ad: OnnxAdapter, site: AttentionSite, s: fl
     # the scores' shape from the operands (the scores themselves come after Q, which now depends on n)
     full = bld.op("Concat", [bld.op("Shape", [q], {"end": -1}), bld.op("Shape", [kt], {"start": -1})], {"axis": 0})
     n, how = keys.count(_size(bld, q, -2), _size(bld, kt, -1), full)
-    site.notes.append(f"SSMax n counted from the {_HOW[how]}; Q pre-scaled by the factor")
+    notes.add(site, f"SSMax n counted from the {_HOW[how]}; Q pre-scaled by the factor")
     f = _factor(model, bld, site, n, s, bias, site.out_rank)
     new_q = bld.op("Mul", [_to_float(bld, q), f])
     if q.dtype not in (None, ir.DataType.FLOAT):
@@ -1032,14 +1025,14 @@ def _reaches(v: ir.Value, target: ir.Node, limit: int = 4096) -> bool:
     return len(seen) >= limit
 
 
-def _ssmax_scores(model: ir.Model, ad: OnnxAdapter, site: AttentionSite, s: float, bias: float | None) -> None:
+def _ssmax_scores(model: ir.Model, ad: OnnxAdapter, site: AttentionSite, s: float, bias: float | None, notes: Notes) -> None:
     """SSMax on the softmax input: ``Where(allowed, x * f, finfo.min)`` (``semantics.ssmax_logits``)."""
     sm = site.softmax
     x = sm.inputs[0]
     bld = _Builder(sm, f"attnpass/ssmax_{site.index}")
     keys = _site_keys(bld, ad, site)
     n, how = keys.count(_size(bld, x, -2), _size(bld, x, -1), bld.op("Shape", [x]))
-    site.notes.append(f"SSMax n counted from the {_HOW[how]}; scores scaled by the factor")
+    notes.add(site, f"SSMax n counted from the {_HOW[how]}; scores scaled by the factor")
     f = _factor(model, bld, site, n, s, bias, site.out_rank)
     z = bld.op("Mul", [_to_float(bld, x), f])
     if x.dtype not in (None, ir.DataType.FLOAT):
@@ -1061,7 +1054,7 @@ _HOW = {"length": "key length (no mask)", "keys": "key-only mask factor", "causa
         "mask": "mask at its own (unbroadcast) shape", "full": "mask broadcast to the scores (rank unknown)"}
 
 
-def _ssmax_fused_op(model: ir.Model, ad: OnnxAdapter, site: AttentionSite, s: float, bias: float | None) -> None:
+def _ssmax_fused_op(model: ir.Model, ad: OnnxAdapter, site: AttentionSite, s: float, bias: float | None, notes: Notes) -> None:
     node = site.softmax
     dom, op = _domain(node), node.op_type
     bld = _Builder(node, f"attnpass/ssmax_{site.index}")
@@ -1086,7 +1079,7 @@ def _ssmax_fused_op(model: ir.Model, ad: OnnxAdapter, site: AttentionSite, s: fl
     if ad.attr(node, "is_causal"):
         keys.add_causal_op(sq, sk)
     n, how = keys.count(sq, sk, _scores_shape(bld, q4, k4))
-    site.notes.append(f"SSMax n counted from the {_HOW[how]}")
+    notes.add(site, f"SSMax n counted from the {_HOW[how]}")
     f = _factor(model, bld, site, n, s, bias, 4)  # [B, H, S_q, 1]
     if three_d:
         qf = bld.op("Mul", [_to_float(bld, bld.op("Reshape", [q, bld.ints(0, 0, int(heads), -1)])),
@@ -1164,7 +1157,7 @@ def _op_bias(b: _Builder, ad: OnnxAdapter, site: AttentionSite, q4: ir.Value, k4
             keep = b.op("Greater", [t, b.scalar_like(semantics.MASKED_BELOW, t)])
             t = b.op("Where", [keep, b.op("CastLike", [b.op("Mul", [_to_float(b, t), factor]), t]), t])
         add = t if add is None else b.op("Add", [add, t])
-    keep = _allowed(b, type(site)(**{**site.__dict__, "masks": [m for m in site.masks if m.kind == "bool"]}))
+    keep = _allowed(b, replace(site, masks=tuple(m for m in site.masks if m.kind == "bool")))
     if add is not None:
         add = b.op("CastLike", [add, q4])
     if keep is not None:
@@ -1177,7 +1170,7 @@ def _op_bias(b: _Builder, ad: OnnxAdapter, site: AttentionSite, q4: ir.Value, k4
 
 
 def fuse(model: ir.Model, report: Report, target: str = "ort",
-         ssmax: tuple[float, float | None] | None = None) -> dict[int, str]:
+         ssmax: tuple[float, float | None] | None = None) -> Emitted:
     """Replace each fusable chain by ``com.microsoft.MultiHeadAttention`` (``ort``) or ``Attention`` (``onnx23``).
 
     Returns {site index: why it stayed unfused}.  GQA K/V are repeated to the query heads for
@@ -1192,6 +1185,7 @@ def fuse(model: ir.Model, report: Report, target: str = "ort",
         raise ValueError(f"unknown fused target {target!r} (choose from {', '.join(TARGETS)})")
     ad = OnnxAdapter(model)
     left: dict[int, str] = {}
+    notes = Notes()
     for site in report.sites:
         why = fuse_blocker(site, target)
         if why is None and ssmax is not None and site.softcap is not None:
@@ -1202,10 +1196,10 @@ def fuse(model: ir.Model, report: Report, target: str = "ort",
                 if blocked is not None:
                     why = f"{why}; SSMax not applied: {blocked}"
                 elif site.form == "explicit":
-                    _ssmax_explicit(model, ad, site, *ssmax)
+                    _ssmax_explicit(model, ad, site, *ssmax, notes)
                     why = f"{why} (SSMax applied unfused)"
                 else:
-                    _ssmax_fused_op(model, ad, site, *ssmax)
+                    _ssmax_fused_op(model, ad, site, *ssmax, notes)
                     why = f"{why} (SSMax applied to its Q)"
             left[site.index] = why
             continue
@@ -1219,7 +1213,7 @@ def fuse(model: ir.Model, report: Report, target: str = "ort",
         if ssmax is not None:
             keys = _site_keys(b, ad, site)
             n, how = keys.count(_size(b, q4, 2), _size(b, k4, 2), _scores_shape(b, q4, k4))
-            site.notes.append(f"SSMax n counted from the {_HOW[how]}; Q pre-scaled by the factor")
+            notes.add(site, f"SSMax n counted from the {_HOW[how]}; Q pre-scaled by the factor")
             factor = _factor(model, b, site, n, ssmax[0], ssmax[1], 4)
             qdt = site.q.value.dtype
             scaled = b.op("Mul", [q4 if qdt in (None, ir.DataType.FLOAT) else b.op("Cast", [q4], {"to": ir.DataType.FLOAT}), factor])
@@ -1257,7 +1251,7 @@ def fuse(model: ir.Model, report: Report, target: str = "ort",
     if len(left) < len(report.sites) and target == "ort":
         model.opset_imports.setdefault(MS, 1)
     ir.passes.common.RemoveUnusedNodesPass()(model)
-    return left
+    return Emitted(report.with_notes(notes.by_site), left)
 
 
 def _finite_fill(ad: OnnxAdapter, site: AttentionSite) -> bool:
@@ -1308,7 +1302,7 @@ def _function_of(model: ir.Model, node: ir.Node) -> ir.Function | None:
 
 def _prepare_gqa(b: _Builder, op: Any) -> ir.Value:
     """K or V for opset-23 ``Attention``: grouped heads stay grouped (the op repeats them itself)."""
-    return _prepare(b, type(op)(**{**op.__dict__, "groups": 1}))
+    return _prepare(b, replace(op, groups=1))
 
 
 __all__ = ["OnnxAdapter", "find", "fuse", "to_ssmax", "fuse_blocker", "ssmax_blocker", "FUSED_OPS", "TARGETS"]
