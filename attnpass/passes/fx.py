@@ -251,6 +251,9 @@ class FxAdapter:
         val = value.meta.get("val", value.meta.get("example_value"))
         return val.dtype if isinstance(val, torch.Tensor) else None
 
+    def is_bool(self, value: Any) -> bool:
+        return self.dtype(value) == torch.bool
+
     def is_static(self, value: Any) -> bool:
         """True if ``value`` is computed from parameters/buffers/constants only (never from the inputs)."""
         if not isinstance(value, fx.Node):

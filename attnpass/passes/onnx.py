@@ -475,6 +475,9 @@ class OnnxAdapter:
     def dtype(self, value: ir.Value) -> ir.DataType | None:
         return value.dtype
 
+    def is_bool(self, value: Any) -> bool:
+        return isinstance(value, ir.Value) and value.dtype == ir.DataType.BOOL
+
     def is_static(self, value: Any) -> bool:
         """True if ``value`` is computed from initializers/constants only (a weight, never an activation).
 

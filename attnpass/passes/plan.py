@@ -1,0 +1,313 @@
+"""One rewrite plan per site and target: what an emitter must build, decided once for every IR.
+
+``RewriteSpec`` is the request (``to``, ``s``/``b``/``train_len``, fused SSMax, ONNX target), resolved in
+one place.  ``plan_for(site, spec, caps, adapter)`` turns a frozen ``AttentionSite`` into a ``Plan``: the
+action (fuse, fuse with SSMax, SSMax in place, or leave with the reason), which mask terms make a key
+attendable, what a fused op's mask carries, which guards are emitted, which bias terms SSMax scales, and
+how ``n`` (keys per row) is counted from the masks' own small factors.  ``Capabilities`` is what an
+emitter declares it can express; the per-target blockers that used to live in each emitter are plan
+logic here.  Emitters translate a plan into their IR and decide nothing about masks, causality or ``n``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+from attnpass import semantics
+from attnpass.errors import AttnpassError
+from attnpass.passes.kinds import Adapter, Kind
+from attnpass.passes.masks import MaskProofs
+from attnpass.passes.site import AttentionSite, Form, Guard, GuardKind, MaskKind, MaskRole, MaskTerm
+from attnpass.semantics import MASKED_BELOW
+
+TARGETS = ("ort", "onnx23")
+
+
+class Action(enum.StrEnum):
+    FUSE = "fuse"  # one fused attention op
+    SSMAX_FUSED = "ssmax_fused"  # one fused attention op with the SSMax factor
+    SSMAX = "ssmax"  # SSMax where the site stands (softmax chain or fused op kept)
+    LEAVE = "leave"  # nothing emitted; ``Plan.reason`` says why
+
+
+@dataclass(frozen=True)
+class RewriteSpec:
+    """What the user asked for.  ``resolve()`` validates it and turns ``train_len`` into ``s``, once."""
+
+    to: str = "ssmax"  # "ssmax" | "fused"
+    s: float | None = None
+    b: float | None = None
+    train_len: int | None = None
+    fused_ssmax: bool = False  # to="fused" with the SSMax factor
+    target: str = "ort"  # ONNX: "ort" (com.microsoft ops) | "onnx23" (opset-23 Attention)
+
+    @property
+    def ssmax(self) -> bool:
+        return self.to == "ssmax" or self.fused_ssmax
+
+    def resolve(self) -> RewriteSpec:
+        """The spec with ``s`` set (``DEFAULT_S``, or ``1 / log(train_len)``) and every number checked."""
+        if self.to not in ("ssmax", "fused"):
+            raise AttnpassError(f"unknown rewrite {self.to!r} (choose from ssmax, fused)")
+        if self.target not in TARGETS:
+            raise AttnpassError(f"unknown fused target {self.target!r} (choose from {', '.join(TARGETS)})")
+        s = self.s
+        if self.train_len is not None:
+            if s is not None:
+                raise AttnpassError("give either s or train_len, not both")
+            try:
+                s = semantics.s_for_train_len(int(self.train_len))
+            except ValueError as e:
+                raise AttnpassError(str(e)) from e
+        if s is None:
+            s = semantics.DEFAULT_S
+        for name, x in (("s", s), ("b", self.b)):
+            if x is not None and not math.isfinite(float(x)):
+                raise AttnpassError(f"{name} must be a finite number, got {x!r}")
+        return replace(self, s=float(s), b=None if self.b is None else float(self.b), train_len=None)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an emitter can express.  A plan never asks an emitter for more."""
+
+    refuse_fused_ops: bool = True  # re-emit an already-fused op (fx: the attnpass op replaces SDPA)
+    softcap: bool = True  # a fused op with soft-capping
+    ssmax_softcap_fused: bool = True  # SSMax factor inside a soft-capping fused op
+    is_causal: bool = True  # a fused op's bottom-right ``is_causal`` (else causal terms stay in the mask)
+    scores_rank3: bool = True  # rank-3 scores (heads folded into the batch)
+    any_rank: bool = True  # scores of rank other than 3 and 4 (lifted to rank 4)
+    static_heads: bool = False  # the fused op needs the head count as a number
+    empty_rows_zero: bool = False  # the fused op gives 0 for a row with no attendable key
+    factor_on_q: bool = False  # SSMax may scale Q instead of the scores (the emitter checks the IR too)
+    count_keys: bool = True  # the emitter counts n itself from the plan's factors (fx: semantics does it)
+
+
+class FactorClass(enum.StrEnum):
+    """How a factor of the "attendable" conjunction is counted per row."""
+
+    CAUSAL = "causal"  # proven ``key <= query``: a Range
+    KEYS = "keys"  # no query axis (padding): a reduction over keys
+    ROW = "row"  # no key axis: a per-row flag, all keys or none
+    GENERAL = "general"  # both axes (windows, arbitrary masks): counted on its own shape
+
+
+@dataclass(frozen=True, eq=False)
+class KeepTerm:
+    """Where ``value`` leaves a key attendable: ``value == attend_when`` (bool), or ``value * coeff > MASKED_BELOW``."""
+
+    value: Any
+    kind: MaskKind
+    attend_when: bool = True
+    coeff: float = 1.0
+    term: MaskTerm | None = None  # the site's term it comes from (None: a fused op's mask input)
+
+
+@dataclass(frozen=True, eq=False)
+class Factor:
+    """One conjunct of "attendable", with how it is counted and its rank (None: unknown)."""
+
+    keep: KeepTerm
+    cls: FactorClass
+    rank: int | None
+
+
+@dataclass(frozen=True)
+class KeyPlan:
+    """How to count ``n`` per row: the factors by class, plus a fused op's own ``is_causal``."""
+
+    factors: tuple[Factor, ...]
+    causal_op: bool = False
+
+    def of(self, cls: FactorClass) -> tuple[Factor, ...]:
+        return tuple(f for f in self.factors if f.cls is cls)
+
+    @property
+    def method(self) -> str:
+        """``length`` / ``keys`` / ``causal`` / ``causal+keys`` / ``mask`` / ``full`` (what the note names)."""
+        general = self.of(FactorClass.GENERAL)
+        if general:
+            ranks = [f.rank for f in general + self.of(FactorClass.KEYS) + self.of(FactorClass.CAUSAL)]
+            return "full" if any(r is None for r in ranks) else "mask"
+        keys = bool(self.of(FactorClass.KEYS))
+        causal = bool(self.of(FactorClass.CAUSAL)) or self.causal_op
+        return ("causal+keys" if keys else "causal") if causal else ("keys" if keys else "length")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an emitter builds for one site (see the module docstring)."""
+
+    site: AttentionSite
+    action: Action
+    reason: str | None = None  # LEAVE: why; SSMAX on a fuse request: why it was not fused
+    s: float | None = None
+    b: float | None = None
+    scale: float | None = None
+    factor_on_q: bool = False  # SSMax factor multiplies Q (else the scores)
+    keep_terms: tuple[KeepTerm, ...] = ()  # all terms: a key is attendable where every one keeps it
+    op_mask_additive: tuple[KeepTerm, ...] = ()  # summed into the fused op's mask (value * coeff)
+    op_mask_bool: tuple[KeepTerm, ...] = ()  # applied to the fused op's mask as "masked"
+    causal: bool = False  # the fused op's is_causal
+    guards: tuple[Guard, ...] = ()  # emitted after the op
+    softcap: float | None = None
+    bias_terms: tuple[MaskTerm, ...] = ()  # additive logits bias that SSMax scales with the factor
+    keys: KeyPlan | None = None  # SSMax only
+
+
+def plan_for(site: AttentionSite, spec: RewriteSpec, caps: Capabilities, adapter: Adapter) -> Plan:
+    """The plan of ``site`` for a resolved ``spec`` on an emitter with ``caps``."""
+    why_not_fused = _fuse_blocker(site, spec, caps) if spec.to == "fused" else "SSMax requested"
+    if spec.to == "fused" and why_not_fused is None:
+        action = Action.SSMAX_FUSED if spec.fused_ssmax else Action.FUSE
+    elif spec.ssmax:
+        action = Action.SSMAX if site.ssmax_blocker is None else Action.LEAVE
+    else:
+        action = Action.LEAVE
+    reason = why_not_fused if spec.to == "fused" else None
+    if action is Action.LEAVE and spec.ssmax:
+        reason = site.ssmax_blocker if reason is None else f"{reason}; SSMax not applied: {site.ssmax_blocker}"
+    elif action is Action.SSMAX and spec.to == "fused":
+        reason = f"{reason} ({'SSMax applied unfused' if site.form is Form.EXPLICIT else 'SSMax applied to its Q'})"
+    fused = action in (Action.FUSE, Action.SSMAX_FUSED)
+    causal = fused and caps.is_causal and site.causal
+    keep = tuple(_keep(m) for m in site.masks)
+    add = tuple(k for k in keep if k.kind is MaskKind.ADDITIVE and not (causal and k.term.only_causal))
+    boolean = tuple(k for k in keep if k.kind is MaskKind.BOOL and not (causal and k.term.only_causal))
+    dropped = {GuardKind.NAN} | ({GuardKind.NO_KEY} if fused and caps.empty_rows_zero else set())
+    uses_ssmax = action in (Action.SSMAX, Action.SSMAX_FUSED)
+    return Plan(
+        site=site, action=action, reason=reason,
+        s=spec.s if uses_ssmax else None, b=spec.b if uses_ssmax else None, scale=site.scale,
+        factor_on_q=uses_ssmax and caps.factor_on_q and site.softcap is None and site.q.perm is None,
+        keep_terms=keep, op_mask_additive=add, op_mask_bool=boolean, causal=causal,
+        guards=tuple(g for g in site.guards if g.kind not in dropped), softcap=site.softcap,
+        bias_terms=tuple(m for m in site.masks if m.kind is MaskKind.ADDITIVE and m.role is MaskRole.BIAS),
+        keys=key_plan(site, adapter) if uses_ssmax and caps.count_keys else None,
+    )
+
+
+def _fuse_blocker(site: AttentionSite, spec: RewriteSpec, caps: Capabilities) -> str | None:
+    """Why ``site`` cannot become one fused op on this emitter (None: it can)."""
+    if site.form is Form.FUSED_OP and not caps.refuse_fused_ops:
+        return "already fused"
+    if site.fuse_blocker:
+        return site.fuse_blocker
+    if site.form is Form.FUSED_OP:
+        return None
+    if site.softcap is not None and not caps.softcap:
+        return "soft-capping: com.microsoft.MultiHeadAttention has no softcap (use --target onnx23)"
+    if caps.static_heads and not isinstance(site.heads, int):
+        return "the number of heads is not known statically"
+    if site.q.rank not in (3, 4) and not caps.any_rank or site.q.rank == 3 and not caps.scores_rank3:
+        return f"scores of rank {site.out_rank}: heads are not a separate axis"
+    if spec.fused_ssmax and site.softcap is not None and not caps.ssmax_softcap_fused:
+        return "soft-capping with SSMax: the factor multiplies the capped scores, a pre-scaled Q would be capped too"
+    return None
+
+
+def _keep(m: MaskTerm) -> KeepTerm:
+    return KeepTerm(m.value, m.kind, m.attend_when, m.coeff, m)
+
+
+# ------------------------------------------------------------------ counting keys per row
+
+def key_plan(site: AttentionSite, adapter: Adapter) -> KeyPlan:
+    """The factors ``n`` is counted from: the site's masks (or a fused op's mask and ``is_causal``)."""
+    split = _Splitter(adapter)
+    if site.form is Form.FUSED_OP:
+        if site.sdpa_mask is not None:
+            if _is_bool(adapter, site.sdpa_mask):
+                split.add_bool(site.sdpa_mask, True)
+            else:
+                split.add_additive(site.sdpa_mask, 1.0)
+        return split.plan(causal_op=site.sdpa_is_causal)
+    for m in site.masks:
+        if m.kind is MaskKind.BOOL:
+            split.add_bool(m.value, m.attend_when)
+        else:
+            split.add_additive(m.value, m.coeff)
+    return split.plan(causal_op=False)
+
+
+def _is_bool(adapter: Adapter, v: Any) -> bool:
+    ask = getattr(adapter, "is_bool", None)
+    return bool(ask(v)) if ask is not None else False
+
+
+class _Splitter(MaskProofs):
+    """Splits "attendable" into the small factors masks are built from, through the adapter's kinds.
+
+    Exporters build a mask as ``where(and(key <= query, padding[B, 1, 1, S_k]), 0, finfo.min)`` and
+    broadcast it to ``[B, H, S_q, S_k]`` only when it meets the scores; counting on the factors costs
+    ``O(B * S)`` where the broadcast tensor costs an ``S x S`` pass per head.
+    """
+
+    def __init__(self, adapter: Adapter):
+        super().__init__(adapter)
+        self.leaves: list[KeepTerm] = []
+
+    def add_bool(self, v: Any, attend_when: bool) -> None:
+        self._conjuncts(v, attend_when, 0)
+
+    def add_additive(self, v: Any, coeff: float) -> None:
+        """A pure ``where(cond, 0, very negative)`` splits into ``cond``'s factors; anything else is one leaf."""
+        src = v
+        for _ in range(8):
+            node, kind = self._producer_kind(src)
+            if kind in (Kind.CAST, Kind.IDENTITY, Kind.EXPAND):
+                src = self._in(node)
+                continue
+            if kind is Kind.WHERE and coeff > 0:
+                cond, xa, xb = self.a.inputs(node)[:3]
+                ca, cb = self._const(xa), self._const(xb)
+                if ca == 0 and cb is not None and cb * coeff <= MASKED_BELOW:
+                    return self.add_bool(cond, True)
+                if cb == 0 and ca is not None and ca * coeff <= MASKED_BELOW:
+                    return self.add_bool(cond, False)
+            break
+        self.leaves.append(KeepTerm(v, MaskKind.ADDITIVE, True, coeff))
+
+    def _conjuncts(self, v: Any, aw: bool, depth: int) -> None:
+        c = self._const(v)
+        if c is not None and (c != 0) == aw and self.a.static_value(v) is not None:
+            return  # attendable everywhere: no constraint
+        node, kind = self._producer_kind(v)
+        if depth < 32:
+            if kind is Kind.AND and aw or kind is Kind.OR and not aw:
+                for x in self.a.inputs(node)[:2]:
+                    self._conjuncts(x, aw, depth + 1)
+                return
+            if kind is Kind.NOT:
+                return self._conjuncts(self._in(node), not aw, depth + 1)
+            if kind in (Kind.EXPAND, Kind.IDENTITY) or kind is Kind.CAST and _is_bool(self.a, self._in(node)):
+                return self._conjuncts(self._in(node), aw, depth + 1)  # a broadcast keeps each row's count
+        if aw and self.all_true(v):
+            return
+        self.leaves.append(KeepTerm(v, MaskKind.BOOL, aw))
+
+    def plan(self, causal_op: bool) -> KeyPlan:
+        factors: list[Factor] = []
+        for leaf in self.leaves:
+            shape = self.a.shape(leaf.value)
+            rank = None if shape is None else len(shape)
+            if leaf.kind is MaskKind.BOOL and self.proves_causal(leaf.value, leaf.attend_when):
+                cls = FactorClass.CAUSAL
+            elif shape is not None and (len(shape) < 2 or shape[-2] == 1):
+                cls = FactorClass.KEYS
+            elif shape is not None and shape[-1] == 1:
+                cls = FactorClass.ROW
+            else:
+                cls = FactorClass.GENERAL
+            factors.append(Factor(leaf, cls, rank))
+        if sum(f.cls is FactorClass.CAUSAL for f in factors) + causal_op > 1:
+            # two causal constraints (aligned differently?): counted jointly
+            factors = [replace(f, cls=FactorClass.GENERAL) if f.cls is FactorClass.CAUSAL else f for f in factors]
+        return KeyPlan(tuple(factors), causal_op)
+
+
+__all__ = ["Action", "RewriteSpec", "Capabilities", "FactorClass", "KeepTerm", "Factor", "KeyPlan", "Plan", "plan_for",
+           "key_plan", "TARGETS"]
