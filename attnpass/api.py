@@ -15,6 +15,7 @@ from attnpass import semantics
 from attnpass.errors import AttnpassError
 from attnpass.passes import fx as fx_pass
 from attnpass.passes.match import Report
+from attnpass.rewrite import fx as fx_rewrite
 
 
 def _as_graph(model: Any, args: tuple | None, kwargs: dict | None, dynamic_shapes: Any = None) -> fx.GraphModule:
@@ -63,7 +64,7 @@ def to_ssmax(
             raise ValueError("give either s or train_len, not both")
         s = semantics.s_for_train_len(train_len)
     s = semantics.DEFAULT_S if s is None else s
-    gm, report = fx_pass.to_ssmax(_as_graph(model, args, kwargs, dynamic_shapes), s=s, b=b, fused=fused)
+    gm, report = fx_rewrite.to_ssmax(_as_graph(model, args, kwargs, dynamic_shapes), s=s, b=b, fused=fused)
     gm.attnpass_report = report
     return gm
 
@@ -74,6 +75,6 @@ def fuse(model: Any, args: tuple | None = None, kwargs: dict | None = None, dyna
     ``dynamic_shapes`` goes to ``torch.export`` (e.g. a ``Dim`` for the sequence axis) so one
     rewritten module serves every length.
     """
-    gm, report = fx_pass.fuse(_as_graph(model, args, kwargs, dynamic_shapes))
+    gm, report = fx_rewrite.fuse(_as_graph(model, args, kwargs, dynamic_shapes))
     gm.attnpass_report = report
     return gm

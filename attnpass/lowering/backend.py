@@ -17,7 +17,7 @@ from torch import fx
 
 from attnpass import semantics
 from attnpass.lowering import ops  # noqa: F401  (the op must exist before graphs use it)
-from attnpass.passes import fx as fx_pass
+from attnpass.rewrite import fx as fx_rewrite
 
 _KNOWN = {"rewrite", "s", "b", "train_len", "inner", "fused"}
 
@@ -34,12 +34,12 @@ def attnpass_backend(gm: fx.GraphModule, example_inputs: list[Any], **options: A
         raise ValueError(f"attnpass backend: unknown options {sorted(unknown)}; known: {sorted(_KNOWN)}")
     rewrite = opts.get("rewrite", "fuse")
     if rewrite == "fuse":
-        gm, report = fx_pass.fuse(gm)
+        gm, report = fx_rewrite.fuse(gm)
     elif rewrite == "ssmax":
         s = opts.get("s")
         if opts.get("train_len") is not None:
             s = semantics.s_for_train_len(int(opts["train_len"]))
-        gm, report = fx_pass.to_ssmax(gm, s=semantics.DEFAULT_S if s is None else float(s), b=opts.get("b"),
+        gm, report = fx_rewrite.to_ssmax(gm, s=semantics.DEFAULT_S if s is None else float(s), b=opts.get("b"),
                                       fused=bool(opts.get("fused", True)))
     else:
         raise ValueError(f"attnpass backend: rewrite must be 'fuse' or 'ssmax', got {rewrite!r}")

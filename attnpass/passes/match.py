@@ -107,9 +107,11 @@ class Matcher(MaskProofs, OperandFinder):
         """The frozen site: causal alignment and post-softmax guards decided here, for every IR alike."""
         masks = tuple(d.masks)
         causal = d.causal
-        if d.form is Form.EXPLICIT and d.seq_q != d.seq_k and (causal or any(m.causal for m in masks)):
-            # a causal mask proven from its construction is top-left aligned; a fused op's is_causal is
-            # bottom-right: they agree only when S_q == S_k (otherwise the mask stays explicit, still exact)
+        top_left = bool(getattr(self.a, "fused_causal_top_left", False))
+        if d.form is Form.EXPLICIT and d.seq_q != d.seq_k and not top_left and (causal or any(m.causal for m in masks)):
+            # a causal mask proven from its construction is top-left aligned; torch's is_causal (fx, MLIR) is
+            # bottom-right: they agree only when S_q == S_k (otherwise the mask stays explicit, still exact).
+            # An IR whose fused ops align is_causal top-left (ONNX Attention) says so and keeps the proof.
             masks = tuple(replace(m, causal=False, only_causal=False) for m in masks)
             causal = False
         guards = [Guard(GuardKind.NAN, c) for c in d.nan_guards]

@@ -69,6 +69,10 @@ def _dim(d: Any) -> Dim:
 class OnnxAdapter:
     """Answers the matcher's questions about an onnx-ir model (values are ``ir.Value``)."""
 
+    #: ONNX ``Attention`` aligns ``is_causal`` top-left (no past): a proven ``key <= query`` mask means the
+    #: same thing whatever S_q and S_k are, so the matcher keeps the proof for sites of any lengths.
+    fused_causal_top_left = True
+
     def __init__(self, model: ir.Model):
         self.model = model
         self.opset = model.opset_imports.get("", 18)

@@ -1,0 +1,262 @@
+"""The fx emitter: plans become ``attnpass::attention`` calls or SSMax on the softmax input.
+
+It reads ``Plan``s only (``passes/plan.py``): which terms make a key attendable, what the fused op's
+mask carries, whether ``is_causal`` is set and which guards stay.  What it did goes into the report it
+returns (``Report.with_notes``); the sites it was given are not changed.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from attnpass import semantics
+from attnpass.passes.fx import _IGNORED_USERS, FxAdapter, _op_name, find
+from attnpass.passes.plan import Action, Capabilities, KeepTerm, Plan, RewriteSpec, plan_for
+from attnpass.passes.site import AttentionSite, Form, MaskKind, Operand, Report
+
+aten = torch.ops.aten
+
+#: What ``attnpass::attention`` and ``semantics`` express: everything the matcher finds, n counted at run time.
+CAPS = Capabilities(refuse_fused_ops=True, softcap=True, ssmax_softcap_fused=True, is_causal=True,
+                    scores_rank3=True, any_rank=True, static_heads=False, empty_rows_zero=False,
+                    factor_on_q=False, count_keys=False)
+
+
+class _Builder:
+    """Inserts nodes at one place in the graph with meta['val'] kept, so later passes can read shapes."""
+
+    def __init__(self, graph: fx.Graph):
+        self.graph = graph
+
+    def call(self, fn: Callable, *args: Any, **kwargs: Any) -> fx.Node:
+        return self.graph.call_function(fn, tuple(args), kwargs)
+
+
+def _prepare(b: _Builder, op: Operand, transpose: bool = True) -> fx.Node:
+    v = op.value
+    if op.perm is not None:
+        v = b.call(aten.permute.default, v, list(op.perm))
+    if op.transposed and transpose:
+        v = b.call(aten.transpose.int, v, -2, -1)
+    for _ in range(4 - op.rank):
+        v = b.call(aten.unsqueeze.default, v, 0)
+    return v
+
+
+def _term(b: _Builder, t: KeepTerm) -> fx.Node:
+    """An additive term times its coefficient."""
+    return t.value if t.coeff == 1.0 else b.call(aten.mul.Tensor, t.value, t.coeff)
+
+
+def _allowed(b: _Builder, terms: Sequence[KeepTerm]) -> fx.Node | None:
+    """Bool tensor (broadcastable to the scores): True where every term keeps a key attendable."""
+    parts: list[fx.Node] = []
+    for t in terms:
+        if t.kind is MaskKind.BOOL:
+            parts.append(t.value if t.attend_when else b.call(aten.logical_not.default, t.value))
+        else:
+            parts.append(b.call(aten.gt.Scalar, _term(b, t), semantics.MASKED_BELOW))
+    if not parts:
+        return None
+    out = parts[0]
+    for p in parts[1:]:
+        out = b.call(aten.logical_and.default, out, p)
+    return out
+
+
+def _op_mask(b: _Builder, plan: Plan) -> fx.Node | None:
+    """The single ``attn_mask`` the fused op takes: additive terms summed, bool terms applied as -inf."""
+    add: fx.Node | None = None
+    for t in plan.op_mask_additive:
+        x = _term(b, t)
+        add = x if add is None else b.call(aten.add.Tensor, add, x)
+    keep = _allowed(b, plan.op_mask_bool)
+    if keep is None:
+        return add
+    if add is None:
+        return keep
+    return b.call(aten.where.ScalarOther, keep, add, float("-inf"))
+
+
+def _unlift(b: _Builder, out: fx.Node, site: AttentionSite) -> fx.Node:
+    lifted = 4 - site.q.rank
+    if lifted > 0:
+        out = b.call(aten.squeeze.dims, out, list(range(lifted)))
+    if site.out_perm is not None:
+        out = b.call(aten.permute.default, out, list(site.out_perm))
+    return out
+
+
+def _remove_dead(gm: fx.GraphModule, chain: set[fx.Node] = frozenset()) -> None:
+    """Drop the replaced chain, including assert-only nodes that would keep it alive.
+
+    Nodes of a replaced ``chain`` go even when fx calls them impure (an inference-mode dropout).
+    """
+    graph = gm.graph
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph.nodes)):
+            if node.op in ("placeholder", "output") or node.users:
+                continue
+            name = _op_name(node)
+            if name in _IGNORED_USERS and node.args and isinstance(node.args[0], fx.Node):
+                src = node.args[0]
+                if all(_op_name(u) in _IGNORED_USERS for u in src.users) and not any(u.op == "output" for u in src.users):
+                    graph.erase_node(node)
+                    changed = True
+                continue
+            if node.op in ("call_function", "call_method") and (node in chain or not node.is_impure()):
+                graph.erase_node(node)
+                changed = True
+    graph.lint()
+    gm.recompile()
+
+
+def _insert_point(site: AttentionSite) -> fx.Node:
+    """The PV matmul (or the SDPA call): every input the rewrite needs is defined before it."""
+    if site.form is Form.FUSED_OP:
+        return site.softmax
+    mms = [n for n in site.nodes if _op_name(n) in ("matmul", "bmm", "einsum", "mm")]
+    return mms[-1]
+
+
+def _copy_meta(new: fx.Node, old: fx.Node) -> None:
+    for key in ("val", "example_value", "stack_trace", "nn_module_stack"):
+        if key in old.meta:
+            new.meta[key] = old.meta[key]
+
+
+# ------------------------------------------------------------------ fuse
+
+def _fuse_site(gm: fx.GraphModule, plan: Plan, ssmax: tuple[fx.Node, fx.Node | None] | None) -> None:
+    """Replace one site by ``attnpass::attention`` (with SSMax parameters when ``ssmax`` is given)."""
+    site = plan.site
+    op = torch.ops.attnpass.attention.default
+    ad = FxAdapter(gm)
+    s_node, b_node = ssmax if ssmax is not None else (None, None)
+    b = _Builder(gm.graph)
+    with gm.graph.inserting_before(_insert_point(site)):
+        q, k, v = (_prepare(b, o) for o in (site.q, site.k, site.v))
+        for scalar, divide in site.q_scales:
+            q = b.call(operator.truediv if divide else operator.mul, q, scalar)
+        if site.form is Form.FUSED_OP:
+            node = site.softmax
+            gqa = bool(ad.attr(node, "enable_gqa", False)) or site.k.groups > 1
+            res = b.call(op, q, k, v, site.sdpa_mask, site.sdpa_is_causal, ad.attr(node, "scale"), s_node, b_node, None, gqa)
+            out = _unlift(b, b.call(operator.getitem, res, 0), site)
+        else:
+            mask = _op_mask(b, plan)
+            gqa = site.k.groups > 1 or site.v.groups > 1 or (site.heads != site.kv_heads and site.kv_heads not in (None, 1))
+            res = b.call(op, q, k, v, mask, plan.causal, float(plan.scale), s_node, b_node, plan.softcap, gqa)
+            out = _unlift(b, b.call(operator.getitem, res, 0), site)
+            for g in plan.guards:
+                keep_zero = g.cond if g.zero_when else b.call(aten.logical_not.default, g.cond)
+                out = b.call(aten.where.ScalarSelf, keep_zero, 0.0, out)
+            want = ad.dtype(site.out)
+            if want is not None and ad.dtype(site.q.value) not in (None, want):
+                out = b.call(aten._to_copy.default, out, dtype=want)
+    _copy_meta(out, site.out)
+    site.out.replace_all_uses_with(out)
+
+
+def fuse(gm: fx.GraphModule, report: Report | None = None) -> tuple[fx.GraphModule, Report]:
+    """Replace each fusable site by one ``attnpass::attention`` call; returns the graph and the report."""
+    return emit(gm, RewriteSpec(to="fused").resolve(), report)
+
+
+# ------------------------------------------------------------------ SSMax
+
+SSMAX_MODULE = "attnpass_ssmax"
+
+
+def _ssmax_params(gm: fx.GraphModule, site: AttentionSite, s: float, b: float | None, device: torch.device) -> tuple[fx.Node, fx.Node | None]:
+    holder = getattr(gm, SSMAX_MODULE, None)
+    if holder is None:
+        holder = torch.nn.Module()
+        gm.add_submodule(SSMAX_MODULE, holder)
+    heads = site.heads if isinstance(site.heads, int) and site.q.rank == 4 else 1
+    holder.register_parameter(f"s_{site.index}", torch.nn.Parameter(torch.full((heads,), float(s), device=device)))
+    s_node = gm.graph.get_attr(f"{SSMAX_MODULE}.s_{site.index}")
+    b_node = None
+    if b is not None:
+        holder.register_parameter(f"b_{site.index}", torch.nn.Parameter(torch.full((heads,), float(b), device=device)))
+        b_node = gm.graph.get_attr(f"{SSMAX_MODULE}.b_{site.index}")
+    return s_node, b_node
+
+
+def _ssmax_site(gm: fx.GraphModule, plan: Plan, params: tuple[fx.Node, fx.Node | None]) -> None:
+    """SSMax in the graph as it stands: the softmax input times the per-row factor (or Q, for SDPA calls)."""
+    site = plan.site
+    s_node, b_node = params
+    bld = _Builder(gm.graph)
+    if site.form is Form.FUSED_OP:
+        node = site.softmax
+        ad = FxAdapter(gm)
+        with gm.graph.inserting_before(node):
+            new = bld.call(
+                semantics.ssmax_sdpa, site.q.value, site.k.value, site.v.value, site.sdpa_mask,
+                float(ad.attr(node, "dropout_p", 0.0) or 0.0), site.sdpa_is_causal, ad.attr(node, "scale"),
+                bool(ad.attr(node, "enable_gqa", False)) or site.k.groups > 1, s_node, b_node,
+            )
+        _copy_meta(new, node)
+        node.replace_all_uses_with(new)
+        return
+    sm = site.softmax
+    x = sm.args[0]
+    with gm.graph.inserting_before(sm):
+        allowed = _allowed(bld, plan.keep_terms)
+        new_x = bld.call(semantics.ssmax_logits, x, allowed, s_node, b_node)
+    _copy_meta(new_x, x)
+    sm.replace_input_with(x, new_x)
+
+
+def to_ssmax(gm: fx.GraphModule, s: float = semantics.DEFAULT_S, b: float | None = None,
+             report: Report | None = None, fused: bool = False) -> tuple[fx.GraphModule, Report]:
+    """Turn every attention site's softmax into SSMax, with ``s`` (and ``b``) as trainable ``[H]`` parameters.
+
+    ``fused=True`` emits ``attnpass::attention`` with the SSMax parameters for every fusable site
+    (SSMax at the speed of fused attention) and rewrites the others in place.
+    """
+    spec = RewriteSpec(to="fused", s=s, b=b, fused_ssmax=True) if fused else RewriteSpec(to="ssmax", s=s, b=b)
+    return emit(gm, spec.resolve(), report)
+
+
+def emit(gm: fx.GraphModule, spec: RewriteSpec, report: Report | None = None) -> tuple[fx.GraphModule, Report]:
+    """Plan every site of ``report`` (found here when None) for ``spec`` and emit the plans into ``gm``."""
+    report = find(gm) if report is None else report
+    ad = FxAdapter(gm)
+    device = _graph_device(gm)
+    replaced: set[fx.Node] = set()
+    for site in report.sites:
+        plan = plan_for(site, spec, CAPS, ad)
+        if plan.action is Action.LEAVE:
+            continue
+        params = None
+        if plan.action in (Action.SSMAX, Action.SSMAX_FUSED):
+            fused = plan.action is Action.SSMAX_FUSED
+            with gm.graph.inserting_before(_insert_point(site) if fused else site.softmax):
+                params = _ssmax_params(gm, site, plan.s, plan.b, device)
+        if plan.action is Action.SSMAX:
+            _ssmax_site(gm, plan, params)
+        else:
+            _fuse_site(gm, plan, params)
+            replaced.update(site.nodes)
+    _remove_dead(gm, replaced)
+    return gm, report
+
+
+def _graph_device(gm: fx.GraphModule) -> torch.device:
+    for p in gm.parameters():
+        return p.device
+    for t in gm.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+__all__ = ["CAPS", "SSMAX_MODULE", "emit", "fuse", "to_ssmax"]
