@@ -243,12 +243,13 @@ class RewriteResult:
 
 def _apply(model: Any, to: str, s: float, b: float | None, target: str, ssmax: bool = False) -> tuple[Report, dict[int, str]]:
     from attnpass.passes import onnx as onnx_pass
+    from attnpass.rewrite import onnx as onnx_rewrite
 
     report = onnx_pass.find(model)
     if to == "ssmax":
-        done = onnx_pass.to_ssmax(model, report, s=s, b=b)
+        done = onnx_rewrite.to_ssmax(model, report, s=s, b=b)
     else:
-        done = onnx_pass.fuse(model, report, target=target, ssmax=(s, b) if ssmax else None)
+        done = onnx_rewrite.fuse(model, report, target=target, ssmax=(s, b) if ssmax else None)
     return done.report, dict(done.left)
 
 

@@ -156,6 +156,7 @@ class Plan:
     softcap: float | None = None
     bias_terms: tuple[MaskTerm, ...] = ()  # additive logits bias that SSMax scales with the factor
     keys: KeyPlan | None = None  # SSMax only
+    fused_mask_bias: bool = False  # a fused op's additive mask input holds logits SSMax must scale
 
 
 def plan_for(site: AttentionSite, spec: RewriteSpec, caps: Capabilities, adapter: Adapter) -> Plan:
@@ -187,7 +188,16 @@ def plan_for(site: AttentionSite, spec: RewriteSpec, caps: Capabilities, adapter
         guards=tuple(g for g in site.guards if g.kind not in dropped), softcap=site.softcap,
         bias_terms=tuple(m for m in site.masks if m.kind is MaskKind.ADDITIVE and m.role is MaskRole.BIAS),
         keys=key_plan(site, adapter) if uses_ssmax and caps.count_keys else None,
+        fused_mask_bias=uses_ssmax and _fused_mask_is_bias(site, adapter),
     )
+
+
+def _fused_mask_is_bias(site: AttentionSite, adapter: Adapter) -> bool:
+    """A fused op's float mask input, classified like a site's additive term (hard mask vs logits bias)."""
+    if site.form is not Form.FUSED_OP or site.sdpa_mask is None or _is_bool(adapter, site.sdpa_mask):
+        return False
+    term = MaskTerm(MaskKind.ADDITIVE, site.sdpa_mask, site.softmax)
+    return MaskProofs(adapter)._role(term) is MaskRole.BIAS
 
 
 def _fuse_blocker(site: AttentionSite, spec: RewriteSpec, caps: Capabilities) -> str | None:

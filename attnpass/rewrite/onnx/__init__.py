@@ -1,0 +1,79 @@
+"""The ONNX emitter: plans become SSMax in standard ops or one fused attention op per site.
+
+``emit`` plans every site for a ``RewriteSpec`` on the target's ``Capabilities`` and translates each
+plan (``ssmax.py``, ``fuse.py``, ``keys.py``); ``to_ssmax`` / ``fuse`` keep the old call shapes.  Results
+are ``Emitted``: the report with what was done in its notes, and the sites left alone with the reason.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from attnpass.passes.onnx import MS, OnnxAdapter
+from attnpass.passes.plan import TARGETS, Action, Capabilities, RewriteSpec, plan_for
+from attnpass.passes.site import AttentionSite, Emitted, Form, Notes, Report
+from attnpass.rewrite.onnx.fuse import fuse_site
+from attnpass.rewrite.onnx.ssmax import ssmax_explicit, ssmax_fused_op
+
+_ORT = Capabilities(refuse_fused_ops=False, softcap=False, ssmax_softcap_fused=False, is_causal=False, scores_rank3=False,
+                    any_rank=False, static_heads=True, empty_rows_zero=False, factor_on_q=True, count_keys=True)
+#: What each target's fused op expresses (MultiHeadAttention: no softcap, 4-D only; opset-23 Attention: both).
+CAPS = {"ort": _ORT, "onnx23": Capabilities(**{**_ORT.__dict__, "softcap": True, "scores_rank3": True})}
+
+
+def emit(model: ir.Model, report: Report, spec: RewriteSpec) -> Emitted:
+    """Plan and emit every site of ``report`` into ``model`` for a spec (resolved here)."""
+    spec = spec.resolve()
+    ad = OnnxAdapter(model)
+    caps = CAPS[spec.target]
+    left: dict[int, str] = {}
+    notes = Notes()
+    fused_any = False
+    for site in report.sites:
+        plan = plan_for(site, spec, caps, ad)
+        if plan.action is Action.LEAVE:
+            left[site.index] = plan.reason or "left alone"
+            continue
+        if plan.action is Action.SSMAX:
+            if site.form is Form.EXPLICIT:
+                ssmax_explicit(model, ad, plan, notes)
+            else:
+                ssmax_fused_op(model, ad, plan, notes)
+            if plan.reason is not None:
+                left[site.index] = plan.reason
+            continue
+        fuse_site(model, ad, plan, spec.target, notes)
+        fused_any = True
+    if spec.to == "fused":
+        if fused_any and spec.target == "ort":
+            model.opset_imports.setdefault(MS, 1)
+        ir.passes.common.RemoveUnusedNodesPass()(model)
+    return Emitted(report.with_notes(notes.by_site), left)
+
+
+def to_ssmax(model: ir.Model, report: Report, s: float, b: float | None = None) -> Emitted:
+    """Rewrite every site to SSMax in standard ONNX ops (see ``ssmax.py``); ``Emitted.left``: sites left alone."""
+    return emit(model, report, RewriteSpec(to="ssmax", s=s, b=b))
+
+
+def fuse(model: ir.Model, report: Report, target: str = "ort", ssmax: tuple[float, float | None] | None = None) -> Emitted:
+    """Replace each fusable chain by the target's fused op; ``ssmax=(s, b)`` fuses SSMax attention.
+
+    A site that cannot fuse still gets SSMax, unfused, so the whole model has one meaning.
+    """
+    s, b = ssmax if ssmax is not None else (None, None)
+    return emit(model, report, RewriteSpec(to="fused", s=s, b=b, fused_ssmax=ssmax is not None, target=target))
+
+
+def fuse_blocker(site: AttentionSite, target: str, ad: OnnxAdapter | None = None) -> str | None:
+    """Why ``site`` stays unfused for ``target`` (None: it fuses)."""
+    plan = plan_for(site, RewriteSpec(to="fused", target=target).resolve(), CAPS[target], ad)
+    return plan.reason if plan.action is Action.LEAVE else None
+
+
+def ssmax_blocker(ad: OnnxAdapter, site: AttentionSite) -> str | None:
+    """Why a site cannot take the SSMax rewrite here (None: it can)."""
+    return site.ssmax_blocker
+
+
+__all__ = ["CAPS", "TARGETS", "emit", "to_ssmax", "fuse", "fuse_blocker", "ssmax_blocker"]
