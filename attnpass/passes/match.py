@@ -11,16 +11,16 @@ fixed templates is what lets one algorithm cover the orderings that template lis
 
 An adapter only answers questions about its IR (see ``Adapter``); everything that
 decides what is attention lives here, so the three IRs cannot drift apart.  The walk fills a
-private mutable ``_Draft``; ``find`` returns frozen ``AttentionSite``s (``site.py``) that nothing
+mutable ``Draft`` (``draft.py``); ``find`` returns frozen ``AttentionSite``s (``site.py``) that nothing
 changes afterwards.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
 from typing import Any
 
+from attnpass.passes.draft import Draft, freeze
 from attnpass.passes.einsum import _parse_einsum, _perm_to, _permuted, _same_tail
 from attnpass.passes.kinds import Adapter, Dim, Kind
 from attnpass.passes.masks import _MASK_FILL_LIMIT, MaskProofs
@@ -43,45 +43,6 @@ from attnpass.passes.walk_base import NoMatch
 _GLUE = {Kind.RESHAPE, Kind.EXPAND, Kind.IDENTITY}
 
 
-@dataclass
-class _Draft:
-    """The site while the walk fills it in (same field names as ``AttentionSite``); frozen by ``_freeze``."""
-
-    index: int
-    name: str
-    softmax: Any
-    form: Form
-    q: Operand
-    k: Operand
-    v: Operand
-    out: Any
-    out_rank: int
-    out_perm: tuple[int, ...] | None = None
-    scale: float | None = 1.0
-    scale_on_q: float | None = None
-    masks: list[MaskTerm] = field(default_factory=list)
-    causal: bool = False
-    softcap: float | None = None
-    dropout_p: float = 0.0
-    dropout_train: bool | None = False
-    upcast: bool = False
-    row_guards: list[tuple[Any, bool]] = field(default_factory=list)  # (cond, zero_when)
-    nan_guards: list[Any] = field(default_factory=list)
-    heads: Dim = None
-    kv_heads: Dim = None
-    head_dim: Dim = None
-    seq_q: Dim = None
-    seq_k: Dim = None
-    probs_escape: str | None = None
-    fuse_blocker: str | None = None
-    nodes: list[Any] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    sdpa_mask: Any = None
-    sdpa_is_causal: bool = False
-    q_scales: list[tuple[Any, bool]] = field(default_factory=list)
-    three_d: bool = False
-    ssmax_blocker: str | None = None
-
 class Matcher(MaskProofs, OperandFinder):
     """Finds attention sites through an ``Adapter``."""
 
@@ -99,42 +60,10 @@ class Matcher(MaskProofs, OperandFinder):
                 skipped.append(Skipped(self.a.name(node), str(e)))
                 continue
             draft.index = len(sites)
-            sites.append(self._freeze(draft))
+            sites.append(freeze(draft, self.a))
         return Report(tuple(sites), tuple(skipped))
 
-    # -------------------------------------------------------------- freezing: the last decisions, once
-    def _freeze(self, d: _Draft) -> AttentionSite:
-        """The frozen site: causal alignment and post-softmax guards decided here, for every IR alike."""
-        masks = tuple(d.masks)
-        causal = d.causal
-        top_left = bool(getattr(self.a, "fused_causal_top_left", False))
-        if d.form is Form.EXPLICIT and d.seq_q != d.seq_k and not top_left and (causal or any(m.causal for m in masks)):
-            # a causal mask proven from its construction is top-left aligned; torch's is_causal (fx, MLIR) is
-            # bottom-right: they agree only when S_q == S_k (otherwise the mask stays explicit, still exact).
-            # An IR whose fused ops align is_causal top-left (ONNX Attention) says so and keeps the proof.
-            masks = tuple(replace(m, causal=False, only_causal=False) for m in masks)
-            causal = False
-        guards = [Guard(GuardKind.NAN, c) for c in d.nan_guards]
-        notes = list(d.notes)
-        no_key = getattr(self.a, "no_key_test", None)
-        scores = self.a.inputs(d.softmax)[0] if d.form is Form.EXPLICIT else None
-        for cond, zero_when in d.row_guards:
-            if no_key is not None and scores is not None and no_key(cond, scores, zero_when):
-                guards.append(Guard(GuardKind.NO_KEY, cond, zero_when))
-                notes.append("safe-softmax guard: implied (a row with no attendable key is 0)")
-            else:
-                guards.append(Guard(GuardKind.ROW, cond, zero_when))
-        return AttentionSite(
-            index=d.index, name=d.name, softmax=d.softmax, form=d.form, q=d.q, k=d.k, v=d.v, out=d.out,
-            out_rank=d.out_rank, out_perm=d.out_perm, scale=d.scale, scale_on_q=d.scale_on_q, masks=masks,
-            causal=causal, softcap=d.softcap, dropout_p=d.dropout_p, dropout_train=d.dropout_train, upcast=d.upcast,
-            guards=tuple(guards), heads=d.heads, kv_heads=d.kv_heads, head_dim=d.head_dim, seq_q=d.seq_q,
-            seq_k=d.seq_k, probs_escape=d.probs_escape, fuse_blocker=d.fuse_blocker, nodes=tuple(d.nodes),
-            notes=tuple(notes), sdpa_mask=d.sdpa_mask, sdpa_is_causal=d.sdpa_is_causal, q_scales=tuple(d.q_scales),
-            three_d=d.three_d, ssmax_blocker=d.ssmax_blocker,
-        )
-
-    def _fused_op_info(self, d: _Draft) -> None:
+    def _fused_op_info(self, d: Draft) -> None:
         """Ask the adapter what only the fused op's IR knows (ONNX ops carry head counts as attributes)."""
         ask = getattr(self.a, "fused_op_info", None)
         info: FusedOpInfo | None = None if ask is None else ask(d.softmax)
@@ -152,7 +81,7 @@ class Matcher(MaskProofs, OperandFinder):
         d.ssmax_blocker = info.ssmax_blocker
 
     # -------------------------------------------------------------- SDPA calls
-    def _sdpa(self, node: Any) -> _Draft:
+    def _sdpa(self, node: Any) -> Draft:
         a = self.a
         ins = a.inputs(node)
         q, k, v = ins[0], ins[1], ins[2]
@@ -168,7 +97,7 @@ class Matcher(MaskProofs, OperandFinder):
         v_src = self._unglue(v, rank, gqa=True) or (v, 1)
         if k_src[1] != v_src[1]:
             k_src, v_src = (k, 1), (v, 1)
-        site = _Draft(
+        site = Draft(
             index=0,
             name=a.name(node),
             softmax=node,
@@ -202,7 +131,7 @@ class Matcher(MaskProofs, OperandFinder):
         return site
 
     # -------------------------------------------------------------- softmax chains
-    def _softmax(self, sm: Any) -> _Draft:
+    def _softmax(self, sm: Any) -> Draft:
         a = self.a
         x = self._in(sm)
         shape = a.shape(x)
@@ -353,7 +282,7 @@ class Matcher(MaskProofs, OperandFinder):
         return c, src
 
     # -------------------------------------------------------------- building the site from the walk
-    def _build(self, sm: Any, rank: int, qk: tuple[str, Any], steps: list, chain: list) -> _Draft:
+    def _build(self, sm: Any, rank: int, qk: tuple[str, Any], steps: list, chain: list) -> Draft:
         a = self.a
         node = qk[1]
         kind = a.kind(node)
@@ -412,7 +341,7 @@ class Matcher(MaskProofs, OperandFinder):
             q_op, k_op = self._qk_operands(qv, ktv, rank, node)
         masks = [self._classify_mask(term) for term in masks]
         causal = any(m.causal for m in masks)
-        site = _Draft(
+        site = Draft(
             index=0,
             name=a.name(sm),
             softmax=sm,
@@ -492,7 +421,7 @@ class Matcher(MaskProofs, OperandFinder):
         return Operand(ops[0], len(la), perm=q_perm), Operand(ops[1], len(lb), perm=k_perm)
 
     # -------------------------------------------------------------- forward: probabilities into V
-    def _walk_probs(self, site: _Draft, p: Any, rank: int) -> None:
+    def _walk_probs(self, site: Draft, p: Any, rank: int) -> None:
         a = self.a
         y = p
         escapes: list[str] = []
@@ -539,7 +468,7 @@ class Matcher(MaskProofs, OperandFinder):
             return (xb is y and self._const(xa) == 0) or (xa is y and self._const(xb) == 0)
         return False
 
-    def _guard(self, site: _Draft, node: Any, y: Any, p: Any) -> None:
+    def _guard(self, site: Draft, node: Any, y: Any, p: Any) -> None:
         """A ``where(cond, 0, probs)`` after the softmax: a NaN guard (dropped) or a per-row zeroing (kept)."""
         a = self.a
         cond, xa, xb = a.inputs(node)[:3]
@@ -569,7 +498,7 @@ class Matcher(MaskProofs, OperandFinder):
                 src = self._in(n2)
         return False
 
-    def _pv(self, site: _Draft, mm: Any, y: Any, rank: int) -> None:
+    def _pv(self, site: Draft, mm: Any, y: Any, rank: int) -> None:
         a = self.a
         kind = a.kind(mm)
         if kind is Kind.EINSUM:

@@ -1,0 +1,76 @@
+"""Shape arithmetic of the ONNX adapter's own propagation (TorchScript exports carry no value_info)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import onnx_ir as ir
+
+from attnpass.passes.site import Dim
+
+
+def _dim(d: Any) -> Dim:
+    if isinstance(d, int):
+        return d
+    if isinstance(d, ir.SymbolicDim):
+        return d.value
+    return None
+
+
+def _dim_equal(x: Dim, y: Dim) -> Dim:
+    """``Equal`` on two shape elements: 1/0 when decidable (a run-time size is never negative), else None."""
+    if isinstance(x, int) and isinstance(y, int):
+        return int(x == y)
+    if isinstance(x, str) and isinstance(y, int) and y < 0 or isinstance(y, str) and isinstance(x, int) and x < 0:
+        return 0
+    if isinstance(x, str) and x == y:
+        return 1
+    return None
+
+
+def _at(xs: list, i: int) -> Any:
+    return xs[i] if len(xs) > i else None
+
+
+def _ir_shape(value: ir.Value) -> tuple[Dim, ...] | None:
+    s = value.shape
+    return None if s is None else tuple(_dim(d) for d in s)
+
+
+def _broadcast(shapes: list[tuple[Dim, ...]], expand: bool = False) -> tuple[Dim, ...] | None:
+    r = max(len(s) for s in shapes)
+    out: list[Dim] = []
+    for i in range(r):
+        ds = [s[i - r + len(s)] for s in shapes if i - r + len(s) >= 0]
+        non1 = [d for d in ds if d != 1]
+        if not non1:
+            out.append(1)
+        elif any(isinstance(d, int) for d in non1):
+            out.append(next(d for d in non1 if isinstance(d, int)))
+        elif all(d == non1[0] for d in non1) and non1[0] is not None:
+            out.append(non1[0])
+        else:
+            known = [d for d in non1 if d is not None]
+            out.append(known[0] if known and all(d == known[0] for d in known) else None)
+    return tuple(out)
+
+
+def _reshape(src: tuple[Dim, ...] | None, target: list[Dim]) -> tuple[Dim, ...]:
+    out: list[Dim] = []
+    for i, t in enumerate(target):
+        if t == 0 and src is not None and i < len(src):
+            out.append(src[i])
+        else:
+            out.append(t)
+    if -1 in out and src is not None:
+        # solve -1: the static part of the source volume over the static part of the target, when symbols cancel
+        syms_src = sorted(str(d) for d in src if not isinstance(d, int))
+        syms_dst = sorted(str(d) for d in out if not isinstance(d, int) and d != -1)
+        if syms_src == syms_dst and "None" not in syms_src:
+            num = math.prod(d for d in src if isinstance(d, int))
+            den = math.prod(d for d in out if isinstance(d, int) and d != -1)
+            out[out.index(-1)] = num // den if den and num % den == 0 else None
+        else:
+            out[out.index(-1)] = None
+    return tuple(None if d == -1 else d for d in out)
