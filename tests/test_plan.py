@@ -168,3 +168,10 @@ def test_sites_and_reports_are_frozen() -> None:
         site.masks[0].causal = True  # type: ignore[misc]
     noted = site.with_notes(["emitted"])
     assert noted.notes[-1] == "emitted" and "emitted" not in site.notes
+
+
+def test_finite_fill_is_known_only_for_finite_mask_values() -> None:
+    site, ad = _found(CausalPadding(), *_qkv(), _keep())  # where(allowed, 0, finfo.min)
+    assert plan_for(site, RewriteSpec(to="fused").resolve(), Capabilities(), ad).finite_fill
+    site, ad = _found(Padding(), *_qkv(), _keep())  # masked_fill(..., -inf): a fully masked row is NaN anyway
+    assert not plan_for(site, RewriteSpec(to="fused").resolve(), Capabilities(), ad).finite_fill

@@ -157,6 +157,7 @@ class Plan:
     bias_terms: tuple[MaskTerm, ...] = ()  # additive logits bias that SSMax scales with the factor
     keys: KeyPlan | None = None  # SSMax only
     fused_mask_bias: bool = False  # a fused op's additive mask input holds logits SSMax must scale
+    finite_fill: bool = False  # every mask term masks with a finite value: a fully masked row is the mean of V
 
 
 def plan_for(site: AttentionSite, spec: RewriteSpec, caps: Capabilities, adapter: Adapter) -> Plan:
@@ -189,7 +190,30 @@ def plan_for(site: AttentionSite, spec: RewriteSpec, caps: Capabilities, adapter
         bias_terms=tuple(m for m in site.masks if m.kind is MaskKind.ADDITIVE and m.role is MaskRole.BIAS),
         keys=key_plan(site, adapter) if uses_ssmax and caps.count_keys else None,
         fused_mask_bias=uses_ssmax and _fused_mask_is_bias(site, adapter),
+        finite_fill=fused and bool(site.masks) and all(_finite_fill(m, adapter) for m in site.masks),
     )
+
+
+def _finite_fill(m: MaskTerm, adapter: Adapter) -> bool:
+    """True if ``m`` masks with a known, finite value (``finfo.min``, not ``-inf``).
+
+    The original softmax of a row whose every key is masked that way is uniform (its output is the mean
+    of V), where a fused op gives 0: the emitter puts the mean back (the numerics contract).
+    """
+    proofs = MaskProofs(adapter)
+    node, kind = (m.node, adapter.kind(m.node)) if m.kind is MaskKind.BOOL else (None, Kind.OTHER)
+    if m.kind is MaskKind.ADDITIVE:
+        v = m.value
+        for _ in range(8):
+            node, kind = proofs._producer_kind(v)
+            if kind not in (Kind.CAST, Kind.IDENTITY, Kind.EXPAND):
+                break
+            v = proofs._in(node)
+    if node is None or kind is not Kind.WHERE:
+        return False
+    fills = [adapter.constant(x) for x in adapter.inputs(node)[1:3]]
+    masked = [f for f in fills if f is not None and f <= MASKED_BELOW]
+    return len(masked) == 1 and math.isfinite(masked[0])
 
 
 def _fused_mask_is_bias(site: AttentionSite, adapter: Adapter) -> bool:

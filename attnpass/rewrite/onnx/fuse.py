@@ -7,7 +7,6 @@ K/V as they are.  With SSMax, Q is multiplied by the per-row factor and the bias
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -87,7 +86,7 @@ def fuse_site(model: ir.Model, ad: OnnxAdapter, plan: Plan, target: str, notes: 
         if plan.softcap is not None:
             attrs["softcap"] = float(plan.softcap)
         out = b.op("Attention", [q4, k4, v4, bias], attrs)
-        if site.masks and _finite_fill(ad, site):
+        if plan.finite_fill:
             out = _uniform_empty_rows(b, ad, site, out, q4, k4, v4, n)
     if site.q.rank < 4:
         out = b.op("Squeeze", [out, b.ints(*range(4 - site.q.rank))])
@@ -106,27 +105,6 @@ def fuse_site(model: ir.Model, ad: OnnxAdapter, plan: Plan, target: str, notes: 
             fn.opset_imports.setdefault(MS, 1)
         else:
             fn.opset_imports[""] = max(fn.opset_imports.get("", 1), 23)
-
-
-def _finite_fill(ad: OnnxAdapter, site: AttentionSite) -> bool:
-    """True if every mask term of the site masks with a known, finite value (``finfo.min``, not ``-inf``)."""
-    for m in site.masks:
-        node = m.node if m.kind == "bool" else None
-        if m.kind == "additive":
-            v = m.value
-            for _ in range(8):
-                p = v.producer()
-                if p is None or p.op_type not in ("Cast", "CastLike", "Identity", "Expand"):
-                    break
-                v = p.inputs[0]
-            node = v.producer()
-        if not isinstance(node, ir.Node) or node.op_type != "Where":
-            return False
-        fills = [ad.constant(x) for x in node.inputs[1:3]]
-        masked = [f for f in fills if f is not None and f <= semantics.MASKED_BELOW]
-        if len(masked) != 1 or not math.isfinite(masked[0]):
-            return False
-    return True
 
 
 def _uniform_empty_rows(b: _Builder, ad: OnnxAdapter, site: AttentionSite, out: ir.Value, q4: ir.Value,
