@@ -175,3 +175,25 @@ def test_finite_fill_is_known_only_for_finite_mask_values() -> None:
     assert plan_for(site, RewriteSpec(to="fused").resolve(), Capabilities(), ad).finite_fill
     site, ad = _found(Padding(), *_qkv(), _keep())  # masked_fill(..., -inf): a fully masked row is NaN anyway
     assert not plan_for(site, RewriteSpec(to="fused").resolve(), Capabilities(), ad).finite_fill
+
+
+def test_the_same_attention_plans_the_same_in_fx_and_onnx(tmp_path) -> None:
+    """One plan for every IR: the TorchScript ONNX export of a module splits its mask into the same factors."""
+    from attnpass import onnx as aonnx
+    from attnpass.passes import onnx as onnx_pass
+
+    args = (*_qkv(), _keep())
+    fx_site, fx_ad = _found(CausalPadding(), *args)
+    path = tmp_path / "causal_padding.onnx"
+    # dynamic lengths keep the Range ops (static ones fold the causal structure into a constant)
+    axes = {"q": {2: "s"}, "k": {2: "s"}, "v": {2: "s"}, "keep": {1: "s"}}
+    torch.onnx.export(CausalPadding(), args, str(path), dynamo=False, opset_version=17,
+                      input_names=["q", "k", "v", "keep"], dynamic_axes=axes)
+    model = aonnx.load(path)
+    report = onnx_pass.find(model)
+    assert len(report) == 1, report.skipped
+    onnx_site = report[0]
+    plans = [plan_for(s, SSMAX, Capabilities(), ad) for s, ad in ((fx_site, fx_ad), (onnx_site, onnx_pass.OnnxAdapter(model)))]
+    assert [sorted(f.cls for f in p.keys.factors) for p in plans] == [[FactorClass.CAUSAL, FactorClass.KEYS]] * 2
+    assert [p.keys.method for p in plans] == ["causal+keys"] * 2
+    assert [m.role for m in onnx_site.masks] == [m.role for m in fx_site.masks] == [MaskRole.HARD]
