@@ -66,7 +66,7 @@ class RewriteSpec:
             s = semantics.DEFAULT_S
         for name, x in (("s", s), ("b", self.b)):
             if x is not None and not math.isfinite(float(x)):
-                raise AttnpassError(f"{name} must be a finite number, got {x!r}")
+                raise AttnpassError(f"{name} must be a finite number (not NaN or inf), got {x!r}")
         return replace(self, s=float(s), b=None if self.b is None else float(self.b), train_len=None)
 
 
