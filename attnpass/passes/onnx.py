@@ -150,9 +150,18 @@ class OnnxAdapter:
             return []
         seen: list[ir.Node] = []
         for u in value.consumers():
-            if u not in seen:
+            if u not in seen and not self._not_a_use(u, value):
                 seen.append(u)
         return seen
+
+    def _not_a_use(self, node: ir.Node, value: ir.Value) -> bool:
+        """Consumers that read no element of ``value``: its shape or size, ``CastLike``'s type input, or a node
+        whose results nobody reads (the ONNX ``Attention`` body and the exporters leave all three)."""
+        if _domain(node) == "" and node.op_type in ("Shape", "Size"):
+            return True
+        if _domain(node) == "" and node.op_type == "CastLike" and node.inputs[0] is not value:
+            return True
+        return not any(o.uses() or self.is_graph_output(o) for o in node.outputs)
 
     def is_graph_output(self, value: Any) -> bool:
         if not isinstance(value, ir.Value):
