@@ -946,8 +946,11 @@ class Matcher:
             if a.is_graph_output(y):
                 escapes.append("graph output")
             nxt = [u for u in users if self._continues(u, y)]
+            if len(nxt) > 1:
+                # e.g. the ONNX Attention body's ``Identity -> qk_matmul_output``: a copy that leaves, not the path to V
+                nxt = [u for u in nxt if self._leads_to_pv(u, y, 8)] or nxt
             others = [u for u in users if u not in nxt and not self._nan_test_of_guard(u, y)]
-            escapes.extend(a.name(u) for u in others)
+            escapes.extend(a.name(u) + (" (a graph output)" if a.is_graph_output(a.output(u)) else "") for u in others)
             if len(nxt) != 1:
                 raise NoMatch("softmax output is never multiplied into V" if not nxt else "softmax output feeds two matmuls")
             node = nxt[0]
@@ -955,6 +958,12 @@ class Matcher:
             site.nodes.append(node)
             if kind in (Kind.MATMUL, Kind.EINSUM):
                 self._pv(site, node, y, rank)
+                if kind is Kind.MATMUL and site.v.groups > 1 and site.k.groups == 1:
+                    # K reached Q K^T through a scale (both pre-scaled by sqrt(scale)), so its repetition was not
+                    # peeled: V must reach the op repeated the same way, or the op sees two different head counts
+                    plain = self._unglue(a.inputs(node)[1], rank, gqa=False)
+                    if plain is not None:
+                        site.v = Operand(plain[0], rank)
                 break
             if kind is Kind.DROPOUT:
                 site.dropout_p = float(a.attr(node, "p", 0.0) or 0.0)
@@ -966,6 +975,16 @@ class Matcher:
             raise NoMatch("softmax output is never multiplied into V")
         if escapes:
             site.probs_escape = "the attention probabilities are also used by " + ", ".join(sorted(set(escapes)))
+
+    def _leads_to_pv(self, node: Any, y: Any, budget: int) -> bool:
+        """True if ``node`` (which continues the probabilities ``y``) reaches a matmul with V through more such steps."""
+        a = self.a
+        if a.kind(node) in (Kind.MATMUL, Kind.EINSUM):
+            return True
+        if budget <= 0:
+            return False
+        out = a.output(node)
+        return any(self._continues(u, out) and self._leads_to_pv(u, out, budget - 1) for u in a.users(out))
 
     def _nan_test_of_guard(self, node: Any, y: Any) -> bool:
         """``IsNaN(y)`` read only by ``Where(IsNaN(y), 0, y)`` guards: part of the guard, not a use of the probabilities."""
