@@ -82,6 +82,77 @@ def llama_sdpa():
     return T.LlamaModel(cfg), (ids,), {"attention_mask": mask}
 
 
+def falcon():
+    """In-place ``scores /= sqrt(d)`` on the eager path; multi-query (one KV head)."""
+    cfg = T.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
+                         new_decoder_architecture=False, alibi=False, attn_implementation="eager", use_cache=False,
+                         bos_token_id=1, eos_token_id=2)
+    ids, mask = _ids()
+    return T.FalconModel(cfg), (ids,), {"attention_mask": mask}
+
+
+def _seq2seq(cls_cfg, cls_model, **extra):
+    cfg = cls_cfg(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                  decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                  attn_implementation="eager", use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  decoder_start_token_id=2, **extra)
+    return cls_model(cfg)
+
+
+def bart():
+    ids, mask = _ids()
+    return _seq2seq(T.BartConfig, T.BartModel), (ids,), {"attention_mask": mask, "decoder_input_ids": ids[:, :5]}
+
+
+def whisper():
+    cfg = T.WhisperConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                          decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
+                          max_source_positions=8, max_target_positions=16, attn_implementation="eager", use_cache=False,
+                          pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2)
+    feats = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(0))
+    ids, _ = _ids()
+    return T.WhisperModel(cfg), (feats,), {"decoder_input_ids": ids[:, :5]}
+
+
+def gpt_neox():
+    cfg = T.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                          attn_implementation="eager", use_cache=False, bos_token_id=1, eos_token_id=2)
+    ids, mask = _ids()
+    return T.GPTNeoXModel(cfg), (ids,), {"attention_mask": mask}
+
+
+def phi():
+    cfg = T.PhiConfig(**_decoder_common())
+    ids, mask = _ids()
+    return T.PhiModel(cfg), (ids,), {"attention_mask": mask}
+
+
+def qwen2():
+    cfg = T.Qwen2Config(num_key_value_heads=2, **_decoder_common())
+    ids, mask = _ids()
+    return T.Qwen2Model(cfg), (ids,), {"attention_mask": mask}
+
+
+def mistral():
+    cfg = T.MistralConfig(num_key_value_heads=2, sliding_window=4, **_decoder_common())
+    ids, mask = _ids()
+    return T.MistralModel(cfg), (ids,), {"attention_mask": mask}
+
+
+def clip_text():
+    cfg = T.CLIPTextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=16, attn_implementation="eager", pad_token_id=0, bos_token_id=1,
+                           eos_token_id=2)
+    ids, mask = _ids()
+    return T.CLIPTextModel(cfg), (ids,), {"attention_mask": mask}
+
+
+def distilbert():
+    cfg = T.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, attn_implementation="eager")
+    ids, mask = _ids()
+    return T.DistilBertModel(cfg), (ids,), {"attention_mask": mask}
+
+
 # name -> (builder, expected sites): T5 has encoder self, decoder self and cross attention per layer;
 # Mixtral's router softmax per layer must not count.
 CORPUS: dict[str, tuple[Callable, int]] = {

@@ -40,9 +40,17 @@ _ATEN_KINDS: dict[str, Kind] = {
     "tensor": Kind.CONSTANT,
 }
 
+# In-place arithmetic on the scores (``scores /= d`` in HF Falcon, ``scores.masked_fill_``): torch.export
+# keeps the ``*_`` ATen ops and dynamo keeps ``operator.i*`` / ``Tensor.*_``; each is its functional twin.
+_INPLACE: dict[str, str] = {
+    "add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div", "masked_fill_": "masked_fill",
+    "__iadd__": "add", "__isub__": "sub", "__imul__": "mul", "__itruediv__": "div",
+}
+
 _PY_OPS: dict[Any, str] = {
     operator.matmul: "matmul", operator.mul: "mul", operator.truediv: "div", operator.add: "add",
-    operator.sub: "sub", operator.and_: "__and__", operator.or_: "__or__", operator.invert: "bitwise_not",
+    operator.sub: "sub", operator.iadd: "add", operator.isub: "sub", operator.imul: "mul", operator.itruediv: "div",
+    operator.and_: "__and__", operator.or_: "__or__", operator.invert: "bitwise_not",
     operator.le: "le", operator.lt: "lt", operator.ge: "ge", operator.gt: "gt", operator.eq: "eq", operator.ne: "ne",
     F.softmax: "softmax", F.dropout: "dropout", F.scaled_dot_product_attention: "scaled_dot_product_attention",
     torch._C._nn.scaled_dot_product_attention: "scaled_dot_product_attention",
@@ -85,6 +93,41 @@ class FxAdapter:
         self.gm = gm
         self.graph = gm.graph
         self._static: dict[fx.Node, bool] = {}
+        self._versions: dict[fx.Node, dict[fx.Node, fx.Node]] | None = None
+        self._version_users: dict[fx.Node, list[fx.Node]] = {}
+
+    def _version_map(self) -> dict[fx.Node, dict[fx.Node, fx.Node]]:
+        """Which in-place result each node really reads.
+
+        dynamo keeps ``scores.mul_(c)`` as a method call whose result nobody uses: later nodes read
+        ``scores`` itself, already mutated.  For the walk that reference must mean the last in-place op on
+        ``scores`` before the reader, so the chain reads functionally (``softmax(mul_(scores))``).
+        torch.export graphs read the in-place results directly, so nothing is remapped there.
+        """
+        if self._versions is None:
+            versions: dict[fx.Node, dict[fx.Node, fx.Node]] = {}
+            latest: dict[fx.Node, fx.Node] = {}
+            for n in self.graph.nodes:
+                remap = {x: latest[x] for x in n.all_input_nodes if x in latest and latest[x] is not n}
+                if remap:
+                    versions[n] = remap
+                    for new in remap.values():
+                        self._version_users.setdefault(new, []).append(n)
+                name = _op_name(n)
+                if name in _INPLACE and n.args and isinstance(n.args[0], fx.Node):
+                    base = n.args[0]
+                    latest[base] = n
+                    for root, cur in list(latest.items()):
+                        if cur is base:
+                            latest[root] = n
+            self._versions = versions
+        return self._versions
+
+    def _read(self, node: fx.Node, value: Any) -> Any:
+        """``value`` as ``node`` reads it (see ``_version_map``)."""
+        if not isinstance(value, fx.Node):
+            return value
+        return self._version_map().get(node, {}).get(value, value)
 
     def nodes(self) -> Iterable[fx.Node]:
         return self.graph.nodes
@@ -94,6 +137,7 @@ class FxAdapter:
 
     def kind(self, node: fx.Node) -> Kind:
         name = _op_name(node)
+        name = _INPLACE.get(name, name) if name is not None else None
         if name is None:
             return Kind.OTHER
         if name == "getitem":
@@ -118,7 +162,11 @@ class FxAdapter:
         return False
 
     def inputs(self, node: fx.Node) -> list[Any]:
+        return [self._read(node, x) if isinstance(x, fx.Node) else x for x in self._raw_inputs(node)]
+
+    def _raw_inputs(self, node: fx.Node) -> list[Any]:
         name = _op_name(node)
+        name = _INPLACE.get(name, name) if name is not None else None
         if name == "getitem":
             return self.inputs(node.args[0])
         if name == "masked_fill":
@@ -147,10 +195,17 @@ class FxAdapter:
     def users(self, value: Any) -> list[fx.Node]:
         if not isinstance(value, fx.Node):
             return []
-        return [u for u in value.users if u.op != "output" and _op_name(u) not in _IGNORED_USERS]
+        versions = self._version_map()
+        direct = [u for u in value.users if versions.get(u, {}).get(value, value) is value]
+        found = direct + [u for u in self._version_users.get(value, []) if u not in direct]
+        return [u for u in found if u.op != "output" and _op_name(u) not in _IGNORED_USERS]
 
     def is_graph_output(self, value: Any) -> bool:
-        return isinstance(value, fx.Node) and any(u.op == "output" for u in value.users)
+        if not isinstance(value, fx.Node):
+            return False
+        versions = self._version_map()
+        outs = [u for u in value.users if u.op == "output" and versions.get(u, {}).get(value, value) is value]
+        return bool(outs) or any(u.op == "output" for u in self._version_users.get(value, []))
 
     def constant(self, value: Any) -> float | None:
         if isinstance(value, bool):

@@ -155,8 +155,17 @@ class Matcher(MaskProofs, OperandFinder):
         return site
 
     def _walk_scores(self, x: Any, steps: list, chain: list, depth: int) -> tuple[str, Any]:
-        """Walk from the softmax input back to ``Q K^T``; ``steps`` collects what lies between, softmax-side first."""
+        """Walk from the softmax input back to ``Q K^T``; ``steps`` collects what lies between, softmax-side first.
+
+        What the walk learns that no step expresses (a dropped constant shift, a run-time tensor scale, a mask
+        added in a view of another rank) goes to ``self._walk_notes`` / ``self._walk_blockers``, which
+        ``_walk_probs`` moves onto the site.
+        """
         a = self.a
+        if depth == 0:
+            self._walk_notes: list[str] = []
+            self._walk_blockers: list[str] = []
+            self._walk_rank = self._rank(x)
         for _ in range(64 - depth):
             node, kind = self._producer_kind(x)
             if node is None:
@@ -175,6 +184,16 @@ class Matcher(MaskProofs, OperandFinder):
                     c, other = self._const(lhs), rhs
                 if c is None:
                     sym = self._symbolic_scale(lhs, rhs, kind)
+                    tensor = None if sym is not None else self._tensor_scale(lhs, rhs, kind, x)
+                    if tensor is not None:
+                        # a per-head (or per-batch) factor known only at run time: the site stays, SSMax applies
+                        self._walk_blockers.append(
+                            f"scores scaled by a run-time tensor at {a.name(node)} (shape {a.shape(tensor[0])}): "
+                            "the fused op takes one scalar scale")
+                        self._walk_notes.append(f"run-time tensor scale at {a.name(node)}")
+                        chain.append(node)
+                        x = tensor[1]
+                        continue
                     if sym is None:
                         raise NoMatch(f"scores multiplied by a non-constant at {a.name(node)}")
                     scalar, other = sym
@@ -202,17 +221,26 @@ class Matcher(MaskProofs, OperandFinder):
                 for on_chain, term, sign in order:
                     if self._const(on_chain) is not None or a.is_static(on_chain):
                         continue
-                    if self._const(term) == 0:
+                    shift = self._const(term)
+                    if shift == 0:
                         term = None  # T5 cross-attention adds a zero "position bias"
-                    elif self._const(term) is not None:
-                        raise NoMatch(f"a constant is added to the scores at {a.name(node)}")
+                    elif shift is not None:
+                        term = None
+                    marks = len(self._walk_notes), len(self._walk_blockers)
                     sub_steps: list = []
                     sub_chain: list = []
                     try:
                         res = self._walk_scores(on_chain, sub_steps, sub_chain, depth + 1)
                     except NoMatch as e:
+                        del self._walk_notes[marks[0]:], self._walk_blockers[marks[1]:]
                         last_error = last_error or e  # the first operand is the scores in every exporter seen
                         continue
+                    if shift not in (None, 0.0):
+                        self._walk_notes.append(
+                            f"constant {shift:g} added to the scores at {a.name(node)} dropped (softmax is shift-invariant per row)")
+                    elif term is not None and self._rank(x) != self._walk_rank:
+                        raise NoMatch(f"mask added at {a.name(node)} in a {self._rank(x)}-D view of the "
+                                      f"{self._walk_rank}-D scores: no rewrite lays such a mask out on the scores yet")
                     if term is not None:
                         steps.append(("bias", (term, node, -sign if kind is Kind.SUB else sign)))
                     steps.extend(sub_steps)
@@ -231,13 +259,19 @@ class Matcher(MaskProofs, OperandFinder):
                     x = xb
                 else:
                     raise NoMatch(f"{a.name(node)} selects scores with a fill that is not a mask (-inf / very negative)")
+                if self._rank(x) != self._walk_rank:
+                    raise NoMatch(f"mask applied at {a.name(node)} in a {self._rank(x)}-D view of the "
+                                  f"{self._walk_rank}-D scores: no rewrite lays such a mask out on the scores yet")
                 chain.append(node)
                 continue
             if kind is Kind.RESHAPE:
-                # core ATen's 4-D matmul: bmm on [B*H, S, D] views, then a view back to [B, H, S_q, S_k]
+                # core ATen's 4-D matmul: bmm on [B*H, S, D] views, then a view back to [B, H, S_q, S_k];
+                # fairseq / MBart: [B*H, S, S] scores viewed to [B, H, S, S] for the mask and back
                 src = self._in(node)
                 _, src_kind = self._producer_kind(src)
-                if src_kind in (Kind.MATMUL, Kind.BADDBMM) and _same_tail(a.shape(src), a.shape(x)):
+                if _same_tail(a.shape(src), a.shape(x)) and (
+                        src_kind in (Kind.MATMUL, Kind.BADDBMM) or self._rank(src) == self._walk_rank
+                        or self._views_back(src)):
                     chain.append(node)
                     x = src
                     continue
@@ -246,6 +280,32 @@ class Matcher(MaskProofs, OperandFinder):
                 return ("qk", node)
             raise NoMatch(f"softmax input comes from {kind.value} node {a.name(node)}, not from Q K^T")
         raise NoMatch("too many ops between Q K^T and the softmax")
+
+    def _views_back(self, v: Any) -> bool:
+        """True if ``v`` is a view of the scores that a further view brings back to the softmax's rank."""
+        for _ in range(16):
+            node, kind = self._producer_kind(v)
+            if node is None:
+                return False
+            if kind is Kind.RESHAPE and self._rank(self._in(node)) == self._walk_rank:
+                return True
+            if kind not in (Kind.ADD, Kind.SUB, Kind.MUL, Kind.DIV, Kind.WHERE, Kind.CAST, Kind.IDENTITY):
+                return False
+            ins = self.a.inputs(node)
+            v = ins[1] if kind is Kind.WHERE else ins[0]
+        return False
+
+    def _tensor_scale(self, lhs: Any, rhs: Any, kind: Kind, out: Any) -> tuple[Any, Any] | None:
+        """``scores * t`` / ``scores / t`` with ``t`` a run-time tensor constant along the query and key axes
+        (``[H, 1, 1]``): ``(t, scores)``, else None."""
+        def flat_rows(t: Any) -> bool:
+            s = self.a.shape(t)
+            return s is not None and 0 < len(s) and all(d == 1 for d in s[-2:]) and len(s) <= (self._rank(out) or 0)
+        if flat_rows(rhs) and _same_tail(self.a.shape(lhs), self.a.shape(out)):
+            return rhs, lhs
+        if kind is Kind.MUL and flat_rows(lhs) and _same_tail(self.a.shape(rhs), self.a.shape(out)):
+            return lhs, rhs
+        return None
 
     def _symbolic_scale(self, lhs: Any, rhs: Any, kind: Kind) -> tuple[Any, Any] | None:
         """A scale that is a run-time scalar (``1/sqrt(q.size(-1))`` under dynamic shapes): ``(scalar, other)``."""
@@ -425,13 +485,20 @@ class Matcher(MaskProofs, OperandFinder):
         a = self.a
         y = p
         escapes: list[str] = []
+        site.notes.extend(getattr(self, "_walk_notes", []))
+        blockers = getattr(self, "_walk_blockers", [])
+        if blockers and site.fuse_blocker is None:
+            site.fuse_blocker = "; ".join(blockers)
         for _ in range(32):
             users = a.users(y)
             if a.is_graph_output(y):
                 escapes.append("graph output")
             nxt = [u for u in users if self._continues(u, y)]
-            others = [u for u in users if u not in nxt]
-            escapes.extend(a.name(u) for u in others)
+            if len(nxt) > 1:
+                # e.g. the ONNX Attention body's ``Identity -> qk_matmul_output``: a copy that leaves, not the path to V
+                nxt = [u for u in nxt if self._leads_to_pv(u, y, 8)] or nxt
+            others = [u for u in users if u not in nxt and not self._nan_test_of_guard(u, y)]
+            escapes.extend(a.name(u) + (" (a graph output)" if a.is_graph_output(a.output(u)) else "") for u in others)
             if len(nxt) != 1:
                 raise NoMatch("softmax output is never multiplied into V" if not nxt else "softmax output feeds two matmuls")
             node = nxt[0]
@@ -439,6 +506,12 @@ class Matcher(MaskProofs, OperandFinder):
             site.nodes.append(node)
             if kind in (Kind.MATMUL, Kind.EINSUM):
                 self._pv(site, node, y, rank)
+                if kind is Kind.MATMUL and site.v.groups > 1 and site.k.groups == 1:
+                    # K reached Q K^T through a scale (both pre-scaled by sqrt(scale)), so its repetition was not
+                    # peeled: V must reach the op repeated the same way, or the op sees two different head counts
+                    plain = self._unglue(a.inputs(node)[1], rank, gqa=False)
+                    if plain is not None:
+                        site.v = Operand(plain[0], rank)
                 break
             if kind is Kind.DROPOUT:
                 site.dropout_p = float(a.attr(node, "p", 0.0) or 0.0)
@@ -450,6 +523,24 @@ class Matcher(MaskProofs, OperandFinder):
             raise NoMatch("softmax output is never multiplied into V")
         if escapes:
             site.probs_escape = "the attention probabilities are also used by " + ", ".join(sorted(set(escapes)))
+
+    def _leads_to_pv(self, node: Any, y: Any, budget: int) -> bool:
+        """True if ``node`` (which continues the probabilities ``y``) reaches a matmul with V through more such steps."""
+        a = self.a
+        if a.kind(node) in (Kind.MATMUL, Kind.EINSUM):
+            return True
+        if budget <= 0:
+            return False
+        out = a.output(node)
+        return any(self._continues(u, out) and self._leads_to_pv(u, out, budget - 1) for u in a.users(out))
+
+    def _nan_test_of_guard(self, node: Any, y: Any) -> bool:
+        """``IsNaN(y)`` read only by ``Where(IsNaN(y), 0, y)`` guards: part of the guard, not a use of the probabilities."""
+        a = self.a
+        if a.kind(node) is not Kind.ISNAN or a.is_graph_output(a.output(node)):
+            return False
+        readers = a.users(a.output(node))
+        return bool(readers) and all(a.kind(w) is Kind.WHERE and self._continues(w, y) for w in readers)
 
     def _continues(self, node: Any, y: Any) -> bool:
         a = self.a

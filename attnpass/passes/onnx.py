@@ -147,9 +147,18 @@ class OnnxAdapter:
             return []
         seen: list[ir.Node] = []
         for u in value.consumers():
-            if u not in seen:
+            if u not in seen and not self._not_a_use(u, value):
                 seen.append(u)
         return seen
+
+    def _not_a_use(self, node: ir.Node, value: ir.Value) -> bool:
+        """Consumers that read no element of ``value``: its shape or size, ``CastLike``'s type input, or a node
+        whose results nobody reads (the ONNX ``Attention`` body and the exporters leave all three)."""
+        if _domain(node) == "" and node.op_type in ("Shape", "Size"):
+            return True
+        if _domain(node) == "" and node.op_type == "CastLike" and node.inputs[0] is not value:
+            return True
+        return not any(o.uses() or self.is_graph_output(o) for o in node.outputs)
 
     def is_graph_output(self, value: Any) -> bool:
         if not isinstance(value, ir.Value):
@@ -310,7 +319,19 @@ class OnnxAdapter:
             if any(ci is None for ci in c):
                 return None
             return [xi if ci else yi for ci, xi, yi in zip(c, x, y)]
-        if op in ("Mul", "Add", "Sub", "Div"):
+        if op == "Not":
+            # the ONNX ``Attention`` body's GQA test: ``Not(Equal(q_heads, kv_heads))``
+            a = self.partial_value(p.inputs[0], depth + 1)
+            return None if a is None else [None if not isinstance(x, int) else int(not x) for x in a]
+        if op in ("And", "Or"):
+            a, b = self.partial_value(p.inputs[0], depth + 1), self.partial_value(p.inputs[1], depth + 1)
+            if a is None or b is None or len(a) != len(b):
+                return None
+            both = [(x, y) for x, y in zip(a, b)]
+            if op == "And":
+                return [0 if 0 in (x, y) else (1 if x == y == 1 else None) for x, y in both]
+            return [1 if 1 in (x, y) else (0 if x == y == 0 else None) for x, y in both]
+        if op in ("Mul", "Add", "Sub", "Div", "Mod"):
             a, b = self.partial_value(p.inputs[0], depth + 1), self.partial_value(p.inputs[1], depth + 1)
             if a is not None and b is not None and len(a) != len(b) and 1 in (len(a), len(b)):
                 a, b = (a * len(b), b) if len(a) == 1 else (a, b * len(a))  # a scalar broadcasts
@@ -319,7 +340,8 @@ class OnnxAdapter:
             res: list[Dim] = []
             for x, y in zip(a, b):
                 if isinstance(x, int) and isinstance(y, int):
-                    res.append({"Mul": x * y, "Add": x + y, "Sub": x - y, "Div": x // y if y else None}[op])
+                    res.append({"Mul": x * y, "Add": x + y, "Sub": x - y, "Div": x // y if y else None,
+                                "Mod": x % y if y else None}[op])
                 else:
                     res.append(None)
             return res

@@ -1,0 +1,129 @@
+"""The attention spellings issue 11 found missed, through torch.export and the compile backend.
+
+Each variant is found once, fused equal to the original (or reported "not fusable" with the reason),
+and SSMax (in the graph and fused) equals ``semantics`` with ``n`` counted per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+
+import attnpass
+from attnpass import semantics
+from attnpass.lowering import backend
+from tests import gap_modules as G
+
+B, H, S, D = 2, 4, 9, 8
+ATTN = torch.ops.attnpass.attention.default
+
+
+@dataclass
+class Case:
+    name: str
+    module: torch.nn.Module
+    args: tuple
+    sem: dict[str, Any]  # the semantics.attention call the module means (q may be replaced, see q_factor)
+    blocker: str | None = None  # a word the "not fusable" reason must hold; None: fusable
+    note: str | None = None  # a word one of the site's notes must hold
+    q_factor: Any = None  # the module scales the scores by this run-time tensor: semantics gets q * q_factor
+    ids: dict = field(default_factory=dict)
+
+
+def _cases() -> list[Case]:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, generator=g) for _ in range(3))
+    keep = torch.ones(B, S, dtype=torch.bool)
+    keep[1, -3:] = False
+    additive = torch.where(keep, 0.0, torch.finfo(torch.float32).min)[:, None, None, :]
+    allowed = keep[:, None, None, :] & semantics.causal_allowed(S, S)
+    bias = 0.3 * torch.randn(B, H, S, S, generator=g)
+    temp = torch.linspace(0.2, 0.6, H).reshape(H, 1, 1)
+    temp_in = torch.rand(H, 1, 1, generator=g) + 0.5
+    return [
+        Case("inplace_div_add", G.InplaceDivAddMask(), (q, k, v, additive), dict(attn_mask=additive)),
+        Case("inplace_methods", G.InplaceMethods(), (q, k, v, allowed), dict(attn_mask=allowed)),
+        Case("inplace_div_method", G.InplaceDivMethod(), (q, k, v, bias), dict(attn_mask=bias)),
+        Case("bmm_view_scale", G.Bmm3DViewNoMask(), (q, k, v), dict()),
+        Case("tensor_scale_param", G.TensorScale(H), (q, k, v), dict(scale=1.0), blocker="run-time tensor", q_factor=temp),
+        Case("tensor_scale_input", G.TensorScaleInput(), (q, k, v, temp_in), dict(scale=1.0), blocker="run-time tensor",
+             q_factor=1.0 / temp_in),
+        Case("constant_added", G.ConstantAdded(), (q, k, v), dict(), note="shift-invariant"),
+    ]
+
+
+CASES = _cases()
+
+
+def _sem(case: Case, **extra: Any) -> torch.Tensor:
+    q, k, v = (x.double() for x in case.args[:3])
+    if case.q_factor is not None:
+        q = q * case.q_factor.double()
+    kw = {key: (val.double() if isinstance(val, torch.Tensor) and val.is_floating_point() else val) for key, val in case.sem.items()}
+    return semantics.attention(q, k, v, **kw, **extra).float()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_module_means_what_semantics_says(case: Case) -> None:
+    """Guards the table itself."""
+    torch.testing.assert_close(case.module.eval()(*case.args), _sem(case), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_found_once_with_the_reason(case: Case) -> None:
+    report = attnpass.find(case.module.eval(), case.args)
+    assert len(report.sites) == 1, [s.reason for s in report.skipped]
+    site = report.sites[0]
+    if case.blocker is None:
+        assert site.fusable, site.fuse_blocker
+    else:
+        assert not site.fusable and case.blocker in site.fuse_blocker, site.fuse_blocker
+    if case.note is not None:
+        assert any(case.note in n for n in site.notes), site.notes
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_fuse_equals_original(case: Case) -> None:
+    m = case.module.eval()
+    fused = attnpass.fuse(m, case.args)
+    calls = [n for n in fused.graph.nodes if n.target == ATTN]
+    assert len(calls) == (1 if case.blocker is None else 0)
+    torch.testing.assert_close(fused(*case.args), m(*case.args), rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["inplace", "fused"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_ssmax_s0_b1_equals_original_and_ssmax_equals_semantics(case: Case, fused: bool) -> None:
+    m = case.module.eval()
+    ident = attnpass.to_ssmax(m, case.args, s=0.0, b=1.0, fused=fused)
+    torch.testing.assert_close(ident(*case.args), m(*case.args), rtol=1e-5, atol=2e-6)
+    ss = attnpass.to_ssmax(m, case.args, s=0.43, fused=fused)
+    torch.testing.assert_close(ss(*case.args), _sem(case, ssmax_s=0.43), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("rewrite", ["fuse", "ssmax"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_compile_backend_sees_the_same_site(case: Case, rewrite: str) -> None:
+    """dynamo's torch-level graph: ``operator.itruediv``, ``Tensor.mul_`` whose result nobody reads, views."""
+    torch._dynamo.reset()
+    backend.reports.clear()
+    opts = {"inner": "eager", "rewrite": rewrite, **({"s": 0.43} if rewrite == "ssmax" else {})}
+    out = torch.compile(case.module.eval(), backend="attnpass", options=opts)(*case.args)
+    assert sum(len(r.sites) for r in backend.reports) == 1
+    want = case.module(*case.args) if rewrite == "fuse" else _sem(case, ssmax_s=0.43)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=2e-5)
+
+
+def test_mask_added_in_a_view_of_another_rank_is_named_in_the_report() -> None:
+    """fairseq / MBart: the mask is added to a 4-D view of 3-D scores.  The walk sees through the views (the
+    scale-only variant above is a site), but no rewrite can lay that mask on the 3-D scores yet: the skip
+    says exactly that rather than a generic "not from Q K^T"."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, generator=g) for _ in range(3))
+    mask = torch.zeros(B, 1, 1, S)
+    report = attnpass.find(G.Bmm3DView4DMask().eval(), (q, k, v, mask))
+    assert report.sites == []
+    assert "4-D view of the 3-D scores" in report.skipped[0].reason
