@@ -125,5 +125,5 @@ def test_mask_added_in_a_view_of_another_rank_is_named_in_the_report() -> None:
     q, k, v = (torch.randn(B, H, S, D, generator=g) for _ in range(3))
     mask = torch.zeros(B, 1, 1, S)
     report = attnpass.find(G.Bmm3DView4DMask().eval(), (q, k, v, mask))
-    assert report.sites == []
+    assert not report.sites
     assert "4-D view of the 3-D scores" in report.skipped[0].reason
