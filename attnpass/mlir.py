@@ -167,7 +167,7 @@ def rewrite(
     left alone and why.
     """
     lowering.require_torch_mlir()
-    from attnpass.passes import mlir as mlir_pass
+    from attnpass.rewrite import mlir as mlir_pass
 
     out = copy(_as_module(module))
     if to == "ssmax":
