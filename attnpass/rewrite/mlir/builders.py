@@ -103,7 +103,7 @@ class Operand:
     """A tensor as one ``linalg.generic`` reads it: SSA name, static shape, element type, affine results."""
 
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[int | None, ...]
     index: str
     elem: str = "f32"
 
@@ -134,9 +134,12 @@ def generic(t: Ssa, dims: Sequence[str], ins: Sequence[Operand], out: Operand, i
     return res
 
 
-def empty(t: Ssa, shape: tuple[int, ...], ind: int, elem: str = "f32") -> str:
-    """``tensor.empty``: the destination of an elementwise generic (every element is written)."""
-    return t.op("empty", f"tensor.empty() : {tensor_type(shape, elem)}", ind)
+def empty(t: Ssa, shape: tuple[int | None, ...], ind: int, elem: str = "f32", sizes: Sequence[str] = ()) -> str:
+    """``tensor.empty``: the destination of an elementwise generic (every element is written).
+
+    ``sizes`` are the ``index`` values of the unknown dims, in order.
+    """
+    return t.op("empty", f"tensor.empty({', '.join(sizes)}) : {tensor_type(shape, elem)}", ind)
 
 
 def fill(t: Ssa, shape: tuple[int, ...], value: str, ind: int) -> str:
@@ -182,7 +185,7 @@ class MaskIn:
 
     term: MaskTerm
     arg: str
-    shape: tuple[int, ...]
+    shape: tuple[int | None, ...]
     elem: str
 
 
@@ -289,3 +292,50 @@ def extract_keys(t: Ssa, src: str, shape: tuple[int, ...], elem: str, axis: int,
                        f"[{', '.join(['1'] * len(shape))}] : {tensor_type(shape, elem)} to "
                        f"{tensor_type(tuple(sizes), elem)}", ind)
     return out, tuple(sizes)
+
+
+def settle_mask(t: Ssa, m: MaskIn, domain: Sequence[int], ind: int = 2) -> MaskIn:
+    """The mask at static sizes: each unknown size is settled against the (static) iteration ``domain``.
+
+    A ``?`` read against size ``D`` is 1 or ``D`` at run time (broadcasting allows nothing else):
+    against ``D = 1`` it is a ``tensor.cast``; otherwise an ``scf.if`` on ``dim == 1`` broadcasts
+    the single slice to ``D`` or casts the full one.  Everything after sees only static types, and
+    no unknown size is ever printed into a type but as ``?``.
+    """
+    shape = list(m.shape)
+    name = m.arg
+    off = len(domain) - len(shape)
+    dims = [f"d{i}" for i in range(len(shape))]
+    for a in range(len(shape)):
+        if shape[a] is not None:
+            continue
+        want = domain[a + off]
+        new = [*shape[:a], want, *shape[a + 1:]]
+        src, dst = tensor_type(shape, m.elem), tensor_type(new, m.elem)
+        if want == 1:
+            name = t.op("cast", f"tensor.cast {name} : {src} to {dst}", ind)
+        else:
+            axis = t.op("c", f"arith.constant {a} : index", ind)
+            size = t.op("dim", f"tensor.dim {name}, {axis} : {src}", ind)
+            one = t.op("c", "arith.constant 1 : index", ind)
+            single = t.op("single", f"arith.cmpi eq, {size}, {one} : index", ind)
+            res = t.fresh("settled")
+            t.emit(f"{res} = scf.if {single} -> ({dst}) {{", ind)
+            rest = [_dim(t, name, b, src, ind + 1) for b in range(len(shape)) if new[b] is None]
+            out = Operand(empty(t, tuple(new), ind + 1, m.elem, rest), tuple(new), dims_of(dims), m.elem)
+            read = dims_of([*dims[:a], "0", *dims[a + 1:]])
+            wide = generic(t, dims, [Operand(name, tuple(shape), read, m.elem)], out, [PAR] * len(dims),
+                           lambda x, i: x[0], ind + 1, "bcast")
+            t.emit(f"scf.yield {wide} : {dst}", ind + 1)
+            t.emit("} else {", ind)
+            t.emit(f"scf.yield {t.op('cast', f'tensor.cast {name} : {src} to {dst}', ind + 1)} : {dst}", ind + 1)
+            t.emit("}", ind)
+            name = res
+        shape = new
+    return MaskIn(m.term, name, tuple(shape), m.elem)
+
+
+def _dim(t: Ssa, tensor: str, axis: int, ty: str, ind: int) -> str:
+    """``tensor.dim``: the run-time size of one axis."""
+    c = t.op("c", f"arith.constant {axis} : index", ind)
+    return t.op("dim", f"tensor.dim {tensor}, {c} : {ty}", ind)

@@ -17,6 +17,7 @@ never ``S_q x S_k``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ from attnpass.rewrite.mlir.builders import (
     reduce_max,
     reduce_sum,
     rescale,
+    settle_mask,
     tensor_type,
 )
 from attnpass.rewrite.mlir.ssmax import SsmaxParams, emit_factor
@@ -106,6 +108,8 @@ def fused_func(name: str, sp: FusedSpec) -> str:
             f"%v: {tensor_type(sp.v_shape, 'f32')}"] + [f"{m.arg}: {tensor_type(m.shape, m.elem)}" for m in sp.masks]
     args += sp.ssmax.args() if sp.ssmax else []
     t.emit(f"func.func private @{name}({', '.join(args)}) -> {oty} {{", 1)
+    domain = (*sp.batch, sp.s_q, sp.s_k)
+    sp = dataclasses.replace(sp, masks=[settle_mask(t, m, domain) for m in sp.masks])
     factor = None
     if sp.ssmax is not None:
         # n_i needs every key of the row before the first tile: one reduction over the masks up front

@@ -27,6 +27,7 @@ from attnpass.rewrite.mlir.builders import (
     fill,
     generic,
     mask_body,
+    settle_mask,
     tensor_type,
 )
 
@@ -126,6 +127,7 @@ def ssmax_func(name: str, x_shape: tuple[int, ...], masks: list[MaskIn], ss: Ssm
     xty = tensor_type(x_shape, "f32")
     args = [f"%x: {xty}"] + [f"{m.arg}: {tensor_type(m.shape, m.elem)}" for m in masks] + ss.args()
     t.emit(f"func.func private @{name}({', '.join(args)}) -> {xty} {{", 1)
+    masks = [settle_mask(t, m, x_shape) for m in masks]
     ss.emit_constants(t)
     fac = emit_factor(t, x_shape[:-1], x_shape[-1], masks, False, ss)
     ins = [Operand("%x", x_shape, dims_of(dims)), Operand(fac, x_shape[:-1], dims_of(dims[:-1]))]
@@ -159,6 +161,8 @@ def ssmax_sdpa_func(name: str, q_shape: tuple[int, ...], s_k: int, masks: list[M
     results = [qty] + ([mty] if additive else [])
     args = [f"%q: {qty}"] + [f"{m.arg}: {tensor_type(m.shape, m.elem)}" for m in masks] + ss.args()
     t.emit(f"func.func private @{name}({', '.join(args)}) -> ({', '.join(results)}) {{", 1)
+    masks = [settle_mask(t, m, mask_shape) for m in masks]
+    additive = [m for m in masks if m.term.kind == "additive"]
     ss.emit_constants(t)
     fac = emit_factor(t, row_shape, s_k, masks, causal, ss)
     dims = [f"d{i}" for i in range(rank)]
