@@ -45,6 +45,12 @@ _ASSERTS = ("torch.aten._assert_tensor_metadata", "torch.aten._assert_scalar", "
 # Ops that read only the shape and dtype of their first operand: not users of its values.
 _SHAPE_ONLY = ("full_like", "zeros_like", "ones_like", "empty_like")
 
+# 0-d arithmetic on literals folded to a number by ``constant``: (operands read, the function)
+_SCALAR_FOLDS: dict[str, tuple[int, Any]] = {
+    "pow": (2, lambda a, b: a ** b), "sqrt": (1, math.sqrt), "reciprocal": (1, lambda a: 1.0 / a),
+    "mul": (2, lambda a, b: a * b), "div": (2, lambda a, b: a / b),
+}
+
 _VTENSOR = re.compile(r"^!torch\.vtensor<\[([^\]]*)\],([a-z0-9]+)>$")
 
 
@@ -240,6 +246,11 @@ class MlirAdapter:
                 continue
             if u.aten in _SHAPE_ONLY and u.operands[0] is value and value not in u.operands[1:]:
                 continue  # full_like(p, 0) in the safe-softmax guard reads p's shape, not the probabilities
+            list_users = u.results[0].users if u.opname == "torch.prim.ListConstruct" else []
+            if list_users and all(e.aten == "einsum" for e in list_users):
+                # an einsum reads its operands through a list: the einsum is the user of the value
+                out.extend(e for e in list_users if e not in out)
+                continue
             owner = self._decomposed_owner(u)
             if owner is not None:
                 if owner is not value.producer and owner not in out:
@@ -269,6 +280,15 @@ class MlirAdapter:
             return _splat(attrs["value"])
         if p.aten is not None and ATEN_KINDS.get(p.aten) is Kind.IDENTITY and p.operands:
             return self.constant(p.operands[0])  # clone / lift_fresh_copy of a literal
+        if p.aten in _SCALAR_FOLDS and len(p.results[0].shape or ()) == 0:
+            # the legacy ONNX exporter spells the scale as Pow(d, -0.5) on a literal: fold it as a number
+            args = [self.constant(o) for o in p.operands[:_SCALAR_FOLDS[p.aten][0]]]
+            if any(x is None for x in args):
+                return None
+            try:
+                return float(_SCALAR_FOLDS[p.aten][1](*args))
+            except (ArithmeticError, ValueError):
+                return None
         if p.aten is not None and ATEN_KINDS.get(p.aten) is Kind.CONSTANT:
             # a filled tensor of any shape is its fill value, as in the fx adapter (and as a splat literal
             # is here): the safe-softmax guard's ``where(cond, full_like(p, 0), p)`` needs it
@@ -486,9 +506,7 @@ def _check_lowerable(adapter: MlirAdapter, site: AttentionSite) -> None:
         return
     why = None
     masks = site_masks(site)
-    if any(o.perm is not None for o in (site.q, site.k, site.v)) or site.out_perm is not None:
-        why = "einsum layouts are not handled by the MLIR fused rewrite"
-    elif site.row_guards:
+    if site.row_guards:
         why = "rows zeroed after the softmax by a condition other than 'no attendable key' are not handled"
     else:
         vals = [site.q.value, site.k.value, site.v.value, site.out] + [m.value for m in masks]

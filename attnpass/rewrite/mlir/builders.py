@@ -339,3 +339,32 @@ def _dim(t: Ssa, tensor: str, axis: int, ty: str, ind: int) -> str:
     """``tensor.dim``: the run-time size of one axis."""
     c = t.op("c", f"arith.constant {axis} : index", ind)
     return t.op("dim", f"tensor.dim {tensor}, {c} : {ty}", ind)
+
+
+def permuted(shape: Sequence[int], perm: Sequence[int] | None) -> tuple[int, ...]:
+    """The shape of ``x.permute(perm)``."""
+    return tuple(shape) if perm is None else tuple(shape[p] for p in perm)
+
+
+def unpermuted(shape: Sequence[int], perm: Sequence[int] | None) -> tuple[int, ...]:
+    """The shape ``y`` with ``y.permute(perm)`` of the given ``shape``: the inverse of ``permuted``."""
+    if perm is None:
+        return tuple(shape)
+    out = [0] * len(shape)
+    for c, p in enumerate(perm):
+        out[p] = shape[c]
+    return tuple(out)
+
+
+def transpose(t: Ssa, src: str, shape: tuple[int, ...], perm: Sequence[int], ind: int, result: str | None = None) -> str:
+    """``x.permute(perm)`` as ``linalg.transpose``: result dim ``c`` is source dim ``perm[c]``.
+
+    Einsum layouts (``bqhd``...) are brought to ``[batch..., S, D]`` this way before the loop nest, a
+    copy of ``S x D`` per head, never of the scores.
+    """
+    dst = permuted(shape, perm)
+    init = empty(t, dst, ind)
+    name = result or t.fresh("tr")
+    t.emit(f"{name} = linalg.transpose ins({src} : {tensor_type(shape, 'f32')}) outs({init} : {tensor_type(dst, 'f32')}) "
+           f"permutation = [{', '.join(map(str, perm))}]", ind)
+    return name

@@ -40,11 +40,14 @@ from attnpass.rewrite.mlir.builders import (
     generic,
     mask_body,
     matmul_tile,
+    permuted,
     reduce_max,
     reduce_sum,
     rescale,
     settle_mask,
     tensor_type,
+    transpose,
+    unpermuted,
 )
 from attnpass.rewrite.mlir.ssmax import SsmaxParams, emit_factor
 
@@ -77,6 +80,9 @@ class FusedSpec:
     masks: list[MaskIn]
     tile: int
     ssmax: SsmaxParams | None = None  # SSMax inside the loop nest: a per-row factor on the logits
+    # einsum layouts: "q"/"k"/"v" arrive as raw tensors with ``raw.permute(p)`` canonical; "out" leaves as
+    # ``canonical.permute(p)``
+    perms: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     @property
     def nb(self) -> int:
@@ -104,10 +110,16 @@ def fused_func(name: str, sp: FusedSpec) -> str:
     row_shape = (*sp.batch, sp.s_q)
     out_shape = (*sp.batch, sp.s_q, sp.dv)
     rty, oty = tensor_type(row_shape, "f32"), tensor_type(out_shape, "f32")
-    args = [f"%q: {tensor_type(sp.q_shape, 'f32')}", f"%k: {tensor_type(sp.k_shape, 'f32')}",
-            f"%v: {tensor_type(sp.v_shape, 'f32')}"] + [f"{m.arg}: {tensor_type(m.shape, m.elem)}" for m in sp.masks]
-    args += sp.ssmax.args() if sp.ssmax else []
-    t.emit(f"func.func private @{name}({', '.join(args)}) -> {oty} {{", 1)
+    raw = {"q": sp.q_shape, "k": sp.k_shape, "v": sp.v_shape}
+    raw = {n: unpermuted(shape, sp.perms.get(n)) for n, shape in raw.items()}
+    args = [f"%{n}{'_raw' if n in sp.perms else ''}: {tensor_type(shape, 'f32')}" for n, shape in raw.items()]
+    args += [f"{m.arg}: {tensor_type(m.shape, m.elem)}" for m in sp.masks] + (sp.ssmax.args() if sp.ssmax else [])
+    out_perm = sp.perms.get("out")
+    ret_ty = tensor_type(permuted(out_shape, out_perm), "f32")
+    t.emit(f"func.func private @{name}({', '.join(args)}) -> {ret_ty} {{", 1)
+    for n, shape in raw.items():
+        if n in sp.perms:
+            transpose(t, f"%{n}_raw", shape, sp.perms[n], 2, result=f"%{n}")
     domain = (*sp.batch, sp.s_q, sp.s_k)
     sp = dataclasses.replace(sp, masks=[settle_mask(t, m, domain) for m in sp.masks])
     factor = None
@@ -135,7 +147,9 @@ def fused_func(name: str, sp: FusedSpec) -> str:
     dlo = [*sp.bdims, "i", "e"]
     out = divide_rows(t, dlo, Operand(state[2], out_shape, dims_of(dlo)),
                       Operand(state[1], row_shape, dims_of([*sp.bdims, "i"])), out_shape, 2)
-    t.emit(f"return {out} : {oty}")
+    if out_perm is not None:
+        out = transpose(t, out, out_shape, out_perm, 2)
+    t.emit(f"return {out} : {ret_ty}")
     t.emit("}", 1)
     return t.text()
 

@@ -13,6 +13,7 @@ from attnpass import semantics
 from attnpass.errors import AttnpassError
 from attnpass.passes.match import AttentionSite, Report
 from attnpass.passes.mlir import MlirAdapter, MlirReport, _gqa_groups, _Node, _Val, find, public_funcs, site_masks
+from attnpass.rewrite.mlir.builders import permuted, unpermuted
 from attnpass.rewrite.mlir.editor import Editor, erase_dead, mask_inputs, to_builtin_raw
 from attnpass.rewrite.mlir.fused import DEFAULT_TILE, FusedSpec, fused_func, tile_for
 from attnpass.rewrite.mlir.ssmax import SsmaxParams, ssmax_func, ssmax_sdpa_func
@@ -176,7 +177,11 @@ def _fuse_site(ed: Editor, site: AttentionSite, tile: int, ssmax: tuple | None =
 
 
 def _spec(site: AttentionSite, tile: int) -> FusedSpec:
-    qs, ks, vs, os_ = (tuple(x.shape) for x in (site.q.value, site.k.value, site.v.value, site.out))
+    """The loop nest's sizes in the canonical ``[batch..., S, D]`` layout; einsum layouts become ``perms``."""
+    perms = {name: p for name, p in (("q", site.q.perm), ("k", site.k.perm), ("v", site.v.perm), ("out", site.out_perm))
+             if p is not None}
+    qs, ks, vs = (permuted(tuple(o.value.shape), o.perm) for o in (site.q, site.k, site.v))
+    os_ = unpermuted(tuple(site.out.shape), site.out_perm)
     rank = site.out_rank
     s_q = qs[-2]
     s_k = ks[-1] if site.k.transposed else ks[-2]
@@ -190,6 +195,7 @@ def _spec(site: AttentionSite, tile: int) -> FusedSpec:
         batch=batch, s_q=s_q, s_k=s_k, d=qs[-1], dv=vs[-1], q_shape=qs, k_shape=ks, v_shape=vs,
         k_transposed=site.k.transposed, k_groups=k_groups, v_groups=v_groups,
         scale=float(site.scale), softcap=site.softcap, causal=site.causal, masks=[], tile=tile_for(s_k, tile),
+        perms=perms,
     )
 
 

@@ -1,0 +1,122 @@
+"""MLIR coverage of attention written by others: einsum from torch and ONNX, baddbmm from both ONNX exporters.
+
+Each site must be found, fused equal to the original (torch eager / onnxruntime), SSMax(s=0, b=1)
+equal to the original, and SSMax(s) equal to ``semantics``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("torch_mlir")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from attnpass import mlir as am  # noqa: E402
+from attnpass import semantics  # noqa: E402
+
+warnings.filterwarnings("ignore")
+ATOL = 2e-5
+
+
+class EinsumCausal(nn.Module):
+    """einsum-written attention: fp32 upcast of q/k, bool causal ``masked_fill``, probabilities cast back."""
+
+    def forward(self, q, k, v):
+        s = q.shape[-2]
+        scores = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) / math.sqrt(q.shape[-1])
+        future = torch.ones(s, s, dtype=torch.bool).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+        p = torch.softmax(scores, dim=-1).to(v.dtype)
+        return torch.einsum("bhqk,bhkd->bhqd", p, v)
+
+
+class Baddbmm(nn.Module):
+    """Heads folded into the batch, the bias added by ``baddbmm`` (BLOOM / fairseq style)."""
+
+    def forward(self, q, k, v, bias):
+        b, h, s, d = q.shape
+        qf, kf, vf = (x.reshape(b * h, s, d) for x in (q, k, v))
+        scores = torch.baddbmm(bias, qf, kf.transpose(1, 2), beta=1.0, alpha=d ** -0.5)
+        return torch.bmm(torch.softmax(scores, dim=-1), vf).reshape(b, h, s, d)
+
+
+def _qkv(shape=(1, 2, 12, 8), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*shape, generator=g) for _ in range(3))
+
+
+def _check_all(imported, args, want, ssmax_ref=None, s=0.7):
+    (site,) = am.find(imported).sites
+    assert site.fusable, site.fuse_blocker
+    for kw in (dict(to="fused", tile=5), dict(to="ssmax", s=0.0, b=1.0), dict(to="ssmax", s=0.0, b=1.0, fused=True, tile=5)):
+        out, report = am.rewrite(imported, with_report=True, **kw)
+        notes = " ".join(report.sites[0].notes)
+        assert ("fused via" in notes) == (kw["to"] == "fused" or kw.get("fused", False)) and "left alone" not in notes
+        np.testing.assert_allclose(np.asarray(am.compile(out)(*args)), np.asarray(want), atol=ATOL, rtol=1e-5)
+    if ssmax_ref is not None:
+        for fused in (False, True):
+            got = am.compile(am.rewrite(imported, to="ssmax", s=s, fused=fused, tile=5))(*args)
+            np.testing.assert_allclose(np.asarray(got), ssmax_ref.numpy(), atol=ATOL, rtol=1e-5)
+
+
+def test_torch_einsum_causal_upcast():
+    q, k, v = _qkv()
+    imported = am.import_(EinsumCausal().eval(), (q, k, v))
+    assert "torch.aten.einsum" in str(imported)  # kept as einsum at import, as SDPA is
+    with torch.no_grad():
+        want = EinsumCausal()(q, k, v)
+    _check_all(imported, (q, k, v), want, semantics.ssmax_attention(q, k, v, is_causal=True, s=0.7))
+
+
+def _onnx_einsum(path: str, shape: tuple[int, ...]) -> str:
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Einsum", ["q", "k"], ["qk"], equation="bqhd,bkhd->bhqk"),
+        helper.make_node("Mul", ["qk", "scale"], ["x"]),
+        helper.make_node("Softmax", ["x"], ["p"], axis=-1),
+        helper.make_node("Einsum", ["p", "v"], ["out"], equation="bhqk,bkhd->bqhd"),
+    ]
+
+    def info(name):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
+
+    graph = helper.make_graph(nodes, "einsum", [info(n) for n in "qkv"], [info("out")],
+                              [helper.make_tensor("scale", TensorProto.FLOAT, [], [shape[-1] ** -0.5])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_onnx_einsum_in_bshd_layout(tmp_path):
+    shape = (1, 12, 2, 8)  # [B, S, H, D]: every operand and the output are permuted from [B, H, S, D]
+    path = _onnx_einsum(str(tmp_path / "einsum.onnx"), shape)
+    q, k, v = _qkv(shape)
+    want = ort.InferenceSession(path).run(None, dict(q=q.numpy(), k=k.numpy(), v=v.numpy()))[0]
+    imported = am.import_(path)
+    (site,) = am.find(imported).sites
+    assert site.q.perm is not None and site.out_perm is not None
+    ref = semantics.ssmax_attention(*(x.transpose(1, 2) for x in (q, k, v)), s=0.7).transpose(1, 2)
+    _check_all(imported, (q, k, v), want, ref)
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+def test_onnx_baddbmm(tmp_path, dynamo):
+    q, k, v = _qkv()
+    bias = torch.randn(2, 12, 12) * 0.5
+    bias[..., 10:] = torch.finfo(torch.float32).min
+    path = str(tmp_path / "baddbmm.onnx")
+    torch.onnx.export(Baddbmm().eval(), (q, k, v, bias), path, dynamo=dynamo)
+    args = (q, k, v, bias)
+    session = ort.InferenceSession(path)
+    assert len(session.get_inputs()) == len(args)
+    want = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)})[0]
+    imported = am.import_(path)
+    ref = semantics.ssmax_attention(*(x.reshape(2, 12, 8) for x in (q, k, v)), attn_mask=bias, s=0.7).reshape(1, 2, 12, 8)
+    _check_all(imported, args, want, ref)
