@@ -120,3 +120,72 @@ def test_onnx_baddbmm(tmp_path, dynamo):
     imported = am.import_(path)
     ref = semantics.ssmax_attention(*(x.reshape(2, 12, 8) for x in (q, k, v)), attn_mask=bias, s=0.7).reshape(1, 2, 12, 8)
     _check_all(imported, args, want, ref)
+
+
+# ------------------------------------------------------------------ the ONNX Attention schema's own decomposition
+
+def _expanded_attention(path: str, mask_type: int, is_causal: int) -> str:
+    """The function body that the ONNX spec defines for opset-23 ``Attention``, expanded as onnx's own tests do."""
+    from onnx import TensorProto, helper
+    from onnx.backend.test.case.node import function_testcase_helper
+
+    def info(name, shape, elem=TensorProto.FLOAT):
+        return helper.make_tensor_value_info(name, elem, shape)
+
+    ins = [info(n, [1, 2, 6, 8]) for n in "qkv"] + [info("mask", [6, 6], mask_type)]
+    node = helper.make_node("Attention", ["q", "k", "v", "mask"], ["out"], is_causal=is_causal)
+    expanded, _ = function_testcase_helper(node, [i.type for i in ins], "attn", [helper.make_opsetid("", 23)])
+    nodes, opsets = expanded[0]
+    graph = helper.make_graph(nodes, "attention", ins, [info("out", [1, 2, 6, 8])])
+    onnx.save(helper.make_model(graph, opset_imports=list(opsets)), path)
+    return path
+
+
+@pytest.mark.parametrize("mask_type,is_causal", [(1, 0), (9, 0), (1, 1)], ids=["float", "bool", "float-causal"])
+def test_onnx_attention_schema_guard_is_the_no_key_rule(tmp_path, mask_type, is_causal):
+    path = _expanded_attention(str(tmp_path / "attention.onnx"), mask_type, is_causal)
+    assert "ReduceMax" in {n.op_type for n in onnx.load(path).graph.node}
+    rng = np.random.default_rng(0)
+    q, k, v = (torch.from_numpy(rng.standard_normal((1, 2, 6, 8)).astype(np.float32)) for _ in range(3))
+    if mask_type == 9:
+        mask = torch.ones(6, 6, dtype=torch.bool)
+        mask[:, 4:] = False
+        mask[2] = False  # a row with no attendable key: the guard's case
+    else:
+        mask = torch.from_numpy((rng.standard_normal((6, 6)) * 0.5).astype(np.float32))
+        mask[:, 4:] = -math.inf
+        mask[2] = -math.inf
+    want = ort.InferenceSession(path).run(None, dict(q=q.numpy(), k=k.numpy(), v=v.numpy(), mask=mask.numpy()))[0]
+    assert not want[0, :, 2].any()
+    imported = am.import_(path)
+    (site,) = am.find(imported).sites
+    assert any("fully-masked-row guard: implied" in n for n in site.notes)
+    _check_all(imported, (q, k, v, mask), want)
+
+
+def test_a_row_guard_on_another_tensor_is_not_the_no_key_rule(tmp_path):
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q", "kt"], ["qk"]),
+        helper.make_node("Add", ["qk", "mask"], ["x"]),
+        helper.make_node("Softmax", ["x"], ["p"], axis=-1),
+        helper.make_node("ReduceMax", ["other", "axes"], ["mx"], keepdims=1),
+        helper.make_node("Equal", ["mx", "ninf"], ["empty"]),
+        helper.make_node("Where", ["empty", "zero", "p"], ["pz"]),
+        helper.make_node("MatMul", ["pz", "v"], ["out"]),
+    ]
+
+    def info(name, shape):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+    graph = helper.make_graph(
+        nodes, "guard", [info(n, [1, 2, 6, 8]) for n in "qkv"] + [info("mask", [6, 6]), info("other", [6, 6])],
+        [info("out", [1, 2, 6, 8])],
+        [helper.make_tensor("axes", TensorProto.INT64, [1], [-1]),
+         helper.make_tensor("ninf", TensorProto.FLOAT, [], [-math.inf]), helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])])
+    path = str(tmp_path / "guard.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    (site,) = am.find(am.import_(path)).sites
+    assert not site.fusable and "rows zeroed after the softmax" in site.fuse_blocker

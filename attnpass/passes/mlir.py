@@ -535,9 +535,34 @@ def _drop_implied_guards(adapter: MlirAdapter, site: AttentionSite) -> None:
     for cond, zero_when in site.row_guards:
         if x is not None and _is_no_key_test(cond, x, want_all=zero_when):
             site.notes.append("safe-softmax guard: implied (a row with no attendable key is 0)")
+        elif zero_when and _is_masked_bias_row_test(adapter, cond, [m.value for m in site_masks(site)]):
+            site.notes.append("fully-masked-row guard: implied (a row with no attendable key is 0)")
         else:
             kept.append((cond, zero_when))
     site.row_guards = kept
+
+
+def _is_masked_bias_row_test(adapter: MlirAdapter, cond: Any, masks: list[Any]) -> bool:
+    """``max_j bias[.., j] == -inf`` (keepdim) with ``bias`` one of the site's masks: the ONNX ``Attention``
+    schema's fully-masked-row guard, ``Where(ReduceMax(bias) == -inf, 0, p)``.
+
+    Every key of such a row is removed by that bias, so the row has no attendable key: the guard
+    restates the rule the rewrites already apply.
+    """
+    test = cond.producer if isinstance(cond, _Val) else None
+    if test is None or test.aten != "eq" or len(test.operands) < 2:
+        return False
+    for red_v, lit in (test.operands[:2], test.operands[1::-1]):
+        red = red_v.producer
+        if adapter.constant(lit) != -math.inf or red is None or red.aten not in ("amax", "max"):
+            continue
+        rank = len(red.operands[0].shape or ())
+        axes = adapter._ints(red.operands[1]) if red.aten == "amax" else [adapter._int(red.operands[1])]
+        keep = adapter.constant(red.operands[2]) if len(red.operands) > 2 else None
+        if rank and axes is not None and len(axes) == 1 and axes[0] is not None and axes[0] % rank == rank - 1 \
+                and keep == 1.0 and any(red.operands[0] is m for m in masks):
+            return True
+    return False
 
 
 def _is_no_key_test(cond: Any, x: _Val, want_all: bool) -> bool:
