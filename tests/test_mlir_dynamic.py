@@ -109,3 +109,41 @@ def test_settle_mask_against_size_one_is_a_cast():
     assert "tensor.cast %m : tensor<?x?xi1> to tensor<1x?xi1>" in text  # size 1: no branch needed
     assert text.count("scf.if") == 1  # only the dim read against 5 may be a broadcast
     assert math.prod(settled.shape) == 5
+
+
+class Plain(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1) @ v
+
+
+def _padded_inputs(b: int, s: int):
+    g = torch.Generator().manual_seed(b * 100 + s)
+    q, k, v = (torch.randn(b, 4, s, 8, generator=g) for _ in range(3))
+    keep = torch.ones(b, s, dtype=torch.long)
+    keep[-1, -2:] = 0
+    return (q, k, v, keep), (1.0 - keep[:, None, None, :].float()) * torch.finfo(torch.float32).min
+
+
+@pytest.mark.parametrize("dynamic", ["batch", "seq"])
+@pytest.mark.parametrize("masked", [True, False], ids=["padded", "plain"])
+def test_explicit_ssmax_with_unknown_batch_or_sequence(dynamic, masked):
+    """Scores with ``?`` sizes: SSMax sizes its tensors with ``tensor.dim`` (and counts ``n = S_k`` at run time)."""
+    from tests.attention_modules import PaddedAdditive
+
+    dim = torch.export.Dim("N", min=2, max=64)
+    axis = 0 if dynamic == "batch" else 2
+    shapes = ({axis: dim},) * 3 + (({0 if dynamic == "batch" else 1: dim},) if masked else ())
+    args, _ = _padded_inputs(2, 6)
+    model = (PaddedAdditive() if masked else Plain()).eval()
+    ep = torch.export.export(model, args if masked else args[:3], dynamic_shapes=shapes, strict=False)
+    imported = am.import_(ep)
+    assert "?" in str(imported)
+    s = torch.tensor([0.5, 0.6, 0.7, 0.8])
+    out, report = am.rewrite(imported, to="ssmax", s=s.tolist(), b=0.1, with_report=True)
+    assert any("SSMax via" in n for n in report.sites[0].notes)
+    assert "None" not in str(out)
+    fn = am.compile(out)
+    for size in (3, 9):
+        args, mask = _padded_inputs(size if dynamic == "batch" else 2, size if dynamic == "seq" else 6)
+        want = semantics.ssmax_attention(*args[:3], attn_mask=mask if masked else None, s=s, b=0.1)
+        torch.testing.assert_close(fn(*(args if masked else args[:3])), want, atol=2e-5, rtol=1e-5)

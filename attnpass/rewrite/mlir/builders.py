@@ -142,11 +142,14 @@ def empty(t: Ssa, shape: tuple[int | None, ...], ind: int, elem: str = "f32", si
     return t.op("empty", f"tensor.empty({', '.join(sizes)}) : {tensor_type(shape, elem)}", ind)
 
 
-def fill(t: Ssa, shape: tuple[int, ...], value: str, ind: int) -> str:
-    """``x = value`` everywhere: the initial running max (-inf), normaliser and accumulator (0)."""
+def fill(t: Ssa, shape: tuple[int | None, ...], value: str, ind: int, sizes: Sequence[str] = ()) -> str:
+    """``x = value`` everywhere: the initial running max (-inf), normaliser and accumulator (0).
+
+    ``value`` is an f32 literal or an f32 SSA value (``%...``); ``sizes`` as for ``empty``.
+    """
     ty = tensor_type(shape, "f32")
-    e = empty(t, shape, ind)
-    c = t.op("c", f"arith.constant {value} : f32", ind)
+    e = empty(t, shape, ind, sizes=sizes)
+    c = value if value.startswith("%") else t.op("c", f"arith.constant {value} : f32", ind)
     return t.op("init", f"linalg.fill ins({c} : f32) outs({e} : {ty}) -> {ty}", ind)
 
 
@@ -294,13 +297,15 @@ def extract_keys(t: Ssa, src: str, shape: tuple[int, ...], elem: str, axis: int,
     return out, tuple(sizes)
 
 
-def settle_mask(t: Ssa, m: MaskIn, domain: Sequence[int], ind: int = 2) -> MaskIn:
+def settle_mask(t: Ssa, m: MaskIn, domain: Sequence[int | None], ind: int = 2) -> MaskIn:
     """The mask at static sizes: each unknown size is settled against the (static) iteration ``domain``.
 
     A ``?`` read against size ``D`` is 1 or ``D`` at run time (broadcasting allows nothing else):
     against ``D = 1`` it is a ``tensor.cast``; otherwise an ``scf.if`` on ``dim == 1`` broadcasts
     the single slice to ``D`` or casts the full one.  Everything after sees only static types, and
-    no unknown size is ever printed into a type but as ``?``.
+    no unknown size is ever printed into a type but as ``?``.  Against an unknown size of the
+    domain the dim stays ``?`` and is read as equal to it (torch-mlir's own assumption: a dynamic
+    size is not an implicit broadcast).
     """
     shape = list(m.shape)
     name = m.arg
@@ -310,6 +315,8 @@ def settle_mask(t: Ssa, m: MaskIn, domain: Sequence[int], ind: int = 2) -> MaskI
         if shape[a] is not None:
             continue
         want = domain[a + off]
+        if want is None:
+            continue
         new = [*shape[:a], want, *shape[a + 1:]]
         src, dst = tensor_type(shape, m.elem), tensor_type(new, m.elem)
         if want == 1:
@@ -321,7 +328,7 @@ def settle_mask(t: Ssa, m: MaskIn, domain: Sequence[int], ind: int = 2) -> MaskI
             single = t.op("single", f"arith.cmpi eq, {size}, {one} : index", ind)
             res = t.fresh("settled")
             t.emit(f"{res} = scf.if {single} -> ({dst}) {{", ind)
-            rest = [_dim(t, name, b, src, ind + 1) for b in range(len(shape)) if new[b] is None]
+            rest = [dim_size(t, name, b, src, ind + 1) for b in range(len(shape)) if new[b] is None]
             out = Operand(empty(t, tuple(new), ind + 1, m.elem, rest), tuple(new), dims_of(dims), m.elem)
             read = dims_of([*dims[:a], "0", *dims[a + 1:]])
             wide = generic(t, dims, [Operand(name, tuple(shape), read, m.elem)], out, [PAR] * len(dims),
@@ -335,7 +342,7 @@ def settle_mask(t: Ssa, m: MaskIn, domain: Sequence[int], ind: int = 2) -> MaskI
     return MaskIn(m.term, name, tuple(shape), m.elem)
 
 
-def _dim(t: Ssa, tensor: str, axis: int, ty: str, ind: int) -> str:
+def dim_size(t: Ssa, tensor: str, axis: int, ty: str, ind: int) -> str:
     """``tensor.dim``: the run-time size of one axis."""
     c = t.op("c", f"arith.constant {axis} : index", ind)
     return t.op("dim", f"tensor.dim {tensor}, {c} : {ty}", ind)

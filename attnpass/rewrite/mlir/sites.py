@@ -71,8 +71,8 @@ def _ssmax_explicit_site(ed: Editor, adapter: MlirAdapter, site: AttentionSite, 
     sm: _Node = site.softmax
     x: _Val = adapter.inputs(sm)[0]
     x_shape = x.shape
-    if x_shape is None or any(d is None for d in x_shape) or x.dtype != "f32":
-        site.notes.append("left alone: SSMax in MLIR needs static f32 scores")
+    if x_shape is None or x.dtype != "f32":
+        site.notes.append("left alone: SSMax in MLIR needs f32 scores of known rank")
         return
     if any(m.value.dtype not in ("i1", "f32") or m.value.shape is None for m in site.masks):
         site.notes.append("left alone: a mask that is neither bool nor f32")

@@ -21,6 +21,7 @@ from attnpass.rewrite.mlir.builders import (
     bcast_map,
     both,
     causal_test,
+    dim_size,
     dims_of,
     empty,
     f32,
@@ -56,17 +57,19 @@ class SsmaxParams:
             t.emit(f"%b = arith.constant dense<[{', '.join(f32(v) for v in bv)}]> : {hty}")
 
 
-def count_keys(t: Ssa, row_shape: tuple[int, ...], s_k: int, masks: Sequence[MaskIn], causal: bool) -> str:
+def count_keys(t: Ssa, row_shape: tuple[int | None, ...], s_k: int | None, masks: Sequence[MaskIn], causal: bool,
+               sizes: Sequence[str] = (), s_k_size: str | None = None) -> str:
     """``n_i = sum_j allowed(i, j)`` as f32, ``[..., S_q]``: the attendable keys of each row.
 
     With masks it is a sum over the key axis of ``allowed ? 1 : 0`` (``allowed`` also tests
     top-left causal ``j <= i``); causal alone is ``min(i + 1, S_k)`` (a generic needs a tensor to
-    size a key loop); no mask at all is ``S_k``.
+    size a key loop); no mask at all is ``S_k``.  ``sizes`` are the unknown sizes of the rows and
+    ``s_k_size`` the key count when ``s_k`` is unknown (``index`` values).
     """
     rank = len(row_shape) + 1
     dims = [f"d{i}" for i in range(rank)]
     rows = dims_of(dims[:-1])
-    n0 = Operand(fill(t, row_shape, "0.0", 2), row_shape, rows)
+    n0 = Operand(fill(t, row_shape, "0.0", 2, sizes), row_shape, rows)
     if causal and not masks:
         def upto_diagonal(a: list[str], i: int) -> str:
             ii = t.op("i", f"linalg.index {rank - 2} : index", i)
@@ -77,7 +80,10 @@ def count_keys(t: Ssa, row_shape: tuple[int, ...], s_k: int, masks: Sequence[Mas
 
         return generic(t, dims[:-1], [], n0, [PAR] * (rank - 1), upto_diagonal, 2, "n")
     if not masks:
-        return fill(t, row_shape, f32(float(s_k)), 2)
+        if s_k is None:
+            keys = t.op("keys", f"arith.index_cast {s_k_size} : index to i64", 2)
+            return fill(t, row_shape, t.op("keysf", f"arith.uitofp {keys} : i64 to f32", 2), 2, sizes)
+        return fill(t, row_shape, f32(float(s_k)), 2, sizes)
     domain = (*row_shape, s_k)
     ins = [Operand(m.arg, m.shape, bcast_map(m.shape, domain, dims), m.elem) for m in masks]
 
@@ -93,7 +99,7 @@ def count_keys(t: Ssa, row_shape: tuple[int, ...], s_k: int, masks: Sequence[Mas
     return generic(t, dims, ins, n0, [PAR] * (rank - 1) + [RED], count, 2, "n")
 
 
-def log_factor(t: Ssa, row_shape: tuple[int, ...], n: str, ss: SsmaxParams) -> str:
+def log_factor(t: Ssa, row_shape: tuple[int | None, ...], n: str, ss: SsmaxParams, sizes: Sequence[str] = ()) -> str:
     """``f_i = s_h log max(n_i, 1) + b_h`` with ``h`` the head of row ``i`` (``%s``, ``%b`` are ``[H]``)."""
     rank = len(row_shape) + 1
     rdims = [f"d{i}" for i in range(rank - 1)]
@@ -106,21 +112,24 @@ def log_factor(t: Ssa, row_shape: tuple[int, ...], n: str, ss: SsmaxParams) -> s
         lg = t.op("log", f"math.log {t.op('cl', f'arith.maximumf {a[0]}, {one} : f32', i)} : f32", i)
         return t.op("f", f"arith.addf {t.op('sl', f'arith.mulf {a[1]}, {lg} : f32', i)}, {a[2]} : f32", i)
 
-    out = Operand(empty(t, row_shape, 2), row_shape, dims_of(rdims))
+    out = Operand(empty(t, row_shape, 2, sizes=sizes), row_shape, dims_of(rdims))
     return generic(t, rdims, ins, out, [PAR] * (rank - 1), body, 2, "factor")
 
 
-def emit_factor(t: Ssa, row_shape: tuple[int, ...], s_k: int, masks: Sequence[MaskIn], causal: bool,
-                ss: SsmaxParams) -> str:
+def emit_factor(t: Ssa, row_shape: tuple[int | None, ...], s_k: int | None, masks: Sequence[MaskIn], causal: bool,
+                ss: SsmaxParams, sizes: Sequence[str] = (), s_k_size: str | None = None) -> str:
     """``s_h log max(n_i, 1) + b_h`` per row, ``n_i`` counted over the keys from the masks (and causal).
 
     Causal is top-left (``j <= i``), what the fused loop nest and SDPA's ``is_causal`` apply.
     """
-    return log_factor(t, row_shape, count_keys(t, row_shape, s_k, masks, causal), ss)
+    return log_factor(t, row_shape, count_keys(t, row_shape, s_k, masks, causal, sizes, s_k_size), ss, sizes)
 
 
-def ssmax_func(name: str, x_shape: tuple[int, ...], masks: list[MaskIn], ss: SsmaxParams) -> str:
-    """``z = allowed ? (s_h log max(n_i, 1) + b_h) * x : finfo.min`` with ``n_i`` reduced from the masks."""
+def ssmax_func(name: str, x_shape: tuple[int | None, ...], masks: list[MaskIn], ss: SsmaxParams) -> str:
+    """``z = allowed ? (s_h log max(n_i, 1) + b_h) * x : finfo.min`` with ``n_i`` reduced from the masks.
+
+    Unknown sizes of ``x`` are read with ``tensor.dim`` and size every tensor built here.
+    """
     t = Ssa()
     rank = len(x_shape)
     dims = [f"d{i}" for i in range(rank)]
@@ -128,8 +137,10 @@ def ssmax_func(name: str, x_shape: tuple[int, ...], masks: list[MaskIn], ss: Ssm
     args = [f"%x: {xty}"] + [f"{m.arg}: {tensor_type(m.shape, m.elem)}" for m in masks] + ss.args()
     t.emit(f"func.func private @{name}({', '.join(args)}) -> {xty} {{", 1)
     masks = [settle_mask(t, m, x_shape) for m in masks]
+    sizes = {a: dim_size(t, "%x", a, xty, 2) for a, d in enumerate(x_shape) if d is None}
+    row_sizes = [sizes[a] for a in sorted(sizes) if a < rank - 1]
     ss.emit_constants(t)
-    fac = emit_factor(t, x_shape[:-1], x_shape[-1], masks, False, ss)
+    fac = emit_factor(t, x_shape[:-1], x_shape[-1], masks, False, ss, row_sizes, sizes.get(rank - 1))
     ins = [Operand("%x", x_shape, dims_of(dims)), Operand(fac, x_shape[:-1], dims_of(dims[:-1]))]
     ins += [Operand(m.arg, m.shape, bcast_map(m.shape, x_shape, dims), m.elem) for m in masks]
 
@@ -141,7 +152,8 @@ def ssmax_func(name: str, x_shape: tuple[int, ...], masks: list[MaskIn], ss: Ssm
         lo = t.op("min", f"arith.constant {f32(F32_MIN)} : f32", i)
         return t.op("sel", f"arith.select {ok}, {prod}, {lo} : f32", i)
 
-    z = generic(t, dims, ins, Operand(empty(t, x_shape, 2), x_shape, dims_of(dims)), [PAR] * rank, body, 2, "z")
+    z0 = empty(t, x_shape, 2, sizes=[sizes[a] for a in sorted(sizes)])
+    z = generic(t, dims, ins, Operand(z0, x_shape, dims_of(dims)), [PAR] * rank, body, 2, "z")
     t.emit(f"return {z} : {xty}")
     t.emit("}", 1)
     return t.text()
