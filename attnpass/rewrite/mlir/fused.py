@@ -207,28 +207,30 @@ def fused_tile(t: Ssa, sp: FusedSpec, j0: str, tile: int, state: tuple[str, str,
             mask_tiles.append((name, shp, mk))
         else:
             mask_tiles.append((mk.arg, mk.shape, mk))
-    # scores tile: s[b.., i, j] = sum_e q[b.., i, e] * k[b.., j, e]
+    # s[b.., i, j] = sum_e q[b.., i, e] * k[b.., j, e]   (GQA: k's head read as h floordiv groups)
     batch_dom = (*sp.batch,)
     q = Operand("%q", sp.q_shape, _tuple(bcast_map(sp.q_shape[:-2], batch_dom, bdims), "i", "e"))
     kb = bcast_map(kt_shape[:-2], batch_dom, bdims, sp.k_groups, sp.group_dim)
     k = Operand(kt, kt_shape, _tuple(kb, "e", "j") if sp.k_transposed else _tuple(kb, "j", "e"))
     s0 = Operand(fill(t, tile_shape, "0.0", ind), tile_shape, dims_of(dims4))
     s = matmul_tile(t, dims5, q, k, s0, "e", ind, "s")
+    # z = masked, scaled, capped logits of the tile
     z = logits_tile(t, sp, Operand(s, tile_shape, dims_of(dims4)), mask_tiles, factor, j0, ind)
     zt = Operand(z, tile_shape, dims_of(dims4))
-    row4 = dims_of(dims3)  # a row value read from the [.., i, j] domain
-    m_new = reduce_max(t, dims4, zt, Operand(m_old, row_shape, row4), ind)
-    p = exp_sub(t, dims4, zt, Operand(m_new, row_shape, row4), tile_shape, ind, "p")
-    rows = dims_of(dims3)
-    alpha = exp_sub(t, dims3, Operand(m_old, row_shape, rows), Operand(m_new, row_shape, rows), row_shape, ind,
-                    "alpha")
-    l_scaled = rescale(t, dims3, Operand(l_old, row_shape, rows), Operand(alpha, row_shape, rows), row_shape, ind,
-                       "lsc")
-    l_new = reduce_sum(t, dims4, Operand(p, tile_shape, dims_of(dims4)), Operand(l_scaled, row_shape, row4), ind)
+    rows = dims_of(dims3)  # a per-row value, read from any domain that starts with (batch.., i)
+    # m' = max(m, max_j z)
+    m_new = reduce_max(t, dims4, zt, Operand(m_old, row_shape, rows), ind)
+    # p = exp(z - m');  alpha = exp(m - m')
+    p = exp_sub(t, dims4, zt, Operand(m_new, row_shape, rows), tile_shape, ind, "p")
+    pt = Operand(p, tile_shape, dims_of(dims4))
+    alpha = exp_sub(t, dims3, Operand(m_old, row_shape, rows), Operand(m_new, row_shape, rows), row_shape, ind, "alpha")
+    # l' = l * alpha + sum_j p
+    l_scaled = rescale(t, dims3, Operand(l_old, row_shape, rows), Operand(alpha, row_shape, rows), row_shape, ind, "lsc")
+    l_new = reduce_sum(t, dims4, pt, Operand(l_scaled, row_shape, rows), ind)
     # acc' = acc * alpha + p @ v_tile   (value dim innermost: contiguous in acc and v)
     acc_scaled = rescale(t, dimso, Operand(acc_old, out_shape, dims_of(dimso)), Operand(alpha, row_shape, rows),
                          out_shape, ind, "accs")
     vb = bcast_map(vt_shape[:-2], batch_dom, bdims, sp.v_groups, sp.group_dim)
-    acc_new = matmul_tile(t, dims5, Operand(p, tile_shape, dims_of(dims4)), Operand(vt, vt_shape, _tuple(vb, "j", "e")),
+    acc_new = matmul_tile(t, dims5, pt, Operand(vt, vt_shape, _tuple(vb, "j", "e")),
                           Operand(acc_scaled, out_shape, dims_of(dimso)), "j", ind, "accnew")
     return m_new, l_new, acc_new
