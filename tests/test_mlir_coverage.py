@@ -124,7 +124,7 @@ def test_onnx_baddbmm(tmp_path, dynamo):
 
 # ------------------------------------------------------------------ the ONNX Attention schema's own decomposition
 
-def _expanded_attention(path: str, mask_type: int, is_causal: int) -> str:
+def _expanded_attention(path: str, shapes: dict, mask_type: int | None, **attrs) -> str:
     """The function body that the ONNX spec defines for opset-23 ``Attention``, expanded as onnx's own tests do."""
     from onnx import TensorProto, helper
     from onnx.backend.test.case.node import function_testcase_helper
@@ -132,35 +132,55 @@ def _expanded_attention(path: str, mask_type: int, is_causal: int) -> str:
     def info(name, shape, elem=TensorProto.FLOAT):
         return helper.make_tensor_value_info(name, elem, shape)
 
-    ins = [info(n, [1, 2, 6, 8]) for n in "qkv"] + [info("mask", [6, 6], mask_type)]
-    node = helper.make_node("Attention", ["q", "k", "v", "mask"], ["out"], is_causal=is_causal)
+    ins = [info(n, shapes[n]) for n in "qkv"] + ([info("mask", shapes["mask"], mask_type)] if mask_type else [])
+    node = helper.make_node("Attention", [i.name for i in ins], ["out"], **attrs)
     expanded, _ = function_testcase_helper(node, [i.type for i in ins], "attn", [helper.make_opsetid("", 23)])
     nodes, opsets = expanded[0]
-    graph = helper.make_graph(nodes, "attention", ins, [info("out", [1, 2, 6, 8])])
+    out_shape = shapes["q"][:-1] + [shapes["v"][-1] if len(shapes["q"]) == 4 else shapes["q"][-1]]
+    graph = helper.make_graph(nodes, "attention", ins, [info("out", out_shape)])
     onnx.save(helper.make_model(graph, opset_imports=list(opsets)), path)
     return path
 
 
-@pytest.mark.parametrize("mask_type,is_causal", [(1, 0), (9, 0), (1, 1)], ids=["float", "bool", "float-causal"])
-def test_onnx_attention_schema_guard_is_the_no_key_rule(tmp_path, mask_type, is_causal):
-    path = _expanded_attention(str(tmp_path / "attention.onnx"), mask_type, is_causal)
+_MHA = dict(q=[1, 2, 6, 8], k=[1, 2, 6, 8], v=[1, 2, 6, 8], mask=[6, 6])
+ATTENTION_SCHEMA_CASES = {
+    # name: (shapes, mask type (1 float, 9 bool, None), attributes)
+    "float-mask": (_MHA, 1, {}),
+    "bool-mask": (_MHA, 9, {}),
+    "float-mask-causal": (_MHA, 1, dict(is_causal=1)),
+    "no-mask": (_MHA, None, {}),
+    "gqa-bool-mask": (dict(_MHA, q=[1, 4, 6, 8]), 9, {}),
+    "3d-heads-attr": (dict(q=[1, 6, 16], k=[1, 6, 16], v=[1, 6, 16]), None, dict(q_num_heads=2, kv_num_heads=2)),
+    "softcap-scale": (_MHA, None, dict(softcap=2.0, scale=0.1)),
+    "cross-causal": (dict(_MHA, q=[1, 2, 4, 8]), None, dict(is_causal=1)),
+}
+
+
+@pytest.mark.parametrize("name", list(ATTENTION_SCHEMA_CASES))
+def test_onnx_attention_schema_decomposition_fuses(tmp_path, name):
+    """Its fully-masked-row guard ``Where(ReduceMax(bias) == -inf, 0, p)`` is the no-attendable-key rule."""
+    shapes, mask_type, attrs = ATTENTION_SCHEMA_CASES[name]
+    path = _expanded_attention(str(tmp_path / "attention.onnx"), shapes, mask_type, **attrs)
     assert "ReduceMax" in {n.op_type for n in onnx.load(path).graph.node}
     rng = np.random.default_rng(0)
-    q, k, v = (torch.from_numpy(rng.standard_normal((1, 2, 6, 8)).astype(np.float32)) for _ in range(3))
+    args = [torch.from_numpy(rng.standard_normal(shapes[n]).astype(np.float32)) for n in "qkv"]
     if mask_type == 9:
-        mask = torch.ones(6, 6, dtype=torch.bool)
-        mask[:, 4:] = False
+        mask = torch.from_numpy(rng.random(shapes["mask"]) > 0.3)
         mask[2] = False  # a row with no attendable key: the guard's case
-    else:
-        mask = torch.from_numpy((rng.standard_normal((6, 6)) * 0.5).astype(np.float32))
+        args.append(mask)
+    elif mask_type == 1:
+        mask = torch.from_numpy((rng.standard_normal(shapes["mask"]) * 0.5).astype(np.float32))
         mask[:, 4:] = -math.inf
         mask[2] = -math.inf
-    want = ort.InferenceSession(path).run(None, dict(q=q.numpy(), k=k.numpy(), v=v.numpy(), mask=mask.numpy()))[0]
-    assert not want[0, :, 2].any()
+        args.append(mask)
+    feeds = dict(zip(["q", "k", "v", "mask"], (a.numpy() for a in args)))
+    want = ort.InferenceSession(path).run(None, feeds)[0]
+    if mask_type:
+        assert not want[0, :, 2].any()
     imported = am.import_(path)
     (site,) = am.find(imported).sites
     assert any("fully-masked-row guard: implied" in n for n in site.notes)
-    _check_all(imported, (q, k, v, mask), want)
+    _check_all(imported, tuple(args), want)
 
 
 def test_a_row_guard_on_another_tensor_is_not_the_no_key_rule(tmp_path):

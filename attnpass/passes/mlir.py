@@ -547,7 +547,8 @@ def _is_masked_bias_row_test(adapter: MlirAdapter, cond: Any, masks: list[Any]) 
     schema's fully-masked-row guard, ``Where(ReduceMax(bias) == -inf, 0, p)``.
 
     Every key of such a row is removed by that bias, so the row has no attendable key: the guard
-    restates the rule the rewrites already apply.
+    restates the rule the rewrites already apply.  On a literal bias with no all ``-inf`` row (the
+    schema's zeros when there is no mask) the guard never fires.
     """
     test = cond.producer if isinstance(cond, _Val) else None
     if test is None or test.aten != "eq" or len(test.operands) < 2:
@@ -559,8 +560,14 @@ def _is_masked_bias_row_test(adapter: MlirAdapter, cond: Any, masks: list[Any]) 
         rank = len(red.operands[0].shape or ())
         axes = adapter._ints(red.operands[1]) if red.aten == "amax" else [adapter._int(red.operands[1])]
         keep = adapter.constant(red.operands[2]) if len(red.operands) > 2 else None
-        if rank and axes is not None and len(axes) == 1 and axes[0] is not None and axes[0] % rank == rank - 1 \
-                and keep == 1.0 and any(red.operands[0] is m for m in masks):
+        if not rank or axes is None or len(axes) != 1 or axes[0] is None or axes[0] % rank != rank - 1 or keep != 1.0:
+            continue
+        bias = red.operands[0]
+        if any(bias is m for m in masks):
+            return True
+        # without a mask the schema's bias is a literal (zeros): a guard on it that never fires is no guard
+        const = adapter.static_value(bias)
+        if const is not None and not (const == -math.inf).all(axis=-1).any():
             return True
     return False
 
