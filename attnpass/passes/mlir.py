@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from attnpass.passes.aten import ATEN_KINDS
-from attnpass.passes.match import AttentionSite, Dim, Kind, MaskTerm, Report, find_sites
+from attnpass.passes.match import AttentionSite, Dim, Kind, Report, find_sites
 
 # ------------------------------------------------------------------ op tables
 
@@ -238,7 +238,13 @@ class MlirAdapter:
             return list(lst.operands) if lst is not None else []
         if name in ("expand_as", "type_as"):
             return [ops[0]]
+        if name == "scaled_dot_product_attention":
+            # an absent attn_mask is a !torch.none operand: the matcher reads it as no mask, as in fx
+            return [None if isinstance(o, _Val) and o.type == "!torch.none" else o for o in ops]
         return list(ops)
+
+    def is_bool(self, value: Any) -> bool:
+        return isinstance(value, _Val) and value.dtype == "i1"
 
     def output(self, node: _Node) -> _Val:
         return node.results[0]
@@ -508,16 +514,16 @@ def _lowering_blocker(site: AttentionSite) -> str | None:
     if site.fuse_blocker is not None:
         return site.fuse_blocker
     why = None
-    masks = site_masks(site)
+    masks = _mask_values(site)
     if site.row_guards:
         why = "rows zeroed after the softmax by a condition other than 'no attendable key' are not handled"
     else:
-        vals = [site.q.value, site.k.value, site.v.value, site.out] + [m.value for m in masks]
+        vals = [site.q.value, site.k.value, site.v.value, site.out, *masks]
         if any(not isinstance(v, _Val) or v.shape is None or any(d is None for d in v.shape) for v in vals):
             why = "dynamic shapes: the MLIR fused rewrite needs static sizes"
         elif any(v.dtype != "f32" for v in (site.q.value, site.k.value, site.v.value, site.out)):
             why = "the MLIR fused rewrite computes in f32 and the site is not f32"
-        elif any(m.value.dtype not in ("i1", "f32") for m in masks):
+        elif any(m.dtype not in ("i1", "f32") for m in masks):
             why = "a mask that is neither bool nor f32"
         elif site.form == "sdpa" and site.k.groups == 1 and _gqa_groups(site) is None:
             why = "scaled_dot_product_attention with a head count of Q that is not a multiple of K's"
@@ -573,15 +579,11 @@ def _is_no_key_test(cond: Any, x: _Val, want_all: bool) -> bool:
     return float(lit.op.attributes["value"].value) == -math.inf
 
 
-def site_masks(site: AttentionSite) -> list[MaskTerm]:
-    """The mask terms the rewrites apply: the chain's, or the ``attn_mask`` of an SDPA call."""
+def _mask_values(site: AttentionSite) -> list[Any]:
+    """The mask tensors a rewrite reads: the chain's terms, or the ``attn_mask`` of an SDPA call."""
     if site.form != "sdpa":
-        return list(site.masks)
-    m = site.sdpa_mask
-    if m is None or (isinstance(m, _Val) and m.type == "!torch.none"):
-        return []
-    kind = "bool" if isinstance(m, _Val) and m.dtype == "i1" else "additive"
-    return [MaskTerm(kind, m, site.softmax)]
+        return [m.value for m in site.masks]
+    return [] if site.sdpa_mask is None else [site.sdpa_mask]
 
 
 def _gqa_groups(site: AttentionSite) -> int | None:
@@ -594,4 +596,4 @@ def _gqa_groups(site: AttentionSite) -> int | None:
     return None
 
 
-__all__ = ["MlirAdapter", "MlirReport", "find", "public_funcs", "site_masks"]
+__all__ = ["MlirAdapter", "MlirReport", "find", "public_funcs"]

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from attnpass import semantics
-from attnpass.passes.match import MaskTerm
+from attnpass.passes.plan import KeepTerm
 
 PAR, RED = "parallel", "reduction"
 
@@ -186,7 +186,7 @@ def exp_base(t: Ssa, m: str, ind: int) -> str:
 class MaskIn:
     """A mask term as an argument of the generated function: SSA name, static shape, element type."""
 
-    term: MaskTerm
+    term: KeepTerm
     arg: str
     shape: tuple[int | None, ...]
     elem: str

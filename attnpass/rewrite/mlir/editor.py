@@ -7,11 +7,12 @@ unused and ``erase_dead`` removes it (only ops without side effects in value sem
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from attnpass.errors import AttnpassError
-from attnpass.passes.match import MaskTerm
 from attnpass.passes.mlir import _ASSERTS, _PURE_PREFIXES, _VTENSOR, _Val, public_funcs
+from attnpass.passes.plan import KeepTerm
 from attnpass.passes.site import Notes
 from attnpass.rewrite.mlir.builders import MaskIn, builtin_elem, tensor_type
 
@@ -124,7 +125,7 @@ def _builtin_of(vtensor: str) -> str:
     return tensor_type(dims, builtin_elem(m.group(2)))
 
 
-def mask_inputs(ed: Editor, terms: list[MaskTerm], before: Any, prefix: str) -> tuple[list[MaskIn], list[Any]]:
+def mask_inputs(ed: Editor, terms: Sequence[KeepTerm], before: Any, prefix: str) -> tuple[list[MaskIn], list[Any]]:
     """The masks as arguments of a generated function (``%<prefix>N``) and their builtin-tensor values at ``before``."""
     ins, vals = [], []
     for i, term in enumerate(terms):

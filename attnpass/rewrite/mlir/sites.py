@@ -11,12 +11,21 @@ from typing import Any
 
 from attnpass import semantics
 from attnpass.errors import AttnpassError
-from attnpass.passes.match import AttentionSite, Report
-from attnpass.passes.mlir import MlirAdapter, MlirReport, _gqa_groups, _Node, _Val, find, public_funcs, site_masks
+from attnpass.passes.match import Report
+from attnpass.passes.mlir import MlirAdapter, MlirReport, _gqa_groups, _Node, _Val, find, public_funcs
+from attnpass.passes.plan import Action, Capabilities, Plan, RewriteSpec, plan_for
 from attnpass.rewrite.mlir.builders import permuted, unpermuted
 from attnpass.rewrite.mlir.editor import Editor, erase_dead, mask_inputs, to_builtin_raw
 from attnpass.rewrite.mlir.fused import DEFAULT_TILE, FusedSpec, fused_func, tile_for
 from attnpass.rewrite.mlir.ssmax import SsmaxParams, ssmax_func, ssmax_sdpa_func
+
+#: What the generated linalg / scf code expresses.  The loop nest applies top-left causal itself and
+#: gives 0 for a row with no attendable key (so the "no attendable key" guard is implied); it cannot
+#: re-apply other row guards (``passes.mlir`` reports those as the reason).  ``n`` is counted in the
+#: generated code from the plan's keep terms, not from ``Plan.keys``.
+CAPS = Capabilities(refuse_fused_ops=True, softcap=True, ssmax_softcap_fused=True, is_causal=True,
+                    scores_rank3=True, any_rank=True, static_heads=False, empty_rows_zero=True,
+                    factor_on_q=False, count_keys=False)
 
 
 def _heads(x_shape: tuple[int, ...]) -> int:
@@ -52,33 +61,51 @@ def to_ssmax(module: Any, s: float | list[float] = semantics.DEFAULT_S, b: float
     """
     if params not in ("constant", "argument"):
         raise AttnpassError(f"ssmax params must be 'constant' or 'argument', got {params!r}")
+    spec = RewriteSpec(to="fused", fused_ssmax=True) if fused else RewriteSpec(to="ssmax")
+    return emit(module, spec.resolve(), report, tile=tile, ssmax=(s, b, params))
+
+
+def emit(module: Any, spec: RewriteSpec, report: MlirReport | None = None, tile: int = DEFAULT_TILE,
+         ssmax: tuple[Any, Any, str] | None = None) -> MlirReport:
+    """Plan every site of ``report`` (found here when None) for ``spec`` and emit the plans into ``module``.
+
+    ``ssmax = (s, b, params)``: MLIR takes per-head lists for ``s`` / ``b`` and can pass them as function
+    arguments, more than ``RewriteSpec`` carries, so the values travel beside the spec (which decides the action).
+    """
     report = find(module) if report is None else report
     ed = Editor(module)
+    s, b, params = ssmax if ssmax is not None else (spec.s, spec.b, "constant")
     for site in report.sites:
         adapter = report.adapters[site.index]
-        if fused and site.fusable:
-            _fuse_site(ed, site, tile, ssmax=(s, b, params, adapter.func))
-        elif site.form == "sdpa":
-            _ssmax_sdpa_site(ed, adapter, site, s, b, params)
+        plan = plan_for(site, spec, CAPS, adapter)
+        if plan.action is Action.LEAVE:
+            if spec.ssmax and plan.reason:
+                ed.notes.add(site, f"left alone: {plan.reason}")
+            continue
+        if plan.action is Action.SSMAX and site.form == "sdpa":
+            _ssmax_sdpa_site(ed, adapter, plan, s, b, params)
+        elif plan.action is Action.SSMAX:
+            _ssmax_explicit_site(ed, adapter, plan, s, b, params)
         else:
-            _ssmax_explicit_site(ed, adapter, site, s, b, params)
+            _fuse_site(ed, plan, tile, ssmax=(s, b, params, adapter.func) if plan.action is Action.SSMAX_FUSED else None)
     for f in public_funcs(module):
         erase_dead(f)
     return report.with_notes(ed.notes.by_site)
 
 
-def _ssmax_explicit_site(ed: Editor, adapter: MlirAdapter, site: AttentionSite, s: Any, b: Any, params: str) -> None:
+def _ssmax_explicit_site(ed: Editor, adapter: MlirAdapter, plan: Plan, s: Any, b: Any, params: str) -> None:
+    site = plan.site
     sm: _Node = site.softmax
     x: _Val = adapter.inputs(sm)[0]
     x_shape = x.shape
     if x_shape is None or x.dtype != "f32":
         ed.notes.add(site, "left alone: SSMax in MLIR needs f32 scores of known rank")
         return
-    if any(m.value.dtype not in ("i1", "f32") or m.value.shape is None for m in site.masks):
+    if any(m.value.dtype not in ("i1", "f32") or m.value.shape is None for m in plan.keep_terms):
         ed.notes.add(site, "left alone: a mask that is neither bool nor f32")
         return
     first = sm.softmax_parts[0].op if sm.softmax_parts else sm.op
-    masks, mvals = mask_inputs(ed, site.masks, first, "m")
+    masks, mvals = mask_inputs(ed, plan.keep_terms, first, "m")
     xb = ed.builtin(x, first)
     ss, pvals = _ssmax_params(ed, adapter.func, _heads(tuple(x_shape)), s, b, params, first)
     name = ed.fresh_symbol(f"attnpass_ssmax_{site.index}")
@@ -92,11 +119,12 @@ def _ssmax_explicit_site(ed: Editor, adapter: MlirAdapter, site: AttentionSite, 
     ed.notes.add(site, f"SSMax via @{name}" + (" (s, b as arguments)" if ss.s_arg else ""))
 
 
-def _ssmax_sdpa_site(ed: Editor, adapter: MlirAdapter, site: AttentionSite, s: Any, b: Any, params: str) -> None:
+def _ssmax_sdpa_site(ed: Editor, adapter: MlirAdapter, plan: Plan, s: Any, b: Any, params: str) -> None:
     """SDPA call: the call stays; its q becomes ``q * f`` and an additive mask is scaled where attendable."""
+    site = plan.site
     call: _Node = site.softmax
     q: _Val = call.operands[0]
-    masks_t = site_masks(site)
+    masks_t = [] if plan.op_mask is None else [plan.op_mask]
     qs = q.shape
     if qs is None or any(d is None for d in qs) or q.dtype != "f32" or site.seq_k is None or not isinstance(site.seq_k, int):
         ed.notes.add(site, "left alone: SSMax in MLIR needs static f32 inputs")
@@ -115,7 +143,7 @@ def _ssmax_sdpa_site(ed: Editor, adapter: MlirAdapter, site: AttentionSite, s: A
     if has_scale and isinstance(qs[-1], int):
         q_mult = float(site.scale) * math.sqrt(qs[-1])
     name = ed.fresh_symbol(f"attnpass_ssmax_{site.index}")
-    ed.add_func(ssmax_sdpa_func(name, qs, site.seq_k, masks, site.causal, ss, q_mult), f"SSMax for {site.name}")
+    ed.add_func(ssmax_sdpa_func(name, qs, site.seq_k, masks, site.sdpa_is_causal, ss, q_mult), f"SSMax for {site.name}")
     additive = any(m.term.kind == "additive" for m in masks)
     types = [q.type] + ([f"!torch.vtensor<[{','.join(map(str, (*qs[:-1], site.seq_k)))}],f32>"] if additive else [])
     new = ed.call(name, [ed.builtin(q, call.op), *mvals, *pvals], types, call.op)
@@ -146,23 +174,20 @@ def _per_head(x: float | list[float], heads: int, what: str) -> list[float]:
 def fuse(module: Any, tile: int = DEFAULT_TILE, report: MlirReport | None = None) -> MlirReport:
     """Replace each fusable site (explicit chain or SDPA call) by a call to a generated online-softmax
     loop nest, in place."""
-    report = find(module) if report is None else report
-    ed = Editor(module)
-    for site in report.sites:
-        if site.fusable:
-            _fuse_site(ed, site, tile)
-    for f in public_funcs(module):
-        erase_dead(f)
-    return report.with_notes(ed.notes.by_site)
+    return emit(module, RewriteSpec(to="fused").resolve(), report, tile=tile)
 
 
-def _fuse_site(ed: Editor, site: AttentionSite, tile: int, ssmax: tuple | None = None) -> None:
+def _fuse_site(ed: Editor, plan: Plan, tile: int, ssmax: tuple | None = None) -> None:
     """One site -> ``func.call @attnpass_fused_N(q, k, v, masks..., [s, b])``; ``ssmax = (s, b, params, func)``."""
-    spec = _spec(site, tile)
+    site = plan.site
+    if plan.guards:
+        raise AttnpassError(f"internal error: {site.name} planned fused with guards the loop nest cannot apply")
+    spec = _spec(plan, tile)
     out: _Val = site.out
     before = out.producer.op
     # everything the call reads is defined before the op that produces the site's output
-    masks, mvals = mask_inputs(ed, [m for m in site_masks(site) if not (m.only_causal and site.causal)], before, "m")
+    terms = [plan.op_mask] if plan.op_mask is not None else [*plan.op_mask_additive, *plan.op_mask_bool]
+    masks, mvals = mask_inputs(ed, terms, before, "m")
     spec.masks = masks
     pvals: list[Any] = []
     if ssmax is not None:
@@ -176,8 +201,9 @@ def _fuse_site(ed: Editor, site: AttentionSite, tile: int, ssmax: tuple | None =
     ed.notes.add(site, f"fused via @{name} (tile {spec.tile})" + (" with SSMax" if ssmax is not None else ""))
 
 
-def _spec(site: AttentionSite, tile: int) -> FusedSpec:
+def _spec(plan: Plan, tile: int) -> FusedSpec:
     """The loop nest's sizes in the canonical ``[batch..., S, D]`` layout; einsum layouts become ``perms``."""
+    site = plan.site
     perms = {name: p for name, p in (("q", site.q.perm), ("k", site.k.perm), ("v", site.v.perm), ("out", site.out_perm))
              if p is not None}
     qs, ks, vs = (permuted(tuple(o.value.shape), o.perm) for o in (site.q, site.k, site.v))
@@ -194,7 +220,7 @@ def _spec(site: AttentionSite, tile: int) -> FusedSpec:
     return FusedSpec(
         batch=batch, s_q=s_q, s_k=s_k, d=qs[-1], dv=vs[-1], q_shape=qs, k_shape=ks, v_shape=vs,
         k_transposed=site.k.transposed, k_groups=k_groups, v_groups=v_groups,
-        scale=float(site.scale), softcap=site.softcap, causal=site.causal, masks=[], tile=tile_for(s_k, tile),
+        scale=float(plan.scale), softcap=plan.softcap, causal=plan.causal, masks=[], tile=tile_for(s_k, tile),
         perms=perms,
     )
 
