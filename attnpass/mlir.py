@@ -61,7 +61,8 @@ def _decompositions() -> dict:
     import torch
     from torch_mlir.extras.fx_decomp_util import get_decomposition_table
 
-    keep = {torch.ops.aten.scaled_dot_product_attention.default, torch.ops.aten.scaled_dot_product_attention}
+    keep = {torch.ops.aten.scaled_dot_product_attention.default, torch.ops.aten.scaled_dot_product_attention,
+            torch.ops.aten.einsum.default, torch.ops.aten.einsum}
     return {op: fn for op, fn in get_decomposition_table().items() if op not in keep}
 
 
@@ -167,7 +168,7 @@ def rewrite(
     left alone and why.
     """
     lowering.require_torch_mlir()
-    from attnpass.passes import mlir as mlir_pass
+    from attnpass.rewrite import mlir as mlir_pass
 
     out = copy(_as_module(module))
     if to == "ssmax":

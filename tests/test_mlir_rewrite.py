@@ -375,3 +375,37 @@ def test_softmax_that_is_not_attention_is_left_alone():
     report = am.find(am.import_(Router().eval(), (torch.randn(3, 8),)))
     assert len(report.sites) == 0 and len(report.skipped) == 1
     assert math.isfinite(1.0)
+
+
+def test_the_mlir_emitter_reads_its_masks_and_causal_from_the_plan():
+    """The emitter's inputs are the plan's: a causal mask proven from its construction becomes the loop
+    nest's causal (no mask tensor passed), an SDPA call's bool mask is the op mask, an absent one is none."""
+    from attnpass.passes.plan import Action, MaskKind, RewriteSpec, plan_for
+    from attnpass.rewrite import mlir as rw
+
+    fuse_spec = RewriteSpec(to="fused").resolve()
+    q, k, v = _qkv()
+    module = am.import_(CausalArange().eval(), (q, k, v))  # kept alive: the report points into it
+    report = am.find(module)
+    (site,) = report.sites
+    plan = plan_for(site, fuse_spec, rw.CAPS, report.adapters[site.index])
+    assert plan.action is Action.FUSE and plan.causal and plan.op_mask is None
+    assert not plan.op_mask_bool and not plan.op_mask_additive and len(plan.keep_terms) == 1
+
+    allowed = torch.rand(1, 1, 16, 16) > 0.3
+
+    class Sdpa(nn.Module):
+        def forward(self, q, k, v, m=None):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+    for args, kind in (((q, k, v, allowed), MaskKind.BOOL), ((q, k, v), None)):
+        module = am.import_(Sdpa().eval(), args)
+        report = am.find(module)
+        (site,) = report.sites
+        plan = plan_for(site, fuse_spec, rw.CAPS, report.adapters[site.index])
+        assert plan.action is Action.FUSE and not plan.causal
+        assert (plan.op_mask.kind if plan.op_mask is not None else None) == kind
+        out, rep = am.rewrite(module, to="fused", with_report=True)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=args[3] if len(args) > 3 else None)
+        torch.testing.assert_close(am.compile(out)(*args), want, atol=ATOL, rtol=1e-5)
+        assert "fused via" in " ".join(rep.sites[0].notes)

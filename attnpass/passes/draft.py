@@ -69,7 +69,7 @@ def freeze(d: Draft, adapter: Adapter) -> AttentionSite:
     no_key = getattr(adapter, "no_key_test", None)
     scores = adapter.inputs(d.softmax)[0] if d.form is Form.EXPLICIT else None
     for cond, zero_when in d.row_guards:
-        if no_key is not None and scores is not None and no_key(cond, scores, zero_when):
+        if no_key is not None and scores is not None and no_key(cond, scores, zero_when, masks=tuple(m.value for m in masks)):
             guards.append(Guard(GuardKind.NO_KEY, cond, zero_when))
             notes.append("safe-softmax guard: implied (a row with no attendable key is 0)")
         else:

@@ -158,6 +158,7 @@ class Plan:
     keys: KeyPlan | None = None  # SSMax only
     fused_mask_bias: bool = False  # a fused op's additive mask input holds logits SSMax must scale
     finite_fill: bool = False  # every mask term masks with a finite value: a fully masked row is the mean of V
+    op_mask: KeepTerm | None = None  # a fused op's own mask input (bool or additive), as a keep term
 
 
 def plan_for(site: AttentionSite, spec: RewriteSpec, caps: Capabilities, adapter: Adapter) -> Plan:
@@ -191,7 +192,16 @@ def plan_for(site: AttentionSite, spec: RewriteSpec, caps: Capabilities, adapter
         keys=key_plan(site, adapter) if uses_ssmax and caps.count_keys else None,
         fused_mask_bias=uses_ssmax and _fused_mask_is_bias(site, adapter),
         finite_fill=fused and bool(site.masks) and all(_finite_fill(m, adapter) for m in site.masks),
+        op_mask=_op_mask(site, adapter),
     )
+
+
+def _op_mask(site: AttentionSite, adapter: Adapter) -> KeepTerm | None:
+    """A fused op's ``attn_mask`` as a keep term: bool keeps where True, additive where above ``MASKED_BELOW``."""
+    if site.form is not Form.FUSED_OP or site.sdpa_mask is None:
+        return None
+    kind = MaskKind.BOOL if _is_bool(adapter, site.sdpa_mask) else MaskKind.ADDITIVE
+    return KeepTerm(site.sdpa_mask, kind)
 
 
 def _finite_fill(m: MaskTerm, adapter: Adapter) -> bool:

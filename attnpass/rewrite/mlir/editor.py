@@ -1,0 +1,145 @@
+"""Edits a torch-dialect module with the bindings: boundary casts, calls, generated functions, arguments.
+
+The generated functions work on builtin tensors; at a site, ``torch_c.to_builtin_tensor`` /
+``from_builtin_tensor`` convert at the boundary.  After a rewrite, the chain it replaced is left
+unused and ``erase_dead`` removes it (only ops without side effects in value semantics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from attnpass.errors import AttnpassError
+from attnpass.passes.mlir import _ASSERTS, _PURE_PREFIXES, _VTENSOR, _Val, public_funcs
+from attnpass.passes.plan import KeepTerm
+from attnpass.passes.site import Notes
+from attnpass.rewrite.mlir.builders import MaskIn, builtin_elem, tensor_type
+
+
+class Editor:
+    """Inserts ops with the bindings: boundary casts, calls, private functions, extra arguments."""
+
+    def __init__(self, module: Any):
+        from torch_mlir import ir
+
+        self.ir = ir
+        self.module = module
+        self.ctx = module.context
+        self.names: set[str] = set()
+        self.notes = Notes()  # what the rewrite did, per site: returned in a new report
+
+    def builtin(self, v: _Val, before: Any) -> Any:
+        ir = self.ir
+        shape = v.shape or ()
+        ty = ir.Type.parse(tensor_type(tuple(shape), builtin_elem(v.dtype or "f32")), self.ctx)
+        op = ir.Operation.create("torch_c.to_builtin_tensor", results=[ty], operands=[v.value],
+                                 loc=ir.Location.unknown(self.ctx), ip=ir.InsertionPoint(before))
+        return op.result
+
+    def call(self, callee: str, args: list[Any], types: list[str], before: Any) -> list[Any]:
+        """``func.call @callee(args)`` returning builtin tensors, each converted back to its vtensor type."""
+        ir = self.ir
+        btys = [ir.Type.parse(_builtin_of(ty), self.ctx) for ty in types]
+        loc = ir.Location.unknown(self.ctx)
+        call = ir.Operation.create("func.call", results=btys, operands=args,
+                                   attributes={"callee": ir.FlatSymbolRefAttr.get(callee, self.ctx)},
+                                   loc=loc, ip=ir.InsertionPoint(before))
+        return [ir.Operation.create("torch_c.from_builtin_tensor", results=[ir.Type.parse(ty, self.ctx)],
+                                    operands=[r], loc=loc, ip=ir.InsertionPoint(before)).result
+                for r, ty in zip(call.results, types)]
+
+    def add_func(self, text: str, what: str) -> None:
+        """Parse one generated ``func.func`` (the MLIR parser verifies it) and append it to the module."""
+        ir = self.ir
+        try:
+            with self.ctx:
+                parsed = ir.Module.parse(text)
+        except Exception as e:
+            raise AttnpassError(f"internal error: generated {what} does not verify: {str(e)[:400]}") from e
+        # ONNX-origin modules: the onnx->torch pass insists every function carries the opset
+        opset = next((f.attributes[_OPSET] for f in public_funcs(self.module) if _OPSET in f.attributes), None)
+        for op in list(parsed.body.operations):
+            if opset is not None:
+                op.operation.attributes[_OPSET] = opset
+            self.module.body.append(op.operation)
+
+    def fresh_symbol(self, base: str) -> str:
+        taken = {o.operation.attributes["sym_name"].value for o in self.module.body.operations
+                 if "sym_name" in o.operation.attributes} | self.names
+        name, i = base, 0
+        while name in taken:
+            i += 1
+            name = f"{base}_{i}"
+        self.names.add(name)
+        return name
+
+    def add_argument(self, func: Any, type_text: str) -> Any:
+        """Append an argument to a public function (SSMax parameters passed in by the caller)."""
+        ir = self.ir
+        block = func.regions[0].blocks[0]
+        ty = ir.Type.parse(type_text, self.ctx)
+        arg = block.add_argument(ty, ir.Location.unknown(self.ctx))
+        with self.ctx:
+            ftype = ir.FunctionType(ir.TypeAttr(func.attributes["function_type"]).value)
+            func.attributes["function_type"] = ir.TypeAttr.get(ir.FunctionType.get(list(ftype.inputs) + [ty],
+                                                                                     list(ftype.results)))
+        return arg
+
+
+_OPSET = "torch.onnx_meta.opset_version"
+
+
+def erase_dead(func: Any) -> None:
+    """Drop side-effect-free ops whose results nobody uses (what the rewritten chain leaves behind)."""
+    block = func.regions[0].blocks[0]
+    changed = True
+    while changed:
+        changed = False
+        for op in reversed(list(block.operations)):
+            o = op.operation
+            if o.name in _ASSERTS and len(o.operands) and all(u.owner.name in _ASSERTS for u in o.operands[0].uses):
+                if o.operands[0].owner is not None and not isinstance(o.operands[0].owner, type(block)):
+                    o.erase()
+                    changed = True
+                continue
+            if not o.name.startswith(_PURE_PREFIXES) or not len(o.results):
+                continue
+            if all(_unused(r) for r in o.results):
+                o.erase()
+                changed = True
+
+
+def _unused(v: Any) -> bool:
+    for _ in v.uses:
+        return False
+    return True
+
+
+def _builtin_of(vtensor: str) -> str:
+    """``!torch.vtensor<[2,4],f32>`` -> ``tensor<2x4xf32>`` ; an unknown size stays ``?``."""
+    m = _VTENSOR.match(vtensor)
+    if m is None:
+        raise AttnpassError(f"internal error: not a value tensor type: {vtensor}")
+    dims = tuple(None if d.strip() == "?" else int(d) for d in m.group(1).split(",")) if m.group(1) else ()
+    return tensor_type(dims, builtin_elem(m.group(2)))
+
+
+def mask_inputs(ed: Editor, terms: Sequence[KeepTerm], before: Any, prefix: str) -> tuple[list[MaskIn], list[Any]]:
+    """The masks as arguments of a generated function (``%<prefix>N``) and their builtin-tensor values at ``before``."""
+    ins, vals = [], []
+    for i, term in enumerate(terms):
+        v: _Val = term.value
+        elem = builtin_elem(v.dtype or "f32")
+        ins.append(MaskIn(term, f"%{prefix}{i}", tuple(v.shape or ()), elem))
+        vals.append(ed.builtin(v, before))
+    return ins, vals
+
+
+def to_builtin_raw(ed: Editor, v: Any, ty: str, before: Any) -> Any:
+    """A builtin tensor of ``ty`` from a raw value (a new function argument has no ``_Val`` yet)."""
+    ir = ed.ir
+    op = ir.Operation.create("torch_c.to_builtin_tensor", results=[ir.Type.parse(ty, ed.ctx)], operands=[v],
+                             loc=ir.Location.unknown(ed.ctx), ip=ir.InsertionPoint(before))
+    return op.result
+

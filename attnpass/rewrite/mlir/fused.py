@@ -1,0 +1,236 @@
+"""The fused attention function: online softmax as an ``scf.for`` over key tiles, built from named builders.
+
+For each tile of keys ``[j0, j0 + T)`` the loop carries the running row max ``m``, normaliser ``l``
+and unnormalised output ``acc`` (``S_q`` and ``S_q x D_v`` per batch slice) and updates them::
+
+    s     = Q K_tile^T                       (matmul_tile, reduced over the head dim)
+    z     = mask(scale * s [+ bias]) [* f]   (logits_tile: -inf where a key is removed)
+    m'    = max(m, max_j z)                  (reduce_max)
+    p     = exp(z - m')                      (exp_sub)
+    alpha = exp(m - m')                      (exp_sub on the rows)
+    l'    = l * alpha + sum_j p              (rescale, reduce_sum)
+    acc'  = acc * alpha + p V_tile           (rescale, matmul_tile reduced over the key tile)
+
+and finally ``out = l != 0 ? acc / l : 0`` (divide_rows).  The largest tensor is ``S_q x T``,
+never ``S_q x S_k``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from attnpass.rewrite.mlir.builders import (
+    PAR,
+    MaskIn,
+    Operand,
+    Ssa,
+    bcast_map,
+    both,
+    causal_test,
+    constant,
+    dims_of,
+    divide_rows,
+    empty,
+    exp_sub,
+    extract_keys,
+    f32,
+    fill,
+    generic,
+    mask_body,
+    matmul_tile,
+    permuted,
+    reduce_max,
+    reduce_sum,
+    rescale,
+    settle_mask,
+    tensor_type,
+    transpose,
+    unpermuted,
+)
+from attnpass.rewrite.mlir.ssmax import SsmaxParams, emit_factor
+
+DEFAULT_TILE = 64
+
+
+def tile_for(s_k: int, tile: int) -> int:
+    """The key tile: all keys when they fit in one tile."""
+    return s_k if s_k <= tile else tile
+
+
+@dataclass
+class FusedSpec:
+    """Everything the loop nest needs, in static sizes."""
+
+    batch: tuple[int, ...]  # batch dims of the scores (heads included)
+    s_q: int
+    s_k: int
+    d: int
+    dv: int
+    q_shape: tuple[int, ...]
+    k_shape: tuple[int, ...]
+    v_shape: tuple[int, ...]
+    k_transposed: bool
+    k_groups: int
+    v_groups: int
+    scale: float
+    softcap: float | None
+    causal: bool
+    masks: list[MaskIn]
+    tile: int
+    ssmax: SsmaxParams | None = None  # SSMax inside the loop nest: a per-row factor on the logits
+    # einsum layouts: "q"/"k"/"v" arrive as raw tensors with ``raw.permute(p)`` canonical; "out" leaves as
+    # ``canonical.permute(p)``
+    perms: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def nb(self) -> int:
+        return len(self.batch)
+
+    @property
+    def bdims(self) -> list[str]:
+        return [f"d{i}" for i in range(self.nb)]
+
+    @property
+    def group_dim(self) -> int | None:
+        """The head dim of the batch, where GQA reads ``h floordiv groups``."""
+        return self.nb - 1 if self.nb >= 1 else None
+
+
+def _tuple(prefix: str, *tail: str) -> str:
+    """``(d0, d1)`` + ``i, e`` -> ``(d0, d1, i, e)``: a broadcast batch prefix followed by named dims."""
+    inner = prefix[1:-1]
+    return "(" + ", ".join(([inner] if inner else []) + list(tail)) + ")"
+
+
+def fused_func(name: str, sp: FusedSpec) -> str:
+    """The online-softmax loop nest: ``scf.for`` over key tiles carrying (max, normaliser, accumulator)."""
+    t = Ssa()
+    row_shape = (*sp.batch, sp.s_q)
+    out_shape = (*sp.batch, sp.s_q, sp.dv)
+    rty, oty = tensor_type(row_shape, "f32"), tensor_type(out_shape, "f32")
+    raw = {"q": sp.q_shape, "k": sp.k_shape, "v": sp.v_shape}
+    raw = {n: unpermuted(shape, sp.perms.get(n)) for n, shape in raw.items()}
+    args = [f"%{n}{'_raw' if n in sp.perms else ''}: {tensor_type(shape, 'f32')}" for n, shape in raw.items()]
+    args += [f"{m.arg}: {tensor_type(m.shape, m.elem)}" for m in sp.masks] + (sp.ssmax.args() if sp.ssmax else [])
+    out_perm = sp.perms.get("out")
+    ret_ty = tensor_type(permuted(out_shape, out_perm), "f32")
+    t.emit(f"func.func private @{name}({', '.join(args)}) -> {ret_ty} {{", 1)
+    for n, shape in raw.items():
+        if n in sp.perms:
+            transpose(t, f"%{n}_raw", shape, sp.perms[n], 2, result=f"%{n}")
+    domain = (*sp.batch, sp.s_q, sp.s_k)
+    sp = dataclasses.replace(sp, masks=[settle_mask(t, m, domain) for m in sp.masks])
+    factor = None
+    if sp.ssmax is not None:
+        # n_i needs every key of the row before the first tile: one reduction over the masks up front
+        sp.ssmax.emit_constants(t)
+        factor = emit_factor(t, row_shape, sp.s_k, sp.masks, sp.causal, sp.ssmax)
+    state = (fill(t, row_shape, f32(-math.inf), 2), fill(t, row_shape, "0.0", 2), fill(t, out_shape, "0.0", 2))
+    n_full = sp.s_k // sp.tile
+    tail = sp.s_k - n_full * sp.tile
+    if n_full > 0:
+        c0 = t.op("c", "arith.constant 0 : index", 2)
+        step = t.op("c", f"arith.constant {sp.tile} : index", 2)
+        end = t.op("c", f"arith.constant {n_full * sp.tile} : index", 2)
+        res, m, lv, acc = t.fresh("loop"), t.fresh("m"), t.fresh("l"), t.fresh("acc")
+        t.emit(f"{res}:3 = scf.for %j0 = {c0} to {end} step {step} iter_args({m} = {state[0]}, {lv} = {state[1]}, "
+               f"{acc} = {state[2]}) -> ({rty}, {rty}, {oty}) {{")
+        new = fused_tile(t, sp, "%j0", sp.tile, (m, lv, acc), factor, 3)
+        t.emit(f"scf.yield {new[0]}, {new[1]}, {new[2]} : {rty}, {rty}, {oty}", 3)
+        t.emit("}")
+        state = (f"{res}#0", f"{res}#1", f"{res}#2")
+    if tail:
+        jt = t.op("c", f"arith.constant {n_full * sp.tile} : index", 2)
+        state = fused_tile(t, sp, jt, tail, state, factor, 2)
+    dlo = [*sp.bdims, "i", "e"]
+    out = divide_rows(t, dlo, Operand(state[2], out_shape, dims_of(dlo)),
+                      Operand(state[1], row_shape, dims_of([*sp.bdims, "i"])), out_shape, 2)
+    if out_perm is not None:
+        out = transpose(t, out, out_shape, out_perm, 2)
+    t.emit(f"return {out} : {ret_ty}")
+    t.emit("}", 1)
+    return t.text()
+
+
+def logits_tile(t: Ssa, sp: FusedSpec, s: Operand, masks: list[tuple[str, tuple[int, ...], MaskIn]],
+                factor: str | None, j0: str, ind: int) -> str:
+    """``z = allowed ? (cap(scale * s) + biases) * f : -inf`` on one tile.
+
+    Soft-cap is ``c tanh(x / c)``; ``f`` (SSMax) is the ``[..., S_q]`` per-row multiplier, applied
+    after the biases and before the masks, the order ``semantics.attention`` defines; ``allowed``
+    ANDs the hard masks, the bias limits and (causal) ``j0 + j <= i``.
+    """
+    dims4 = [*sp.bdims, "i", "j"]
+    ins = [s] + [Operand(name, shp, bcast_map(shp, s.shape, dims4), mk.elem) for name, shp, mk in masks]
+    if factor is not None:
+        ins.append(Operand(factor, s.shape[:-1], dims_of([*sp.bdims, "i"])))
+
+    def body(a: list[str], i: int) -> str:
+        x = t.op("x", f"arith.mulf {a[0]}, {constant(t, sp.scale, i)} : f32", i)
+        if sp.softcap is not None:
+            cap = constant(t, sp.softcap, i)
+            th = t.op("x", f"math.tanh {t.op('x', f'arith.divf {x}, {cap} : f32', i)} : f32", i)
+            x = t.op("x", f"arith.mulf {th}, {cap} : f32", i)
+        adds, ok = mask_body(t, [m for _, _, m in masks], a[1:1 + len(masks)], i)
+        for add in adds:
+            x = t.op("x", f"arith.addf {x}, {add} : f32", i)
+        if factor is not None:
+            x = t.op("x", f"arith.mulf {x}, {a[1 + len(masks)]} : f32", i)
+        if sp.causal:
+            ok = both(t, ok, causal_test(t, sp.nb, sp.nb + 1, j0, i), i)
+        if ok is not None:
+            x = t.op("x", f"arith.select {ok}, {x}, {constant(t, -math.inf, i)} : f32", i)
+        return x
+
+    out = Operand(empty(t, s.shape, ind), s.shape, dims_of(dims4))
+    return generic(t, dims4, ins, out, [PAR] * len(dims4), body, ind, "z")
+
+
+def fused_tile(t: Ssa, sp: FusedSpec, j0: str, tile: int, state: tuple[str, str, str], factor: str | None,
+               ind: int) -> tuple[str, str, str]:
+    """One key tile ``[j0, j0 + tile)``: new running max, rescaled normaliser and accumulator."""
+    bdims = sp.bdims
+    m_old, l_old, acc_old = state
+    tile_shape = (*sp.batch, sp.s_q, tile)
+    row_shape = (*sp.batch, sp.s_q)
+    out_shape = (*sp.batch, sp.s_q, sp.dv)
+    dims5 = [*bdims, "i", "j", "e"]  # e: head dim (QK) or value dim (PV)
+    dims4, dims3, dimso = [*bdims, "i", "j"], [*bdims, "i"], [*bdims, "i", "e"]
+    kt, kt_shape = extract_keys(t, "%k", sp.k_shape, "f32", len(sp.k_shape) - (1 if sp.k_transposed else 2), j0, tile, ind)
+    vt, vt_shape = extract_keys(t, "%v", sp.v_shape, "f32", len(sp.v_shape) - 2, j0, tile, ind)
+    mask_tiles: list[tuple[str, tuple[int, ...], MaskIn]] = []
+    for mk in sp.masks:
+        if mk.shape and mk.shape[-1] != 1 and mk.shape[-1] == sp.s_k:
+            name, shp = extract_keys(t, mk.arg, mk.shape, mk.elem, len(mk.shape) - 1, j0, tile, ind)
+            mask_tiles.append((name, shp, mk))
+        else:
+            mask_tiles.append((mk.arg, mk.shape, mk))
+    # s[b.., i, j] = sum_e q[b.., i, e] * k[b.., j, e]   (GQA: k's head read as h floordiv groups)
+    batch_dom = (*sp.batch,)
+    q = Operand("%q", sp.q_shape, _tuple(bcast_map(sp.q_shape[:-2], batch_dom, bdims), "i", "e"))
+    kb = bcast_map(kt_shape[:-2], batch_dom, bdims, sp.k_groups, sp.group_dim)
+    k = Operand(kt, kt_shape, _tuple(kb, "e", "j") if sp.k_transposed else _tuple(kb, "j", "e"))
+    s0 = Operand(fill(t, tile_shape, "0.0", ind), tile_shape, dims_of(dims4))
+    s = matmul_tile(t, dims5, q, k, s0, "e", ind, "s")
+    # z = masked, scaled, capped logits of the tile
+    z = logits_tile(t, sp, Operand(s, tile_shape, dims_of(dims4)), mask_tiles, factor, j0, ind)
+    zt = Operand(z, tile_shape, dims_of(dims4))
+    rows = dims_of(dims3)  # a per-row value, read from any domain that starts with (batch.., i)
+    # m' = max(m, max_j z)
+    m_new = reduce_max(t, dims4, zt, Operand(m_old, row_shape, rows), ind)
+    # p = exp(z - m');  alpha = exp(m - m')
+    p = exp_sub(t, dims4, zt, Operand(m_new, row_shape, rows), tile_shape, ind, "p")
+    pt = Operand(p, tile_shape, dims_of(dims4))
+    alpha = exp_sub(t, dims3, Operand(m_old, row_shape, rows), Operand(m_new, row_shape, rows), row_shape, ind, "alpha")
+    # l' = l * alpha + sum_j p
+    l_scaled = rescale(t, dims3, Operand(l_old, row_shape, rows), Operand(alpha, row_shape, rows), row_shape, ind, "lsc")
+    l_new = reduce_sum(t, dims4, pt, Operand(l_scaled, row_shape, rows), ind)
+    # acc' = acc * alpha + p @ v_tile   (value dim innermost: contiguous in acc and v)
+    acc_scaled = rescale(t, dimso, Operand(acc_old, out_shape, dims_of(dimso)), Operand(alpha, row_shape, rows),
+                         out_shape, ind, "accs")
+    vb = bcast_map(vt_shape[:-2], batch_dom, bdims, sp.v_groups, sp.group_dim)
+    acc_new = matmul_tile(t, dims5, pt, Operand(vt, vt_shape, _tuple(vb, "j", "e")),
+                          Operand(acc_scaled, out_shape, dims_of(dimso)), "j", ind, "accnew")
+    return m_new, l_new, acc_new

@@ -1,0 +1,230 @@
+"""Site-level MLIR rewrites: each found site becomes a call to a generated SSMax or fused function.
+
+``find`` (in ``attnpass.passes.mlir``) reads the module; the functions here edit it in place
+through ``Editor`` and the generators in ``ssmax.py`` / ``fused.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from attnpass import semantics
+from attnpass.errors import AttnpassError
+from attnpass.passes.match import Report
+from attnpass.passes.mlir import MlirAdapter, MlirReport, _gqa_groups, _Node, _Val, find, public_funcs
+from attnpass.passes.plan import Action, Capabilities, Plan, RewriteSpec, plan_for
+from attnpass.rewrite.mlir.builders import permuted, unpermuted
+from attnpass.rewrite.mlir.editor import Editor, erase_dead, mask_inputs, to_builtin_raw
+from attnpass.rewrite.mlir.fused import DEFAULT_TILE, FusedSpec, fused_func, tile_for
+from attnpass.rewrite.mlir.ssmax import SsmaxParams, ssmax_func, ssmax_sdpa_func
+
+#: What the generated linalg / scf code expresses.  The loop nest applies top-left causal itself and
+#: gives 0 for a row with no attendable key (so the "no attendable key" guard is implied); it cannot
+#: re-apply other row guards (``passes.mlir`` reports those as the reason).  ``n`` is counted in the
+#: generated code from the plan's keep terms, not from ``Plan.keys``.
+CAPS = Capabilities(refuse_fused_ops=True, softcap=True, ssmax_softcap_fused=True, is_causal=True,
+                    scores_rank3=True, any_rank=True, static_heads=False, empty_rows_zero=True,
+                    factor_on_q=False, count_keys=False)
+
+
+def _heads(x_shape: tuple[int, ...]) -> int:
+    """Heads of ``[..., H, S_q, S_k]`` scores (1 for rank-2; rank-3 ``[B*H, ...]`` counts every slice)."""
+    return x_shape[-3] if len(x_shape) >= 3 and isinstance(x_shape[-3], int) else 1
+
+
+def _ssmax_params(ed: Editor, func: Any, heads: int, s: float | list[float], b: float | list[float] | None,
+                  params: str, before: Any) -> tuple[SsmaxParams, list[Any]]:
+    """The SSMax parameters of one site, and the builtin-tensor values to pass when they are arguments."""
+    ss = SsmaxParams(heads, _per_head(s, heads, "s"), None if b is None else _per_head(b, heads, "b"))
+    vals = []
+    if params == "argument":
+        hty, bty = f"!torch.vtensor<[{heads}],f32>", f"tensor<{heads}xf32>"
+        vals.append(to_builtin_raw(ed, ed.add_argument(func, hty), bty, before))
+        ss.s_arg = True
+        if b is not None:
+            vals.append(to_builtin_raw(ed, ed.add_argument(func, hty), bty, before))
+            ss.b_arg = True
+    return ss, vals
+
+
+def to_ssmax(module: Any, s: float | list[float] = semantics.DEFAULT_S, b: float | list[float] | None = None,
+             params: str = "constant", fused: bool = False, tile: int = DEFAULT_TILE,
+             report: MlirReport | None = None) -> MlirReport:
+    """Rewrite every site to SSMax in place; ``params="argument"`` makes s (and b) trailing ``[H]``
+    arguments of the public function instead of constants.
+
+    Explicit chains get the factor on the softmax input (``semantics.ssmax_logits``); SDPA calls
+    keep the call and get ``q * f`` and a scaled additive mask (``semantics.ssmax_sdpa``).
+    ``fused=True`` (as ``attnpass.to_ssmax(..., fused=True)``) instead replaces each fusable site by
+    the online-softmax loop nest with the factor applied inside it; unfusable sites still get SSMax.
+    """
+    if params not in ("constant", "argument"):
+        raise AttnpassError(f"ssmax params must be 'constant' or 'argument', got {params!r}")
+    spec = RewriteSpec(to="fused", fused_ssmax=True) if fused else RewriteSpec(to="ssmax")
+    return emit(module, spec.resolve(), report, tile=tile, ssmax=(s, b, params))
+
+
+def emit(module: Any, spec: RewriteSpec, report: MlirReport | None = None, tile: int = DEFAULT_TILE,
+         ssmax: tuple[Any, Any, str] | None = None) -> MlirReport:
+    """Plan every site of ``report`` (found here when None) for ``spec`` and emit the plans into ``module``.
+
+    ``ssmax = (s, b, params)``: MLIR takes per-head lists for ``s`` / ``b`` and can pass them as function
+    arguments, more than ``RewriteSpec`` carries, so the values travel beside the spec (which decides the action).
+    """
+    report = find(module) if report is None else report
+    ed = Editor(module)
+    s, b, params = ssmax if ssmax is not None else (spec.s, spec.b, "constant")
+    for site in report.sites:
+        adapter = report.adapters[site.index]
+        plan = plan_for(site, spec, CAPS, adapter)
+        if plan.action is Action.LEAVE:
+            if spec.ssmax and plan.reason:
+                ed.notes.add(site, f"left alone: {plan.reason}")
+            continue
+        if plan.action is Action.SSMAX and site.form == "sdpa":
+            _ssmax_sdpa_site(ed, adapter, plan, s, b, params)
+        elif plan.action is Action.SSMAX:
+            _ssmax_explicit_site(ed, adapter, plan, s, b, params)
+        else:
+            _fuse_site(ed, plan, tile, ssmax=(s, b, params, adapter.func) if plan.action is Action.SSMAX_FUSED else None)
+    for f in public_funcs(module):
+        erase_dead(f)
+    return report.with_notes(ed.notes.by_site)
+
+
+def _ssmax_explicit_site(ed: Editor, adapter: MlirAdapter, plan: Plan, s: Any, b: Any, params: str) -> None:
+    site = plan.site
+    sm: _Node = site.softmax
+    x: _Val = adapter.inputs(sm)[0]
+    x_shape = x.shape
+    if x_shape is None or x.dtype != "f32":
+        ed.notes.add(site, "left alone: SSMax in MLIR needs f32 scores of known rank")
+        return
+    if any(m.value.dtype not in ("i1", "f32") or m.value.shape is None for m in plan.keep_terms):
+        ed.notes.add(site, "left alone: a mask that is neither bool nor f32")
+        return
+    first = sm.softmax_parts[0].op if sm.softmax_parts else sm.op
+    masks, mvals = mask_inputs(ed, plan.keep_terms, first, "m")
+    xb = ed.builtin(x, first)
+    ss, pvals = _ssmax_params(ed, adapter.func, _heads(tuple(x_shape)), s, b, params, first)
+    name = ed.fresh_symbol(f"attnpass_ssmax_{site.index}")
+    ed.add_func(ssmax_func(name, tuple(x_shape), masks, ss), f"SSMax for {site.name}")
+    z = ed.call(name, [xb, *mvals, *pvals], [x.type], first)[0]
+    targets = [p.op for p in sm.softmax_parts[:2]] if sm.softmax_parts else [sm.op]
+    for t in targets:
+        for i, operand in enumerate(t.operands):
+            if operand == x.value:
+                t.operands[i] = z
+    ed.notes.add(site, f"SSMax via @{name}" + (" (s, b as arguments)" if ss.s_arg else ""))
+
+
+def _ssmax_sdpa_site(ed: Editor, adapter: MlirAdapter, plan: Plan, s: Any, b: Any, params: str) -> None:
+    """SDPA call: the call stays; its q becomes ``q * f`` and an additive mask is scaled where attendable."""
+    site = plan.site
+    call: _Node = site.softmax
+    q: _Val = call.operands[0]
+    masks_t = [] if plan.op_mask is None else [plan.op_mask]
+    qs = q.shape
+    if qs is None or any(d is None for d in qs) or q.dtype != "f32" or site.seq_k is None or not isinstance(site.seq_k, int):
+        ed.notes.add(site, "left alone: SSMax in MLIR needs static f32 inputs")
+        return
+    if any(m.value.dtype not in ("i1", "f32") or m.value.shape is None for m in masks_t):
+        ed.notes.add(site, "left alone: a mask that is neither bool nor f32")
+        return
+    qs = tuple(qs)
+    masks, mvals = mask_inputs(ed, masks_t, call.op, "m")
+    ss, pvals = _ssmax_params(ed, adapter.func, _heads((*qs[:-1], 1)), s, b, params, call.op)
+    # An explicit scale moves onto q and the call gets the default: torch-mlir's lowering of an SDPA
+    # call that has a mask or is_causal ignores its ``scale`` (off by ~0.5 on unit inputs), and the
+    # SSMax rewrite keeps the call.  ``(q c sqrt(d)) k / sqrt(d) = c q k`` is the same logits.
+    q_mult = 1.0
+    has_scale = len(call.operands) > 6 and call.operands[6].type != "!torch.none"
+    if has_scale and isinstance(qs[-1], int):
+        q_mult = float(site.scale) * math.sqrt(qs[-1])
+    name = ed.fresh_symbol(f"attnpass_ssmax_{site.index}")
+    ed.add_func(ssmax_sdpa_func(name, qs, site.seq_k, masks, site.sdpa_is_causal, ss, q_mult), f"SSMax for {site.name}")
+    additive = any(m.term.kind == "additive" for m in masks)
+    types = [q.type] + ([f"!torch.vtensor<[{','.join(map(str, (*qs[:-1], site.seq_k)))}],f32>"] if additive else [])
+    new = ed.call(name, [ed.builtin(q, call.op), *mvals, *pvals], types, call.op)
+    call.op.operands[0] = new[0]
+    if additive:
+        call.op.operands[3] = new[1]
+    if has_scale:
+        ir = ed.ir
+        none = ir.Operation.create("torch.constant.none", results=[ir.Type.parse("!torch.none", ed.ctx)],
+                                   loc=ir.Location.unknown(ed.ctx), ip=ir.InsertionPoint(call.op))
+        call.op.operands[6] = none.result
+        ed.notes.add(site, f"scale {site.scale:g} folded into q")
+    ed.notes.add(site, f"SSMax via @{name} (factor on q" + (", mask scaled" if additive else "") + ")"
+                       + (" (s, b as arguments)" if ss.s_arg else ""))
+
+
+def _per_head(x: float | list[float], heads: int, what: str) -> list[float]:
+    if isinstance(x, int | float):
+        return [float(x)] * heads
+    xs = [float(v) for v in x]
+    if len(xs) == 1:
+        return xs * heads
+    if len(xs) != heads:
+        raise AttnpassError(f"SSMax {what} has {len(xs)} values for {heads} heads")
+    return xs
+
+
+def fuse(module: Any, tile: int = DEFAULT_TILE, report: MlirReport | None = None) -> MlirReport:
+    """Replace each fusable site (explicit chain or SDPA call) by a call to a generated online-softmax
+    loop nest, in place."""
+    return emit(module, RewriteSpec(to="fused").resolve(), report, tile=tile)
+
+
+def _fuse_site(ed: Editor, plan: Plan, tile: int, ssmax: tuple | None = None) -> None:
+    """One site -> ``func.call @attnpass_fused_N(q, k, v, masks..., [s, b])``; ``ssmax = (s, b, params, func)``."""
+    site = plan.site
+    if plan.guards:
+        raise AttnpassError(f"internal error: {site.name} planned fused with guards the loop nest cannot apply")
+    spec = _spec(plan, tile)
+    out: _Val = site.out
+    before = out.producer.op
+    # everything the call reads is defined before the op that produces the site's output
+    terms = [plan.op_mask] if plan.op_mask is not None else [*plan.op_mask_additive, *plan.op_mask_bool]
+    masks, mvals = mask_inputs(ed, terms, before, "m")
+    spec.masks = masks
+    pvals: list[Any] = []
+    if ssmax is not None:
+        s, b, params, func = ssmax
+        spec.ssmax, pvals = _ssmax_params(ed, func, spec.batch[-1] if spec.batch else 1, s, b, params, before)
+    q, k, v = (ed.builtin(o.value, before) for o in (site.q, site.k, site.v))
+    name = ed.fresh_symbol(f"attnpass_fused_{site.index}")
+    ed.add_func(fused_func(name, spec), f"fused attention for {site.name}")
+    new = ed.call(name, [q, k, v, *mvals, *pvals], [out.type], before)[0]
+    out.value.replace_all_uses_with(new)
+    ed.notes.add(site, f"fused via @{name} (tile {spec.tile})" + (" with SSMax" if ssmax is not None else ""))
+
+
+def _spec(plan: Plan, tile: int) -> FusedSpec:
+    """The loop nest's sizes in the canonical ``[batch..., S, D]`` layout; einsum layouts become ``perms``."""
+    site = plan.site
+    perms = {name: p for name, p in (("q", site.q.perm), ("k", site.k.perm), ("v", site.v.perm), ("out", site.out_perm))
+             if p is not None}
+    qs, ks, vs = (permuted(tuple(o.value.shape), o.perm) for o in (site.q, site.k, site.v))
+    os_ = unpermuted(tuple(site.out.shape), site.out_perm)
+    rank = site.out_rank
+    s_q = qs[-2]
+    s_k = ks[-1] if site.k.transposed else ks[-2]
+    batch = tuple(os_[:-2])
+    if len(batch) != rank - 2:
+        raise AttnpassError(f"internal error: output of {site.name} is not [batch..., S_q, D_v]")
+    k_groups, v_groups = site.k.groups, site.v.groups
+    if site.form == "sdpa" and k_groups == 1:
+        k_groups = v_groups = _gqa_groups(site) or 1  # enable_gqa: K/V carry fewer heads, not repeated
+    return FusedSpec(
+        batch=batch, s_q=s_q, s_k=s_k, d=qs[-1], dv=vs[-1], q_shape=qs, k_shape=ks, v_shape=vs,
+        k_transposed=site.k.transposed, k_groups=k_groups, v_groups=v_groups,
+        scale=float(plan.scale), softcap=plan.softcap, causal=plan.causal, masks=[], tile=tile_for(s_k, tile),
+        perms=perms,
+    )
+
+
+def describe(report: Report) -> list[dict[str, Any]]:
+    return [s.summary() for s in report.sites]
+

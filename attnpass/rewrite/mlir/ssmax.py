@@ -1,0 +1,206 @@
+"""SSMax as generated MLIR functions: the per-row factor ``s_h log n_i + b_h`` and where it is applied.
+
+``n_i`` (the keys row ``i`` may attend) is counted in the IR by a reduction over the key axis that
+reads the masks where they are, so only an ``[..., S_q]`` tensor is built; the factor then
+multiplies the softmax input (explicit chains), ``q`` (SDPA calls) or the fused loop's logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from attnpass import semantics
+from attnpass.rewrite.mlir.builders import (
+    F32_MIN,
+    PAR,
+    RED,
+    MaskIn,
+    Operand,
+    Ssa,
+    bcast_map,
+    both,
+    causal_test,
+    dim_size,
+    dims_of,
+    empty,
+    f32,
+    fill,
+    generic,
+    mask_body,
+    settle_mask,
+    tensor_type,
+)
+
+
+@dataclass
+class SsmaxParams:
+    """SSMax parameters as the generated code takes them: constants, or ``[H]`` function arguments."""
+
+    heads: int
+    s: list[float]
+    b: list[float] | None
+    s_arg: bool = False
+    b_arg: bool = False
+
+    def args(self) -> list[str]:
+        hty = tensor_type((self.heads,), "f32")
+        return ([f"%s: {hty}"] if self.s_arg else []) + ([f"%b: {hty}"] if self.b_arg else [])
+
+    def emit_constants(self, t: Ssa) -> None:
+        """Bind ``%s`` and ``%b`` for the factor code when they are not arguments."""
+        hty = tensor_type((self.heads,), "f32")
+        if not self.s_arg:
+            t.emit(f"%s = arith.constant dense<[{', '.join(f32(v) for v in self.s)}]> : {hty}")
+        if not self.b_arg:
+            bv = self.b if self.b is not None else [0.0] * self.heads
+            t.emit(f"%b = arith.constant dense<[{', '.join(f32(v) for v in bv)}]> : {hty}")
+
+
+def count_keys(t: Ssa, row_shape: tuple[int | None, ...], s_k: int | None, masks: Sequence[MaskIn], causal: bool,
+               sizes: Sequence[str] = (), s_k_size: str | None = None) -> str:
+    """``n_i = sum_j allowed(i, j)`` as f32, ``[..., S_q]``: the attendable keys of each row.
+
+    With masks it is a sum over the key axis of ``allowed ? 1 : 0`` (``allowed`` also tests
+    top-left causal ``j <= i``); causal alone is ``min(i + 1, S_k)`` (a generic needs a tensor to
+    size a key loop); no mask at all is ``S_k``.  ``sizes`` are the unknown sizes of the rows and
+    ``s_k_size`` the key count when ``s_k`` is unknown (``index`` values).
+    """
+    rank = len(row_shape) + 1
+    dims = [f"d{i}" for i in range(rank)]
+    rows = dims_of(dims[:-1])
+    n0 = Operand(fill(t, row_shape, "0.0", 2, sizes), row_shape, rows)
+    if causal and not masks:
+        def upto_diagonal(a: list[str], i: int) -> str:
+            ii = t.op("i", f"linalg.index {rank - 2} : index", i)
+            one = t.op("one", "arith.constant 1 : index", i)
+            top = t.op("top", f"arith.constant {s_k} : index", i)
+            r = t.op("n", f"arith.minui {t.op('cnt', f'arith.addi {ii}, {one} : index', i)}, {top} : index", i)
+            return t.op("nf", f"arith.uitofp {t.op('ri', f'arith.index_cast {r} : index to i64', i)} : i64 to f32", i)
+
+        return generic(t, dims[:-1], [], n0, [PAR] * (rank - 1), upto_diagonal, 2, "n")
+    if not masks:
+        if s_k is None:
+            keys = t.op("keys", f"arith.index_cast {s_k_size} : index to i64", 2)
+            return fill(t, row_shape, t.op("keysf", f"arith.uitofp {keys} : i64 to f32", 2), 2, sizes)
+        return fill(t, row_shape, f32(float(s_k)), 2, sizes)
+    domain = (*row_shape, s_k)
+    ins = [Operand(m.arg, m.shape, bcast_map(m.shape, domain, dims), m.elem) for m in masks]
+
+    def count(a: list[str], i: int) -> str:
+        _, ok = mask_body(t, masks, a[:-1], i)
+        if causal:
+            ok = both(t, ok, causal_test(t, rank - 2, rank - 1, None, i), i)
+        one = t.op("one", "arith.constant 1.0 : f32", i)
+        zero = t.op("zero", "arith.constant 0.0 : f32", i)
+        inc = t.op("inc", f"arith.select {ok}, {one}, {zero} : f32", i)
+        return t.op("cnt", f"arith.addf {a[-1]}, {inc} : f32", i)
+
+    return generic(t, dims, ins, n0, [PAR] * (rank - 1) + [RED], count, 2, "n")
+
+
+def log_factor(t: Ssa, row_shape: tuple[int | None, ...], n: str, ss: SsmaxParams, sizes: Sequence[str] = ()) -> str:
+    """``f_i = s_h log max(n_i, 1) + b_h`` with ``h`` the head of row ``i`` (``%s``, ``%b`` are ``[H]``)."""
+    rank = len(row_shape) + 1
+    rdims = [f"d{i}" for i in range(rank - 1)]
+    head = f"({rdims[rank - 3]})" if rank >= 3 and ss.heads > 1 else "(0)"
+    hshape = (ss.heads,)
+    ins = [Operand(n, row_shape, dims_of(rdims)), Operand("%s", hshape, head), Operand("%b", hshape, head)]
+
+    def body(a: list[str], i: int) -> str:
+        one = t.op("one", "arith.constant 1.0 : f32", i)
+        lg = t.op("log", f"math.log {t.op('cl', f'arith.maximumf {a[0]}, {one} : f32', i)} : f32", i)
+        return t.op("f", f"arith.addf {t.op('sl', f'arith.mulf {a[1]}, {lg} : f32', i)}, {a[2]} : f32", i)
+
+    out = Operand(empty(t, row_shape, 2, sizes=sizes), row_shape, dims_of(rdims))
+    return generic(t, rdims, ins, out, [PAR] * (rank - 1), body, 2, "factor")
+
+
+def emit_factor(t: Ssa, row_shape: tuple[int | None, ...], s_k: int | None, masks: Sequence[MaskIn], causal: bool,
+                ss: SsmaxParams, sizes: Sequence[str] = (), s_k_size: str | None = None) -> str:
+    """``s_h log max(n_i, 1) + b_h`` per row, ``n_i`` counted over the keys from the masks (and causal).
+
+    Causal is top-left (``j <= i``), what the fused loop nest and SDPA's ``is_causal`` apply.
+    """
+    return log_factor(t, row_shape, count_keys(t, row_shape, s_k, masks, causal, sizes, s_k_size), ss, sizes)
+
+
+def ssmax_func(name: str, x_shape: tuple[int | None, ...], masks: list[MaskIn], ss: SsmaxParams) -> str:
+    """``z = allowed ? (s_h log max(n_i, 1) + b_h) * x : finfo.min`` with ``n_i`` reduced from the masks.
+
+    Unknown sizes of ``x`` are read with ``tensor.dim`` and size every tensor built here.
+    """
+    t = Ssa()
+    rank = len(x_shape)
+    dims = [f"d{i}" for i in range(rank)]
+    xty = tensor_type(x_shape, "f32")
+    args = [f"%x: {xty}"] + [f"{m.arg}: {tensor_type(m.shape, m.elem)}" for m in masks] + ss.args()
+    t.emit(f"func.func private @{name}({', '.join(args)}) -> {xty} {{", 1)
+    masks = [settle_mask(t, m, x_shape) for m in masks]
+    sizes = {a: dim_size(t, "%x", a, xty, 2) for a, d in enumerate(x_shape) if d is None}
+    row_sizes = [sizes[a] for a in sorted(sizes) if a < rank - 1]
+    ss.emit_constants(t)
+    fac = emit_factor(t, x_shape[:-1], x_shape[-1], masks, False, ss, row_sizes, sizes.get(rank - 1))
+    ins = [Operand("%x", x_shape, dims_of(dims)), Operand(fac, x_shape[:-1], dims_of(dims[:-1]))]
+    ins += [Operand(m.arg, m.shape, bcast_map(m.shape, x_shape, dims), m.elem) for m in masks]
+
+    def body(a: list[str], i: int) -> str:
+        prod = t.op("p", f"arith.mulf {a[0]}, {a[1]} : f32", i)
+        _, ok = mask_body(t, masks, a[2:2 + len(masks)], i)
+        if ok is None:
+            return prod
+        lo = t.op("min", f"arith.constant {f32(F32_MIN)} : f32", i)
+        return t.op("sel", f"arith.select {ok}, {prod}, {lo} : f32", i)
+
+    z0 = empty(t, x_shape, 2, sizes=[sizes[a] for a in sorted(sizes)])
+    z = generic(t, dims, ins, Operand(z0, x_shape, dims_of(dims)), [PAR] * rank, body, 2, "z")
+    t.emit(f"return {z} : {xty}")
+    t.emit("}", 1)
+    return t.text()
+
+
+def ssmax_sdpa_func(name: str, q_shape: tuple[int, ...], s_k: int, masks: list[MaskIn], causal: bool,
+                    ss: SsmaxParams, q_mult: float = 1.0) -> str:
+    """SSMax for an SDPA call, as ``semantics.ssmax_sdpa``: returns ``q * f * q_mult`` and, for an additive
+    mask, the mask with its attendable entries times ``f`` (``[..., S_q, S_k]``); masked entries keep their
+    value, which SDPA adds after the product, so no factor can unmask a key."""
+    t = Ssa()
+    rank = len(q_shape)
+    row_shape = q_shape[:-1]
+    mask_shape = (*row_shape, s_k)
+    qty, mty = tensor_type(q_shape, "f32"), tensor_type(mask_shape, "f32")
+    additive = [m for m in masks if m.term.kind == "additive"]
+    results = [qty] + ([mty] if additive else [])
+    args = [f"%q: {qty}"] + [f"{m.arg}: {tensor_type(m.shape, m.elem)}" for m in masks] + ss.args()
+    t.emit(f"func.func private @{name}({', '.join(args)}) -> ({', '.join(results)}) {{", 1)
+    masks = [settle_mask(t, m, mask_shape) for m in masks]
+    additive = [m for m in masks if m.term.kind == "additive"]
+    ss.emit_constants(t)
+    fac = emit_factor(t, row_shape, s_k, masks, causal, ss)
+    dims = [f"d{i}" for i in range(rank)]
+    ident, row = dims_of(dims), dims_of(dims[:-1])
+
+    def scale_q(a: list[str], i: int) -> str:
+        f = a[1]
+        if q_mult != 1.0:
+            f = t.op("f", f"arith.mulf {f}, {t.op('qmult', f'arith.constant {f32(q_mult)} : f32', i)} : f32", i)
+        return t.op("r", f"arith.mulf {a[0]}, {f} : f32", i)
+
+    q2 = generic(t, dims, [Operand("%q", q_shape, ident), Operand(fac, row_shape, row)],
+                 Operand(empty(t, q_shape, 2), q_shape, ident), [PAR] * rank, scale_q, 2, "qs")
+    outs = [q2]
+    if additive:
+        m = additive[0]
+
+        def scale_mask(a: list[str], i: int) -> str:
+            lim = t.op("lim", f"arith.constant {f32(semantics.MASKED_BELOW)} : f32", i)
+            keep = t.op("keep", f"arith.cmpf ogt, {a[0]}, {lim} : f32", i)
+            p = t.op("p", f"arith.mulf {a[0]}, {a[1]} : f32", i)
+            return t.op("sel", f"arith.select {keep}, {p}, {a[0]} : f32", i)
+
+        ins = [Operand(m.arg, m.shape, bcast_map(m.shape, mask_shape, dims)), Operand(fac, row_shape, row)]
+        outs.append(generic(t, dims, ins, Operand(empty(t, mask_shape, 2), mask_shape, ident), [PAR] * rank,
+                            scale_mask, 2, "mask"))
+    t.emit(f"return {', '.join(outs)} : {', '.join(results)}")
+    t.emit("}", 1)
+    return t.text()
