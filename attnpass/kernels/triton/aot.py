@@ -212,8 +212,8 @@ def launches(v: Variant, kernel: str, config: tuple[int, int, int, int]) -> tupl
     raise AssertionError(f"the launcher never launched {kernel} for {v}")
 
 
-def candidate_configs(v: Variant, kernel: str) -> list[tuple[int, int, int, int]]:
-    """The configs the autotuner may pick for this variant: the table after the kernel's own prune hook."""
+def candidate_configs(v: Variant, kernel: str, arch: int = 90) -> list[tuple[int, int, int, int]]:
+    """The configs the autotuner may pick for this variant on ``sm_<arch>``: the table after the kernel's prune hook."""
     mod = _compiled_module()
     triton = _triton().triton
     args, kwargs = launches(v, kernel, mod.HOPPER_CONFIGS[kernel][0])
@@ -221,8 +221,8 @@ def candidate_configs(v: Variant, kernel: str) -> list[tuple[int, int, int, int]
     named = dict(zip(fn.arg_names, args))
     flags = {k: val for k, val in kwargs.items() if k not in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-               for bm, bn, w, st in mod.HOPPER_CONFIGS[kernel]]
-    kept = mod._prune(configs, named, **flags)
+               for bm, bn, w, st in mod.CONFIG_TABLE[kernel]]
+    kept = mod._prune(configs, named, kernel=kernel, smem_limit=SHARED_LIMIT[arch], arch=arch, **flags)
     return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
 
 
@@ -253,7 +253,7 @@ def compile_one(kernel: str, config: tuple[int, int, int, int], v: Variant, arch
     return res
 
 
-def sample(vs: list[Variant], kernel: str) -> list[tuple[tuple[int, int, int, int], Variant]]:
+def sample(vs: list[Variant], kernel: str, arch: int = 90) -> list[tuple[tuple[int, int, int, int], Variant]]:
     """A cheap cover: every (head dim, candidate config) of ``kernel`` once, the variant rotating among ``vs``.
 
     Head dim and config decide the tile sizes, hence nearly all of the register and shared-memory
@@ -261,13 +261,12 @@ def sample(vs: list[Variant], kernel: str) -> list[tuple[tuple[int, int, int, in
     """
     pairs: list[tuple[tuple[int, int, int, int], Variant]] = []
     for d in sorted({v.d for v in vs}):
-        of_d = [v for v in vs if v.d == d]
-        seen: set[tuple[int, int, int, int]] = set()
-        for v in of_d:
-            for c in candidate_configs(v, kernel):
-                if c not in seen:
-                    seen.add(c)
-                    pairs.append((c, of_d[(len(seen) * 5 + TUNED.index(kernel)) % len(of_d)]))
+        fits = {v: candidate_configs(v, kernel, arch) for v in vs if v.d == d}
+        configs = sorted({c for cs in fits.values() for c in cs}, key=lambda c: (c[0] * c[1], c))
+        for i, c in enumerate(configs):
+            # only variants the autotuner would offer this config to: a pruned pair is never launched
+            able = [v for v, cs in fits.items() if c in cs]
+            pairs.append((c, able[(i * 5 + TUNED.index(kernel)) % len(able)]))
     return pairs
 
 
@@ -294,9 +293,9 @@ def table(archs: Iterable[int] = (90, 80), full: bool = False, out=sys.stdout) -
     for arch in archs:
         for kernel in TUNED:
             if full:
-                pairs = [(c, v) for v in vs for c in candidate_configs(v, kernel)]
+                pairs = [(c, v) for v in vs for c in candidate_configs(v, kernel, arch)]
             else:
-                pairs = sample(vs, kernel)
+                pairs = sample(vs, kernel, arch)
             for c, v in pairs:
                 r = compile_one(kernel, c, v, arch)
                 results.append(r)
