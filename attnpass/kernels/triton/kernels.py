@@ -58,13 +58,13 @@ HOPPER_CONFIGS: dict[str, list[tuple[int, int, int, int]]] = {
     "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
 }
 #: Ampere (sm_8x) keeps MMA operands in registers as well (no warpgroup MMA reading shared memory),
-#: so the same tiles spill there: measured for sm_80, forward 128x128 spills 8-64 B and dQ 128x64
-#: 8-48 B with masks; dK/dV at D=128 spills 16-152 B in every pipelined tile once a mask or soft-cap
+#: so the same tiles spill there: measured for sm_80, forward 128x128 spills 8-64 B, dQ 128x64
+#: 8-48 B and dQ 64x64 8-40 B with masks; dK/dV at D=128 spills 16-152 B in every pipelined tile once a mask or soft-cap
 #: is compiled in, and only the unpipelined 16x64x8 (one stage) is spill-free in every variant.
 AMPERE_CONFIGS: dict[str, list[tuple[int, int, int, int]]] = {
     "fwd": [(128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
     "dkdv": [(16, 128, 8, 2), (16, 64, 8, 2), (16, 64, 8, 1)],
-    "dq": [(128, 32, 8, 3), (64, 64, 4, 3)],
+    "dq": [(128, 32, 8, 3), (64, 32, 8, 3)],
 }
 #: Under the interpreter every config costs a full (slow) run, so there is one, small and
 #: with BLOCK_M != BLOCK_N so the tests exercise the causal diagonal logic with both orders.
@@ -148,6 +148,12 @@ def _prune(configs, named_args, kernel: str = "fwd", smem_limit: int | None = No
         # Measured (sm_90, D=128, key-major dK/dV): 16x128 spills nothing in any variant; 32x64 spills
         # 56-104 B once a float mask meets SSMax; 32x128 and 64x64 spill 16-400 B with any mask.
         if arch >= 90 and kernel == "dkdv" and d_pad >= 128 and bm > 16 and (kwargs.get("MASK_KIND", 0) or bm * bn > 32 * 64):
+            continue
+        # Measured (sm_90, every variant): a full fp32 mask tile spills 32-104 B in dK/dV above 32x64
+        # (16x64 at D=128) and 88 B in a 128x128 forward; dQ 64x64x4 at D=128 spills 56 B when causal.
+        if arch >= 90 and mask_bytes >= 4 and bm * bn > {"dkdv": 16 * 64 if d_pad >= 128 else 32 * 64}.get(kernel, 128 * 64):
+            continue
+        if arch >= 90 and kernel == "dq" and d_pad >= 128 and c.num_warps == 4 and bm * bn >= 64 * 64:
             continue
         # Measured (sm_80): the one-stage dK/dV tile is for D=128 only, where every pipelined one spills;
         # the 128-row forward spills 8 B at D=128 once a mask is compiled in.
