@@ -21,6 +21,12 @@ usual FlashAttention convention, so rows are comparable across implementations. 
 ratio columns are attnpass's speed over each other implementation's (>1: attnpass faster).
 Before timing, each implementation's output is checked against attnpass's; a mismatch is
 reported in the row rather than silently timed.
+
+A summary follows the table: per shape, attnpass against the faster of SDPA flash/cuDNN
+(targets: forward >= 0.85, forward+backward >= 0.75) and what SSMax costs over the same
+kernel without it (target <= 3%).  ``--budget`` stops starting new problems after that many
+seconds and ``--out`` rewrites the table to a file after every problem, so a session cut
+short by a time limit still leaves every row it measured (``benchmarks/gpu_session.sh``).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import argparse
 import functools
 import math
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -153,15 +160,23 @@ def measure_config(args: argparse.Namespace, b: int, h: int, s: int, d: int, cau
 
 
 def measure(args: argparse.Namespace) -> list[Row]:
+    """Every problem in the order given (sizes first: put the ones that matter most first), within the budget."""
     rows: list[Row] = []
-    for d in args.head_dims:
-        h = max(1, args.hidden // d)
-        for s in args.sizes:
+    start = time.monotonic()
+    for s in args.sizes:
+        for d in args.head_dims:
+            h = max(1, args.hidden // d)
             b = max(1, args.tokens // s)
             for causal in args.causal:
                 for ssmax in args.ssmax:
+                    if args.budget is not None and time.monotonic() - start > args.budget:
+                        print(f"  budget of {args.budget:.0f}s spent: S={s} D={d} causal={int(causal)} "
+                              f"ssmax={int(ssmax)} and later problems not measured", file=sys.stderr, flush=True)
+                        return rows
                     rows += measure_config(args, b, h, s, d, causal, ssmax)
                     torch.cuda.empty_cache()
+                    if args.out:
+                        write_report(args.out, rows, args.impls, args.header)
     return rows
 
 
@@ -175,13 +190,18 @@ def print_progress(row: Row) -> None:
           + " ".join(parts), file=sys.stderr, flush=True)
 
 
-def render(rows: list[Row], impls: list[str]) -> None:
+def _sorted(rows: list[Row]) -> list[Row]:
+    return sorted(rows, key=lambda r: (r.d, r.s, r.causal, r.ssmax, r.mode))
+
+
+def render(rows: list[Row], impls: list[str]) -> str:
+    """The table: TFLOP/s per implementation and attnpass's speed-up over each other one."""
     others = [i for i in impls if i != "attnpass"]
     headers = ["S", "B", "H", "D", "causal", "ssmax", "mode"] + [f"{i} TFLOP/s" for i in impls]
     if "attnpass" in impls:
         headers += [f"x {i}" for i in others]
     table = []
-    for r in rows:
+    for r in _sorted(rows):
         cells = [str(r.s), str(r.b), str(r.h), str(r.d), "yes" if r.causal else "no", "yes" if r.ssmax else "no", r.mode]
         cells += [_fmt(r.tflops(i), ".1f") for i in impls]
         if "attnpass" in impls:
@@ -189,15 +209,50 @@ def render(rows: list[Row], impls: list[str]) -> None:
             cells += [_fmt(None if ours is None or r.ms.get(i) is None else r.ms[i] / ours, ".2f") for i in others]
         table.append(cells)
     widths = [max(len(h), *(len(c[j]) for c in table)) if table else len(h) for j, h in enumerate(headers)]
-    print(" | ".join(h.rjust(w) for h, w in zip(headers, widths)))
-    print("-+-".join("-" * w for w in widths))
-    for cells in table:
-        print(" | ".join(c.rjust(w) for c, w in zip(cells, widths)))
-    notes = [(r, n) for r in rows for n in r.notes]
+    lines = [" | ".join(h.rjust(w) for h, w in zip(headers, widths)), "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in table]
+    notes = [(r, n) for r in _sorted(rows) for n in r.notes]
     if notes:
-        print("\nnotes:")
-        for r, n in notes:
-            print(f"  S={r.s} D={r.d} causal={r.causal} ssmax={r.ssmax} {r.mode}: {n}")
+        lines += ["", "notes:"] + [f"  S={r.s} D={r.d} causal={r.causal} ssmax={r.ssmax} {r.mode}: {n}" for r, n in notes]
+    return "\n".join(lines)
+
+
+#: The issue's targets: attnpass over the best SDPA backend, per mode, and SSMax's cost over no SSMax.
+TARGET_VS_SDPA = {"fwd": 0.85, "fwd+bwd": 0.75}
+TARGET_SSMAX_COST = 0.03
+
+
+def summary(rows: list[Row]) -> str:
+    """Per shape: attnpass / best SDPA (flash or cuDNN), and SSMax's extra time; ``MISS`` where a target is missed."""
+    lines = ["summary (speed ratio attnpass / best of sdpa-flash, sdpa-cudnn; SSMax cost = time with / without - 1):"]
+    by_key = {(r.s, r.d, r.causal, r.ssmax, r.mode): r for r in rows}
+    misses = 0
+    for r in _sorted(rows):
+        ours = r.ms.get("attnpass")
+        sdpa = [r.ms[i] for i in ("sdpa-flash", "sdpa-cudnn") if r.ms.get(i) is not None]
+        parts = []
+        if ours is not None and sdpa:
+            ratio = min(sdpa) / ours
+            ok = ratio >= TARGET_VS_SDPA[r.mode]
+            misses += not ok
+            parts.append(f"vs best sdpa {ratio:.2f} (target >= {TARGET_VS_SDPA[r.mode]:.2f}{'' if ok else ', MISS'})")
+        plain = by_key.get((r.s, r.d, r.causal, False, r.mode))
+        if r.ssmax and ours is not None and plain is not None and plain.ms.get("attnpass") is not None:
+            cost = ours / plain.ms["attnpass"] - 1.0
+            ok = cost <= TARGET_SSMAX_COST
+            misses += not ok
+            parts.append(f"ssmax cost {100 * cost:+.1f}% (target <= {100 * TARGET_SSMAX_COST:.0f}%{'' if ok else ', MISS'})")
+        if parts:
+            lines.append(f"  S={r.s:>5} D={r.d:>3} causal={int(r.causal)} ssmax={int(r.ssmax)} {r.mode:<7} " + "; ".join(parts))
+    lines.append(f"{misses} target(s) missed")
+    return "\n".join(lines)
+
+
+def write_report(path: str, rows: list[Row], impls: list[str], header: str) -> None:
+    """Header, table and summary to ``path`` (rewritten whole, so it is complete after every problem)."""
+    ordered = [i for i in IMPLS if i in impls]
+    with open(path, "w") as f:
+        f.write(header + "\n\n" + render(rows, ordered) + "\n\n" + summary(rows) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--impls", type=lambda s: s.split(","), default=list(IMPLS), help="comma list of " + ",".join(IMPLS))
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench measuring time, ms")
+    p.add_argument("--budget", type=float, default=None, help="seconds after which no new problem is started")
+    p.add_argument("--out", default=None, help="also write the table and summary to this file (after every problem)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("attention_gpu.py: no CUDA device here (torch.cuda.is_available() is False); "
@@ -239,10 +296,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"attention_gpu.py: attnpass runs {kernels.active_backend('cuda')!r} on CUDA, not the Triton kernel; "
               "is Triton importable?", file=sys.stderr)
         return 2
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, "
-          f"B*S = {args.tokens}, H*D = {args.hidden}", file=sys.stderr)
+    args.header = (f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+                   f"bf16, B*S = {args.tokens}, H*D = {args.hidden}")
+    print(args.header, file=sys.stderr)
     rows = measure(args)
-    render(rows, [i for i in IMPLS if i in args.impls])
+    ordered = [i for i in IMPLS if i in args.impls]
+    print(render(rows, ordered))
+    print()
+    print(summary(rows))
+    if args.out:
+        write_report(args.out, rows, args.impls, args.header)
     return 0
 
 

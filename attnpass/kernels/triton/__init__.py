@@ -166,8 +166,17 @@ class _Problem:
 
     def common_flags(self) -> dict:
         return dict(D_PAD=self.d_pad, DV_PAD=self.dv_pad, CAUSAL=self.causal, MASK_KIND=self.mask_kind,
-                    SSMAX=self.ssmax, HAS_B=self.b is not None, N_BUF=self.nkeys_from_buffer,
+                    MASK_ROWB=self.mask_rowb, SSMAX=self.ssmax, HAS_B=self.b is not None, N_BUF=self.nkeys_from_buffer,
                     SOFTCAP=self.softcap != 0.0, UPCAST=self.upcast)
+
+    @property
+    def mask_rowb(self) -> bool:
+        """The mask is the same for every query row (row stride 0, e.g. ``[B, 1, 1, S_k]`` key padding).
+
+        The kernels then load it as one ``[BLOCK_N]`` vector per key block instead of a
+        ``[BLOCK_M, BLOCK_N]`` tile: a padding mask costs shared memory in proportion to what it holds.
+        """
+        return self.mask is not None and (self.mask.stride(2) == 0 or self.S_q == 1)
 
     @property
     def nkeys_from_buffer(self) -> bool:
@@ -203,6 +212,11 @@ class TritonKernel:
     def hopper_configs(self) -> dict[str, list[tuple[int, int, int, int]]]:
         """The table the compiled variant tunes over (also readable from the interpreter variant, for tests)."""
         return {name: list(v) for name, v in self._k.HOPPER_CONFIGS.items()}
+
+    @property
+    def ampere_configs(self) -> dict[str, list[tuple[int, int, int, int]]]:
+        """The configs the compiled variant keeps on sm_8x (its autotuner is given both tables)."""
+        return {name: list(v) for name, v in self._k.AMPERE_CONFIGS.items()}
 
     # -- launching ------------------------------------------------------------------------
 

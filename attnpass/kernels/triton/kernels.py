@@ -29,6 +29,8 @@ kernel, summed over rows in-kernel when the mask broadcasts over rows (a padding
 
 from __future__ import annotations
 
+import functools
+
 import triton
 import triton.language as tl
 from triton import knobs
@@ -43,16 +45,62 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 #: the query block, BLOCK_N the key block in every kernel.  The forward and dQ kernels keep a
 #: query tile resident and stream keys, so they favour tall query blocks; dK/dV keeps a key
 #: tile and streams queries, so it favours wide key blocks.
+#:
+#: Every entry was measured with ``python -m attnpass.kernels.triton.aot --table`` (ptxas for
+#: sm_90 and sm_80; ``tests/test_kernel_triton_aot.py`` keeps it so).  Removed after measuring:
+#: forward 128x64x4, 128x128x4 and 64x128x4 and dQ 128x32x4 and 128x64x4 (with 4 warps the fp32
+#: accumulator and the score tiles outgrow 255 registers: 24-1016 B spilled at D=64/128);
+#: every dK/dV tile with 4 warps or BLOCK_M * BLOCK_N > 32 * 128 (two [BLOCK_N, D] fp32
+#: accumulators plus the [BLOCK_N, BLOCK_M] score/probability tiles: 136-2864 B spilled).
 HOPPER_CONFIGS: dict[str, list[tuple[int, int, int, int]]] = {
-    "fwd": [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3)],
-    "dkdv": [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3)],
-    "dq": [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 4, 3)],
+    "fwd": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 8, 3)],
+    "dkdv": [(32, 128, 8, 2), (16, 128, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2)],
+    "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+}
+#: Ampere (sm_8x) keeps MMA operands in registers as well (no warpgroup MMA reading shared memory),
+#: so the same tiles spill there: measured for sm_80, forward 128x128 spills 8-64 B, dQ 128x64
+#: 8-48 B and dQ 64x64 8-40 B with masks; dK/dV at D=128 spills 16-152 B in every pipelined tile once a mask or soft-cap
+#: is compiled in, and only the unpipelined 16x64x8 (one stage) is spill-free in every variant.
+AMPERE_CONFIGS: dict[str, list[tuple[int, int, int, int]]] = {
+    "fwd": [(128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
+    "dkdv": [(16, 128, 8, 2), (16, 64, 8, 2), (16, 64, 8, 1)],
+    "dq": [(128, 32, 8, 3), (64, 32, 8, 3)],
 }
 #: Under the interpreter every config costs a full (slow) run, so there is one, small and
 #: with BLOCK_M != BLOCK_N so the tests exercise the causal diagonal logic with both orders.
 _INTERPRETER = {"fwd": [(32, 16, 1, 1)], "dkdv": [(16, 32, 1, 1)], "dq": [(32, 16, 1, 1)]}
 
-CONFIG_TABLE: dict[str, list[tuple[int, int, int, int]]] = _INTERPRETER if INTERPRET else HOPPER_CONFIGS
+#: What the autotuner is given: both architectures' tables (the prune hook keeps the device's own).
+CONFIG_TABLE: dict[str, list[tuple[int, int, int, int]]] = _INTERPRETER if INTERPRET else {
+    k: HOPPER_CONFIGS[k] + [c for c in AMPERE_CONFIGS[k] if c not in HOPPER_CONFIGS[k]] for k in HOPPER_CONFIGS
+}
+
+#: Shared memory kept free for layout-conversion and reduction scratch, beyond the staged and
+#: resident tiles the prune hook counts (measured: 1-4 KB in every sm_90/sm_80 build).
+_SCRATCH_RESERVE = 4 * 1024
+
+
+def _device_smem_limit() -> int:
+    """Opt-in shared memory per block of the current CUDA device; Hopper's 227 KB where there is none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin)
+    return 227 * 1024
+
+
+def _device_arch() -> int:
+    """Compute capability of the current CUDA device as ``10 * major + minor``; 90 where there is none."""
+    import torch
+
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return 10 * major + minor
+    return 90
+
+
+def _as_tuple(c) -> tuple[int, int, int, int]:
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
 
 
 def _configs(kernel: str) -> list[triton.Config]:
@@ -62,16 +110,60 @@ def _configs(kernel: str) -> list[triton.Config]:
     ]
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop tiles that cannot fit shared memory at large head dims, and tiles far taller than the problem."""
+def _elem_size(named_args, name: str, default: int) -> int:
+    x = named_args.get(name)
+    return x.element_size() if hasattr(x, "element_size") else default
+
+
+def _prune(configs, named_args, kernel: str = "fwd", smem_limit: int | None = None, arch: int | None = None,
+           **kwargs):
+    """Drop tiles that cannot fit the target for this call's shape, and tiles far taller than the problem.
+
+    ``kernel`` says which operand is streamed: keys (forward, dQ: K and V per stage) or queries
+    (dK/dV: Q and dO per stage); the estimate matched ptxas within 1-4 KB where it binds.  A full float mask adds a [BLOCK_M, BLOCK_N] tile of its own
+    dtype per stage (an fp32 mask twice a bf16 one); a row-broadcast mask only BLOCK_N values.
+    ``smem_limit`` and ``arch`` are the target's (the current device's when None; the AOT check
+    passes its target's): compiled configs are first narrowed to that architecture's table.
+    """
+    arch = _device_arch() if arch is None else arch
+    if not INTERPRET:
+        own = HOPPER_CONFIGS[kernel] if arch >= 90 else AMPERE_CONFIGS[kernel]
+        configs = [c for c in configs if _as_tuple(c) in own] or configs
+    budget = (_device_smem_limit() if smem_limit is None else smem_limit) - _SCRATCH_RESERVE
     d_pad = max(kwargs.get("D_PAD", 64), kwargs.get("DV_PAD", 64))
     bucket = kwargs.get("S_BUCKET", named_args.get("S_BUCKET", 1 << 30))
+    in_bytes = _elem_size(named_args, "Q", 2)
+    mask_tile = kwargs.get("MASK_KIND", 0) != 0 and not kwargs.get("MASK_ROWB", False)
+    mask_bytes = _elem_size(named_args, "Mask", 4) if mask_tile else 0
     kept = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         if d_pad > 128 and (bm * bn > 64 * 64 or c.num_stages > 2):
             continue
         if d_pad == 128 and bm == 128 and bn == 128 and c.num_stages > 2:
+            continue
+        # Staged per pipeline stage: two streamed [rows, D] tiles and the mask tile; resident for the
+        # whole program: Q (forward), Q and dO (dQ), K and V (dK/dV).
+        streamed, resident = (bm, bn) if kernel == "dkdv" else (bn, bm)
+        n_resident = 1 if kernel == "fwd" else 2
+        staged = c.num_stages * (2 * streamed * d_pad * in_bytes + bm * bn * mask_bytes)
+        if staged + n_resident * resident * d_pad * in_bytes > budget:
+            continue
+        # Measured (sm_90, D=128, key-major dK/dV): 16x128 spills nothing in any variant; 32x64 spills
+        # 56-104 B once a float mask meets SSMax; 32x128 and 64x64 spill 16-400 B with any mask.
+        if arch >= 90 and kernel == "dkdv" and d_pad >= 128 and bm > 16 and (kwargs.get("MASK_KIND", 0) or bm * bn > 32 * 64):
+            continue
+        # Measured (sm_90, every variant): a full fp32 mask tile spills 32-104 B in dK/dV above 32x64
+        # (16x64 at D=128) and 88 B in a 128x128 forward; dQ 64x64x4 at D=128 spills 56 B when causal.
+        if arch >= 90 and mask_bytes >= 4 and bm * bn > {"dkdv": 16 * 64 if d_pad >= 128 else 32 * 64}.get(kernel, 128 * 64):
+            continue
+        if arch >= 90 and kernel == "dq" and d_pad >= 128 and c.num_warps == 4 and bm * bn >= 64 * 64:
+            continue
+        # Measured (sm_80): the one-stage dK/dV tile is for D=128 only, where every pipelined one spills;
+        # the 128-row forward spills 8 B at D=128 once a mask is compiled in.
+        if arch < 90 and kernel == "dkdv" and (c.num_stages == 1) != (d_pad >= 128):
+            continue
+        if arch < 90 and kernel == "fwd" and bm == 128 and d_pad >= 128:
             continue
         if bm > 2 * bucket and bm > 16:
             continue
@@ -81,7 +173,13 @@ def _prune(configs, named_args, **kwargs):
     return kept
 
 
-_KEY = ["S_BUCKET", "D_PAD", "DV_PAD", "CAUSAL", "MASK_KIND", "SSMAX", "SOFTCAP"]
+def _tuned(kernel: str, fn):
+    """``fn`` autotuned over ``kernel``'s table with that kernel's pruning."""
+    return triton.autotune(configs=_configs(kernel), key=_KEY,
+                           prune_configs_by={"early_config_prune": functools.partial(_prune, kernel=kernel)})(fn)
+
+
+_KEY = ["S_BUCKET", "D_PAD", "DV_PAD", "CAUSAL", "MASK_KIND", "MASK_ROWB", "SSMAX", "SOFTCAP"]
 
 
 # ---- element-wise helpers ------------------------------------------------------------------
@@ -191,15 +289,22 @@ def _attendable(mv, mask_thr):
 
 
 @triton.jit
-def _scores(qk, offs_m, offs_n, m_ptrs, f2, S_q, S_k, scale, softcap, mask_thr,
-            CAUSAL_CHECK: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr):
+def _scores(qk, qi, kj, m_ptrs, f2, S_q, S_k, scale, softcap, mask_thr,
+            CAUSAL_CHECK: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWB: tl.constexpr, SOFTCAP: tl.constexpr):
     """From ``q . k`` to base-2 logits for one tile; also returns ``z``, ``tanh`` and the attendable set.
+
+    Orientation-free: ``qi`` (query index), ``kj`` (key index) and ``f2`` (the per-query factor)
+    are 2-D and broadcast to the tile, ``[BM, 1]``/``[1, BN]`` for a query-major tile (forward,
+    dQ) or ``[1, BM]``/``[BN, 1]`` for the key-major tile of dK/dV.
 
     ``z`` (pre-factor logits) and ``t`` (the tanh) are what the backward needs for the
     SSMax and soft-cap gradients.  A float mask value counts as masked when it is at or
     below ``mask_thr`` (``MASKED_BELOW`` rounded to the mask's dtype, so the decision is the
     one made in that dtype); NaN is not masked, so it reaches the output as in semantics.
     Masking is applied after the factor: no factor can unmask a key or make it NaN.
+    ``MASK_ROWB``: the mask does not vary over rows (a key-padding mask, row stride 0), so
+    ``m_ptrs`` is shaped like ``kj`` and one row of mask serves the whole tile: the pipeline
+    then stages BLOCK_N mask values per key block, not BLOCK_M * BLOCK_N.
     """
     raw = qk * scale
     if SOFTCAP:
@@ -208,19 +313,25 @@ def _scores(qk, offs_m, offs_n, m_ptrs, f2, S_q, S_k, scale, softcap, mask_thr,
     else:
         t = raw
         z = raw
-    inb = (offs_m[:, None] < S_q) & (offs_n[None, :] < S_k)
+    inb = (qi < S_q) & (kj < S_k)
     allowed = inb
     if CAUSAL_CHECK:
-        allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + (S_k - S_q))
+        allowed = allowed & (kj <= qi + (S_k - S_q))
     if MASK_KIND == 1:
-        mv = tl.load(m_ptrs, mask=inb, other=0)
+        if MASK_ROWB:
+            mv = tl.load(m_ptrs, mask=kj < S_k, other=0)
+        else:
+            mv = tl.load(m_ptrs, mask=inb, other=0)
         allowed = allowed & (mv != 0)
     if MASK_KIND == 2:
-        mv = tl.load(m_ptrs, mask=inb, other=0.0)
+        if MASK_ROWB:
+            mv = tl.load(m_ptrs, mask=kj < S_k, other=0.0)
+        else:
+            mv = tl.load(m_ptrs, mask=inb, other=0.0)
         keep = _attendable(mv, mask_thr)
         z = z + tl.where(keep, mv.to(tl.float32), 0.0)
         allowed = allowed & keep
-    logit2 = tl.where(allowed, z * f2[:, None], float("-inf"))
+    logit2 = tl.where(allowed, z * f2, float("-inf"))
     return logit2, z, t, allowed
 
 
@@ -284,15 +395,16 @@ def delta_kernel(Out, DO, Delta, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, S_q,
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, m_base, skn, skd, svn, svd, smn,
                offs_m, offs_n0, offs_d, offs_dv, f2, S_q, S_k, D, DV, scale, softcap, mask_thr, lo, hi,
                BLOCK_N: tl.constexpr, CAUSAL_CHECK: tl.constexpr, MASK_KIND: tl.constexpr,
-               SOFTCAP: tl.constexpr, UPCAST: tl.constexpr):
+               MASK_ROWB: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr):
     """Online softmax over key blocks ``[lo, hi)``: running max ``m``, normaliser ``l``, accumulator."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
                      mask=(offs_n[None, :] < S_k) & (offs_d[:, None] < D), other=0.0)
         qk = _dot(q, kt, UPCAST)
-        logit2, z, t, allowed = _scores(qk, offs_m, offs_n, m_base + offs_n[None, :] * smn, f2, S_q, S_k,
-                                        scale, softcap, mask_thr, CAUSAL_CHECK, MASK_KIND, SOFTCAP)
+        logit2, z, t, allowed = _scores(qk, offs_m[:, None], offs_n[None, :], m_base + offs_n[None, :] * smn,
+                                        f2[:, None], S_q, S_k, scale, softcap, mask_thr,
+                                        CAUSAL_CHECK, MASK_KIND, MASK_ROWB, SOFTCAP)
         m_new = tl.maximum(m_i, _max(logit2, 1))
         # A row with no attendable key so far keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -312,8 +424,8 @@ def fwd_kernel(Q, K, V, Mask, NKeys, SS, SB, Out, Lse,
                smb, smh, smm, smn, snb, snh, ssh, sbh, sob, soh, som, sod,
                H, GROUP, S_q, S_k, D, DV, scale, softcap, mask_thr, S_BUCKET,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-               CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, SSMAX: tl.constexpr, HAS_B: tl.constexpr,
-               N_BUF: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr):
+               CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWB: tl.constexpr, SSMAX: tl.constexpr,
+               HAS_B: tl.constexpr, N_BUF: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr):
     """One query block of one (batch, head): ``Out`` and natural ``Lse`` (``-inf`` for rows with no key).
 
     Causal problems visit only key blocks at or left of the diagonal, and only the blocks
@@ -335,7 +447,10 @@ def fwd_kernel(Q, K, V, Mask, NKeys, SS, SB, Out, Lse,
                 mask=(offs_m[:, None] < S_q) & (offs_d[None, :] < D), other=0.0)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
-    m_base = Mask + b * smb + h * smh + offs_m[:, None].to(tl.int64) * smm
+    if MASK_ROWB:
+        m_base = Mask + b * smb + h * smh
+    else:
+        m_base = Mask + b * smb + h * smh + offs_m[:, None].to(tl.int64) * smm
     if SSMAX:
         s = tl.load(SS + h * ssh)
         bias = 0.0
@@ -355,14 +470,14 @@ def fwd_kernel(Q, K, V, Mask, NKeys, SS, SB, Out, Lse,
         full = (full // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, m_base, skn, skd, svn, svd, smn,
                                    offs_m, offs_n0, offs_d, offs_dv, f2, S_q, S_k, D, DV, scale, softcap,
-                                   mask_thr, 0, full, BLOCK_N, False, MASK_KIND, SOFTCAP, UPCAST)
+                                   mask_thr, 0, full, BLOCK_N, False, MASK_KIND, MASK_ROWB, SOFTCAP, UPCAST)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, m_base, skn, skd, svn, svd, smn,
                                    offs_m, offs_n0, offs_d, offs_dv, f2, S_q, S_k, D, DV, scale, softcap,
-                                   mask_thr, full, hi, BLOCK_N, True, MASK_KIND, SOFTCAP, UPCAST)
+                                   mask_thr, full, hi, BLOCK_N, True, MASK_KIND, MASK_ROWB, SOFTCAP, UPCAST)
     else:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, m_base, skn, skd, svn, svd, smn,
                                    offs_m, offs_n0, offs_d, offs_dv, f2, S_q, S_k, D, DV, scale, softcap,
-                                   mask_thr, 0, S_k, BLOCK_N, False, MASK_KIND, SOFTCAP, UPCAST)
+                                   mask_thr, 0, S_k, BLOCK_N, False, MASK_KIND, MASK_ROWB, SOFTCAP, UPCAST)
     # "!= 0" rather than "> 0": a NaN sum is a row with keys whose NaN must reach the output.
     has = l_i != 0.0
     l_safe = tl.where(has, l_i, 1.0)
@@ -374,7 +489,7 @@ def fwd_kernel(Q, K, V, Mask, NKeys, SS, SB, Out, Lse,
     tl.store(Lse + pid_bh.to(tl.int64) * S_q + offs_m, lse, mask=row_ok)
 
 
-fwd_tuned = triton.autotune(configs=_configs("fwd"), key=_KEY, prune_configs_by={"early_config_prune": _prune})(fwd_kernel)
+fwd_tuned = _tuned("fwd", fwd_kernel)
 
 
 # ---- backward: dQ (and the SSMax row gradient) ----------------------------------------------
@@ -382,7 +497,7 @@ fwd_tuned = triton.autotune(configs=_configs("fwd"), key=_KEY, prune_configs_by=
 @triton.jit
 def _dq_inner(dq, dfac, q, do, lse2, delta, f, f2, k_base, v_base, m_base, skn, skd, svn, svd, smn,
               offs_m, offs_n0, offs_d, offs_dv, S_q, S_k, D, DV, scale, softcap, mask_thr, lo, hi,
-              BLOCK_N: tl.constexpr, CAUSAL_CHECK: tl.constexpr, MASK_KIND: tl.constexpr,
+              BLOCK_N: tl.constexpr, CAUSAL_CHECK: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWB: tl.constexpr,
               SOFTCAP: tl.constexpr, SSMAX: tl.constexpr, UPCAST: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
@@ -391,8 +506,9 @@ def _dq_inner(dq, dfac, q, do, lse2, delta, f, f2, k_base, v_base, m_base, skn, 
         v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
                     mask=(offs_n[:, None] < S_k) & (offs_dv[None, :] < DV), other=0.0)
         qk = _dot(q, tl.trans(k), UPCAST)
-        logit2, z, t, allowed = _scores(qk, offs_m, offs_n, m_base + offs_n[None, :] * smn, f2, S_q, S_k,
-                                        scale, softcap, mask_thr, CAUSAL_CHECK, MASK_KIND, SOFTCAP)
+        logit2, z, t, allowed = _scores(qk, offs_m[:, None], offs_n[None, :], m_base + offs_n[None, :] * smn,
+                                        f2[:, None], S_q, S_k, scale, softcap, mask_thr,
+                                        CAUSAL_CHECK, MASK_KIND, MASK_ROWB, SOFTCAP)
         p = tl.exp2(logit2 - lse2[:, None])
         dp = _dot(do, tl.trans(v), UPCAST)
         dlogit = p * (dp - delta[:, None])
@@ -413,8 +529,8 @@ def bwd_dq_kernel(Q, K, V, Mask, NKeys, SS, SB, DO, Lse, Delta, DQ, DFacLogn, DF
                   smb, smh, smm, smn, snb, snh, ssh, sbh, sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd,
                   H, GROUP, S_q, S_k, D, DV, scale, softcap, mask_thr, S_BUCKET,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-                  CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, SSMAX: tl.constexpr, HAS_B: tl.constexpr,
-                  N_BUF: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr):
+                  CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWB: tl.constexpr, SSMAX: tl.constexpr,
+                  HAS_B: tl.constexpr, N_BUF: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr):
     """dQ for one query block, plus ``dfactor * log n`` and ``dfactor`` per row (the s and b gradients).
 
     Visits the same key blocks as the forward (causal block skipping included) and
@@ -441,7 +557,10 @@ def bwd_dq_kernel(Q, K, V, Mask, NKeys, SS, SB, DO, Lse, Delta, DQ, DFacLogn, DF
     delta = tl.load(Delta + pid_bh.to(tl.int64) * S_q + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
-    m_base = Mask + b * smb + h * smh + offs_m[:, None].to(tl.int64) * smm
+    if MASK_ROWB:
+        m_base = Mask + b * smb + h * smh
+    else:
+        m_base = Mask + b * smb + h * smh + offs_m[:, None].to(tl.int64) * smm
     if SSMAX:
         s = tl.load(SS + h * ssh)
         bias = 0.0
@@ -461,14 +580,14 @@ def bwd_dq_kernel(Q, K, V, Mask, NKeys, SS, SB, DO, Lse, Delta, DQ, DFacLogn, DF
         full = (full // BLOCK_N) * BLOCK_N
         dq, dfac = _dq_inner(dq, dfac, q, do, lse2, delta, f, f2, k_base, v_base, m_base, skn, skd, svn, svd, smn,
                              offs_m, offs_n0, offs_d, offs_dv, S_q, S_k, D, DV, scale, softcap, mask_thr, 0, full,
-                             BLOCK_N, False, MASK_KIND, SOFTCAP, SSMAX, UPCAST)
+                             BLOCK_N, False, MASK_KIND, MASK_ROWB, SOFTCAP, SSMAX, UPCAST)
         dq, dfac = _dq_inner(dq, dfac, q, do, lse2, delta, f, f2, k_base, v_base, m_base, skn, skd, svn, svd, smn,
                              offs_m, offs_n0, offs_d, offs_dv, S_q, S_k, D, DV, scale, softcap, mask_thr, full, hi,
-                             BLOCK_N, True, MASK_KIND, SOFTCAP, SSMAX, UPCAST)
+                             BLOCK_N, True, MASK_KIND, MASK_ROWB, SOFTCAP, SSMAX, UPCAST)
     else:
         dq, dfac = _dq_inner(dq, dfac, q, do, lse2, delta, f, f2, k_base, v_base, m_base, skn, skd, svn, svd, smn,
                              offs_m, offs_n0, offs_d, offs_dv, S_q, S_k, D, DV, scale, softcap, mask_thr, 0, S_k,
-                             BLOCK_N, False, MASK_KIND, SOFTCAP, SSMAX, UPCAST)
+                             BLOCK_N, False, MASK_KIND, MASK_ROWB, SOFTCAP, SSMAX, UPCAST)
     dq = dq * scale
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
              _cast(dq, DQ.dtype.element_ty, UPCAST), mask=row_ok[:, None] & (offs_d[None, :] < D))
@@ -477,7 +596,7 @@ def bwd_dq_kernel(Q, K, V, Mask, NKeys, SS, SB, DO, Lse, Delta, DQ, DFacLogn, DF
         tl.store(DFac + pid_bh.to(tl.int64) * S_q + offs_m, dfac, mask=row_ok)
 
 
-bwd_dq_tuned = triton.autotune(configs=_configs("dq"), key=_KEY, prune_configs_by={"early_config_prune": _prune})(bwd_dq_kernel)
+bwd_dq_tuned = _tuned("dq", bwd_dq_kernel)
 
 
 # ---- backward: dK, dV (and the float-mask gradient) -----------------------------------------
@@ -487,7 +606,7 @@ def _dkdv_inner(dk, dv, colsum, k, v, q_base, do_base, lse_row, delta_row, n_row
                 sqm, sqd, sdom, sdod, m_base, smm, smn, sdmm, sdmn,
                 offs_n, offs_m0, offs_d, offs_dv, S_q, S_k, D, DV, scale, softcap, mask_thr, lo, hi,
                 BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, CAUSAL_CHECK: tl.constexpr, MASK_KIND: tl.constexpr,
-                SSMAX: tl.constexpr, HAS_B: tl.constexpr, N_BUF: tl.constexpr, SOFTCAP: tl.constexpr,
+                MASK_ROWB: tl.constexpr, SSMAX: tl.constexpr, HAS_B: tl.constexpr, N_BUF: tl.constexpr, SOFTCAP: tl.constexpr,
                 ROW_BCAST: tl.constexpr, UPCAST: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
@@ -505,27 +624,35 @@ def _dkdv_inner(dk, dv, colsum, k, v, q_base, do_base, lse_row, delta_row, n_row
         else:
             f = tl.full([BLOCK_M], 1.0, tl.float32)
             f2 = tl.full([BLOCK_M], LOG2E, tl.float32)
-        qk = _dot(q, tl.trans(k), UPCAST)
-        logit2, z, t, allowed = _scores(qk, offs_m, offs_n, m_base + offs_m[:, None].to(tl.int64) * smm + offs_n[None, :] * smn,
-                                        f2, S_q, S_k, scale, softcap, mask_thr, CAUSAL_CHECK, MASK_KIND, SOFTCAP)
-        p = tl.exp2(logit2 - lse2[:, None])
-        dv += _dot(tl.trans(_cast(p, do.dtype, UPCAST)), do, UPCAST)
-        dp = _dot(do, tl.trans(v), UPCAST)
-        dlogit = p * (dp - delta[:, None])
+        # Key-major tile [BLOCK_N, BLOCK_M]: P^T and dZ^T come out of their dots in the layout the dV
+        # and dK dots take as their register operand, so no tile is transposed through shared memory.
+        qkT = _dot(k, tl.trans(q), UPCAST)
+        # dP^T before the element-wise work: the mask, tanh and "allowed" tiles then die before the
+        # dV/dK dots instead of living across them (measured: fewer registers, fewer spills).
+        dpT = _dot(v, tl.trans(do), UPCAST)
+        if MASK_ROWB:
+            m_ptrs = m_base + offs_n[:, None] * smn
+        else:
+            m_ptrs = m_base + offs_m[None, :].to(tl.int64) * smm + offs_n[:, None] * smn
+        logit2, z, t, allowed = _scores(qkT, offs_m[None, :], offs_n[:, None], m_ptrs, f2[None, :], S_q, S_k, scale,
+                                        softcap, mask_thr, CAUSAL_CHECK, MASK_KIND, MASK_ROWB, SOFTCAP)
+        pT = tl.exp2(logit2 - lse2[None, :])
+        dlogit = pT * (dpT - delta[None, :])
         if SSMAX:
-            dz = dlogit * f[:, None]
+            dz = dlogit * f[None, :]
         else:
             dz = dlogit
         if MASK_KIND == 2:
             dm = tl.where(allowed, dz, 0.0)
             if ROW_BCAST:
-                colsum += _sum(dm, 0)
+                colsum += _sum(dm, 1)
             else:
-                tl.store(dm_base + offs_m[:, None].to(tl.int64) * sdmm + offs_n[None, :] * sdmn, dm,
-                         mask=row_ok[:, None] & (offs_n[None, :] < S_k))
+                tl.store(dm_base + offs_m[None, :].to(tl.int64) * sdmm + offs_n[:, None] * sdmn, dm,
+                         mask=row_ok[None, :] & (offs_n[:, None] < S_k))
         if SOFTCAP:
             dz = dz * (1.0 - t * t)
-        dk += _dot(tl.trans(_cast(dz, q.dtype, UPCAST)), q, UPCAST)
+        dv += _dot(_cast(pT, do.dtype, UPCAST), do, UPCAST)
+        dk += _dot(_cast(dz, q.dtype, UPCAST), q, UPCAST)
     return dk, dv, colsum
 
 
@@ -536,8 +663,8 @@ def bwd_dkdv_kernel(Q, K, V, Mask, NKeys, SS, SB, DO, Lse, Delta, DK, DVout, DMa
                     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, sdmb, sdmh, sdmm, sdmn,
                     H, GROUP, S_q, S_k, D, DV, scale, softcap, mask_thr, S_BUCKET,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-                    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, SSMAX: tl.constexpr, HAS_B: tl.constexpr,
-                    N_BUF: tl.constexpr, SOFTCAP: tl.constexpr, ROW_BCAST: tl.constexpr, UPCAST: tl.constexpr):
+                    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWB: tl.constexpr, SSMAX: tl.constexpr,
+                    HAS_B: tl.constexpr, N_BUF: tl.constexpr, SOFTCAP: tl.constexpr, ROW_BCAST: tl.constexpr, UPCAST: tl.constexpr):
     """dK and dV for one key block of one (batch, KV head), summed over the query heads of its group.
 
     Looping over the GQA group inside the program is what keeps this atomic-free: every
@@ -591,18 +718,18 @@ def bwd_dkdv_kernel(Q, K, V, Mask, NKeys, SS, SB, DO, Lse, Delta, DK, DVout, DMa
             dk, dv, colsum = _dkdv_inner(dk, dv, colsum, k, v, q_base, do_base, lse_row, delta_row, n_row, dm_base,
                                          s, bias, sqm, sqd, sdom, sdod, m_base, smm, smn, sdmm, sdmn,
                                          offs_n, offs_m0, offs_d, offs_dv, S_q, S_k, D, DV, scale, softcap, mask_thr,
-                                         lo, mid, BLOCK_M, CAUSAL, True, MASK_KIND, SSMAX, HAS_B, N_BUF, SOFTCAP,
+                                         lo, mid, BLOCK_M, CAUSAL, True, MASK_KIND, MASK_ROWB, SSMAX, HAS_B, N_BUF, SOFTCAP,
                                          ROW_BCAST, UPCAST)
             dk, dv, colsum = _dkdv_inner(dk, dv, colsum, k, v, q_base, do_base, lse_row, delta_row, n_row, dm_base,
                                          s, bias, sqm, sqd, sdom, sdod, m_base, smm, smn, sdmm, sdmn,
                                          offs_n, offs_m0, offs_d, offs_dv, S_q, S_k, D, DV, scale, softcap, mask_thr,
-                                         mid, S_q, BLOCK_M, CAUSAL, False, MASK_KIND, SSMAX, HAS_B, N_BUF, SOFTCAP,
+                                         mid, S_q, BLOCK_M, CAUSAL, False, MASK_KIND, MASK_ROWB, SSMAX, HAS_B, N_BUF, SOFTCAP,
                                          ROW_BCAST, UPCAST)
         else:
             dk, dv, colsum = _dkdv_inner(dk, dv, colsum, k, v, q_base, do_base, lse_row, delta_row, n_row, dm_base,
                                          s, bias, sqm, sqd, sdom, sdod, m_base, smm, smn, sdmm, sdmn,
                                          offs_n, offs_m0, offs_d, offs_dv, S_q, S_k, D, DV, scale, softcap, mask_thr,
-                                         0, S_q, BLOCK_M, CAUSAL, False, MASK_KIND, SSMAX, HAS_B, N_BUF, SOFTCAP,
+                                         0, S_q, BLOCK_M, CAUSAL, False, MASK_KIND, MASK_ROWB, SSMAX, HAS_B, N_BUF, SOFTCAP,
                                          ROW_BCAST, UPCAST)
         if MASK_KIND == 2:
             if ROW_BCAST:
@@ -614,4 +741,4 @@ def bwd_dkdv_kernel(Q, K, V, Mask, NKeys, SS, SB, DO, Lse, Delta, DK, DVout, DMa
              _cast(dv, DVout.dtype.element_ty, UPCAST), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
 
 
-bwd_dkdv_tuned = triton.autotune(configs=_configs("dkdv"), key=_KEY, prune_configs_by={"early_config_prune": _prune})(bwd_dkdv_kernel)
+bwd_dkdv_tuned = _tuned("dkdv", bwd_dkdv_kernel)
