@@ -48,7 +48,7 @@ def _param(x: Any, what: str) -> Param | None:
         except (TypeError, ValueError) as e:
             raise SpecError(f"SSMax {what} must be a number or one number per head, got {x!r}") from e
     if not all(math.isfinite(v) for v in vals):
-        raise SpecError(f"SSMax {what} must be finite, got {x!r}")
+        raise SpecError(f"SSMax {what} must be finite, not NaN or inf (got {x!r})")
     return vals if isinstance(x, Sequence) and not isinstance(x, str) else vals[0]
 
 
