@@ -20,7 +20,7 @@ from attnpass.modelio import check_output as _check_output
 from attnpass.modelio import load, save
 from attnpass.modelio import staging as _staging
 from attnpass.passes.match import Report
-from attnpass.result import RewriteResult
+from attnpass.result import RewriteResult, json_safe
 from attnpass.spec import RewriteSpec
 
 
@@ -49,8 +49,8 @@ class OnnxReport:
         return self.report.sites[i]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"sites": [s.summary() for s in self.report.sites],
-                "skipped": [{"node": k.name, "reason": k.reason} for k in self.report.skipped]}
+        return json_safe({"sites": [s.summary() for s in self.report.sites],
+                          "skipped": [{"node": k.name, "reason": k.reason} for k in self.report.skipped]})
 
 
 def find(src: Any) -> OnnxReport:
