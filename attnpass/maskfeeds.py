@@ -19,6 +19,9 @@ import numpy as np
 #: Ops that move or retype a mask without changing what it says.
 LAYOUT_OPS = frozenset({"Cast", "CastLike", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Flatten", "Expand",
                         "Slice", "Transpose", "Tile", "Gather"})
+#: Ops whose output depends on their input's shape or type only: a mask built from ``Shape(x)`` says nothing
+#: about ``x``'s values, so ``x`` is not a mask input.
+SHAPE_ONLY_OPS = frozenset({"Shape", "Size", "ConstantOfShape", "Range", "EyeLike"})
 #: How far back from a mask term an input is looked for (masks are built in a handful of ops).
 MAX_DEPTH = 24
 
@@ -76,11 +79,12 @@ def _inputs_of(value: Any, graph_inputs: dict[int, Any]) -> list[tuple[Any, bool
         if node is None:
             continue
         op = node.op_type
+        if op in SHAPE_ONLY_OPS:
+            continue
         layout = op in LAYOUT_OPS and (op != "Cast" or _is_bool(v) == _is_bool(node.inputs[0]))
-        for k, src in enumerate(node.inputs):
-            # only the data operand of a layout op carries the mask; shapes and indices do not
-            data = k == 0
-            stack.append((src, plain and layout and data, flipped != (op == "Not"), depth + 1))
+        # only the data operand of a layout op carries the mask; its shapes, indices and types do not
+        for src in node.inputs[:1] if layout else node.inputs:
+            stack.append((src, plain and layout, flipped != (op == "Not"), depth + 1))
     return found
 
 

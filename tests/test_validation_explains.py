@@ -26,10 +26,12 @@ def _const(name: str, value: float) -> onnx.NodeProto:
 
 
 def _model(mask_name: str, mask_type: int = TensorProto.FLOAT, extra: list[onnx.NodeProto] | None = None,
-           extra_inputs: list[onnx.ValueInfoProto] | None = None, out: str = "out") -> onnx.ModelProto:
+           extra_inputs: list[onnx.ValueInfoProto] | None = None, out: str = "out", expand: bool = False) -> onnx.ModelProto:
     """``softmax(q k^T * c + mask) v`` with the mask an input named ``mask_name`` (``[B, 1, 1, S]``).
 
-    A bool mask goes through ``Where(mask, 0, finfo.min)`` first; ``extra`` nodes may post-process ``att``.
+    A bool mask goes through ``Where(mask, 0, finfo.min)`` first; ``expand`` broadcasts it to the scores'
+    shape (``Expand(mask, Shape(scores))``: q and k then reach the mask term, but only through a shape);
+    ``extra`` nodes may post-process ``att``.
     """
     nodes = [
         helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
@@ -41,6 +43,9 @@ def _model(mask_name: str, mask_type: int = TensorProto.FLOAT, extra: list[onnx.
     if mask_type == TensorProto.BOOL:
         nodes += [_const("zero", 0.0), _const("fill", F32_MIN), helper.make_node("Where", [mask_name, "zero", "fill"], ["bias"])]
         bias = "bias"
+    if expand:
+        nodes += [helper.make_node("Shape", ["z"], ["zshape"]), helper.make_node("Expand", [bias, "zshape"], ["bias_full"])]
+        bias = "bias_full"
     nodes += [
         helper.make_node("Add", ["z", bias], ["zm"]),
         helper.make_node("Softmax", ["zm"], ["p"], axis=-1),
@@ -73,6 +78,14 @@ def test_float_mask_not_named_mask_gets_bias_values_and_ssmax_validates(tmp_path
     res = aonnx.rewrite(src, tmp_path / "ssmax.onnx", to="ssmax", s=0.9)
     assert len(res.rewritten) == 1 and res.self_test.passed and res.validation.passed
     assert res.validation.input_shapes["attn_bias"] == (B, 1, 1, 16)
+
+
+def test_inputs_reaching_a_mask_only_through_a_shape_are_not_masks(tmp_path: Path) -> None:
+    src = _save(_model("attn_bias", expand=True), tmp_path / "expand.onnx")
+    found = mask_inputs(aonnx.load(src))
+    assert set(found) == {"attn_bias"} and found["attn_bias"].style == "bias"
+    feeds = val.make_inputs(src)
+    assert len(np.unique(feeds["q"])) > 100  # q stays Gaussian, not a 0/1 pattern
 
 
 def test_bool_mask_input_follows_the_graph_polarity(tmp_path: Path) -> None:
