@@ -21,6 +21,10 @@ from attnpass.spec import RewriteSpec
 
 
 def apply(model: Any, spec: RewriteSpec) -> tuple[Report, dict[int, str]]:
+    """Rewrite ``model`` in place as ``spec`` asks; the report and {site index: why it was left alone}.
+
+    Every model a rewrite builds (the output, the ``s=0, b=1`` probe, the unfused SSMax reference) goes
+    through here, so the three can only differ by the spec they are given."""
     from attnpass.passes import onnx as onnx_pass
 
     report = onnx_pass.find(model)
