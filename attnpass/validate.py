@@ -9,6 +9,7 @@ Outputs compare equal where both hold the same NaN/inf; a comparison that fails 
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import sys
@@ -132,20 +133,29 @@ def _graph_hints(model: Any) -> tuple[dict[str, int], dict[str, MaskInput]]:
     """What the graph says about its inputs: embedding sizes and the inputs that feed attention masks."""
     import onnx_ir as ir
 
-    from attnpass.modelio import load
+    from attnpass.modelio import EXTERNAL_DATA_BYTES, load, weights_bytes
 
     try:
         loaded = model if isinstance(model, ir.Model) else load(model)
     except AttnpassError:
         return {}, {}
-    return _vocab_sizes(loaded), mask_inputs(loaded)
+    # the matcher reads initializer values (mask buffers, scales): on a model whose weights stay on disk that
+    # would bring gigabytes into memory next to onnxruntime's copy, so those fall back to input names
+    big = weights_bytes(loaded) > EXTERNAL_DATA_BYTES
+    hints = _vocab_sizes(loaded), ({} if big else mask_inputs(loaded))
+    if loaded is not model:
+        # an onnx-ir graph is a web of cycles (nodes <-> values): collect it now, before onnxruntime loads
+        # the same weights, so a model near the 2 GB limit is never held twice
+        del loaded
+        gc.collect()
+    return hints
 
 
 def make_inputs(model: Any, batch: int = 2, seq: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs for every graph input: dynamic axes get ``batch`` (axis 0) or ``seq``, consistently per dim name."""
     rng = np.random.default_rng(seed)
-    sess = model if hasattr(model, "get_inputs") else session(model)
     vocab, masks = ({}, {}) if hasattr(model, "get_inputs") else _graph_hints(model)
+    sess = model if hasattr(model, "get_inputs") else session(model)
     named: dict[str, int] = {}
     feeds: dict[str, np.ndarray] = {}
     for i in sess.get_inputs():
