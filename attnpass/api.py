@@ -14,6 +14,7 @@ from torch import fx
 from attnpass.errors import AttnpassError
 from attnpass.passes import fx as fx_pass
 from attnpass.passes.match import Report
+from attnpass.passes.site import Emitted
 from attnpass.result import RewriteResult
 from attnpass.rewrite import fx as fx_rewrite
 from attnpass.spec import RewriteSpec
@@ -61,8 +62,7 @@ def to_ssmax(
     as ``.attnpass_result`` (and the matcher's report as ``.attnpass_report``).
     """
     spec = RewriteSpec.of("ssmax", s=s, b=b, train_len=train_len, fused=fused)
-    gm, report = fx_rewrite.emit(_as_graph(model, args, kwargs, dynamic_shapes), spec.resolve())
-    return _attach(gm, report, spec)
+    return _attach(*fx_rewrite.emitted(_as_graph(model, args, kwargs, dynamic_shapes), spec.resolve()), spec)
 
 
 def fuse(model: Any, args: tuple | None = None, kwargs: dict | None = None, dynamic_shapes: Any = None) -> fx.GraphModule:
@@ -72,12 +72,11 @@ def fuse(model: Any, args: tuple | None = None, kwargs: dict | None = None, dyna
     rewritten module serves every length.  ``.attnpass_result`` says which sites were left alone and why.
     """
     spec = RewriteSpec("fused")
-    gm, report = fx_rewrite.emit(_as_graph(model, args, kwargs, dynamic_shapes), spec.resolve())
-    return _attach(gm, report, spec)
+    return _attach(*fx_rewrite.emitted(_as_graph(model, args, kwargs, dynamic_shapes), spec.resolve()), spec)
 
 
-def _attach(gm: fx.GraphModule, report: Report, spec: RewriteSpec) -> fx.GraphModule:
+def _attach(gm: fx.GraphModule, done: Emitted, spec: RewriteSpec) -> fx.GraphModule:
     """The module keeps its answer: callers get the module back, and ask it what was rewritten."""
-    gm.attnpass_report = report
-    gm.attnpass_result = RewriteResult.from_report(report, spec, "fx")
+    gm.attnpass_report = done.report
+    gm.attnpass_result = RewriteResult(done.report, spec, dict(done.left), ir="fx")
     return gm

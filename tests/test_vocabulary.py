@@ -60,6 +60,17 @@ def test_bad_requests_are_both_error_kinds(kwargs: dict, words: str) -> None:
     assert isinstance(info.value, AttnpassError) and isinstance(info.value, ValueError)
 
 
+def test_fx_result_names_the_sites_left_alone() -> None:
+    """The fx result reads the emitter's plans, as ONNX's does: an unfusable site is left with the reason."""
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    fused = attnpass.fuse(M.ReturnsProbs().eval(), (q, k, v))
+    res = fused.attnpass_result
+    assert res.rewritten == [] and "also used" in res.left[0]
+    ss = attnpass.to_ssmax(M.ReturnsProbs().eval(), (q, k, v), fused=True).attnpass_result
+    assert "SSMax applied unfused" in ss.left[0]
+    assert attnpass.to_ssmax(M.ReturnsProbs().eval(), (q, k, v)).attnpass_result.rewritten == [0]
+
+
 def test_fx_modules_carry_the_result() -> None:
     q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
     fused = attnpass.fuse(M.CausalTril().eval(), (q, k, v))

@@ -38,8 +38,8 @@ def attnpass_backend(gm: fx.GraphModule, example_inputs: list[Any], **options: A
         raise ValueError(f"attnpass backend: rewrite must be 'fused' or 'ssmax', got {rewrite!r}")
     spec = RewriteSpec.of(rewrite, s=opts.get("s"), b=opts.get("b"), train_len=opts.get("train_len"),
                           fused=rewrite == "ssmax" and bool(opts.get("fused", True)))
-    gm, report = fx_rewrite.emit(gm, spec.resolve())
-    reports.append(RewriteResult.from_report(report, spec, "fx"))
+    gm, done = fx_rewrite.emitted(gm, spec.resolve())
+    reports.append(RewriteResult(done.report, spec, dict(done.left), ir="fx"))
     inner = opts.get("inner", "inductor")
     if inner == "eager":
         return gm.forward
