@@ -11,11 +11,13 @@ from typing import Any
 import torch
 from torch import fx
 
-from attnpass import semantics
 from attnpass.errors import AttnpassError
 from attnpass.passes import fx as fx_pass
 from attnpass.passes.match import Report
+from attnpass.passes.site import Emitted
+from attnpass.result import RewriteResult
 from attnpass.rewrite import fx as fx_rewrite
+from attnpass.spec import RewriteSpec
 
 
 def _as_graph(model: Any, args: tuple | None, kwargs: dict | None, dynamic_shapes: Any = None) -> fx.GraphModule:
@@ -56,25 +58,25 @@ def to_ssmax(
 
     ``train_len=L`` sets ``s = 1/log(L)`` (and ``b`` unset) so a pretrained model is unchanged at
     length ``L``.  ``fused=True`` also fuses every fusable site into ``attnpass::attention`` with the
-    SSMax parameters (same meaning, fused speed).  The returned module carries the report as
-    ``.attnpass_report``.
+    SSMax parameters (same meaning, fused speed).  The returned module carries the ``RewriteResult``
+    as ``.attnpass_result`` (and the matcher's report as ``.attnpass_report``).
     """
-    if train_len is not None:
-        if s is not None:
-            raise ValueError("give either s or train_len, not both")
-        s = semantics.s_for_train_len(train_len)
-    s = semantics.DEFAULT_S if s is None else s
-    gm, report = fx_rewrite.to_ssmax(_as_graph(model, args, kwargs, dynamic_shapes), s=s, b=b, fused=fused)
-    gm.attnpass_report = report
-    return gm
+    spec = RewriteSpec.of("ssmax", s=s, b=b, train_len=train_len, fused=fused)
+    return _attach(*fx_rewrite.emitted(_as_graph(model, args, kwargs, dynamic_shapes), spec.resolve()), spec)
 
 
 def fuse(model: Any, args: tuple | None = None, kwargs: dict | None = None, dynamic_shapes: Any = None) -> fx.GraphModule:
     """The model with each fusable attention chain replaced by one ``attnpass::attention`` call.
 
     ``dynamic_shapes`` goes to ``torch.export`` (e.g. a ``Dim`` for the sequence axis) so one
-    rewritten module serves every length.
+    rewritten module serves every length.  ``.attnpass_result`` says which sites were left alone and why.
     """
-    gm, report = fx_rewrite.fuse(_as_graph(model, args, kwargs, dynamic_shapes))
-    gm.attnpass_report = report
+    spec = RewriteSpec("fused")
+    return _attach(*fx_rewrite.emitted(_as_graph(model, args, kwargs, dynamic_shapes), spec.resolve()), spec)
+
+
+def _attach(gm: fx.GraphModule, done: Emitted, spec: RewriteSpec) -> fx.GraphModule:
+    """The module keeps its answer: callers get the module back, and ask it what was rewritten."""
+    gm.attnpass_report = done.report
+    gm.attnpass_result = RewriteResult(done.report, spec, dict(done.left), ir="fx")
     return gm

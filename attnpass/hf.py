@@ -25,6 +25,7 @@ from torch import nn
 from attnpass import semantics
 from attnpass.errors import AttnpassError
 from attnpass.lowering.ops import attention
+from attnpass.spec import RewriteSpec
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +133,8 @@ def to_ssmax(model: nn.Module, s: float | None = None, b: float | None = None, t
     see exactly ``L`` keys, and sharpens attention beyond.
     """
     register()
-    if train_len is not None:
-        if s is not None:
-            raise AttnpassError("give either s or train_len, not both")
-        s = semantics.s_for_train_len(train_len)
-    s = semantics.DEFAULT_S if s is None else float(s)
+    spec = RewriteSpec.of("ssmax", s=s, b=b, train_len=train_len)
+    s, b = float(spec.s_value), spec.b
     mods = attention_modules(model)
     if not mods:
         raise AttnpassError(f"no attention modules found in {type(model).__name__}")

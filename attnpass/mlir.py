@@ -3,7 +3,7 @@
 ```python
 mod = attnpass.mlir.import_(model, args, kwargs)     # or import_("model.onnx")
 sites = attnpass.mlir.find(mod)
-mod2 = attnpass.mlir.rewrite(mod, to="ssmax")        # or to="fused"
+mod2 = attnpass.mlir.rewrite(mod, to="ssmax")        # or to="fused" (ssmax=True: fused SSMax)
 fn = attnpass.mlir.compile(mod2)                     # fn(*tensors) -> tensor(s)
 ```
 
@@ -19,9 +19,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from attnpass import semantics
 from attnpass.errors import AttnpassError
 from attnpass.lowering import mlir as lowering
+from attnpass.result import RewriteResult
+from attnpass.spec import RewriteSpec
 
 
 def import_(model: Any, args: Sequence[Any] | Any = (), kwargs: dict | None = None) -> Any:
@@ -157,36 +158,35 @@ def rewrite(
     tile: int | None = None,
     with_report: bool = False,
     fused: bool = False,
+    ssmax: bool | None = None,
+    spec: RewriteSpec | None = None,
 ) -> Any:
     """A rewritten copy of ``module``: ``to="ssmax"`` (model change) or ``to="fused"`` (same numerics).
 
     SSMax: ``s`` / ``b`` per head (a scalar is broadcast), ``train_len=L`` sets ``s = 1/log L``;
     ``params="argument"`` passes them as extra ``[H]`` arguments of the public function instead of
-    constants; ``fused=True`` (as in ``attnpass.to_ssmax``) fuses each fusable site with the SSMax
-    factor inside the online-softmax loop nest.  Fused: ``tile`` keys per loop iteration (default
-    64).  ``with_report=True`` returns ``(module, report)``: which sites were rewritten, which were
-    left alone and why.
+    constants.  Fused SSMax (each fusable site fused with the SSMax factor inside the online-softmax
+    loop nest, the others SSMax'd in place) is ``to="fused", ssmax=True`` or, as in
+    ``attnpass.to_ssmax``, ``to="ssmax", fused=True``.  Fused: ``tile`` keys per loop iteration
+    (default 64).  ``spec`` replaces the request keywords.  ``with_report=True`` returns
+    ``(module, RewriteResult)``: which sites were rewritten, which were left alone and why.
     """
     lowering.require_torch_mlir()
     from attnpass.rewrite import mlir as mlir_pass
 
+    if spec is None:
+        spec = RewriteSpec.of(to, s=s, b=b, train_len=train_len, ssmax=ssmax, fused=fused)
     out = copy(_as_module(module))
-    if to == "ssmax":
-        if train_len is not None:
-            if s is not None:
-                raise AttnpassError("give either s or train_len, not both")
-            s = semantics.s_for_train_len(train_len)
-        s_val = semantics.DEFAULT_S if s is None else (list(s) if isinstance(s, Sequence) else float(s))
-        b_val = None if b is None else (list(b) if isinstance(b, Sequence) else float(b))
-        report = mlir_pass.to_ssmax(out, s=s_val, b=b_val, params=params, fused=fused,
-                                    tile=tile or mlir_pass.DEFAULT_TILE)
-    elif fused:
-        raise AttnpassError("fused=True goes with to='ssmax' (to='fused' is already fused)")
-    elif to == "fused":
-        report = mlir_pass.fuse(out, tile=tile or mlir_pass.DEFAULT_TILE)
+    tile = tile or mlir_pass.DEFAULT_TILE
+    if spec.ssmax:
+        s_val, b_val = spec.s_value, spec.b
+        report = mlir_pass.to_ssmax(out, s=list(s_val) if isinstance(s_val, tuple) else s_val,
+                                    b=list(b_val) if isinstance(b_val, tuple) else b_val, params=params,
+                                    fused=spec.fused_ssmax, tile=tile)
     else:
-        raise AttnpassError(f"unknown rewrite {to!r}: use 'ssmax' or 'fused'")
-    return (out, report) if with_report else out
+        report = mlir_pass.fuse(out, tile=tile)
+    result = RewriteResult.from_report(report, spec, "mlir")
+    return (out, result) if with_report else out
 
 
 def lower(module: Any, emit: str = "linalg") -> Any:

@@ -1,12 +1,15 @@
 """Numerics through onnxruntime: a rewritten model against its original, on inputs that look real.
 
 Generated inputs respect each input's type and dynamic axes: token ids stay inside the embedding
-table they index (read from the ``Gather`` they feed), ``*mask*`` inputs carry real padding (the
-second sequence of the batch is padded at the end), position ids count up, floats are normal.
+table they index (read from the ``Gather`` they feed), inputs that feed an attention site's mask
+(found from the graph, whatever their name) carry real padding (the later sequences of the batch
+are padded at the end) in the mask's own convention, position ids count up, floats are normal.
+Outputs compare equal where both hold the same NaN/inf; a comparison that fails says why.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import sys
@@ -18,6 +21,9 @@ from typing import Any
 import numpy as np
 
 from attnpass.errors import AttnpassError
+from attnpass.maskfeeds import MaskInput, mask_inputs
+from attnpass.maskfeeds import padding as _padding
+from attnpass.result import json_safe
 
 #: Generated inputs stay below these: a model whose fixed sequence axis is 10^6 would have onnxruntime
 #: allocate 10^12 attention scores (the fuzzer found it: 21 GB before the OOM killer).
@@ -43,9 +49,11 @@ class OutputCheck:
     max_rel: float
     ok: bool
     finite: bool = True
+    reason: str | None = None  # why the numbers could not be compared or the NaN/inf do not line up
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "max_abs": self.max_abs, "max_rel": self.max_rel, "ok": self.ok, "finite": self.finite}
+        return json_safe({"name": self.name, "max_abs": self.max_abs, "max_rel": self.max_rel, "ok": self.ok,
+                          "finite": self.finite, "reason": self.reason})
 
 
 @dataclass
@@ -65,9 +73,9 @@ class ValidationReport:
         return self.passed
 
     def as_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "rtol": self.rtol, "atol": self.atol,
-                "inputs": {k: list(v) for k, v in self.input_shapes.items()},
-                "outputs": [o.as_dict() for o in self.outputs]}
+        return json_safe({"passed": self.passed, "rtol": self.rtol, "atol": self.atol,
+                          "inputs": {k: list(v) for k, v in self.input_shapes.items()},
+                          "outputs": [o.as_dict() for o in self.outputs]})
 
 
 def session(model: Any):
@@ -102,16 +110,8 @@ def _ort_message(e: BaseException) -> str:
     return text[:300]
 
 
-def _vocab_sizes(model_path: Any) -> dict[str, int]:
+def _vocab_sizes(model: Any) -> dict[str, int]:
     """For integer inputs that index an embedding table: the table's row count."""
-    import onnx_ir as ir
-
-    from attnpass.onnx import load
-
-    try:
-        model = model_path if isinstance(model_path, ir.Model) else load(model_path)
-    except AttnpassError:
-        return {}
     out: dict[str, int] = {}
     for inp in model.graph.inputs:
         frontier = [inp]
@@ -129,11 +129,33 @@ def _vocab_sizes(model_path: Any) -> dict[str, int]:
     return out
 
 
+def _graph_hints(model: Any) -> tuple[dict[str, int], dict[str, MaskInput]]:
+    """What the graph says about its inputs: embedding sizes and the inputs that feed attention masks."""
+    import onnx_ir as ir
+
+    from attnpass.modelio import EXTERNAL_DATA_BYTES, load, weights_bytes
+
+    try:
+        loaded = model if isinstance(model, ir.Model) else load(model)
+    except AttnpassError:
+        return {}, {}
+    # the matcher reads initializer values (mask buffers, scales): on a model whose weights stay on disk that
+    # would bring gigabytes into memory next to onnxruntime's copy, so those fall back to input names
+    big = weights_bytes(loaded) > EXTERNAL_DATA_BYTES
+    hints = _vocab_sizes(loaded), ({} if big else mask_inputs(loaded))
+    if loaded is not model:
+        # an onnx-ir graph is a web of cycles (nodes <-> values): collect it now, before onnxruntime loads
+        # the same weights, so a model near the 2 GB limit is never held twice
+        del loaded
+        gc.collect()
+    return hints
+
+
 def make_inputs(model: Any, batch: int = 2, seq: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs for every graph input: dynamic axes get ``batch`` (axis 0) or ``seq``, consistently per dim name."""
     rng = np.random.default_rng(seed)
+    vocab, masks = ({}, {}) if hasattr(model, "get_inputs") else _graph_hints(model)
     sess = model if hasattr(model, "get_inputs") else session(model)
-    vocab = {} if hasattr(model, "get_inputs") else _vocab_sizes(model)
     named: dict[str, int] = {}
     feeds: dict[str, np.ndarray] = {}
     for i in sess.get_inputs():
@@ -155,10 +177,10 @@ def make_inputs(model: Any, batch: int = 2, seq: int = 16, seed: int = 0) -> dic
         if dt is None:
             raise AttnpassError(f"input {i.name!r} has type {i.type}: give inputs with --inputs")
         name = i.name.lower()
-        if "mask" in name:
-            x = np.ones(shape, dtype=dt)
-            if len(shape) >= 2 and shape[0] > 1 and shape[-1] > 2:
-                x[1:, ..., -max(1, shape[-1] // 4):] = 0  # real padding on the later sequences
+        if i.name in masks:
+            x = masks[i.name].values(_padding(shape), dt)
+        elif "mask" in name:  # a mask the matcher did not link to a site: the usual 1 = keep convention
+            x = _padding(shape).astype(dt)
         elif "position" in name and np.issubdtype(dt, np.integer):
             x = np.broadcast_to(np.arange(shape[-1], dtype=dt), shape).copy()
         elif np.issubdtype(dt, np.integer):
@@ -187,6 +209,10 @@ def run(model: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     sess = session(model)
     names = [o.name for o in sess.get_outputs()]
     wanted = {i.name for i in sess.get_inputs()}
+    missing = sorted(wanted - set(feeds))
+    if missing:
+        label = Path(model).name if isinstance(model, str | Path) else "the model"
+        raise AttnpassError(f"{label} takes input(s) {missing} that the feeds do not have (feeds: {sorted(feeds)})")
     try:
         outs = sess.run(names, {k: v for k, v in feeds.items() if k in wanted})
     except Exception as e:
@@ -195,25 +221,68 @@ def run(model: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return dict(zip(names, outs))
 
 
+def _nonfinite_mismatch(r: np.ndarray, g: np.ndarray) -> str | None:
+    """Where the two disagree on NaN/inf (a NaN against a number, +inf against -inf), in words; None if they agree."""
+    rn, gn = np.isnan(r), np.isnan(g)
+    ri, gi = np.isinf(r), np.isinf(g)
+    bad = (rn != gn) | (ri != gi) | (ri & gi & (np.sign(r) != np.sign(g)))
+    if not bad.any():
+        return None
+    idx = tuple(int(x) for x in np.argwhere(bad)[0])
+    return (f"{int(bad.sum())} value(s) are NaN/inf in one model only (first at {list(idx)}: "
+            f"{r[idx]:g} vs {g[idx]:g})")
+
+
+def compare_output(name: str, r: np.ndarray, g: np.ndarray, rtol: float, atol: float) -> OutputCheck:
+    """One output: equal where both hold the same NaN / the same inf; the finite rest within ``atol + rtol |r|``."""
+    r64, g64 = np.asarray(r, np.float64), np.asarray(g, np.float64)
+    finite_g = bool(np.isfinite(g64).all())
+    if r64.shape != g64.shape:
+        return OutputCheck(name, float("inf"), float("inf"), False, finite_g,
+                           reason=f"shapes differ: {list(r64.shape)} vs {list(g64.shape)}")
+    both = np.isfinite(r64) & np.isfinite(g64)
+    diff = np.where(both, np.abs(np.where(both, r64, 0.0) - np.where(both, g64, 0.0)), 0.0)
+    max_abs = float(np.max(diff, initial=0.0))
+    max_rel = float(np.max(diff / np.maximum(np.abs(np.where(both, r64, 0.0)), 1e-12), initial=0.0))
+    mismatch = _nonfinite_mismatch(r64, g64)
+    ok = mismatch is None and bool(np.all(diff <= atol + rtol * np.abs(np.where(both, r64, 0.0))))
+    return OutputCheck(name, max_abs, max_rel, ok, finite_g, reason=mismatch)
+
+
 def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], rtol: float, atol: float) -> ValidationReport:
+    """Every output of ``ref`` against the output of the same name in ``got``."""
     rep = ValidationReport(rtol=rtol, atol=atol)
     for name, r in ref.items():
         g = got.get(name)
         if g is None:
-            rep.outputs.append(OutputCheck(name, float("inf"), float("inf"), False, False))
+            rep.outputs.append(OutputCheck(name, float("inf"), float("inf"), False, False,
+                                           reason=f"the second model has no output {name!r} (its outputs: {sorted(got)})"))
             continue
-        r64, g64 = np.asarray(r, np.float64), np.asarray(g, np.float64)
-        if r64.shape != g64.shape:
-            rep.outputs.append(OutputCheck(name, float("inf"), float("inf"), False))
-            continue
-        diff = np.abs(r64 - g64)
-        diff = np.where(np.isnan(r64) & np.isnan(g64), 0.0, diff)
-        max_abs = float(np.nanmax(diff, initial=0.0)) if not np.isnan(diff).any() else float("nan")
-        rel = diff / np.maximum(np.abs(r64), 1e-12)
-        max_rel = float(np.max(rel, initial=0.0)) if not np.isnan(rel).any() else float("nan")
-        ok = bool(np.all(diff <= atol + rtol * np.abs(r64)))
-        rep.outputs.append(OutputCheck(name, max_abs, max_rel, ok, bool(np.isfinite(g64).all())))
+        rep.outputs.append(compare_output(name, r, g, rtol, atol))
     return rep
+
+
+def nonfinite_outputs(outs: dict[str, np.ndarray]) -> dict[str, str]:
+    """Output name -> "NaN" or "inf" for float outputs that hold either."""
+    bad = {}
+    for k, v in outs.items():
+        v = np.asarray(v)
+        if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
+            bad[k] = "NaN" if np.isnan(v).any() else "inf"
+    return bad
+
+
+def _generated_inputs_error(bad: dict[str, str]) -> AttnpassError:
+    what = ", ".join(f"{kind} at output {name}" for name, kind in bad.items())
+    return AttnpassError(f"the original model gives {what} on generated inputs, so they cannot validate the rewrite; "
+                         "pass --inputs feeds.npz (inputs=...) with real inputs")
+
+
+def check_reference(model: Any, feeds: dict[str, np.ndarray]) -> None:
+    """Generated inputs must give the original finite outputs: otherwise no comparison means anything."""
+    bad = nonfinite_outputs(run(model, feeds))
+    if bad:
+        raise _generated_inputs_error(bad)
 
 
 def validate(a: Any, b: Any, inputs: dict[str, np.ndarray] | str | Path | None = None,
@@ -221,7 +290,8 @@ def validate(a: Any, b: Any, inputs: dict[str, np.ndarray] | str | Path | None =
     """Run ``a`` and ``b`` in onnxruntime on the same inputs and compare every output of ``a``.
 
     ``a``/``b``: paths, ModelProtos or onnx-ir models.  ``inputs``: feeds, an ``.npz`` path, or None
-    (generated from ``a``'s inputs).
+    (generated from ``a``'s inputs).  A failure on generated inputs where ``a`` itself gives NaN/inf
+    raises ``AttnpassError`` asking for real inputs rather than reporting a meaningless error.
     """
     for m in (a, b):
         if isinstance(m, str | Path) and not Path(m).is_file():
@@ -232,8 +302,11 @@ def validate(a: Any, b: Any, inputs: dict[str, np.ndarray] | str | Path | None =
         feeds = make_inputs(a, seq=seq)
     else:
         feeds = dict(inputs)
-    rep = compare(run(a, feeds), run(b, feeds), rtol, atol)
+    ref = run(a, feeds)
+    rep = compare(ref, run(b, feeds), rtol, atol)
     rep.input_shapes = {k: tuple(v.shape) for k, v in feeds.items()}
+    if inputs is None and not rep.passed and nonfinite_outputs(ref):
+        raise _generated_inputs_error(nonfinite_outputs(ref))
     return rep
 
 

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
             dst = out / f"gpt2.{to}.onnx"
             res = attnpass_onnx.rewrite(src, dst, to=to, **({"train_len": prompt} if to == "ssmax" else {}))
             paths[to] = dst
-            print(f"--to {to}: {res.rewritten}/{len(res.report.sites)} sites rewritten, written to {dst.name}")
+            print(f"--to {to}: {len(res.rewritten)}/{len(res.report.sites)} sites rewritten, written to {dst.name}")
         # SSMax is a different model on purpose: its torch twin is the same conversion done in torch
         ssmax_model = attnpass.hf.to_ssmax(copy.deepcopy(model), train_len=prompt)
         with torch.no_grad():

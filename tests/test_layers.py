@@ -57,9 +57,24 @@ def test_passes_import_no_emitter_backend_or_cli(path: Path) -> None:
     assert not bad, f"{_rel(path)} imports {bad}"
 
 
+@pytest.mark.parametrize("path", [p for p in _modules() if p.parent.name == "passes"], ids=_rel)
+def test_passes_import_only_the_bottom_layer(path: Path) -> None:
+    """The matcher and planner sit on ``semantics``, ``errors`` and the request (``spec``) and nothing else of ours."""
+    allowed = ("attnpass.passes", "attnpass.semantics", "attnpass.errors", "attnpass.spec")
+    bad = sorted(m for m in _imports(path) if m != "attnpass" and not m.startswith(allowed))
+    assert not bad, f"{_rel(path)} imports {bad}"
+
+
+def test_the_spec_sits_beside_semantics() -> None:
+    """``spec.py`` is the bottom layer with ``semantics``: every layer (passes, emitters, facades, CLI) may import it."""
+    mods = {m for m in _imports(PKG / "spec.py") if m != "attnpass"}
+    assert mods <= {"attnpass.semantics", "attnpass.errors", "attnpass.errors.AttnpassError"}, mods
+    assert "attnpass.semantics" in mods
+
+
 @pytest.mark.parametrize("path", [p for p in _modules() if "rewrite" in p.relative_to(PKG).parts], ids=_rel)
 def test_emitters_import_only_passes_semantics_and_each_other(path: Path) -> None:
-    allowed = ("attnpass.passes", "attnpass.semantics", "attnpass.rewrite", "attnpass.errors")
+    allowed = ("attnpass.passes", "attnpass.semantics", "attnpass.rewrite", "attnpass.errors", "attnpass.spec")
     bad = sorted(m for m in _imports(path) if m != "attnpass" and not m.startswith(allowed))
     assert not bad, f"{_rel(path)} imports {bad}"
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnpass import spec as spec_module
 from attnpass.errors import AttnpassError
 from attnpass.passes import fx as fx_pass
 from attnpass.passes.plan import Action, Capabilities, FactorClass, RewriteSpec, plan_for
@@ -147,6 +148,7 @@ def test_emitter_capabilities_block_fusion_with_the_reason() -> None:
 
 
 def test_train_len_is_resolved_once() -> None:
+    assert RewriteSpec is spec_module.RewriteSpec  # one request type: the planner re-exports attnpass.spec's
     spec = RewriteSpec(to="ssmax", train_len=512).resolve()
     assert spec.s == pytest.approx(1 / math.log(512)) and spec.train_len is None
     assert spec.resolve() == spec  # resolving again changes nothing

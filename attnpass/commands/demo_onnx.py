@@ -57,9 +57,9 @@ def run(console: Console, model: torch.nn.Module, ids: torch.Tensor, mask: torch
             worst = max((o.max_abs for o in check.outputs), default=float("nan")) if check is not None else float("nan")
             label = "matches original" if to == "fused" else "s=0,b=1 self-test matches; no NaN"
             t = _ort_time(dst, feeds)
-            table.add_row(f"--to {to}", f"{res.rewritten}/{len(res.report.sites)}", f"{label} (max |err| {worst:.1e})",
+            table.add_row(f"--to {to}", f"{len(res.rewritten)}/{len(res.report.sites)}", f"{label} (max |err| {worst:.1e})",
                           f"{t * 1e3:.2f}", f"{base / t:.2f}x")
-            ok = ok and res.written is not None and res.rewritten == len(res.report.sites)
-            rows.append({"model": f"--to {to}", "ort_ms": t * 1e3, "rewritten": res.rewritten, "check_max_abs": worst})
+            ok = ok and res.written is not None and len(res.rewritten) == len(res.report.sites)
+            rows.append({"model": f"--to {to}", "ort_ms": t * 1e3, "rewritten": len(res.rewritten), "check_max_abs": worst})
     console.print(table)
     return ok, rows

@@ -14,24 +14,21 @@ import os
 import sys
 import tempfile
 
+from attnpass.commands.flags import add_rewrite_flags, spec_from_args
 from attnpass.errors import AttnpassError
 from attnpass.progress import steps
 from attnpass.report import report_dict
+from attnpass.result import json_safe
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("mlir", help="rewrite attention in an ONNX model as torch-dialect MLIR and lower it (torch-mlir)",
                        description=__doc__.split("\n\n")[1].replace("\n", " "))
     p.add_argument("model", help="an .onnx file, or torch-dialect .mlir text")
-    p.add_argument("--to", choices=("ssmax", "fused", "none"), default="fused", help="the rewrite (default fused)")
+    add_rewrite_flags(p, choices=("ssmax", "fused", "none"), default="fused", fused_alias=True)
     p.add_argument("--emit", choices=("torch", "linalg", "llvm"), default="torch", help="IR level to write")
     p.add_argument("-o", "--output", help="output .mlir path (default: stdout)")
-    p.add_argument("--s", type=float, default=None, help="SSMax s for every head (default 0.43)")
-    p.add_argument("--b", type=float, default=None, help="SSMax b for every head (default none)")
-    p.add_argument("--train-len", type=int, default=None, help="SSMax s = 1/log(train_len)")
     p.add_argument("--tile", type=int, default=None, help="keys per loop iteration of the fused lowering")
-    p.add_argument("--fused", action="store_true",
-                   help="with --to ssmax: apply SSMax inside the fused online-softmax loop nest")
     p.add_argument("--json", action="store_true", help="print the site report as JSON (needs -o: stdout is free then)")
     p.set_defaults(func=run)
 
@@ -77,17 +74,17 @@ def run(args: argparse.Namespace) -> int:
         raise AttnpassError("--json needs -o: without it, stdout carries the MLIR text")
     if args.output:
         _check_output(args.output)  # before the import and lowering, which take a while
-    if args.fused and args.to != "ssmax":
-        raise AttnpassError("--fused goes with --to ssmax (--to fused is already fused)")
+    spec = None if args.to == "none" else spec_from_args(args)
     with steps(total=3, enabled=not args.json) as step:
         step(f"importing {args.model} (torch-mlir)")
         mod = _load(args.model)
         report = am.find(mod)
-        if args.to != "none":
-            step(f"rewriting attention --to {args.to}")
+        result = None
+        if spec is not None:
+            step(f"rewriting attention --to {spec.label}")
             try:
-                mod, report = am.rewrite(mod, to=args.to, s=args.s, b=args.b, train_len=args.train_len, tile=args.tile,
-                                         with_report=True, fused=args.fused)
+                mod, result = am.rewrite(mod, spec=spec, tile=args.tile, with_report=True)
+                report = result.report
             except AttnpassError as e:
                 raise AttnpassError(f"{args.model}: {e}") from e
         step(f"lowering to {args.emit}")
@@ -119,8 +116,9 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(e, OSError):
             raise AttnpassError(f"{args.output}: cannot write ({e.strerror or type(e).__name__}); nothing written") from e
         raise
-    print(f"wrote {args.output} ({len(report.sites)} attention site(s), --to {args.to}, --emit {args.emit})", file=sys.stderr)
+    label = "none" if spec is None else spec.label
+    print(f"wrote {args.output} ({len(report.sites)} attention site(s), --to {label}, --emit {args.emit})", file=sys.stderr)
     if args.json:
-        print(json.dumps({**report_dict(report), "written": args.output, "to": args.to, "emit": args.emit}, indent=2,
-                         default=str))
+        data = report_dict(report) if result is None else result.as_dict()
+        print(json.dumps(json_safe({**data, "written": args.output, "to": label, "emit": args.emit}), indent=2))
     return 0

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from attnpass.commands.flags import add_rewrite_flags, spec_from_args
 from attnpass.errors import AttnpassError, NoAttentionFound
 from attnpass.progress import steps
 
@@ -25,13 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rewrite", help="rewrite an .onnx model's attention to SSMax or fused ops, validated in onnxruntime")
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--to", choices=("ssmax", "fused"), required=True)
-    p.add_argument("--s", type=float, default=None, help="SSMax s per head (default 0.43)")
-    p.add_argument("--train-len", type=int, default=None, help="set s = 1/log(L): unchanged at length L")
-    p.add_argument("--bias", type=float, default=None, help="SSMax b per head (default: none)")
-    p.add_argument("--ssmax", action="store_true",
-                   help="with --to fused: fuse SSMax attention (Q pre-scaled by the per-row factor; implied by --s, "
-                        "--train-len or --bias)")
+    add_rewrite_flags(p, required=True)
     p.add_argument("--target", choices=("ort", "onnx23"), default="ort",
                    help="fused op: com.microsoft.MultiHeadAttention (ort) or opset-23 Attention (onnx23)")
     p.add_argument("--inputs", default=None, help=".npz of feeds for validation (default: generated)")
@@ -54,8 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a torch model (module:factory returning (model, args[, kwargs])) to ONNX")
     p.add_argument("factory", help="python path 'pkg.module:callable' returning (model, args) or (model, args, kwargs)")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--rewrite", choices=("ssmax", "fused", "none"), default="none")
-    p.add_argument("--s", type=float, default=None)
+    add_rewrite_flags(p, choices=("ssmax", "fused", "none"), default="none")
+    p.add_argument("--rewrite", dest="to", choices=("ssmax", "fused", "fuse", "none"), help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_export)
 
@@ -101,10 +96,9 @@ def _rewrite(args: argparse.Namespace) -> int:
 
     try:
         with steps(total=4, enabled=not args.json) as step:
-            res = aonnx.rewrite(args.model, args.output, to=args.to, s=args.s, train_len=args.train_len, bias=args.bias,
-                                target=args.target, validate=not args.no_validate, inputs=args.inputs,
-                                rtol=args.rtol, atol=args.atol, force=args.force, ssmax=args.ssmax or None,
-                                progress=step)
+            res = aonnx.rewrite(args.model, args.output, spec=spec_from_args(args, target=args.target),
+                                validate=not args.no_validate, inputs=args.inputs, rtol=args.rtol, atol=args.atol,
+                                force=args.force, progress=step)
     except NoAttentionFound:
         if args.json:
             print(json.dumps({"written": None, "sites": [], "message": "no attention found"}))
@@ -113,17 +107,17 @@ def _rewrite(args: argparse.Namespace) -> int:
         return 0
     data = res.as_dict()
     if args.json:
-        print(json.dumps(data, indent=2, default=str))
+        print(json.dumps(data, indent=2))
         return 0
     con = _console()
     if not res.report.sites:
         con.print("no attention found")
-    con.print(_table(data["sites"], data["skipped"], f"{args.model} -> {args.output}: {res.rewritten}/{len(res.report.sites)} site(s) rewritten to {res.to}"))
+    con.print(_table(data["sites"], data["skipped"], f"{args.model} -> {args.output}: {res.headline()}"))
     against = "unfused SSMax" if res.to == "fused+ssmax" else "original"
     for label, rep in (("self-test (s=0, b=1) vs original", res.self_test), (f"rewritten vs {against}", res.validation)):
         if rep is not None:
             for o in rep.outputs:
-                con.print(f"{label}: {o.name}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}, {'ok' if o.ok else 'FAIL'}")
+                con.print(f"{label}: {_output_line(o)}")
     con.print(f"wrote {res.written}")
     return 0
 
@@ -142,9 +136,15 @@ def _validate(args: argparse.Namespace) -> int:
         print(json.dumps(rep.as_dict(), indent=2, default=str))
     else:
         for o in rep.outputs:
-            print(f"{o.name}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}, {'ok' if o.ok else 'FAIL'}")
+            print(_output_line(o))
         print("PASS" if rep.passed else "FAIL")
     return 0 if rep.passed else 1
+
+
+def _output_line(o: Any) -> str:
+    """One compared output: its errors, and the reason when the outputs could not be compared."""
+    line = f"{o.name}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}, {'ok' if o.ok else 'FAIL'}"
+    return f"{line} ({o.reason})" if o.reason else line
 
 
 def torch_module() -> type:
@@ -178,7 +178,8 @@ def _export(args: argparse.Namespace) -> int:
         raise AttnpassError(f"{args.factory}: kwargs must be a dict, got {type(kwargs).__name__}")
     with steps(total=1, enabled=not args.json) as step:
         step(f"exporting {type(model).__name__} and checking it in onnxruntime")
-        res = export(model, margs, kwargs, args.output, rewrite=None if args.rewrite == "none" else args.rewrite, s=args.s)
+        spec = None if args.to == "none" else spec_from_args(args)
+        res = export(model, margs, kwargs, args.output, spec=spec)
     if args.json:
         print(json.dumps(res.as_dict(), indent=2, default=str))
     else:

@@ -1,7 +1,7 @@
 """torch.compile backend ``"attnpass"``: rewrite attention in dynamo's graph, then compile the rest.
 
 Options (``torch.compile(m, backend="attnpass", options={...})``):
-``rewrite``: ``"fuse"`` (default) or ``"ssmax"``; ``s``/``b``/``train_len`` for SSMax, fused into
+``rewrite``: ``"fused"`` (default; ``"fuse"`` is accepted too) or ``"ssmax"``; ``s``/``b``/``train_len`` for SSMax, fused into
 ``attnpass::attention`` where the site allows unless ``fused=False``;
 ``inner``: ``"inductor"`` (default) or ``"eager"`` for what runs the rewritten graph.
 The graph is rewritten at torch level, before AOT autograd splits forward from backward, so
@@ -15,13 +15,14 @@ from typing import Any
 
 from torch import fx
 
-from attnpass import semantics
 from attnpass.lowering import ops  # noqa: F401  (the op must exist before graphs use it)
+from attnpass.result import RewriteResult
 from attnpass.rewrite import fx as fx_rewrite
+from attnpass.spec import RewriteSpec
 
 _KNOWN = {"rewrite", "s", "b", "train_len", "inner", "fused"}
 
-#: Site reports of the graphs this backend rewrote, newest last (dynamo may split a model in several).
+#: ``RewriteResult`` of each graph this backend rewrote, newest last (dynamo may split a model in several).
 #: Kept here rather than on the GraphModule: Inductor pickles the graph for its cache key.
 reports: deque = deque(maxlen=256)
 
@@ -32,18 +33,13 @@ def attnpass_backend(gm: fx.GraphModule, example_inputs: list[Any], **options: A
     unknown = set(opts) - _KNOWN
     if unknown:
         raise ValueError(f"attnpass backend: unknown options {sorted(unknown)}; known: {sorted(_KNOWN)}")
-    rewrite = opts.get("rewrite", "fuse")
-    if rewrite == "fuse":
-        gm, report = fx_rewrite.fuse(gm)
-    elif rewrite == "ssmax":
-        s = opts.get("s")
-        if opts.get("train_len") is not None:
-            s = semantics.s_for_train_len(int(opts["train_len"]))
-        gm, report = fx_rewrite.to_ssmax(gm, s=semantics.DEFAULT_S if s is None else float(s), b=opts.get("b"),
-                                      fused=bool(opts.get("fused", True)))
-    else:
-        raise ValueError(f"attnpass backend: rewrite must be 'fuse' or 'ssmax', got {rewrite!r}")
-    reports.append(report)
+    rewrite = opts.get("rewrite", "fused")
+    if rewrite not in ("fuse", "fused", "ssmax"):
+        raise ValueError(f"attnpass backend: rewrite must be 'fused' or 'ssmax', got {rewrite!r}")
+    spec = RewriteSpec.of(rewrite, s=opts.get("s"), b=opts.get("b"), train_len=opts.get("train_len"),
+                          fused=rewrite == "ssmax" and bool(opts.get("fused", True)))
+    gm, done = fx_rewrite.emitted(gm, spec.resolve())
+    reports.append(RewriteResult(done.report, spec, dict(done.left), ir="fx"))
     inner = opts.get("inner", "inductor")
     if inner == "eager":
         return gm.forward

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from attnpass.errors import AttnpassError
+from attnpass.spec import RewriteSpec
 
 FUSED_OPSET = 23
 
@@ -79,11 +80,13 @@ def _tensors(x: Any) -> list[torch.Tensor]:
 
 
 def export(model: torch.nn.Module, args: Any, kwargs: dict | None, path: str | Path, rewrite: str | None = None,
-           s: float | None = None, rtol: float = 1e-4, atol: float = 1e-4, dynamic_shapes: Any = None) -> ExportResult:
+           s: float | None = None, rtol: float = 1e-4, atol: float = 1e-4, dynamic_shapes: Any = None,
+           spec: RewriteSpec | None = None) -> ExportResult:
     """Export ``model`` (optionally rewritten) to ONNX and check it in onnxruntime against torch eager.
 
     The reference is the original model for ``None`` and ``"fused"`` (same meaning), and the
-    rewritten module for ``"ssmax"`` (a different model on purpose).  Raises ``AttnpassError``
+    rewritten module for ``"ssmax"`` (a different model on purpose).  ``spec`` replaces ``rewrite``/``s``
+    (fused SSMax cannot be exported: the opset-23 op has no SSMax factor).  Raises ``AttnpassError``
     and leaves no file if the numbers differ.
     """
     import attnpass
@@ -92,6 +95,14 @@ def export(model: torch.nn.Module, args: Any, kwargs: dict | None, path: str | P
     args = args if isinstance(args, tuple) else (args,)
     kwargs = kwargs or {}
     path = Path(path)
+    if spec is None and rewrite is not None:
+        if rewrite not in ("ssmax", "fused", "fuse"):
+            raise AttnpassError(f"unknown rewrite {rewrite!r}: use ssmax, fused or None")
+        spec = RewriteSpec.of(rewrite, s=s, ssmax=False)
+    if spec is not None and spec.fused_ssmax:
+        raise AttnpassError("fused SSMax cannot be exported to ONNX: export --to ssmax, or rewrite the exported "
+                            "model with `attnpass rewrite --to fused --ssmax`")
+    rewrite = None if spec is None else spec.to
     sites = 0
     table = None
     opset = 18
@@ -102,7 +113,7 @@ def export(model: torch.nn.Module, args: Any, kwargs: dict | None, path: str | P
         sites = sum(1 for s_ in target.attnpass_report.sites if s_.fusable)
         table, opset = translation_table(), FUSED_OPSET
     elif rewrite == "ssmax":
-        target = attnpass.to_ssmax(model, args, kwargs, s=s)
+        target = attnpass.to_ssmax(model, args, kwargs, s=spec.s_value, b=spec.b)
         sites = len(target.attnpass_report.sites)
     else:
         raise AttnpassError(f"unknown rewrite {rewrite!r}: use ssmax, fused or None")

@@ -1,7 +1,7 @@
 """One rewrite plan per site and target: what an emitter must build, decided once for every IR.
 
-``RewriteSpec`` is the request (``to``, ``s``/``b``/``train_len``, fused SSMax, ONNX target), resolved in
-one place.  ``plan_for(site, spec, caps, adapter)`` turns a frozen ``AttentionSite`` into a ``Plan``: the
+``RewriteSpec`` (``attnpass.spec``, re-exported here) is the request (``to``, ``s``/``b``/``train_len``,
+fused SSMax, ONNX target), resolved in one place (``RewriteSpec.resolve``).  ``plan_for(site, spec, caps, adapter)`` turns a frozen ``AttentionSite`` into a ``Plan``: the
 action (fuse, fuse with SSMax, SSMax in place, or leave with the reason), which mask terms make a key
 attendable, what a fused op's mask carries, which guards are emitted, which bias terms SSMax scales, and
 how ``n`` (keys per row) is counted from the masks' own small factors.  ``Capabilities`` is what an
@@ -16,14 +16,14 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from attnpass import semantics
-from attnpass.errors import AttnpassError
 from attnpass.passes.kinds import Adapter, Kind
 from attnpass.passes.masks import MaskProofs
 from attnpass.passes.site import AttentionSite, Form, Guard, GuardKind, MaskKind, MaskRole, MaskTerm
 from attnpass.semantics import MASKED_BELOW
+from attnpass.spec import ONNX_TARGETS, RewriteSpec
 
-TARGETS = ("ort", "onnx23")
+#: The fused ONNX ops a plan can target (re-exported: emitters and tests import them from here).
+TARGETS = ONNX_TARGETS
 
 
 class Action(enum.StrEnum):
@@ -31,43 +31,6 @@ class Action(enum.StrEnum):
     SSMAX_FUSED = "ssmax_fused"  # one fused attention op with the SSMax factor
     SSMAX = "ssmax"  # SSMax where the site stands (softmax chain or fused op kept)
     LEAVE = "leave"  # nothing emitted; ``Plan.reason`` says why
-
-
-@dataclass(frozen=True)
-class RewriteSpec:
-    """What the user asked for.  ``resolve()`` validates it and turns ``train_len`` into ``s``, once."""
-
-    to: str = "ssmax"  # "ssmax" | "fused"
-    s: float | None = None
-    b: float | None = None
-    train_len: int | None = None
-    fused_ssmax: bool = False  # to="fused" with the SSMax factor
-    target: str = "ort"  # ONNX: "ort" (com.microsoft ops) | "onnx23" (opset-23 Attention)
-
-    @property
-    def ssmax(self) -> bool:
-        return self.to == "ssmax" or self.fused_ssmax
-
-    def resolve(self) -> RewriteSpec:
-        """The spec with ``s`` set (``DEFAULT_S``, or ``1 / log(train_len)``) and every number checked."""
-        if self.to not in ("ssmax", "fused"):
-            raise AttnpassError(f"unknown rewrite {self.to!r} (choose from ssmax, fused)")
-        if self.target not in TARGETS:
-            raise AttnpassError(f"unknown fused target {self.target!r} (choose from {', '.join(TARGETS)})")
-        s = self.s
-        if self.train_len is not None:
-            if s is not None:
-                raise AttnpassError("give either s or train_len, not both")
-            try:
-                s = semantics.s_for_train_len(int(self.train_len))
-            except ValueError as e:
-                raise AttnpassError(str(e)) from e
-        if s is None:
-            s = semantics.DEFAULT_S
-        for name, x in (("s", s), ("b", self.b)):
-            if x is not None and not math.isfinite(float(x)):
-                raise AttnpassError(f"{name} must be a finite number (not NaN or inf), got {x!r}")
-        return replace(self, s=float(s), b=None if self.b is None else float(self.b), train_len=None)
 
 
 @dataclass(frozen=True)

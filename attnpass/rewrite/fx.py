@@ -17,7 +17,7 @@ from torch import fx
 from attnpass import semantics
 from attnpass.passes.fx import _IGNORED_USERS, FxAdapter, _op_name, find
 from attnpass.passes.plan import Action, Capabilities, KeepTerm, Plan, RewriteSpec, plan_for
-from attnpass.passes.site import AttentionSite, Form, MaskKind, Operand, Report
+from attnpass.passes.site import AttentionSite, Emitted, Form, MaskKind, Operand, Report
 
 aten = torch.ops.aten
 
@@ -229,13 +229,24 @@ def to_ssmax(gm: fx.GraphModule, s: float = semantics.DEFAULT_S, b: float | None
 
 def emit(gm: fx.GraphModule, spec: RewriteSpec, report: Report | None = None) -> tuple[fx.GraphModule, Report]:
     """Plan every site of ``report`` (found here when None) for ``spec`` and emit the plans into ``gm``."""
+    gm, done = emitted(gm, spec, report)
+    return gm, done.report
+
+
+def emitted(gm: fx.GraphModule, spec: RewriteSpec, report: Report | None = None) -> tuple[fx.GraphModule, Emitted]:
+    """``emit``, also saying which sites were left alone and why (what ``RewriteResult.left`` reports).
+
+    The same rule as the ONNX emitter: a site is left when its plan is LEAVE, or when a fuse request
+    fell back to SSMax in place (the plan's reason says so)."""
     report = find(gm) if report is None else report
     ad = FxAdapter(gm)
     device = _graph_device(gm)
     replaced: set[fx.Node] = set()
+    left: dict[int, str] = {}
     for site in report.sites:
         plan = plan_for(site, spec, CAPS, ad)
         if plan.action is Action.LEAVE:
+            left[site.index] = plan.reason or "left alone"
             continue
         params = None
         if plan.action in (Action.SSMAX, Action.SSMAX_FUSED):
@@ -244,11 +255,13 @@ def emit(gm: fx.GraphModule, spec: RewriteSpec, report: Report | None = None) ->
                 params = _ssmax_params(gm, site, plan.s, plan.b, device)
         if plan.action is Action.SSMAX:
             _ssmax_site(gm, plan, params)
+            if plan.reason is not None:
+                left[site.index] = plan.reason
         else:
             _fuse_site(gm, plan, params)
             replaced.update(site.nodes)
     _remove_dead(gm, replaced)
-    return gm, report
+    return gm, Emitted(report, left)
 
 
 def _graph_device(gm: fx.GraphModule) -> torch.device:
@@ -259,4 +272,4 @@ def _graph_device(gm: fx.GraphModule) -> torch.device:
     return torch.device("cpu")
 
 
-__all__ = ["CAPS", "SSMAX_MODULE", "emit", "fuse", "to_ssmax"]
+__all__ = ["CAPS", "SSMAX_MODULE", "emit", "emitted", "fuse", "to_ssmax"]

@@ -1,0 +1,38 @@
+"""The rewrite flags every command spells the same way, and the one place they become a ``RewriteSpec``.
+
+``--to ssmax|fused``, ``--s``, ``--bias``, ``--train-len``, ``--ssmax`` (fused SSMax).  Older
+spellings stay accepted but hidden from ``--help``: ``--b`` for ``--bias``, ``--to fuse`` for
+``--to fused``, and ``--to ssmax --fused`` for ``--to fused --ssmax``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from attnpass.spec import ALIASES, RewriteSpec
+
+
+def add_rewrite_flags(p: argparse.ArgumentParser, choices: Sequence[str] = ("ssmax", "fused"), default: str | None = None,
+                      required: bool = False, fused_alias: bool = False) -> None:
+    """Add the shared rewrite flags to ``p``; ``choices`` may add "none" (commands that can skip the rewrite)."""
+    shown = "|".join(choices)
+    p.add_argument("--to", choices=(*choices, *ALIASES), default=default, required=required, metavar=shown,
+                   help=f"the rewrite: {shown}" + (f" (default {default})" if default else ""))
+    p.add_argument("--s", type=float, default=None, help="SSMax s for every head (default 0.43)")
+    p.add_argument("--bias", type=float, default=None, help="SSMax b for every head (default: none)")
+    p.add_argument("--b", dest="bias", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--train-len", type=int, default=None, help="SSMax s = 1/log(L): the model is unchanged at length L")
+    p.add_argument("--ssmax", action="store_true",
+                   help="with --to fused: SSMax inside the fused op (implied by --s, --train-len or --bias)")
+    if fused_alias:
+        p.add_argument("--fused", action="store_true", help=argparse.SUPPRESS)
+
+
+def spec_from_args(args: argparse.Namespace, target: str = "ort") -> RewriteSpec:
+    """The request the flags describe (``--to none`` is the caller's to handle before this)."""
+    return RewriteSpec.of(args.to, s=args.s, b=args.bias, train_len=args.train_len, ssmax=args.ssmax or None,
+                          fused=bool(getattr(args, "fused", False)), target=target)
+
+
+__all__ = ["add_rewrite_flags", "spec_from_args"]
