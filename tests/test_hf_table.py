@@ -104,6 +104,6 @@ def test_onnx_found_fused_and_ssmax_identity(built) -> None:
         if row.name.endswith("_sdpa"):
             assert all("NaN guard after softmax" in s.notes for s in report), [s.notes for s in report]
         fused = aonnx.rewrite(path, Path(tmp) / f"{exporter}_fused.onnx", to="fused", target=row.target, inputs=feeds)
-        assert fused.rewritten == row.sites and fused.validation.passed, (exporter, fused.left)
+        assert len(fused.rewritten) == row.sites and fused.validation.passed, (exporter, fused.left)
         ident = aonnx.rewrite(path, Path(tmp) / f"{exporter}_ssmax.onnx", to="ssmax", s=0.0, bias=1.0, inputs=feeds)
-        assert ident.rewritten == row.sites and ident.validation.passed, exporter
+        assert len(ident.rewritten) == row.sites and ident.validation.passed, exporter
