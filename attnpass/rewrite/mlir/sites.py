@@ -13,6 +13,7 @@ from attnpass import semantics
 from attnpass.errors import AttnpassError
 from attnpass.passes.match import Report
 from attnpass.passes.mlir import MlirAdapter, MlirReport, _gqa_groups, _Node, _Val, find, public_funcs
+from attnpass.passes.mlir_attention_op import is_attention_op
 from attnpass.passes.plan import Action, Capabilities, FactorClass, KeepTerm, Plan, RewriteSpec, plan_for
 from attnpass.rewrite.mlir.builders import permuted, unpermuted
 from attnpass.rewrite.mlir.editor import Editor, erase_dead, mask_inputs, to_builtin_raw
@@ -100,7 +101,10 @@ def emit(module: Any, spec: RewriteSpec, report: MlirReport | None = None, tile:
             if spec.ssmax and plan.reason:
                 ed.notes.add(site, f"left alone: {plan.reason}")
             continue
-        if plan.action is Action.SSMAX and site.form == "sdpa":
+        if plan.action is Action.SSMAX and is_attention_op(site.softmax):
+            # torch-mlir cannot lower the op SSMax would keep: the loop nest with the factor replaces it
+            _fuse_site(ed, plan, tile, ssmax=(s, b, params, adapter.func))
+        elif plan.action is Action.SSMAX and site.form == "sdpa":
             _ssmax_sdpa_site(ed, adapter, plan, s, b, params)
         elif plan.action is Action.SSMAX:
             _ssmax_explicit_site(ed, adapter, plan, s, b, params)
@@ -224,6 +228,8 @@ def _fuse_site(ed: Editor, plan: Plan, tile: int, ssmax: tuple | None = None) ->
     ed.add_func(fused_func(name, spec), f"fused attention for {site.name}")
     new = ed.call(name, [q, k, v, *mvals, *pvals], [out.type], before)[0]
     out.value.replace_all_uses_with(new)
+    if is_attention_op(site.softmax):
+        site.softmax.op.erase()  # not a pure op for erase_dead, and torch-mlir cannot lower it
     ed.notes.add(site, f"fused via @{name} (tile {spec.tile})" + (" with SSMax" if ssmax is not None else ""))
 
 
@@ -246,7 +252,7 @@ def _spec(plan: Plan, tile: int) -> FusedSpec:
     return FusedSpec(
         batch=batch, s_q=s_q, s_k=s_k, d=qs[-1], dv=vs[-1], q_shape=qs, k_shape=ks, v_shape=vs,
         k_transposed=site.k.transposed, k_groups=k_groups, v_groups=v_groups,
-        scale=float(plan.scale), softcap=plan.softcap, causal=plan.causal, masks=[], tile=tile_for(s_k, tile),
+        scale=float(plan.scale), softcap=plan.softcap, causal=plan.causal or plan.is_causal_op, masks=[], tile=tile_for(s_k, tile),
         perms=perms,
     )
 
