@@ -20,7 +20,7 @@ from attnpass.lowering import mlir as lowering  # noqa: E402
 from attnpass.passes.match import MaskTerm  # noqa: E402
 from attnpass.rewrite.mlir import builders as bl  # noqa: E402
 from attnpass.rewrite.mlir.fused import FusedSpec, fused_func  # noqa: E402
-from attnpass.rewrite.mlir.ssmax import SsmaxParams, ssmax_func  # noqa: E402
+from attnpass.rewrite.mlir.ssmax import KeyMasks, SsmaxParams, ssmax_func  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -227,12 +227,27 @@ def test_ssmax_function_numerics_with_a_padding_bias():
     bias = np.zeros((1, 1, 1, 6), np.float32)
     bias[..., 4:] = np.finfo(np.float32).min
     ss = SsmaxParams(heads=2, s=[0.5, 2.0], b=[0.0, 0.25])
-    text = ssmax_func("f", (1, 2, 3, 6), [bl.MaskIn(term, "%m0", (1, 1, 1, 6), "f32")], ss)
+    mask = bl.MaskIn(term, "%m0", (1, 1, 1, 6), "f32")
+    text = ssmax_func("f", (1, 2, 3, 6), [mask], KeyMasks(counted=(bl.MaskIn(term, "%n0", (1, 1, 1, 6), "f32"),)), ss)
     text = text.replace("func.func private @f", "func.func @f")
     _, f = _func(text, "f")
     assert "math.log" in {name for name, _, _ in _ops(f)}
     x = RNG.standard_normal((1, 2, 3, 6), dtype=np.float32)
-    got = _run(text, x, bias)
+    got = _run(text, x, bias, bias)
     fac = np.array([0.5, 2.0])[:, None] * math.log(4) + np.array([0.0, 0.25])[:, None]
     want = np.where(bias > -1e30, x * fac[None, :, :, None].astype(np.float32), np.finfo(np.float32).min)
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_ssmax_counts_n_from_key_factors_causal_range_and_row_flags():
+    """``n`` from a KeyPlan: causal is an index range (no tensor read), a row flag zeroes its rows."""
+    term = MaskTerm("bool", None, None)
+    flag = np.array([True, False, True]).reshape(1, 1, 3, 1)
+    ss = SsmaxParams(heads=1, s=[1.0], b=[0.0])
+    keys = KeyMasks(rows=(bl.MaskIn(term, "%r0", (1, 1, 3, 1), "i1"),), causal=True)
+    text = ssmax_func("f", (1, 1, 3, 5), [], keys, ss).replace("func.func private @f", "func.func @f")
+    x = RNG.standard_normal((1, 1, 3, 5), dtype=np.float32)
+    got = _run(text, x, flag)
+    n = np.minimum(np.arange(3) + 1, 5) * flag.reshape(3)
+    want = x * np.log(np.maximum(n, 1)).astype(np.float32)[None, None, :, None]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

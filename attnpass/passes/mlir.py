@@ -9,15 +9,11 @@ The adapter reads the torch dialect that users get from torch-mlir:
 * ONNX through ``convert-torch-onnx-to-torch``: ``aten.matmul``, ``aten.transpose.int``,
   ``aten.softmax.int``, ``aten.div.Tensor`` by a 0-d literal;
 * the torch *backend* form (``torch-onnx-to-torch-backend-pipeline`` or ``output_type="torch"``)
-  where softmax is already decomposed into ``max.dim -> sub.Tensor -> exp -> sum.dim_IntList ->
-  div.Tensor``.  The adapter presents that chain as one SOFTMAX node (anchored on the ``div``),
-  so the matcher never learns about it.
+  where softmax is already decomposed (``max -> sub -> exp -> sum -> div``), presented as one SOFTMAX
+  node anchored on the ``div``; ``torch.operator "onnx.Attention"`` is a fused op (``mlir_attention_op``).
 
-The adapter builds a small Python graph (``_Node``/``_Val``) over the module once, because the
-matcher compares values by identity and MLIR's Python objects are re-created on every access.
-
-The rewrites (``attnpass.rewrite.mlir``) read the report this module builds; this module never
-edits the IR.
+A small Python graph (``_Node``/``_Val``) is built once: the matcher compares values by identity and
+MLIR's Python objects are re-created on every access.  This module never edits the IR.
 """
 
 from __future__ import annotations
@@ -28,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from attnpass.passes import mlir_attention_op as onnx_attention
 from attnpass.passes.aten import ATEN_KINDS
 from attnpass.passes.match import AttentionSite, Dim, Kind, Report, find_sites
 
@@ -209,7 +206,7 @@ class MlirAdapter:
         if name is None:
             if node.opname == "torch.vtensor.literal":
                 return Kind.CONSTANT
-            return Kind.OTHER
+            return Kind.SDPA if onnx_attention.is_attention_op(node) else Kind.OTHER
         if name in ("add", "sub") and len(node.operands) > 2 and self.constant(node.operands[2]) != 1.0:
             return Kind.OTHER
         if name == "to" and not self._is_cast(node):
@@ -229,6 +226,8 @@ class MlirAdapter:
     def inputs(self, node: _Node) -> list[Any]:
         if node.softmax_parts:
             return [node.softmax_parts[1].operands[0]]
+        if node.aten is None and onnx_attention.is_attention_op(node):
+            return onnx_attention.inputs(node)
         name = node.aten
         ops = node.operands
         if name == "masked_fill":
@@ -242,6 +241,9 @@ class MlirAdapter:
             # an absent attn_mask is a !torch.none operand: the matcher reads it as no mask, as in fx
             return [None if isinstance(o, _Val) and o.type == "!torch.none" else o for o in ops]
         return list(ops)
+
+    def fused_op_info(self, node: _Node) -> Any:  # only the ONNX op carries head counts / softcap
+        return onnx_attention.info(node) if node.aten is None and onnx_attention.is_attention_op(node) else None
 
     def is_bool(self, value: Any) -> bool:
         return isinstance(value, _Val) and value.dtype == "i1"
@@ -328,6 +330,8 @@ class MlirAdapter:
 
     def attr(self, node: _Node, name: str, default: Any = None) -> Any:
         op, ops = node.aten, node.operands
+        if op is None and onnx_attention.is_attention_op(node):
+            return onnx_attention.attr(node, name, default)
         rank = len(node.results[0].shape or ()) if node.results else 0
         if node.softmax_parts and name == "axis":
             m = node.softmax_parts[0]
@@ -527,17 +531,15 @@ def _lowering_blocker(site: AttentionSite) -> str | None:
             why = "a mask that is neither bool nor f32"
         elif site.form == "sdpa" and site.k.groups == 1 and _gqa_groups(site) is None:
             why = "scaled_dot_product_attention with a head count of Q that is not a multiple of K's"
+        elif onnx_attention.is_attention_op(site.softmax) and site.ssmax_blocker:
+            why = site.ssmax_blocker  # the op cannot stay (torch-mlir cannot lower it), nor be replaced
     return why
 
 
 def _is_masked_bias_row_test(adapter: MlirAdapter, cond: Any, masks: list[Any]) -> bool:
-    """``max_j bias[.., j] == -inf`` (keepdim) with ``bias`` one of the site's masks: the ONNX ``Attention``
-    schema's fully-masked-row guard, ``Where(ReduceMax(bias) == -inf, 0, p)``.
-
-    Every key of such a row is removed by that bias, so the row has no attendable key: the guard
-    restates the rule the rewrites already apply.  On a literal bias with no all ``-inf`` row (the
-    schema's zeros when there is no mask) the guard never fires.
-    """
+    """``max_j bias[.., j] == -inf`` (keepdim), ``bias`` one of the site's masks: the ONNX ``Attention`` schema's
+    fully-masked-row guard, which restates the "no attendable key" rule (on a literal bias with no all ``-inf``
+    row, the schema's zeros without a mask, it never fires)."""
     test = cond.producer if isinstance(cond, _Val) else None
     if test is None or test.aten != "eq" or len(test.operands) < 2:
         return False
@@ -581,9 +583,7 @@ def _is_no_key_test(cond: Any, x: _Val, want_all: bool) -> bool:
 
 def _mask_values(site: AttentionSite) -> list[Any]:
     """The mask tensors a rewrite reads: the chain's terms, or the ``attn_mask`` of an SDPA call."""
-    if site.form != "sdpa":
-        return [m.value for m in site.masks]
-    return [] if site.sdpa_mask is None else [site.sdpa_mask]
+    return [m.value for m in site.masks] if site.form != "sdpa" else [site.sdpa_mask] if site.sdpa_mask is not None else []
 
 
 def _gqa_groups(site: AttentionSite) -> int | None:

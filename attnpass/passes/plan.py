@@ -123,6 +123,15 @@ class Plan:
     finite_fill: bool = False  # every mask term masks with a finite value: a fully masked row is the mean of V
     op_mask: KeepTerm | None = None  # a fused op's own mask input (bool or additive), as a keep term
 
+    @property
+    def is_causal_op(self) -> bool:
+        """The site is a fused op that applies its own top-left ``is_causal`` and SSMax keeps that op.
+
+        An emitter that leaves the op in place (SSMax on its Q) keeps the flag as it is; the emitter never
+        reads the site's fields to find it.
+        """
+        return self.action is Action.SSMAX and self.site.form is Form.FUSED_OP and self.site.sdpa_is_causal
+
 
 def plan_for(site: AttentionSite, spec: RewriteSpec, caps: Capabilities, adapter: Adapter) -> Plan:
     """The plan of ``site`` for a resolved ``spec`` on an emitter with ``caps``."""

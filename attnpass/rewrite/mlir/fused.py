@@ -49,7 +49,7 @@ from attnpass.rewrite.mlir.builders import (
     transpose,
     unpermuted,
 )
-from attnpass.rewrite.mlir.ssmax import SsmaxParams, emit_factor
+from attnpass.rewrite.mlir.ssmax import KeyMasks, SsmaxParams, emit_factor
 
 DEFAULT_TILE = 64
 
@@ -80,6 +80,7 @@ class FusedSpec:
     masks: list[MaskIn]
     tile: int
     ssmax: SsmaxParams | None = None  # SSMax inside the loop nest: a per-row factor on the logits
+    keys: KeyMasks = KeyMasks()  # with ``ssmax``: the plan's key factors ``n`` is counted from
     # einsum layouts: "q"/"k"/"v" arrive as raw tensors with ``raw.permute(p)`` canonical; "out" leaves as
     # ``canonical.permute(p)``
     perms: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
@@ -113,7 +114,8 @@ def fused_func(name: str, sp: FusedSpec) -> str:
     raw = {"q": sp.q_shape, "k": sp.k_shape, "v": sp.v_shape}
     raw = {n: unpermuted(shape, sp.perms.get(n)) for n, shape in raw.items()}
     args = [f"%{n}{'_raw' if n in sp.perms else ''}: {tensor_type(shape, 'f32')}" for n, shape in raw.items()]
-    args += [f"{m.arg}: {tensor_type(m.shape, m.elem)}" for m in sp.masks] + (sp.ssmax.args() if sp.ssmax else [])
+    args += [f"{m.arg}: {tensor_type(m.shape, m.elem)}" for m in sp.masks]
+    args += (sp.keys.args() + sp.ssmax.args()) if sp.ssmax else []
     out_perm = sp.perms.get("out")
     ret_ty = tensor_type(permuted(out_shape, out_perm), "f32")
     t.emit(f"func.func private @{name}({', '.join(args)}) -> {ret_ty} {{", 1)
@@ -126,7 +128,7 @@ def fused_func(name: str, sp: FusedSpec) -> str:
     if sp.ssmax is not None:
         # n_i needs every key of the row before the first tile: one reduction over the masks up front
         sp.ssmax.emit_constants(t)
-        factor = emit_factor(t, row_shape, sp.s_k, sp.masks, sp.causal, sp.ssmax)
+        factor = emit_factor(t, row_shape, sp.s_k, sp.keys.settled(t, domain), sp.ssmax)
     state = (fill(t, row_shape, f32(-math.inf), 2), fill(t, row_shape, "0.0", 2), fill(t, out_shape, "0.0", 2))
     n_full = sp.s_k // sp.tile
     tail = sp.s_k - n_full * sp.tile

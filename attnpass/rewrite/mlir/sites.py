@@ -13,19 +13,20 @@ from attnpass import semantics
 from attnpass.errors import AttnpassError
 from attnpass.passes.match import Report
 from attnpass.passes.mlir import MlirAdapter, MlirReport, _gqa_groups, _Node, _Val, find, public_funcs
-from attnpass.passes.plan import Action, Capabilities, Plan, RewriteSpec, plan_for
+from attnpass.passes.mlir_attention_op import is_attention_op
+from attnpass.passes.plan import Action, Capabilities, FactorClass, KeepTerm, Plan, RewriteSpec, plan_for
 from attnpass.rewrite.mlir.builders import permuted, unpermuted
 from attnpass.rewrite.mlir.editor import Editor, erase_dead, mask_inputs, to_builtin_raw
 from attnpass.rewrite.mlir.fused import DEFAULT_TILE, FusedSpec, fused_func, tile_for
-from attnpass.rewrite.mlir.ssmax import SsmaxParams, ssmax_func, ssmax_sdpa_func
+from attnpass.rewrite.mlir.ssmax import KeyMasks, SsmaxParams, ssmax_func, ssmax_sdpa_func
 
 #: What the generated linalg / scf code expresses.  The loop nest applies top-left causal itself and
 #: gives 0 for a row with no attendable key (so the "no attendable key" guard is implied); it cannot
 #: re-apply other row guards (``passes.mlir`` reports those as the reason).  ``n`` is counted in the
-#: generated code from the plan's keep terms, not from ``Plan.keys``.
+#: generated code from the plan's key factors (``Plan.keys``).
 CAPS = Capabilities(refuse_fused_ops=True, softcap=True, ssmax_softcap_fused=True, is_causal=True,
                     scores_rank3=True, any_rank=True, static_heads=False, empty_rows_zero=True,
-                    factor_on_q=False, count_keys=False)
+                    factor_on_q=False, count_keys=True)
 
 
 def _heads(x_shape: tuple[int, ...]) -> int:
@@ -46,6 +47,24 @@ def _ssmax_params(ed: Editor, func: Any, heads: int, s: float | list[float], b: 
             vals.append(to_builtin_raw(ed, ed.add_argument(func, hty), bty, before))
             ss.b_arg = True
     return ss, vals
+
+
+def _readable(terms: Any) -> bool:
+    """The generated code reads bool and f32 masks of known rank."""
+    return all(m.value.dtype in ("i1", "f32") and m.value.shape is not None for m in terms)
+
+
+def _key_masks(ed: Editor, plan: Plan, before: Any) -> tuple[KeyMasks, list[Any]] | None:
+    """``plan.keys`` as arguments of a generated function (None: a factor the generated code cannot read)."""
+    kp = plan.keys
+    counted = [f.keep for f in kp.of(FactorClass.KEYS) + kp.of(FactorClass.GENERAL)]
+    rows = [f.keep for f in kp.of(FactorClass.ROW)]
+    if not _readable(counted + rows):
+        return None
+    cin, cvals = mask_inputs(ed, counted, before, "n")
+    rin, rvals = mask_inputs(ed, rows, before, "r")
+    causal = bool(kp.of(FactorClass.CAUSAL)) or kp.causal_op
+    return KeyMasks(tuple(cin), tuple(rin), causal), cvals + rvals
 
 
 def to_ssmax(module: Any, s: float | list[float] = semantics.DEFAULT_S, b: float | list[float] | None = None,
@@ -82,7 +101,10 @@ def emit(module: Any, spec: RewriteSpec, report: MlirReport | None = None, tile:
             if spec.ssmax and plan.reason:
                 ed.notes.add(site, f"left alone: {plan.reason}")
             continue
-        if plan.action is Action.SSMAX and site.form == "sdpa":
+        if plan.action is Action.SSMAX and is_attention_op(site.softmax):
+            # torch-mlir cannot lower the op SSMax would keep: the loop nest with the factor replaces it
+            _fuse_site(ed, plan, tile, ssmax=(s, b, params, adapter.func))
+        elif plan.action is Action.SSMAX and site.form == "sdpa":
             _ssmax_sdpa_site(ed, adapter, plan, s, b, params)
         elif plan.action is Action.SSMAX:
             _ssmax_explicit_site(ed, adapter, plan, s, b, params)
@@ -101,16 +123,17 @@ def _ssmax_explicit_site(ed: Editor, adapter: MlirAdapter, plan: Plan, s: Any, b
     if x_shape is None or x.dtype != "f32":
         ed.notes.add(site, "left alone: SSMax in MLIR needs f32 scores of known rank")
         return
-    if any(m.value.dtype not in ("i1", "f32") or m.value.shape is None for m in plan.keep_terms):
+    first = sm.softmax_parts[0].op if sm.softmax_parts else sm.op
+    keys = _key_masks(ed, plan, first) if _readable(plan.keep_terms) else None
+    if keys is None:
         ed.notes.add(site, "left alone: a mask that is neither bool nor f32")
         return
-    first = sm.softmax_parts[0].op if sm.softmax_parts else sm.op
     masks, mvals = mask_inputs(ed, plan.keep_terms, first, "m")
     xb = ed.builtin(x, first)
     ss, pvals = _ssmax_params(ed, adapter.func, _heads(tuple(x_shape)), s, b, params, first)
     name = ed.fresh_symbol(f"attnpass_ssmax_{site.index}")
-    ed.add_func(ssmax_func(name, tuple(x_shape), masks, ss), f"SSMax for {site.name}")
-    z = ed.call(name, [xb, *mvals, *pvals], [x.type], first)[0]
+    ed.add_func(ssmax_func(name, tuple(x_shape), masks, keys[0], ss), f"SSMax for {site.name}")
+    z = ed.call(name, [xb, *mvals, *keys[1], *pvals], [x.type], first)[0]
     targets = [p.op for p in sm.softmax_parts[:2]] if sm.softmax_parts else [sm.op]
     for t in targets:
         for i, operand in enumerate(t.operands):
@@ -124,16 +147,17 @@ def _ssmax_sdpa_site(ed: Editor, adapter: MlirAdapter, plan: Plan, s: Any, b: An
     site = plan.site
     call: _Node = site.softmax
     q: _Val = call.operands[0]
-    masks_t = [] if plan.op_mask is None else [plan.op_mask]
+    bias_t: list[KeepTerm] = [plan.op_mask] if plan.fused_mask_bias and plan.op_mask is not None else []
     qs = q.shape
     if qs is None or any(d is None for d in qs) or q.dtype != "f32" or site.seq_k is None or not isinstance(site.seq_k, int):
         ed.notes.add(site, "left alone: SSMax in MLIR needs static f32 inputs")
         return
-    if any(m.value.dtype not in ("i1", "f32") or m.value.shape is None for m in masks_t):
+    keys = _key_masks(ed, plan, call.op) if _readable(bias_t) else None
+    if keys is None:
         ed.notes.add(site, "left alone: a mask that is neither bool nor f32")
         return
     qs = tuple(qs)
-    masks, mvals = mask_inputs(ed, masks_t, call.op, "m")
+    bias, bvals = mask_inputs(ed, bias_t, call.op, "m")
     ss, pvals = _ssmax_params(ed, adapter.func, _heads((*qs[:-1], 1)), s, b, params, call.op)
     # An explicit scale moves onto q and the call gets the default: torch-mlir's lowering of an SDPA
     # call that has a mask or is_causal ignores its ``scale`` (off by ~0.5 on unit inputs), and the
@@ -143,10 +167,11 @@ def _ssmax_sdpa_site(ed: Editor, adapter: MlirAdapter, plan: Plan, s: Any, b: An
     if has_scale and isinstance(qs[-1], int):
         q_mult = float(site.scale) * math.sqrt(qs[-1])
     name = ed.fresh_symbol(f"attnpass_ssmax_{site.index}")
-    ed.add_func(ssmax_sdpa_func(name, qs, site.seq_k, masks, site.sdpa_is_causal, ss, q_mult), f"SSMax for {site.name}")
-    additive = any(m.term.kind == "additive" for m in masks)
+    func = ssmax_sdpa_func(name, qs, site.seq_k, bias[0] if bias else None, keys[0], ss, q_mult)
+    ed.add_func(func, f"SSMax for {site.name}")
+    additive = bool(bias)
     types = [q.type] + ([f"!torch.vtensor<[{','.join(map(str, (*qs[:-1], site.seq_k)))}],f32>"] if additive else [])
-    new = ed.call(name, [ed.builtin(q, call.op), *mvals, *pvals], types, call.op)
+    new = ed.call(name, [ed.builtin(q, call.op), *bvals, *keys[1], *pvals], types, call.op)
     call.op.operands[0] = new[0]
     if additive:
         call.op.operands[3] = new[1]
@@ -192,12 +217,19 @@ def _fuse_site(ed: Editor, plan: Plan, tile: int, ssmax: tuple | None = None) ->
     pvals: list[Any] = []
     if ssmax is not None:
         s, b, params, func = ssmax
+        keys = _key_masks(ed, plan, before)
+        if keys is None:
+            raise AttnpassError(f"internal error: {site.name} planned fused with a mask the loop nest cannot read")
+        spec.keys = keys[0]
         spec.ssmax, pvals = _ssmax_params(ed, func, spec.batch[-1] if spec.batch else 1, s, b, params, before)
+        pvals = keys[1] + pvals
     q, k, v = (ed.builtin(o.value, before) for o in (site.q, site.k, site.v))
     name = ed.fresh_symbol(f"attnpass_fused_{site.index}")
     ed.add_func(fused_func(name, spec), f"fused attention for {site.name}")
     new = ed.call(name, [q, k, v, *mvals, *pvals], [out.type], before)[0]
     out.value.replace_all_uses_with(new)
+    if is_attention_op(site.softmax):
+        site.softmax.op.erase()  # not a pure op for erase_dead, and torch-mlir cannot lower it
     ed.notes.add(site, f"fused via @{name} (tile {spec.tile})" + (" with SSMax" if ssmax is not None else ""))
 
 
@@ -220,7 +252,7 @@ def _spec(plan: Plan, tile: int) -> FusedSpec:
     return FusedSpec(
         batch=batch, s_q=s_q, s_k=s_k, d=qs[-1], dv=vs[-1], q_shape=qs, k_shape=ks, v_shape=vs,
         k_transposed=site.k.transposed, k_groups=k_groups, v_groups=v_groups,
-        scale=float(plan.scale), softcap=plan.softcap, causal=plan.causal, masks=[], tile=tile_for(s_k, tile),
+        scale=float(plan.scale), softcap=plan.softcap, causal=plan.causal or plan.is_causal_op, masks=[], tile=tile_for(s_k, tile),
         perms=perms,
     )
 

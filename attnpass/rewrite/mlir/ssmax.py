@@ -57,15 +57,65 @@ class SsmaxParams:
             t.emit(f"%b = arith.constant dense<[{', '.join(f32(v) for v in bv)}]> : {hty}")
 
 
-def count_keys(t: Ssa, row_shape: tuple[int | None, ...], s_k: int | None, masks: Sequence[MaskIn], causal: bool,
-               sizes: Sequence[str] = (), s_k_size: str | None = None) -> str:
-    """``n_i = sum_j allowed(i, j)`` as f32, ``[..., S_q]``: the attendable keys of each row.
+@dataclass(frozen=True)
+class KeyMasks:
+    """A plan's ``KeyPlan`` as the generated code reads it: ``n`` counted from the masks' small factors.
 
-    With masks it is a sum over the key axis of ``allowed ? 1 : 0`` (``allowed`` also tests
-    top-left causal ``j <= i``); causal alone is ``min(i + 1, S_k)`` (a generic needs a tensor to
-    size a key loop); no mask at all is ``S_k``.  ``sizes`` are the unknown sizes of the rows and
-    ``s_k_size`` the key count when ``s_k`` is unknown (``index`` values).
+    ``counted`` (key-only and general factors) are read at their own shapes inside one key reduction;
+    a causal factor (or a fused op's own ``is_causal``) is proven ``key <= query``, so it is an index
+    test and never a tensor read; ``rows`` are per-row flags (all keys or none), applied to ``n`` after.
     """
+
+    counted: tuple[MaskIn, ...] = ()
+    rows: tuple[MaskIn, ...] = ()
+    causal: bool = False
+
+    @property
+    def masks(self) -> tuple[MaskIn, ...]:
+        return (*self.counted, *self.rows)
+
+    def args(self) -> list[str]:
+        return [f"{m.arg}: {tensor_type(m.shape, m.elem)}" for m in self.masks]
+
+    def settled(self, t: Ssa, domain: Sequence[int | None]) -> KeyMasks:
+        """The factors at the static sizes of ``domain`` (see ``settle_mask``)."""
+        return KeyMasks(tuple(settle_mask(t, m, domain) for m in self.counted),
+                        tuple(settle_mask(t, m, (*domain[:-1], 1)) for m in self.rows), self.causal)
+
+
+def count_keys(t: Ssa, row_shape: tuple[int | None, ...], s_k: int | None, keys: KeyMasks,
+               sizes: Sequence[str] = (), s_k_size: str | None = None) -> str:
+    """``n_i``, the attendable keys of each row, as f32 ``[..., S_q]``, translated from ``keys``.
+
+    No factor: ``S_k``.  Causal alone: ``min(i + 1, S_k)`` (an index range).  Otherwise one reduction
+    over the key axis of ``allowed ? 1 : 0``, reading each counted factor through its broadcast map
+    (at its own shape) and testing causal as ``j <= i``.  Row flags then zero the rows they remove.
+    ``sizes`` are the unknown sizes of the rows and ``s_k_size`` the key count when ``s_k`` is unknown.
+    """
+    n = _count(t, row_shape, s_k, keys.counted, keys.causal, sizes, s_k_size)
+    if not keys.rows:
+        return n
+    rdims = [f"d{i}" for i in range(len(row_shape))]
+    ins = [Operand(n, row_shape, dims_of(rdims))]
+    ins += [Operand(m.arg, m.shape, _row_map(m.shape, row_shape, rdims), m.elem) for m in keys.rows]
+
+    def flag(a: list[str], i: int) -> str:
+        _, ok = mask_body(t, keys.rows, a[1:1 + len(keys.rows)], i)
+        zero = t.op("zero", "arith.constant 0.0 : f32", i)
+        return t.op("nrow", f"arith.select {ok}, {a[0]}, {zero} : f32", i)
+
+    out = Operand(empty(t, row_shape, 2, sizes=sizes), row_shape, dims_of(rdims))
+    return generic(t, rdims, ins, out, [PAR] * len(row_shape), flag, 2, "n")
+
+
+def _row_map(shape: tuple[int | None, ...], row_shape: tuple[int | None, ...], rdims: list[str]) -> str:
+    """A ``[..., S_q, 1]`` flag read over the rows: its row axes broadcast, its key axis (size 1) at 0."""
+    lead = bcast_map(shape[:-1], row_shape, rdims)[1:-1]
+    return "(" + (f"{lead}, 0" if lead else "0") + ")"
+
+
+def _count(t: Ssa, row_shape: tuple[int | None, ...], s_k: int | None, masks: Sequence[MaskIn], causal: bool,
+           sizes: Sequence[str], s_k_size: str | None) -> str:
     rank = len(row_shape) + 1
     dims = [f"d{i}" for i in range(rank)]
     rows = dims_of(dims[:-1])
@@ -74,7 +124,7 @@ def count_keys(t: Ssa, row_shape: tuple[int | None, ...], s_k: int | None, masks
         def upto_diagonal(a: list[str], i: int) -> str:
             ii = t.op("i", f"linalg.index {rank - 2} : index", i)
             one = t.op("one", "arith.constant 1 : index", i)
-            top = t.op("top", f"arith.constant {s_k} : index", i)
+            top = s_k_size if s_k is None else t.op("top", f"arith.constant {s_k} : index", i)
             r = t.op("n", f"arith.minui {t.op('cnt', f'arith.addi {ii}, {one} : index', i)}, {top} : index", i)
             return t.op("nf", f"arith.uitofp {t.op('ri', f'arith.index_cast {r} : index to i64', i)} : i64 to f32", i)
 
@@ -116,17 +166,15 @@ def log_factor(t: Ssa, row_shape: tuple[int | None, ...], n: str, ss: SsmaxParam
     return generic(t, rdims, ins, out, [PAR] * (rank - 1), body, 2, "factor")
 
 
-def emit_factor(t: Ssa, row_shape: tuple[int | None, ...], s_k: int | None, masks: Sequence[MaskIn], causal: bool,
+def emit_factor(t: Ssa, row_shape: tuple[int | None, ...], s_k: int | None, keys: KeyMasks,
                 ss: SsmaxParams, sizes: Sequence[str] = (), s_k_size: str | None = None) -> str:
-    """``s_h log max(n_i, 1) + b_h`` per row, ``n_i`` counted over the keys from the masks (and causal).
-
-    Causal is top-left (``j <= i``), what the fused loop nest and SDPA's ``is_causal`` apply.
-    """
-    return log_factor(t, row_shape, count_keys(t, row_shape, s_k, masks, causal, sizes, s_k_size), ss, sizes)
+    """``s_h log max(n_i, 1) + b_h`` per row, ``n_i`` counted from the plan's key factors (``keys``)."""
+    return log_factor(t, row_shape, count_keys(t, row_shape, s_k, keys, sizes, s_k_size), ss, sizes)
 
 
-def ssmax_func(name: str, x_shape: tuple[int | None, ...], masks: list[MaskIn], ss: SsmaxParams) -> str:
-    """``z = allowed ? (s_h log max(n_i, 1) + b_h) * x : finfo.min`` with ``n_i`` reduced from the masks.
+def ssmax_func(name: str, x_shape: tuple[int | None, ...], masks: list[MaskIn], keys: KeyMasks, ss: SsmaxParams) -> str:
+    """``z = allowed ? (s_h log max(n_i, 1) + b_h) * x : finfo.min``; ``allowed`` from the plan's keep terms
+    (``masks``), ``n_i`` from its key factors (``keys``).
 
     Unknown sizes of ``x`` are read with ``tensor.dim`` and size every tensor built here.
     """
@@ -134,13 +182,14 @@ def ssmax_func(name: str, x_shape: tuple[int | None, ...], masks: list[MaskIn], 
     rank = len(x_shape)
     dims = [f"d{i}" for i in range(rank)]
     xty = tensor_type(x_shape, "f32")
-    args = [f"%x: {xty}"] + [f"{m.arg}: {tensor_type(m.shape, m.elem)}" for m in masks] + ss.args()
+    args = [f"%x: {xty}"] + [f"{m.arg}: {tensor_type(m.shape, m.elem)}" for m in masks] + keys.args() + ss.args()
     t.emit(f"func.func private @{name}({', '.join(args)}) -> {xty} {{", 1)
     masks = [settle_mask(t, m, x_shape) for m in masks]
+    keys = keys.settled(t, x_shape)
     sizes = {a: dim_size(t, "%x", a, xty, 2) for a, d in enumerate(x_shape) if d is None}
     row_sizes = [sizes[a] for a in sorted(sizes) if a < rank - 1]
     ss.emit_constants(t)
-    fac = emit_factor(t, x_shape[:-1], x_shape[-1], masks, False, ss, row_sizes, sizes.get(rank - 1))
+    fac = emit_factor(t, x_shape[:-1], x_shape[-1], keys, ss, row_sizes, sizes.get(rank - 1))
     ins = [Operand("%x", x_shape, dims_of(dims)), Operand(fac, x_shape[:-1], dims_of(dims[:-1]))]
     ins += [Operand(m.arg, m.shape, bcast_map(m.shape, x_shape, dims), m.elem) for m in masks]
 
@@ -159,24 +208,25 @@ def ssmax_func(name: str, x_shape: tuple[int | None, ...], masks: list[MaskIn], 
     return t.text()
 
 
-def ssmax_sdpa_func(name: str, q_shape: tuple[int, ...], s_k: int, masks: list[MaskIn], causal: bool,
+def ssmax_sdpa_func(name: str, q_shape: tuple[int, ...], s_k: int, bias: MaskIn | None, keys: KeyMasks,
                     ss: SsmaxParams, q_mult: float = 1.0) -> str:
-    """SSMax for an SDPA call, as ``semantics.ssmax_sdpa``: returns ``q * f * q_mult`` and, for an additive
-    mask, the mask with its attendable entries times ``f`` (``[..., S_q, S_k]``); masked entries keep their
-    value, which SDPA adds after the product, so no factor can unmask a key."""
+    """SSMax for an SDPA call, as ``semantics.ssmax_sdpa``: returns ``q * f * q_mult`` and, when the op's
+    additive mask holds logits bias (``bias``), that mask with its attendable entries times ``f``
+    (``[..., S_q, S_k]``); masked entries keep their value, which SDPA adds after the product, so no
+    factor can unmask a key.  ``n`` comes from the plan's key factors (``keys``)."""
     t = Ssa()
     rank = len(q_shape)
     row_shape = q_shape[:-1]
     mask_shape = (*row_shape, s_k)
     qty, mty = tensor_type(q_shape, "f32"), tensor_type(mask_shape, "f32")
-    additive = [m for m in masks if m.term.kind == "additive"]
-    results = [qty] + ([mty] if additive else [])
-    args = [f"%q: {qty}"] + [f"{m.arg}: {tensor_type(m.shape, m.elem)}" for m in masks] + ss.args()
+    results = [qty] + ([mty] if bias is not None else [])
+    args = [f"%q: {qty}"] + ([f"{bias.arg}: {tensor_type(bias.shape, bias.elem)}"] if bias is not None else [])
+    args += keys.args() + ss.args()
     t.emit(f"func.func private @{name}({', '.join(args)}) -> ({', '.join(results)}) {{", 1)
-    masks = [settle_mask(t, m, mask_shape) for m in masks]
-    additive = [m for m in masks if m.term.kind == "additive"]
+    bias = None if bias is None else settle_mask(t, bias, mask_shape)
+    keys = keys.settled(t, mask_shape)
     ss.emit_constants(t)
-    fac = emit_factor(t, row_shape, s_k, masks, causal, ss)
+    fac = emit_factor(t, row_shape, s_k, keys, ss)
     dims = [f"d{i}" for i in range(rank)]
     ident, row = dims_of(dims), dims_of(dims[:-1])
 
@@ -189,8 +239,8 @@ def ssmax_sdpa_func(name: str, q_shape: tuple[int, ...], s_k: int, masks: list[M
     q2 = generic(t, dims, [Operand("%q", q_shape, ident), Operand(fac, row_shape, row)],
                  Operand(empty(t, q_shape, 2), q_shape, ident), [PAR] * rank, scale_q, 2, "qs")
     outs = [q2]
-    if additive:
-        m = additive[0]
+    if bias is not None:
+        m = bias
 
         def scale_mask(a: list[str], i: int) -> str:
             lim = t.op("lim", f"arith.constant {f32(semantics.MASKED_BELOW)} : f32", i)

@@ -1,0 +1,59 @@
+"""The ONNX ``Attention`` op (opset 23) as torch-mlir's ONNX importer leaves it: ``torch.operator "onnx.Attention"``.
+
+torch-mlir has no lowering for that op, so a module holding it cannot be compiled; attnpass sees it as an
+already-fused site (``Kind.SDPA``) and the MLIR emitter replaces it by the loop nest.  Its inputs are
+``Q, K, V[, attn_mask[, past_key, past_value]]`` and its attributes ``torch.onnx.<name>``; this module reads
+them in the matcher's vocabulary (the same answers ``passes/onnx.py`` gives for the ONNX op itself).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attnpass.passes.site import FusedOpInfo
+
+OP_NAME = "onnx.Attention"
+
+
+def is_attention_op(node: Any) -> bool:
+    """True for ``torch.operator "onnx.Attention"`` (a ``passes.mlir._Node``)."""
+    return node.opname == "torch.operator" and "name" in node.op.attributes and node.op.attributes["name"].value == OP_NAME
+
+
+def attr(node: Any, name: str, default: Any = None) -> Any:
+    """The op's attribute in the matcher's names (``is_causal`` a bool, ``scale``/``softcap`` floats)."""
+    if name in ("dropout_p",):
+        return 0.0
+    if name == "enable_gqa":
+        return False
+    key = f"torch.onnx.{name}"
+    if key not in node.op.attributes:
+        return default
+    value = node.op.attributes[key].value
+    return bool(value) if name == "is_causal" else value
+
+
+def inputs(node: Any) -> list[Any]:
+    """``[Q, K, V, attn_mask or None]``: an absent optional input is a ``!torch.none`` operand or no operand."""
+    ops = list(node.operands[:4]) + [None] * (4 - min(4, len(node.operands)))
+    return [None if o is not None and o.type == "!torch.none" else o for o in ops]
+
+
+def info(node: Any) -> FusedOpInfo:
+    """Head counts of a 3-D Q (``q_num_heads`` / ``kv_num_heads``), softcap, and what the rewrites cannot do."""
+    q, k = node.operands[0].shape, node.operands[1].shape
+    three_d = q is not None and len(q) == 3
+    heads, kv_heads = attr(node, "q_num_heads"), attr(node, "kv_num_heads")
+    extra: dict[str, Any] = {}
+    if three_d:
+        extra = {"heads": heads, "kv_heads": kv_heads or heads, "seq_q": q[1], "seq_k": k[1] if k else None,
+                 "head_dim": q[2] // heads if isinstance(q[2], int) and heads else None}
+    blocker = None
+    if len(node.operands) > 4 and any(o.type != "!torch.none" for o in node.operands[4:]) or len(node.results) > 1:
+        blocker = "KV cache (past_key/past_value or present outputs) of onnx.Attention is not rewritten in MLIR"
+    elif three_d:
+        blocker = "3-D onnx.Attention (heads packed in the last axis) is not rewritten in MLIR yet"
+    return FusedOpInfo(three_d=three_d, softcap=attr(node, "softcap"), op_name=OP_NAME, ssmax_blocker=blocker, **extra)
+
+
+__all__ = ["OP_NAME", "is_attention_op", "attr", "inputs", "info"]

@@ -1,0 +1,77 @@
+"""The ONNX ``Attention`` op itself in MLIR: torch-mlir's importer leaves ``torch.operator "onnx.Attention"``,
+which torch-mlir cannot lower.  attnpass sees it as a fused site and replaces it by its loop nest (fused, or
+with the SSMax factor inside), so the module compiles; the result is checked against onnxruntime on the
+original model with the onnx spec case's own inputs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+pytest.importorskip("torch_mlir")
+ort = pytest.importorskip("onnxruntime")
+
+import attnpass.mlir as am  # noqa: E402
+from tests.test_onnx_spec_attention import SPECS, _build  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+#: 4-D configurations the loop nest replaces (plain, causal, float / bool masks, GQA, scale, softcap).
+REWRITTEN = ["attention", "attention_causal", "attention_attn_mask", "attention_attn_mask_bool", "attention_gqa",
+             "attention_gqa_attn_mask", "attention_scaled", "attention_softcap", "attention_attn_4d_mask_causal",
+             "attention_diff_head_sizes"]
+#: Left with the reason in the report: 3-D (heads packed in the last axis) and KV caches.
+LEFT = {"attention_3d": "3-D onnx.Attention", "attention_with_past_and_present": "KV cache"}
+
+
+def _op_model(name: str, tmp_path: Path) -> tuple[Path, list[np.ndarray], np.ndarray]:
+    spec = next(s for s in SPECS if s.export == name)
+    case = next(c for c in _build(spec) if not c.name.endswith("_expanded"))
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(case.model, path)
+    ins = list(case.data_sets[0][0])
+    want = ort.InferenceSession(str(path)).run(None, {vi.name: x for vi, x in zip(case.model.graph.input, ins)})[0]
+    return path, ins, want
+
+
+def _run(module, ins: list[np.ndarray]) -> np.ndarray:
+    got = am.compile(module)(*ins)
+    return np.asarray(got[0] if isinstance(got, list | tuple) else got)
+
+
+@pytest.mark.parametrize("name", REWRITTEN)
+@pytest.mark.parametrize("to", ["fused", "ssmax"])
+def test_attention_op_replaced_and_equal_to_onnxruntime(name: str, to: str, tmp_path: Path) -> None:
+    path, ins, want = _op_model(name, tmp_path)
+    module = am.import_(path)
+    (site,) = am.find(module).sites
+    assert site.form == "sdpa" and "onnx.Attention" in " ".join(site.notes)
+    kw = {"s": 0.0, "b": 1.0} if to == "ssmax" else {}  # SSMax(s=0, b=1) is the identity
+    out, result = am.rewrite(module, to=to, with_report=True, **kw)
+    assert len(result.rewritten) == 1, result.left
+    text = str(out)
+    assert "onnx.Attention" not in text and "attnpass_fused_" in text
+    np.testing.assert_allclose(_run(out, ins), want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_op_ssmax_factor_changes_the_output(tmp_path: Path) -> None:
+    """With ``s != 0`` the factor is really applied: the output moves away from the original."""
+    path, ins, want = _op_model("attention_causal", tmp_path)
+    out = am.rewrite(am.import_(path), to="ssmax", s=2.0, b=0.0)
+    got = _run(out, ins)
+    assert np.isfinite(got).all() and np.abs(got - want).max() > 1e-3
+    # row 0 of a causal op attends one key: the factor s log 1 = 0 leaves it as it was
+    np.testing.assert_allclose(got[..., 0, :], want[..., 0, :], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(LEFT))
+def test_attention_op_left_with_the_reason(name: str, tmp_path: Path) -> None:
+    path, _, _ = _op_model(name, tmp_path)
+    out, result = am.rewrite(am.import_(path), to="fused", with_report=True)
+    assert not result.rewritten and LEFT[name] in " ".join(map(str, result.left.values()))
+    assert "onnx.Attention" in str(out)
