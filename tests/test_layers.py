@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parent.parent / "attnpass"
 MAX_LINES = 600
 #: Modules allowed over MAX_LINES, each with the reason.
 OVERSIZE = {
-    "kernels/triton/kernels.py": "the Triton forward and backward kernels; outside the match / plan / emit redesign",
+    "kernels/triton/kernels.py": "executed from source once per interpreter mode, so its kernels and their jit helpers stay one file (tables and the prune hook are in tuning.py)",
 }
 
 
