@@ -503,3 +503,84 @@ def test_interp_mask_gradient_skipped_when_not_needed() -> None:
     assert full[3] is not None and full[3].shape == mask.shape and skipped[3] is None
     for a, b in zip(full[:3], skipped[:3]):
         torch.testing.assert_close(a, b)
+
+
+# ---- an fp32 mask with bf16/fp16 inputs: converted once, same keys masked -------------------
+
+def _fp32_mask_case(dtype: torch.dtype, s: int = 16):
+    """bf16/fp16 q/k/v with an fp32 mask whose entries sit on both sides of MASKED_BELOW and whose bias rounds.
+
+    Keys 3-5 are masked in fp32 (-1e4 exactly, finfo(float32).min, -10001, which rounds to -9984 in
+    bf16); key 6 is kept (-9997, which rounds to -10000 in fp16); keys 8+ carry a bias in [1000, 1010],
+    where bf16 and fp16 steps (4 and 0.5) move the logits.  Row 2 has only keys 3 and 6 left.
+    """
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, s, 16, generator=g).to(dtype) for _ in range(3))
+    m = torch.zeros(1, 1, s, s)
+    m[..., 3], m[..., 4], m[..., 5], m[..., 6] = -1e4, torch.finfo(torch.float32).min, -10001.0, -9997.0
+    m[..., 8:] = 1000 + 10 * torch.rand(s, s - 8, generator=g)
+    m[0, 0, 2, :] = float("-inf")
+    m[0, 0, 2, 3], m[0, 0, 2, 6] = -1e4, -9997.0
+    # What the kernels must compute with: the fp32 decision on which keys are masked, the bias rounded
+    # to the inputs' dtype (a kept entry that rounds onto the threshold keeps its fp32 value, so the
+    # reference, which re-decides in fp32, still keeps it; its weight is exp(-1e4) but for row 2).
+    rounded = m.to(dtype).float()
+    want = torch.where(m <= semantics.MASKED_BELOW, float("-inf"), torch.where(rounded <= semantics.MASKED_BELOW, m, rounded))
+    return q, k, v, m, want
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_interp_fp32_mask_low_precision_inputs(dtype) -> None:
+    """Same keys masked as the fp32 mask says (SSMax counts them, row 2 attends only key 6); the bias rounded
+    to the inputs' dtype, as SDPA requires of a float mask, matching the reference to bf16/fp16 accuracy."""
+    kern = triton_kernels.load_interpreted()
+    q, k, v, m, want = _fp32_mask_case(dtype)
+    s = torch.tensor([0.4, 0.6])
+    out, lse = kern.attention_forward(q, k, v, m, False, None, s, None, None, False)
+    ref_out, ref_lse = reference.attention_forward(q, k, v, want, False, None, s, None, None, False)
+    _close(out, ref_out, 2e-2, "out vs reference with the rounded bias")
+    _close(lse, ref_lse.float(), 1e-4, "lse vs reference with the rounded bias")
+    torch.testing.assert_close(out[0, :, 2].float(), v[0, :, 6].float(), rtol=0, atol=0)  # only key 6 is left
+    # The rounding is visible at this tolerance: the unrounded fp32 bias gives a different answer.
+    unrounded, _ = reference.attention_forward(q, k, v, m, False, None, s, None, None, False)
+    assert (unrounded.float() - ref_out.float()).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_interp_fp32_mask_low_precision_backward(dtype) -> None:
+    """The backward converts the same way (consistent with the forward's lse); no mask gradient is asked for."""
+    kern = triton_kernels.load_interpreted()
+    q, k, v, m, want = _fp32_mask_case(dtype)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    s = torch.tensor([0.4, 0.6])
+    out, lse = kern.attention_forward(q, k, v, m, False, None, s, None, None, False)
+    got = kern.attention_backward(do, q, k, v, m, out, lse, False, None, s, None, None, False, need_mask_grad=False)
+    ref = reference.attention_backward(do, q, k, v, want, False, None, s, None, None, False)
+    assert got[3] is None
+    # dq/dk/dv only: ds sums logits of ~1000 times probabilities, so its bf16/fp16 error says nothing here.
+    for name, g, w in zip(("dq", "dk", "dv"), got, ref):
+        _close(g, w, 3e-2, name)
+
+
+def test_fp32_mask_is_narrowed_once_unless_it_needs_a_gradient() -> None:
+    """The kernels see the inputs' dtype and a -inf threshold; a mask that requires grad keeps today's fp32 path;
+    a broadcast padding mask keeps its row stride 0 (staged as a vector); a same-width mask is left alone."""
+    q = torch.zeros(2, 2, 8, 16, dtype=torch.bfloat16)
+    m = torch.zeros(1, 1, 8, 8)
+    m[..., 5] = -1e4
+
+    def problem(mask, qq=q):
+        return triton_kernels._Problem(qq, qq, qq, mask, False, None, None, None, None, True)
+
+    p = problem(m)
+    assert p.mask.dtype == torch.bfloat16 and p.mask_thr == float("-inf")
+    assert torch.isneginf(p.mask[..., 5]).all() and (p.mask[..., :5] == 0).all()
+    p = problem(m.clone().requires_grad_())
+    assert p.mask.dtype == torch.float32 and p.mask_thr == float(torch.tensor(-1e4))
+    pad = torch.zeros(2, 1, 1, 8).expand(2, 1, 8, 8)
+    p = problem(pad)
+    assert p.mask.dtype == torch.bfloat16 and p.mask_rowb
+    p = problem(m.to(torch.bfloat16))
+    assert p.mask.dtype == torch.bfloat16 and p.mask_thr == float(torch.tensor(-1e4, dtype=torch.bfloat16))
+    p = problem(m, q.float())
+    assert p.mask.dtype == torch.float32 and p.mask_thr == -1e4

@@ -78,3 +78,19 @@ def test_padding_mask_costs_a_vector_not_a_tile() -> None:
     plain = aot.compile_one("fwd", cfg, aot.Variant("bf16", 64), 90)
     assert pad.shared < full.shared
     assert pad.shared - plain.shared <= 4 * 64 * 2 * cfg[3]  # at most a few BLOCK_N-sized buffers per stage
+
+
+def test_fp32_mask_costs_what_a_bf16_mask_costs() -> None:
+    """An fp32 mask with bf16 inputs is narrowed once by the launcher: the kernels stage bf16 tiles, so shared
+    memory, registers and the configs the autotuner may pick equal those of a bf16 mask; a mask that requires
+    grad still reaches the kernels as fp32 and costs more (it is what the prune hook's fp32 rules are for)."""
+    cfg = (128, 64, 8, 3)
+    f32 = aot.compile_one("fwd", cfg, aot.Variant("bf16", 64, causal=True, mask="float32"), 90)
+    bf16 = aot.compile_one("fwd", cfg, aot.Variant("bf16", 64, causal=True, mask="float"), 90)
+    grad = aot.compile_one("fwd", cfg, aot.Variant("bf16", 64, causal=True, mask="float32-grad"), 90)
+    assert (f32.shared, f32.regs, f32.spills) == (bf16.shared, bf16.regs, bf16.spills)
+    assert grad.shared >= bf16.shared + cfg[0] * cfg[1] * 2 * (cfg[3] - 1)  # an fp32 tile is 2 bytes wider per entry
+    for kernel in aot.TUNED:
+        for d in (64, 128):
+            same = aot.candidate_configs(aot.Variant("bf16", d, causal=True, mask="float32"), kernel, 90)
+            assert same == aot.candidate_configs(aot.Variant("bf16", d, causal=True, mask="float"), kernel, 90)

@@ -119,6 +119,26 @@ def _masked_below() -> float:
     return semantics.MASKED_BELOW
 
 
+def _narrowed_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An additive mask in the inputs' (narrower) dtype that masks exactly the keys ``mask`` masks.
+
+    Rounding alone could move an entry across ``MASKED_BELOW`` (-10001 rounds to -9984 in bf16,
+    -9997 to -10000 in fp16), so the decision is taken in the mask's own dtype first: masked
+    entries become -inf, and the kernels are given a threshold of -inf.  The finite bias is
+    rounded to ``dtype``, which is what SDPA itself requires of a float mask; it is clamped to
+    ``dtype``'s finite range so that a large bias does not round to inf (NaN and inf stay as they are).
+    Broadcast (stride-0) dimensions are converted once and expanded again, so a key-padding mask
+    keeps the row stride 0 that lets the kernels stage it as a vector.
+    """
+    one = tuple(slice(0, 1) if st == 0 and n > 1 else slice(None) for st, n in zip(mask.stride(), mask.shape))
+    src = mask[one]
+    big = torch.finfo(dtype).max
+    finite = torch.where(torch.isfinite(src), src.clamp(-big, big), src)
+    masked = src <= _masked_below()
+    out = torch.where(masked, torch.full((), float("-inf"), dtype=src.dtype, device=src.device), finite).to(dtype)
+    return out.expand(mask.shape)
+
+
 class _Problem:
     """Shapes, strides and flags shared by the forward and backward launches."""
 
@@ -146,9 +166,15 @@ class _Problem:
             if m4.dtype == torch.bool:
                 self.mask_kind, m4 = 1, m4.view(torch.uint8)
             elif m4.is_floating_point():
-                # Decided in the mask's dtype, as semantics does: -1e4 is -9984 in bf16.
                 self.mask_kind = 2
-                self.mask_thr = float(torch.tensor(_masked_below(), dtype=m4.dtype))
+                if m4.element_size() > q.element_size() and not attn_mask.requires_grad:
+                    # Converted once here rather than staged at its own width per pipeline stage in
+                    # every kernel; only -inf marks a masked key in the result, so the threshold is -inf.
+                    m4, self.mask_thr = _narrowed_mask(m4, q.dtype), float("-inf")
+                else:
+                    # Decided in the mask's dtype, as semantics does: -1e4 is -9984 in bf16.
+                    self.mask_thr = float(torch.tensor(_masked_below(), dtype=m4.dtype))
+                self.mask4 = m4
             else:
                 raise TypeError(f"attnpass triton kernel: attn_mask must be bool or floating, got {attn_mask.dtype}")
             self.mask_own = m4.expand(m4.shape[0], m4.shape[1], self.S_q, self.S_k)

@@ -50,8 +50,9 @@ class Variant:
     """One representative call: dtype, head dim and which optional features the kernels compile in.
 
     ``mask`` is ``none``, ``bool`` (``[B, 1, S, S]``), ``float`` (``[B, H, S, S]`` in the inputs'
-    dtype), ``float32`` (``[1, 1, S, S]`` fp32, as HF builds it under autocast) or ``padding``
-    (``[B, 1, 1, S]`` float, row stride 0).
+    dtype), ``float32`` (``[1, 1, S, S]`` fp32, as HF builds it under autocast: the launcher narrows it
+    to the inputs' dtype), ``float32-grad`` (the same mask requiring a gradient: staged as fp32) or
+    ``padding`` (``[B, 1, 1, S]`` float, row stride 0).
     """
 
     dtype: str
@@ -75,6 +76,7 @@ SHAPES = (
     dict(mask="bool", ssmax=True),
     dict(mask="float", softcap=True),
     dict(mask="float32", causal=True),
+    dict(mask="float32-grad", causal=True),
     dict(mask="padding", causal=True, ssmax=True),
 )
 
@@ -178,8 +180,9 @@ def _problem(v: Variant, s: int = 1024, b: int = 2, h: int = 4, hk: int = 2):
     val = torch.zeros(b, hk, s, v.d, dtype=dtype)
 
     shape, mdt = {"none": (None, None), "bool": ((b, 1, s, s), torch.bool), "float": ((b, h, s, s), dtype),
-                  "float32": ((1, 1, s, s), torch.float32), "padding": ((b, 1, 1, s), dtype)}[v.mask]
-    mask = None if shape is None else torch.zeros(shape, dtype=mdt)
+                  "float32": ((1, 1, s, s), torch.float32), "float32-grad": ((1, 1, s, s), torch.float32),
+                  "padding": ((b, 1, 1, s), dtype)}[v.mask]
+    mask = None if shape is None else torch.zeros(shape, dtype=mdt, requires_grad=v.mask == "float32-grad")
     ssmax_s = torch.full((h,), 0.4) if v.ssmax else None
     return q, k, val, mask, ssmax_s
 

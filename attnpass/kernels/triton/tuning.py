@@ -81,8 +81,10 @@ def prune(configs, named_args, kernel: str = "fwd", smem_limit: int | None = Non
     """Drop tiles that cannot fit the target for this call's shape, and tiles far taller than the problem.
 
     ``kernel`` says which operand is streamed: keys (forward, dQ: K and V per stage) or queries
-    (dK/dV: Q and dO per stage); the estimate matched ptxas within 1-4 KB where it binds.  A full float mask adds a [BLOCK_M, BLOCK_N] tile of its own
-    dtype per stage (an fp32 mask twice a bf16 one); a row-broadcast mask only BLOCK_N values.
+    (dK/dV: Q and dO per stage); the estimate matched ptxas within 1-4 KB where it binds.  A full float mask adds a
+    [BLOCK_M, BLOCK_N] tile of its own dtype per stage; a row-broadcast mask only BLOCK_N values.  The launcher
+    narrows a wider mask (fp32 with bf16/fp16 inputs) to the inputs' dtype unless it requires grad, so the
+    fp32-mask rules below bind only for a mask that needs a gradient.
     ``smem_limit`` and ``arch`` are the target's (the current device's when None; the AOT check
     passes its target's): compiled configs are first narrowed to that architecture's table.
     """
@@ -114,6 +116,7 @@ def prune(configs, named_args, kernel: str = "fwd", smem_limit: int | None = Non
         # 56-104 B once a float mask meets SSMax; 32x128 and 64x64 spill 16-400 B with any mask.
         if arch >= 90 and kernel == "dkdv" and d_pad >= 128 and bm > 16 and (kwargs.get("MASK_KIND", 0) or bm * bn > 32 * 64):
             continue
+        # Only a mask requiring grad reaches the kernels as fp32 (see _narrowed_mask in the launcher).
         # Measured (sm_90, every variant): a full fp32 mask tile spills 32-104 B in dK/dV above 32x64
         # (16x64 at D=128) and 88 B in a 128x128 forward; dQ 64x64x4 at D=128 spills 56 B when causal.
         if arch >= 90 and mask_bytes >= 4 and bm * bn > {"dkdv": 16 * 64 if d_pad >= 128 else 32 * 64}.get(kernel, 128 * 64):
