@@ -44,9 +44,9 @@ ROWS = [
     Row("clip_text", 2),
     Row("distilbert", 2),
     # HF's default sdpa attention: both exporters decompose it with a ``Where(IsNaN(p), 0, p)`` guard after the
-    # softmax, which must not block fusion.  Its K arrives pre-scaled by sqrt(scale), which hides the K/V
-    # repetition from the matcher's K operand, so the ONNX KV head count is not asserted (listed in the report).
-    Row("llama_sdpa", 2, kv_heads=None),
+    # softmax, which must not block fusion.  Q and K arrive pre-scaled by sqrt(scale) (and, from dynamo, K^T is
+    # transposed with the heads folded into the batch): the K/V repetition is still seen, so the op reads 2 KV heads.
+    Row("llama_sdpa", 2, kv_heads=2),
 ]
 BY_NAME = {r.name: r for r in ROWS}
 
@@ -104,6 +104,6 @@ def test_onnx_found_fused_and_ssmax_identity(built) -> None:
         if row.name.endswith("_sdpa"):
             assert all("NaN guard after softmax" in s.notes for s in report), [s.notes for s in report]
         fused = aonnx.rewrite(path, Path(tmp) / f"{exporter}_fused.onnx", to="fused", target=row.target, inputs=feeds)
-        assert fused.rewritten == row.sites and fused.validation.passed, (exporter, fused.left)
+        assert len(fused.rewritten) == row.sites and fused.validation.passed, (exporter, fused.left)
         ident = aonnx.rewrite(path, Path(tmp) / f"{exporter}_ssmax.onnx", to="ssmax", s=0.0, bias=1.0, inputs=feeds)
-        assert ident.rewritten == row.sites and ident.validation.passed, exporter
+        assert len(ident.rewritten) == row.sites and ident.validation.passed, exporter
