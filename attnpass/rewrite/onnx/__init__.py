@@ -16,9 +16,10 @@ from attnpass.rewrite.onnx.fuse import fuse_site
 from attnpass.rewrite.onnx.ssmax import ssmax_explicit, ssmax_fused_op
 
 _ORT = Capabilities(refuse_fused_ops=False, softcap=False, ssmax_softcap_fused=False, is_causal=False, scores_rank3=False,
-                    any_rank=False, static_heads=True, empty_rows_zero=False, factor_on_q=True, count_keys=True)
+                    any_rank=False, static_heads=True, empty_rows_zero=False, factor_on_q=True, count_keys=True,
+                    grouped_kv=False)
 #: What each target's fused op expresses (MultiHeadAttention: no softcap, 4-D only; opset-23 Attention: both).
-CAPS = {"ort": _ORT, "onnx23": Capabilities(**{**_ORT.__dict__, "softcap": True, "scores_rank3": True})}
+CAPS = {"ort": _ORT, "onnx23": Capabilities(**{**_ORT.__dict__, "softcap": True, "scores_rank3": True, "grouped_kv": True})}
 
 
 def emit(model: ir.Model, report: Report, spec: RewriteSpec) -> Emitted:

@@ -1,12 +1,13 @@
 """One fused attention op per planned site: ``com.microsoft.MultiHeadAttention`` (``ort``) or ``Attention`` (opset 23).
 
-GQA K/V are repeated to the query heads for MultiHeadAttention (onnxruntime's CPU GroupQueryAttention
-is decode-oriented: causal only, with seqlens/KV-cache inputs); opset-23 ``Attention`` takes the grouped
-K/V as they are.  With SSMax, Q is multiplied by the per-row factor and the bias terms with it.
+GQA and multi-query K/V are repeated to the query heads for MultiHeadAttention as the plan says
+(onnxruntime's CPU GroupQueryAttention is decode-oriented: causal only, with seqlens/KV-cache inputs);
+opset-23 ``Attention`` takes the grouped K/V as they are.  With SSMax, Q is multiplied by the per-row factor and the bias terms with it.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,6 @@ from attnpass.rewrite.onnx.builder import (
     _float_min,
     _function_of,
     _prepare,
-    _prepare_gqa,
     _replace_keeping_name,
     _scores_shape,
     _size,
@@ -65,8 +65,8 @@ def fuse_site(model: ir.Model, ad: OnnxAdapter, plan: Plan, target: str, notes: 
     anchor = mms[-1]
     b = _Builder(anchor, f"attnpass/fused_{site.index}")
     q4 = _prepare(b, site.q)
-    k4 = _prepare(b, site.k, transpose=True) if target == "ort" else _prepare_gqa(b, site.k)
-    v4 = _prepare(b, site.v) if target == "ort" else _prepare_gqa(b, site.v)
+    k4 = _prepare(b, replace(site.k, groups=plan.k_repeat))
+    v4 = _prepare(b, replace(site.v, groups=plan.v_repeat))
     factor, n = None, None
     if plan.action is Action.SSMAX_FUSED:
         n, how = K.count(b, plan.keys, _size(b, q4, 2), _size(b, k4, 2), _scores_shape(b, q4, k4))
