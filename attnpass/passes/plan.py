@@ -127,6 +127,9 @@ class Plan:
     # many K/V heads as query heads (``Capabilities.grouped_kv`` False); 1: the op reads them as they are
     k_repeat: int = 1
     v_repeat: int = 1
+    # the fused op's head count: the site's, or 1 for rank-3 scores (heads folded into the batch, as ``bmm``
+    # attention writes it): the op then sees ``[B*H, 1, S, D]`` and every mask term gets that unit head axis
+    heads: Any = None
 
 
 def plan_for(site: AttentionSite, spec: RewriteSpec, caps: Capabilities, adapter: Adapter) -> Plan:
@@ -161,9 +164,15 @@ def plan_for(site: AttentionSite, spec: RewriteSpec, caps: Capabilities, adapter
         fused_mask_bias=uses_ssmax and _fused_mask_is_bias(site, adapter),
         finite_fill=fused and bool(site.masks) and all(_finite_fill(m, adapter) for m in site.masks),
         op_mask=_op_mask(site, adapter),
+        heads=_op_heads(site),
         k_repeat=1 if caps.grouped_kv or not fused else _repeat_to_heads(site, site.k, adapter),
         v_repeat=1 if caps.grouped_kv or not fused else _repeat_to_heads(site, site.v, adapter),
     )
+
+
+def _op_heads(site: AttentionSite) -> Any:
+    """The head count a fused op is given (see ``Plan.heads``)."""
+    return 1 if site.out_rank == 3 and site.form is Form.EXPLICIT else site.heads
 
 
 def _repeat_to_heads(site: AttentionSite, op: Operand, adapter: Adapter) -> int:
@@ -231,7 +240,7 @@ def _fuse_blocker(site: AttentionSite, spec: RewriteSpec, caps: Capabilities) ->
         return None
     if site.softcap is not None and not caps.softcap:
         return "soft-capping: com.microsoft.MultiHeadAttention has no softcap (use --target onnx23)"
-    if caps.static_heads and not isinstance(site.heads, int):
+    if caps.static_heads and not isinstance(_op_heads(site), int):
         return "the number of heads is not known statically"
     if site.q.rank not in (3, 4) and not caps.any_rank or site.q.rank == 3 and not caps.scores_rank3:
         return f"scores of rank {site.out_rank}: heads are not a separate axis"
