@@ -109,3 +109,19 @@ class ConstantAdded(nn.Module):
     def forward(self, q, k, v):
         scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + 1.0
         return torch.softmax(scores, dim=-1) @ v
+
+
+class SlidingWindow(nn.Module):
+    """A hand-written local window: key j is attendable from query i when ``i - w < j <= i``."""
+
+    def __init__(self, window: int):
+        super().__init__()
+        self.window = window
+
+    def forward(self, q, k, v):
+        s_q, s_k = q.shape[-2], k.shape[-2]
+        i = torch.arange(s_q, device=q.device)[:, None]
+        j = torch.arange(s_k, device=q.device)[None, :]
+        keep = (j <= i) & (j > i - self.window)
+        scores = (q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5
+        return F.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1) @ v
