@@ -64,6 +64,27 @@ class Bmm3DViewNoMask(nn.Module):
         return torch.bmm(F.softmax(w.view(b * h, s, -1), dim=-1), v3).view(b, h, s, d)
 
 
+class Bmm3DMasked(nn.Module):
+    """``bmm`` attention with the heads folded into the batch and the mask laid out on the 3-D scores.
+
+    ``mask`` is additive, broadcastable to ``[B*H, S, S]`` (e.g. a padding mask repeated per head); ``causal``
+    masks the upper triangle with ``masked_fill`` on the 3-D scores.
+    """
+
+    def __init__(self, causal: bool = False):
+        super().__init__()
+        self.causal = causal
+
+    def forward(self, q, k, v, mask):
+        b, h, s, d = q.shape
+        q3, k3, v3 = q.reshape(b * h, s, d), k.reshape(b * h, -1, d), v.reshape(b * h, -1, d)
+        w = torch.bmm(q3, k3.transpose(1, 2)) * d ** -0.5 + mask
+        if self.causal:
+            upper = torch.ones(s, w.shape[-1], dtype=torch.bool, device=w.device).triu(1)
+            w = w.masked_fill(upper, float("-inf"))
+        return torch.bmm(F.softmax(w, dim=-1), v3).view(b, h, s, d)
+
+
 class TensorScale(nn.Module):
     """Scores times a per-head run-time factor (a ``[H, 1, 1]`` parameter), as learned-temperature models do."""
 
@@ -88,3 +109,19 @@ class ConstantAdded(nn.Module):
     def forward(self, q, k, v):
         scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + 1.0
         return torch.softmax(scores, dim=-1) @ v
+
+
+class SlidingWindow(nn.Module):
+    """A hand-written local window: key j is attendable from query i when ``i - w < j <= i``."""
+
+    def __init__(self, window: int):
+        super().__init__()
+        self.window = window
+
+    def forward(self, q, k, v):
+        s_q, s_k = q.shape[-2], k.shape[-2]
+        i = torch.arange(s_q, device=q.device)[:, None]
+        j = torch.arange(s_k, device=q.device)[None, :]
+        keep = (j <= i) & (j > i - self.window)
+        scores = (q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5
+        return F.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1) @ v

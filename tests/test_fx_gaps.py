@@ -42,12 +42,16 @@ def _cases() -> list[Case]:
     allowed = keep[:, None, None, :] & semantics.causal_allowed(S, S)
     bias = 0.3 * torch.randn(B, H, S, S, generator=g)
     temp = torch.linspace(0.2, 0.6, H).reshape(H, 1, 1)
+    padding3 = additive.expand(B, H, S, S).reshape(B * H, S, S)  # heads folded into the batch
     temp_in = torch.rand(H, 1, 1, generator=g) + 0.5
     return [
         Case("inplace_div_add", G.InplaceDivAddMask(), (q, k, v, additive), dict(attn_mask=additive)),
         Case("inplace_methods", G.InplaceMethods(), (q, k, v, allowed), dict(attn_mask=allowed)),
         Case("inplace_div_method", G.InplaceDivMethod(), (q, k, v, bias), dict(attn_mask=bias)),
         Case("bmm_view_scale", G.Bmm3DViewNoMask(), (q, k, v), dict()),
+        Case("bmm_3d_padding", G.Bmm3DMasked(), (q, k, v, padding3), dict(attn_mask=additive)),
+        Case("bmm_3d_causal_bias", G.Bmm3DMasked(causal=True), (q, k, v, bias[0, 0]),
+             dict(attn_mask=bias[0, 0].masked_fill(~semantics.causal_allowed(S, S), float("-inf")))),
         Case("tensor_scale_param", G.TensorScale(H), (q, k, v), dict(scale=1.0), blocker="run-time tensor", q_factor=temp),
         Case("tensor_scale_input", G.TensorScaleInput(), (q, k, v, temp_in), dict(scale=1.0), blocker="run-time tensor",
              q_factor=1.0 / temp_in),

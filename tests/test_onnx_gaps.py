@@ -1,8 +1,8 @@
 """The variants of ``test_fx_gaps`` exported to ONNX by both exporters: the same sites, the same reasons.
 
 Found once; fused equals the original in onnxruntime (or left with the reason the fx report gives); SSMax with
-``s=0, b=1`` equals the original.  3-D scores (heads folded into the batch) are found and take SSMax, but the
-ONNX fused rewrite needs a head count (listed in the report), so they are not fused here.
+``s=0, b=1`` equals the original; SSMax fused into the op equals SSMax in place.  3-D scores (heads folded into the
+batch) fuse as one head over a ``[B*H]`` batch, with their masks laid out on the 3-D scores.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import attnpass.onnx as aonnx
 from tests.test_fx_gaps import CASES, Case
 
 warnings.filterwarnings("ignore")
-THREE_D = {"bmm_view_scale"}
 
 
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
@@ -36,10 +35,11 @@ def test_onnx_same_site_fused_and_ssmax_identity(case: Case, exporter: str, tmp_
     if case.blocker is not None:
         assert not site.fusable and case.blocker in site.fuse_blocker
         assert len(fused.rewritten) == 0 and case.blocker in fused.left[0]
-    elif case.name in THREE_D:
-        assert site.fusable and len(fused.rewritten) == 0 and "heads" in fused.left[0]
     else:
         assert site.fusable and len(fused.rewritten) == 1 and fused.validation.passed
+        # checked against the original at s=0, b=1 and against the unfused SSMax rewrite at s=0.43
+        fs = aonnx.rewrite(path, tmp_path / "fused_ssmax.onnx", to="fused", s=0.43, inputs=feeds)
+        assert len(fs.rewritten) == 1 and fs.validation.passed, fs.left
     if case.note is not None:
         assert any(case.note in n for n in site.notes), site.notes
     ident = aonnx.rewrite(path, tmp_path / "ssmax.onnx", to="ssmax", s=0.0, bias=1.0, inputs=feeds)

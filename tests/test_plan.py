@@ -199,3 +199,34 @@ def test_the_same_attention_plans_the_same_in_fx_and_onnx(tmp_path) -> None:
     assert [sorted(f.cls for f in p.keys.factors) for p in plans] == [[FactorClass.CAUSAL, FactorClass.KEYS]] * 2
     assert [p.keys.method for p in plans] == ["causal+keys"] * 2
     assert [m.role for m in onnx_site.masks] == [m.role for m in fx_site.masks] == [MaskRole.HARD]
+
+
+class MultiQuery(nn.Module):
+    """One K/V head broadcast over the query heads by the matmul itself (Falcon), not repeated."""
+
+    def forward(self, q, k, v):
+        return F.softmax((q @ k.transpose(-2, -1)) / math.sqrt(D), dim=-1) @ v
+
+
+class RepeatKV(nn.Module):
+    """HF's ``repeat_kv``: two K/V heads expanded and reshaped to four."""
+
+    def forward(self, q, k, v):
+        def rep(x):
+            b, h, s, d = x.shape
+            return x[:, :, None].expand(b, h, 2, s, d).reshape(b, h * 2, s, d)
+        return F.softmax((q @ rep(k).transpose(-2, -1)) / math.sqrt(D), dim=-1) @ rep(v)
+
+
+@pytest.mark.parametrize("module, kv, repeat", [(MultiQuery(), 1, 4), (RepeatKV(), 2, 2)], ids=["mqa", "repeat_kv"])
+def test_kv_heads_are_repeated_only_for_an_op_that_needs_them_equal(module, kv, repeat) -> None:
+    q, k, v = _qkv()
+    site, ad = _found(module, q, k[:, :kv], v[:, :kv])
+    assert (site.heads, site.kv_heads) == (H, kv)
+    fuse = RewriteSpec(to="fused").resolve()
+    equal = plan_for(site, fuse, Capabilities(grouped_kv=False), ad)
+    assert (equal.k_repeat, equal.v_repeat) == (repeat, repeat)
+    grouped = plan_for(site, fuse, Capabilities(grouped_kv=True), ad)
+    assert (grouped.k_repeat, grouped.v_repeat) == (1, 1)
+    unfused = plan_for(site, SSMAX, Capabilities(grouped_kv=False), ad)
+    assert (unfused.k_repeat, unfused.v_repeat) == (1, 1)

@@ -397,12 +397,14 @@ class Matcher(MaskProofs, OperandFinder, ProbsWalker):
                     raise NoMatch("baddbmm adds a bias before soft-capping")
                 masks.append(MaskTerm(MaskKind.ADDITIVE, bias, node, coeff=beta * scale))
             scale *= float(a.attr(node, "alpha", 1.0))
-            q_op, k_op = self._qk_operands(qv, ktv, rank, node)
+            q_op, k_op, k_factor = self._qk_operands(qv, ktv, rank, node)
+            scale *= k_factor
         elif kind is Kind.EINSUM:
             q_op, k_op = self._einsum_qk(node, rank)
         else:
             qv, ktv = a.inputs(node)[:2]
-            q_op, k_op = self._qk_operands(qv, ktv, rank, node)
+            q_op, k_op, k_factor = self._qk_operands(qv, ktv, rank, node)
+            scale *= k_factor
         masks = [self._classify_mask(term) for term in masks]
         causal = any(m.causal for m in masks)
         site = Draft(

@@ -29,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from attnpass.passes.match import Dim, Kind, Report, find_sites
-from attnpass.passes.onnx_shapes import _at, _broadcast, _dim_equal, _ir_shape, _reshape
+from attnpass.passes.onnx_shapes import _at, _broadcast, _concat, _dim_equal, _ir_shape, _matmul, _reshape, _slice, _unsqueeze
 from attnpass.passes.site import FusedOpInfo
 
 MS = "com.microsoft"
@@ -474,19 +474,13 @@ class OnnxAdapter:
             return _broadcast([s, tuple(None if t == 1 and False else t for t in target)], expand=True)
         if op == "Unsqueeze":
             s, axes = self.shape(ins[0]), self._axes(p)
-            if s is None or axes is None:
-                return None
-            out: list[Dim] = list(s)
-            r = len(s) + len(axes)
-            for a in sorted(x % r for x in axes):
-                out.insert(a, 1)
-            return tuple(out)
+            return None if s is None or axes is None else _unsqueeze(s, axes)
         if op == "MatMul":
-            a, b = self.shape(ins[0]), self.shape(ins[1])
-            if a is None or b is None or len(a) < 2 or len(b) < 2:
-                return None
-            batch = _broadcast([a[:-2], b[:-2]])
-            return None if batch is None else (*batch, a[-2], b[-1])
+            return _matmul(self.shape(ins[0]), self.shape(ins[1]))
+        if op == "Slice":
+            return _slice(self.shape(ins[0]), *(self.partial_value(_at(ins, i)) for i in (1, 2, 3, 4)))
+        if op == "Concat":
+            return _concat([self.shape(i) for i in ins], int(self.attr(p, "axis", 0)))
         return None
 
     def dtype(self, value: ir.Value) -> ir.DataType | None:

@@ -74,3 +74,55 @@ def _reshape(src: tuple[Dim, ...] | None, target: list[Dim]) -> tuple[Dim, ...]:
         else:
             out[out.index(-1)] = None
     return tuple(None if d == -1 else d for d in out)
+
+
+def _unsqueeze(s: tuple[Dim, ...], axes: list[int]) -> tuple[Dim, ...]:
+    out: list[Dim] = list(s)
+    r = len(s) + len(axes)
+    for a in sorted(x % r for x in axes):
+        out.insert(a, 1)
+    return tuple(out)
+
+
+def _matmul(a: tuple[Dim, ...] | None, b: tuple[Dim, ...] | None) -> tuple[Dim, ...] | None:
+    if a is None or b is None or len(a) < 2 or len(b) < 2:
+        return None
+    batch = _broadcast([a[:-2], b[:-2]])
+    return None if batch is None else (*batch, a[-2], b[-1])
+
+
+def _slice(s: tuple[Dim, ...] | None, starts: list | None, ends: list | None, axes: list | None,
+           steps: list | None) -> tuple[Dim, ...] | None:
+    """``Slice``: the sliced axes' lengths where their bounds are known, every other axis kept.
+
+    Keeping the untouched axes is what matters: GPT-NeoX's rotary split slices the head dim with bounds computed
+    at run time, and the head count (another axis) must survive it.
+    """
+    if s is None or starts is None or ends is None or len(starts) != len(ends):
+        return None
+    axes = list(range(len(starts))) if axes is None else axes
+    steps = [1] * len(starts) if steps is None else steps
+    if len(axes) != len(starts) or len(steps) != len(starts) or not all(isinstance(a, int) for a in axes):
+        return None
+    out: list[Dim] = list(s)
+    for a, b, e, st in zip(axes, starts, ends, steps):
+        d = out[a % len(s)]
+        ok = all(isinstance(x, int) for x in (d, b, e, st)) and st != 0
+        out[a % len(s)] = len(range(*slice(b, e, st).indices(d))) if ok else None
+    return tuple(out)
+
+
+def _concat(shapes: list[tuple[Dim, ...] | None], axis: int) -> tuple[Dim, ...] | None:
+    """``Concat``: the axis summed where every part is known; other axes from whichever input knows them."""
+    if not shapes or any(x is None or len(x) != len(shapes[0]) for x in shapes):  # type: ignore[arg-type]
+        return None
+    r = len(shapes[0])  # type: ignore[arg-type]
+    ax = axis % r
+    out: list[Dim] = []
+    for i in range(r):
+        ds = [x[i] for x in shapes]  # type: ignore[index]
+        if i == ax:
+            out.append(sum(ds) if all(isinstance(d, int) for d in ds) else None)
+        else:
+            out.append(next((d for d in ds if isinstance(d, int)), next((d for d in ds if d is not None), None)))
+    return tuple(out)

@@ -16,7 +16,12 @@ from attnpass.passes.walk_base import NoMatch, WalkBase
 class OperandFinder(WalkBase):
     """Peels glue off matmul operands; GQA repetition becomes ``Operand.groups``."""
 
-    def _qk_operands(self, qv: Any, ktv: Any, rank: int, mm: Any) -> tuple[Operand, Operand]:
+    def _qk_operands(self, qv: Any, ktv: Any, rank: int, mm: Any) -> tuple[Operand, Operand, float]:
+        """Q and K (or K^T) under their glue, and the constant factor peeled off K.
+
+        Exporters of SDPA pre-scale both Q and K by sqrt(scale); the Mul on K hides HF's ``repeat_kv`` behind it,
+        so it is peeled here and its factor returned for the site's scale (Q keeps its own: the op reads it).
+        """
         a = self.a
         if a.is_static(qv) or a.is_static(ktv):
             raise NoMatch(f"{a.name(mm)} multiplies by a weight, not Q K^T (e.g. a router or classifier)")
@@ -24,13 +29,74 @@ class OperandFinder(WalkBase):
         kt = self._unglue(ktv, rank, gqa=False)
         if q is None or kt is None:
             raise NoMatch(f"operands of {a.name(mm)} do not line up with the scores' layout")
+        ktv, factor = self._peel_const_scale(kt[0])
+        kt = self._unglue(ktv, rank, gqa=False) if factor != 1.0 else kt
+        if kt is None:
+            raise NoMatch(f"K^T feeding {a.name(mm)} does not line up with the scores' layout")
         tnode, tkind = self._producer_kind(kt[0])
         if tkind is Kind.TRANSPOSE and _swaps_last_two(a.attr(tnode, "perm"), rank):
-            k = self._unglue(self._in(tnode), rank, gqa=True)
+            kv, f2 = self._peel_const_scale(self._in(tnode))
+            k = self._unglue(kv, rank, gqa=True)
             if k is None:
                 raise NoMatch(f"K feeding {a.name(tnode)} does not line up with the scores' layout")
-            return Operand(q[0], rank), Operand(k[0], rank, groups=k[1])
-        return Operand(q[0], rank), Operand(kt[0], rank, transposed=True)
+            return Operand(q[0], rank), Operand(k[0], rank, groups=k[1]), factor * f2
+        folded = self._folded_kt(kt[0], rank)
+        if folded is not None:
+            return Operand(q[0], rank), Operand(folded[0], rank, groups=folded[1]), factor
+        return Operand(q[0], rank), Operand(kt[0], rank, transposed=True), factor
+
+    def _folded_kt(self, kt: Any, rank: int) -> tuple[Any, int] | None:
+        """K^T transposed with the heads folded into the batch (the dynamo exporter's SDPA decomposition).
+
+        ``reshape(transpose(reshape(K, [B*H, S, D])), [B, H, D, S])``, where K is 4-D or HF's 5-D ``repeat_kv``
+        expand: returns K (or the unrepeated K) and its repetition.
+        """
+        a = self.a
+        if rank != 4:
+            return None
+        n1, k1 = self._producer_kind(kt)
+        if k1 is not Kind.RESHAPE:
+            return None
+        t = self._in(n1)
+        n2, k2 = self._producer_kind(t)
+        if k2 is not Kind.TRANSPOSE or self._rank(t) != 3 or not _swaps_last_two(a.attr(n2, "perm"), 3):
+            return None
+        f = self._in(n2)
+        n3, k3 = self._producer_kind(f)
+        if k3 is not Kind.RESHAPE or self._rank(f) != 3:
+            return None
+        src = self._in(n3)
+        ks, ss = a.shape(kt), a.shape(src)
+        if ks is None or ss is None:
+            return None
+        k_shape = [*ks[:2], ks[3], ks[2]]
+        if len(ss) == rank and list(ss) == k_shape:
+            return src, 1
+        if len(ss) == rank + 1 and ss[0] == ks[0] and isinstance(ss[1], int) and isinstance(ss[2], int) \
+                and ss[1] * ss[2] == ks[1]:
+            return self._repeat_kv_from(src, k_shape, rank)
+        return None
+
+    def _peel_const_scale(self, v: Any) -> tuple[Any, float]:
+        """``x * c`` or ``x / c`` with a scalar constant ``c`` that does not broadcast ``x``: ``(x, c or 1/c)``."""
+        a = self.a
+        total = 1.0
+        for _ in range(4):
+            node, kind = self._producer_kind(v)
+            if kind not in (Kind.MUL, Kind.DIV):
+                break
+            lhs, rhs = a.inputs(node)[:2]
+            c, src = self._const(rhs), lhs
+            if c is None and kind is Kind.MUL:
+                c, src = self._const(lhs), rhs
+            if c is None or c == 0 or a.is_static(src):
+                break
+            ss, vs = a.shape(src), a.shape(v)
+            if ss is None or vs is None or list(ss) != list(vs):
+                break
+            total *= c if kind is Kind.MUL else 1.0 / c
+            v = src
+        return v, total
 
     def _unglue(self, v: Any, rank: int, gqa: bool) -> tuple[Any, int] | None:
         """Peel the reshapes/expands a matmul decomposition or ``repeat_kv`` wraps around an operand."""
@@ -83,10 +149,13 @@ class OperandFinder(WalkBase):
 
     def _repeat_kv(self, v: Any, node: Any, rank: int) -> tuple[Any, int] | None:
         """``x[:, :, None].expand(B, Hkv, G, S, D).reshape(B, Hkv*G, S, D)``: HF's ``repeat_kv``."""
+        return self._repeat_kv_from(self._in(node), self.a.shape(v), rank)
+
+    def _repeat_kv_from(self, src: Any, vs: Any, rank: int) -> tuple[Any, int] | None:
+        """``src`` is the 5-D expand of ``repeat_kv`` whose 4-D result has shape ``vs``: (unrepeated K or V, groups)."""
         a = self.a
-        src = self._in(node)
-        ss, vs = a.shape(src), a.shape(v)
-        if ss is None or vs is None or len(ss) != rank + 1 or ss[-2:] != vs[-2:]:
+        ss = a.shape(src)
+        if ss is None or vs is None or len(ss) != rank + 1 or list(ss[-2:]) != list(vs[-2:]):
             return None
         enode, ekind = self._producer_kind(src)
         if ekind is not Kind.EXPAND:
@@ -106,7 +175,7 @@ class OperandFinder(WalkBase):
         else:
             return None
         bs = a.shape(base)
-        if bs is None or len(bs) != rank or bs[-2:] != vs[-2:]:
+        if bs is None or len(bs) != rank or list(bs[-2:]) != list(vs[-2:]):
             return None
         return base, g
 

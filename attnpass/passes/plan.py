@@ -18,7 +18,7 @@ from typing import Any
 
 from attnpass.passes.kinds import Adapter, Kind
 from attnpass.passes.masks import MaskProofs
-from attnpass.passes.site import AttentionSite, Form, Guard, GuardKind, MaskKind, MaskRole, MaskTerm
+from attnpass.passes.site import AttentionSite, Form, Guard, GuardKind, MaskKind, MaskRole, MaskTerm, Operand
 from attnpass.semantics import MASKED_BELOW
 from attnpass.spec import ONNX_TARGETS, RewriteSpec
 
@@ -47,6 +47,7 @@ class Capabilities:
     empty_rows_zero: bool = False  # the fused op gives 0 for a row with no attendable key
     factor_on_q: bool = False  # SSMax may scale Q instead of the scores (the emitter checks the IR too)
     count_keys: bool = True  # the emitter counts n itself from the plan's factors (fx: semantics does it)
+    grouped_kv: bool = True  # the fused op takes fewer K/V heads than query heads (GQA, multi-query)
 
 
 class FactorClass(enum.StrEnum):
@@ -122,6 +123,13 @@ class Plan:
     fused_mask_bias: bool = False  # a fused op's additive mask input holds logits SSMax must scale
     finite_fill: bool = False  # every mask term masks with a finite value: a fully masked row is the mean of V
     op_mask: KeepTerm | None = None  # a fused op's own mask input (bool or additive), as a keep term
+    # times each head of the K / V operand (its repetition peeled) is repeated before a fused op that needs as
+    # many K/V heads as query heads (``Capabilities.grouped_kv`` False); 1: the op reads them as they are
+    k_repeat: int = 1
+    v_repeat: int = 1
+    # the fused op's head count: the site's, or 1 for rank-3 scores (heads folded into the batch, as ``bmm``
+    # attention writes it): the op then sees ``[B*H, 1, S, D]`` and every mask term gets that unit head axis
+    heads: Any = None
 
     @property
     def is_causal_op(self) -> bool:
@@ -165,7 +173,32 @@ def plan_for(site: AttentionSite, spec: RewriteSpec, caps: Capabilities, adapter
         fused_mask_bias=uses_ssmax and _fused_mask_is_bias(site, adapter),
         finite_fill=fused and bool(site.masks) and all(_finite_fill(m, adapter) for m in site.masks),
         op_mask=_op_mask(site, adapter),
+        heads=_op_heads(site),
+        k_repeat=1 if caps.grouped_kv or not fused else _repeat_to_heads(site, site.k, adapter),
+        v_repeat=1 if caps.grouped_kv or not fused else _repeat_to_heads(site, site.v, adapter),
     )
+
+
+def _op_heads(site: AttentionSite) -> Any:
+    """The head count a fused op is given (see ``Plan.heads``)."""
+    return 1 if site.out_rank == 3 and site.form is Form.EXPLICIT else site.heads
+
+
+def _repeat_to_heads(site: AttentionSite, op: Operand, adapter: Adapter) -> int:
+    """How often each head of ``op`` must repeat to match the query heads.
+
+    Counted from the operand's own head count, so a multi-query K/V (one head, broadcast by the matmul rather
+    than repeated) is repeated too; where a count is unknown, the repetition the matcher peeled.
+    """
+    shape = adapter.shape(op.value)
+    if shape is None or len(shape) != 4 or not isinstance(site.heads, int):
+        return op.groups
+    if op.perm is not None:
+        shape = [shape[i] for i in op.perm]
+    h = shape[-3]
+    if not isinstance(h, int) or h <= 0 or site.heads % h:
+        return op.groups
+    return site.heads // h
 
 
 def _op_mask(site: AttentionSite, adapter: Adapter) -> KeepTerm | None:
@@ -216,7 +249,7 @@ def _fuse_blocker(site: AttentionSite, spec: RewriteSpec, caps: Capabilities) ->
         return None
     if site.softcap is not None and not caps.softcap:
         return "soft-capping: com.microsoft.MultiHeadAttention has no softcap (use --target onnx23)"
-    if caps.static_heads and not isinstance(site.heads, int):
+    if caps.static_heads and not isinstance(_op_heads(site), int):
         return "the number of heads is not known statically"
     if site.q.rank not in (3, 4) and not caps.any_rank or site.q.rank == 3 and not caps.scores_rank3:
         return f"scores of rank {site.out_rank}: heads are not a separate axis"

@@ -15,10 +15,12 @@ from attnpass.passes.site import AttentionSite, Emitted, Form, Notes, Report
 from attnpass.rewrite.onnx.fuse import fuse_site
 from attnpass.rewrite.onnx.ssmax import ssmax_explicit, ssmax_fused_op
 
-_ORT = Capabilities(refuse_fused_ops=False, softcap=False, ssmax_softcap_fused=False, is_causal=False, scores_rank3=False,
-                    any_rank=False, static_heads=True, empty_rows_zero=False, factor_on_q=True, count_keys=True)
-#: What each target's fused op expresses (MultiHeadAttention: no softcap, 4-D only; opset-23 Attention: both).
-CAPS = {"ort": _ORT, "onnx23": Capabilities(**{**_ORT.__dict__, "softcap": True, "scores_rank3": True})}
+_ORT = Capabilities(refuse_fused_ops=False, softcap=False, ssmax_softcap_fused=False, is_causal=False, scores_rank3=True,
+                    any_rank=False, static_heads=True, empty_rows_zero=False, factor_on_q=True, count_keys=True,
+                    grouped_kv=False)
+#: What each target's fused op expresses (MultiHeadAttention: no softcap, as many K/V heads as Q heads;
+#: opset-23 Attention: both).  Rank-3 scores reach either as one head over a [B*H] batch.
+CAPS = {"ort": _ORT, "onnx23": Capabilities(**{**_ORT.__dict__, "softcap": True, "grouped_kv": True})}
 
 
 def emit(model: ir.Model, report: Report, spec: RewriteSpec) -> Emitted:

@@ -98,12 +98,29 @@ def _factor(model: ir.Model, b: _Builder, site: AttentionSite, n: ir.Value, s: f
     return f
 
 
+def _lift_axes(rank: int) -> tuple[int, ...]:
+    """Where a rank-``rank`` operand gets unit axes to become ``[B, H, S, D]``.
+
+    Rank 3 is ``bmm`` attention with the heads folded into the batch: ``[B*H, 1, S, D]``, one head per batch
+    entry (``Plan.heads`` is 1); lower ranks get leading unit axes.
+    """
+    return (1,) if rank == 3 else tuple(range(4 - rank))
+
+
+def _lift(b: _Builder, x: ir.Value, rank: int) -> ir.Value:
+    """A mask, bias or per-row value broadcastable to rank-``rank`` scores, made broadcastable to the op's 4-D ones."""
+    if rank >= 4:
+        return x
+    x = b.op("Expand", [x, b.ints(*([1] * rank))])  # exactly rank ``rank``, nothing grown
+    return b.op("Unsqueeze", [x, b.ints(*_lift_axes(rank))])
+
+
 def _prepare(b: _Builder, op: Any, transpose: bool = True) -> ir.Value:
     v = op.value
     if op.perm is not None:
         v = b.op("Transpose", [v], {"perm": list(op.perm)})
     if op.rank < 4:
-        v = b.op("Unsqueeze", [v, b.ints(*range(4 - op.rank))])
+        v = b.op("Unsqueeze", [v, b.ints(*_lift_axes(op.rank))])
     if op.transposed and transpose:
         v = b.op("Transpose", [v], {"perm": [0, 1, 3, 2]})
     if op.groups > 1:

@@ -1,12 +1,13 @@
 """One fused attention op per planned site: ``com.microsoft.MultiHeadAttention`` (``ort``) or ``Attention`` (opset 23).
 
-GQA K/V are repeated to the query heads for MultiHeadAttention (onnxruntime's CPU GroupQueryAttention
-is decode-oriented: causal only, with seqlens/KV-cache inputs); opset-23 ``Attention`` takes the grouped
-K/V as they are.  With SSMax, Q is multiplied by the per-row factor and the bias terms with it.
+GQA and multi-query K/V are repeated to the query heads for MultiHeadAttention as the plan says
+(onnxruntime's CPU GroupQueryAttention is decode-oriented: causal only, with seqlens/KV-cache inputs);
+opset-23 ``Attention`` takes the grouped K/V as they are.  With SSMax, Q is multiplied by the per-row factor and the bias terms with it.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -22,8 +23,9 @@ from attnpass.rewrite.onnx.builder import (
     _factor,
     _float_min,
     _function_of,
+    _lift,
+    _lift_axes,
     _prepare,
-    _prepare_gqa,
     _replace_keeping_name,
     _scores_shape,
     _size,
@@ -38,15 +40,18 @@ def _op_bias(b: _Builder, plan: Plan, q4: ir.Value, k4: ir.Value, factor: ir.Val
     are scaled by the factor too (``semantics.ssmax_sdpa``); hard masks need no scaling.
     """
     bias_terms = {id(m) for m in plan.bias_terms}
+    rank = plan.site.out_rank
     add: ir.Value | None = None
     for term in plan.op_mask_additive:
         m = term.term
         t = m.value if m.coeff == 1.0 else b.op("Mul", [m.value, b.scalar_like(m.coeff, m.value)])
+        t = _lift(b, t, rank)  # laid out on the op's 4-D scores before the factor (already 4-D) meets it
         if factor is not None and id(m) in bias_terms:
             keep = b.op("Greater", [t, b.scalar_like(semantics.MASKED_BELOW, t)])
             t = b.op("Where", [keep, b.op("CastLike", [b.op("Mul", [_to_float(b, t), factor]), t]), t])
         add = t if add is None else b.op("Add", [add, t])
     keep = K.allowed(b, plan.op_mask_bool)
+    keep = None if keep is None else _lift(b, keep, rank)
     if add is not None:
         add = b.op("CastLike", [add, q4])
     if keep is not None:
@@ -65,18 +70,19 @@ def fuse_site(model: ir.Model, ad: OnnxAdapter, plan: Plan, target: str, notes: 
     anchor = mms[-1]
     b = _Builder(anchor, f"attnpass/fused_{site.index}")
     q4 = _prepare(b, site.q)
-    k4 = _prepare(b, site.k, transpose=True) if target == "ort" else _prepare_gqa(b, site.k)
-    v4 = _prepare(b, site.v) if target == "ort" else _prepare_gqa(b, site.v)
+    k4 = _prepare(b, replace(site.k, groups=plan.k_repeat))
+    v4 = _prepare(b, replace(site.v, groups=plan.v_repeat))
     factor, n = None, None
     if plan.action is Action.SSMAX_FUSED:
         n, how = K.count(b, plan.keys, _size(b, q4, 2), _size(b, k4, 2), _scores_shape(b, q4, k4))
+        n = _lift(b, n, site.out_rank)
         notes.add(site, f"SSMax n counted from the {K.HOW[how]}; Q pre-scaled by the factor")
         factor = _factor(model, b, site, n, plan.s, plan.b, 4)
         qdt = site.q.value.dtype
         scaled = b.op("Mul", [q4 if qdt in (None, ir.DataType.FLOAT) else b.op("Cast", [q4], {"to": ir.DataType.FLOAT}), factor])
         q4 = scaled if qdt in (None, ir.DataType.FLOAT) else b.op("Cast", [scaled], {"to": qdt})
     bias = _op_bias(b, plan, q4, k4, factor)
-    heads = int(site.heads)  # type: ignore[arg-type]
+    heads = int(plan.heads)
     if target == "ort":
         to3 = [b.op("Reshape", [b.op("Transpose", [x], {"perm": [0, 2, 1, 3]}), b.ints(0, 0, -1)]) for x in (q4, k4, v4)]
         out3 = b.op("MultiHeadAttention", [*to3, None, None, bias], {"num_heads": heads, "scale": float(plan.scale)}, domain=MS)
@@ -89,7 +95,7 @@ def fuse_site(model: ir.Model, ad: OnnxAdapter, plan: Plan, target: str, notes: 
         if plan.finite_fill:
             out = _uniform_empty_rows(b, ad, site, out, q4, k4, v4, n)
     if site.q.rank < 4:
-        out = b.op("Squeeze", [out, b.ints(*range(4 - site.q.rank))])
+        out = b.op("Squeeze", [out, b.ints(*_lift_axes(site.q.rank))])
     if site.out_perm is not None:
         out = b.op("Transpose", [out], {"perm": list(site.out_perm)})
     for g in plan.guards:
@@ -117,6 +123,7 @@ def _uniform_empty_rows(b: _Builder, ad: OnnxAdapter, site: AttentionSite, out: 
     """
     if n is None:
         n, _ = K.count(b, key_plan(site, ad), _size(b, q4, 2), _size(b, k4, 2), _scores_shape(b, q4, k4))
+        n = _lift(b, n, site.out_rank)
     mean_v = b.op("ReduceMean", [v4, b.ints(2)], {"keepdims": 1})  # [B, H_kv, 1, D]
     g = site.v.groups
     if g > 1:
