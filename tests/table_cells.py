@@ -157,7 +157,10 @@ def _hf_builder(family: str) -> Callable[[], tuple[torch.nn.Module, tuple]]:
 HF_SITES = {"bert": 2, "gpt2": 2, "llama": 2, "t5": 6, "vit": 2, "mixtral": 2, "gemma2": 2, "llama_sdpa": 2,
             "falcon": 2, "bart": 3, "whisper": 3, "gpt_neox": 2, "phi": 2, "qwen2": 2, "mistral": 2,
             "clip_text": 2, "distilbert": 2}
-HF_FACTS = {"gemma2": dict(softcap=50.0), "gpt2": dict(causal=True), "llama": dict(gqa=True)}
+_GQA = dict(gqa=True, kv_heads=2)
+HF_FACTS = {"gemma2": dict(softcap=50.0, **_GQA), "gpt2": dict(causal=True), "llama": dict(causal=True, **_GQA),
+            "mixtral": dict(causal=True, **_GQA), "llama_sdpa": _GQA, "qwen2": _GQA, "mistral": _GQA,
+            "falcon": dict(kv_heads=1), "bert": dict(kv_heads=4)}
 
 
 def hf_families() -> list[Variant]:

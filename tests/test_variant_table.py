@@ -19,6 +19,8 @@ pytest.importorskip("torch_mlir")
 
 NO_HEADS = "the number of heads is not known statically"
 MHA_ONE_KV = "Input 'query' and 'key' shall have same dim 2"
+NO_CAUSAL = "causal = False, want True"
+NO_GQA = "gqa = False, want True"
 
 #: (variant, IR) -> {check: a string its failure message must hold}
 EXPECTED: dict[tuple[str, str], dict[str, str]] = {
@@ -33,18 +35,23 @@ EXPECTED: dict[tuple[str, str], dict[str, str]] = {
     ("hf_falcon", "onnx-ts"): {"fused": MHA_ONE_KV},
     ("hf_falcon", "onnx-dynamo"): {"fused": MHA_ONE_KV},
     # TorchScript's ONNX export: GQA repetition and causality the report does not see (SSMax still right)
-    ("gqa_where", "onnx-ts"): {"found": "gqa = False, want True"},
-    ("sdpa_causal", "onnx-ts"): {"found": "causal = False, want True"},
-    ("hf_gpt2", "onnx-ts"): {"found": "causal = False, want True"},
+    ("gqa_where", "onnx-ts"): {"found": NO_GQA},
+    ("sdpa_causal", "onnx-ts"): {"found": NO_CAUSAL},
+    ("hf_gpt2", "onnx-ts"): {"found": NO_CAUSAL},
+    ("hf_llama", "onnx-ts"): {"found": NO_CAUSAL},
+    ("hf_mixtral", "onnx-ts"): {"found": NO_CAUSAL},
+    # HF sdpa exports: Q and K each pre-scaled by sqrt(scale) hide the K/V repetition (both exporters)
+    ("hf_llama_sdpa", "onnx-ts"): {"found": NO_GQA},
+    ("hf_llama_sdpa", "onnx-dynamo"): {"found": NO_GQA},
     # MLIR: causality of a tril buffer / a triu(-inf) constant / TorchScript's decomposed is_causal, and the
     # K/V repetition of repeat_interleave and HF repeat_kv, are not reported (the rewrites are still exact)
-    ("causal_tril", "mlir"): {"found": "causal = False, want True"},
-    ("causal_tril", "mlir-onnx"): {"found": "causal = False, want True"},
-    ("softcap_prescaled", "mlir"): {"found": "causal = False, want True"},
-    ("sdpa_causal", "mlir-onnx"): {"found": "causal = False, want True"},
-    ("gqa_where", "mlir"): {"found": "gqa = False, want True"},
-    ("gqa_where", "mlir-onnx"): {"found": "gqa = False, want True"},
-    ("hf_llama", "mlir"): {"found": "gqa = False, want True"},
+    ("causal_tril", "mlir"): {"found": NO_CAUSAL},
+    ("causal_tril", "mlir-onnx"): {"found": NO_CAUSAL},
+    ("softcap_prescaled", "mlir"): {"found": NO_CAUSAL},
+    ("sdpa_causal", "mlir-onnx"): {"found": NO_CAUSAL},
+    ("gqa_where", "mlir"): {"found": NO_GQA},
+    ("gqa_where", "mlir-onnx"): {"found": NO_GQA},
+    **{(f"hf_{name}", "mlir"): {"found": NO_GQA} for name in ("llama", "mixtral", "gemma2", "llama_sdpa", "qwen2", "mistral")},
     # Whisper: the TorchScript exporter cannot export aten::diff
     ("hf_whisper", "onnx-ts"): {c: "Exporting the operator 'aten::diff'" for c in tc.CHECKS},
 }
