@@ -345,6 +345,7 @@ def _mlir_cell(t: Table, v: Variant, source: str) -> dict[str, Callable[[], None
     def fused() -> None:
         res, got = jit(to="fused")
         assert len(res.rewritten) == v.n_fused, f"{len(res.rewritten)} fused, want {v.n_fused}: {res.left}"
+        assert all((v.blocker or "") in why for why in res.left.values()), res.left
         close(got, want, 1e-4, 1e-4, "MLIR fused vs original")
 
     def ssmax_id() -> None:
