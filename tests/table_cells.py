@@ -253,7 +253,7 @@ def _check_found(v: Variant, sites: Any) -> None:
     for s in sites:
         assert s.fusable or (v.blocker or "") in (s.fuse_blocker or ""), s.fuse_blocker
         for attr, want in v.facts.items():
-            assert getattr(s, attr) == want, f"{attr} = {getattr(s, attr)!r}, want {want!r}"
+            assert getattr(s, attr) == want, f"fact: {attr} = {getattr(s, attr)!r}, want {want!r}"
 
 
 def _run_checks(steps: dict[str, Callable[[], None]]) -> dict[str, str | None]:
