@@ -17,6 +17,8 @@ The checks, the same in every IR:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -235,7 +237,8 @@ class Table:
         if key not in self._onnx:
             module, args, _ = self.built(v)
             path = self.root / f"{v.name}_{exporter}.onnx"
-            with warnings.catch_warnings():
+            # the TorchScript exporter prints the whole graph to stdout when an op cannot be exported
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore")
                 torch.onnx.export(module, args, str(path), dynamo=exporter == "dynamo",
                                   opset_version=18 if exporter == "dynamo" else 17,
