@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
-
-pytest.importorskip("torch_mlir")
-ort = pytest.importorskip("onnxruntime")
+import torch_mlir  # noqa: F401  (required: a missing torch-mlir must fail, not skip)
 
 import attnpass.mlir as am  # noqa: E402
 from tests.test_onnx_spec_attention import SPECS, _build  # noqa: E402

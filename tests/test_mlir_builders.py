@@ -12,9 +12,7 @@ import re
 import warnings
 
 import numpy as np
-import pytest
-
-pytest.importorskip("torch_mlir")
+import torch_mlir  # noqa: F401  (required: a missing torch-mlir must fail, not skip)
 
 from attnpass.lowering import mlir as lowering  # noqa: E402
 from attnpass.passes.match import MaskTerm  # noqa: E402

@@ -11,12 +11,11 @@ import math
 import warnings
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
-
-pytest.importorskip("torch_mlir")
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+import torch_mlir  # noqa: F401  (required: a missing torch-mlir must fail, not skip)
 
 from attnpass import mlir as am  # noqa: E402
 from attnpass import semantics  # noqa: E402

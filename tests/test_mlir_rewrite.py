@@ -15,14 +15,13 @@ import warnings
 
 import pytest
 import torch
+import torch_mlir  # noqa: F401  (required: a missing torch-mlir must fail, not skip)
 from torch import nn
 
+import attnpass.mlir as am  # the facade itself imports without torch-mlir
 from attnpass import semantics
 from attnpass.errors import AttnpassError
 from tests.attention_modules import CausalTril, GQARepeatInterleave, PaddedAdditive, SoftcapPrescaled
-
-am = pytest.importorskip("attnpass.mlir")  # the facade itself imports without torch-mlir
-pytest.importorskip("torch_mlir")
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 ATOL = 2e-5
