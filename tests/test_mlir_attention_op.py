@@ -23,9 +23,11 @@ warnings.filterwarnings("ignore")
 #: 4-D configurations the loop nest replaces (plain, causal, float / bool masks, GQA, scale, softcap).
 REWRITTEN = ["attention", "attention_causal", "attention_attn_mask", "attention_attn_mask_bool", "attention_gqa",
              "attention_gqa_attn_mask", "attention_scaled", "attention_softcap", "attention_attn_4d_mask_causal",
-             "attention_diff_head_sizes"]
-#: Left with the reason in the report: 3-D (heads packed in the last axis) and KV caches.
-LEFT = {"attention_3d": "3-D onnx.Attention", "attention_with_past_and_present": "KV cache"}
+             "attention_diff_head_sizes",
+             # 3-D: heads packed in the last axis ([B, S, H*D]), unpacked around the loop nest and packed back
+             "attention_3d", "attention_3d_gqa_causal", "attention_3d_softcap"]
+#: Left with the reason in the report: KV caches.
+LEFT = {"attention_with_past_and_present": "KV cache"}
 
 
 def _op_model(name: str, tmp_path: Path) -> tuple[Path, list[np.ndarray], np.ndarray]:
@@ -58,14 +60,26 @@ def test_attention_op_replaced_and_equal_to_onnxruntime(name: str, to: str, tmp_
     np.testing.assert_allclose(_run(out, ins), want, rtol=1e-5, atol=1e-5)
 
 
-def test_attention_op_ssmax_factor_changes_the_output(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["attention_causal", "attention_3d_gqa_causal"])
+def test_attention_op_ssmax_factor_changes_the_output(name: str, tmp_path: Path) -> None:
     """With ``s != 0`` the factor is really applied: the output moves away from the original."""
-    path, ins, want = _op_model("attention_causal", tmp_path)
+    path, ins, want = _op_model(name, tmp_path)
     out = am.rewrite(am.import_(path), to="ssmax", s=2.0, b=0.0)
     got = _run(out, ins)
     assert np.isfinite(got).all() and np.abs(got - want).max() > 1e-3
-    # row 0 of a causal op attends one key: the factor s log 1 = 0 leaves it as it was
-    np.testing.assert_allclose(got[..., 0, :], want[..., 0, :], rtol=1e-5, atol=1e-5)
+    # row 0 of a causal op attends one key: the factor s log 1 = 0 leaves it as it was ([B, H, S, D] or [B, S, H*D])
+    row0 = (..., 0, slice(None)) if got.ndim == 4 else (slice(None), 0)
+    np.testing.assert_allclose(got[row0], want[row0], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_op_3d_reads_head_size_from_the_heads(tmp_path: Path) -> None:
+    """A 3-D op's default scale is ``1/sqrt(H*D / q_num_heads)``, not of Q's packed last axis; K/V heads give GQA."""
+    path, _, _ = _op_model("attention_3d_gqa_causal", tmp_path)
+    (site,) = am.find(am.import_(path)).sites
+    assert site.three_d and (site.heads, site.kv_heads, site.head_dim) == (9, 3, 8)
+    assert site.scale == pytest.approx(1 / np.sqrt(8))
+    text = str(am.rewrite(am.import_(path), to="fused"))
+    assert "tensor.expand_shape" in text and "tensor.collapse_shape" in text
 
 
 @pytest.mark.parametrize("name", sorted(LEFT))

@@ -8,6 +8,7 @@ them in the matcher's vocabulary (the same answers ``passes/onnx.py`` gives for 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from attnpass.passes.site import FusedOpInfo
@@ -28,9 +29,20 @@ def attr(node: Any, name: str, default: Any = None) -> Any:
         return False
     key = f"torch.onnx.{name}"
     if key not in node.op.attributes:
+        if name == "scale":
+            return _default_scale(node)
         return default
     value = node.op.attributes[key].value
     return bool(value) if name == "is_causal" else value
+
+
+def _default_scale(node: Any) -> float | None:
+    """The schema's default ``1/sqrt(head_size)`` for a 3-D Q, whose last axis packs the heads; None for 4-D,
+    where the matcher's ``1/sqrt(Q.shape[-1])`` is already the head size."""
+    q, heads = node.operands[0].shape, attr(node, "q_num_heads")
+    if q is None or len(q) != 3 or not isinstance(q[2], int) or not heads:
+        return None
+    return 1.0 / math.sqrt(q[2] // heads)
 
 
 def inputs(node: Any) -> list[Any]:
@@ -40,7 +52,11 @@ def inputs(node: Any) -> list[Any]:
 
 
 def info(node: Any) -> FusedOpInfo:
-    """Head counts of a 3-D Q (``q_num_heads`` / ``kv_num_heads``), softcap, and what the rewrites cannot do."""
+    """Head counts of a 3-D Q (``q_num_heads`` / ``kv_num_heads``), softcap, and what the rewrites cannot do.
+
+    A 3-D op (``[B, S, H*D]``) is rewritten too: the loop nest unpacks the heads around itself
+    (``rewrite/mlir/packed_heads.py``), so only a head count that does not split the last axis blocks it.
+    """
     q, k = node.operands[0].shape, node.operands[1].shape
     three_d = q is not None and len(q) == 3
     heads, kv_heads = attr(node, "q_num_heads"), attr(node, "kv_num_heads")
@@ -51,8 +67,8 @@ def info(node: Any) -> FusedOpInfo:
     blocker = None
     if len(node.operands) > 4 and any(o.type != "!torch.none" for o in node.operands[4:]) or len(node.results) > 1:
         blocker = "KV cache (past_key/past_value or present outputs) of onnx.Attention is not rewritten in MLIR"
-    elif three_d:
-        blocker = "3-D onnx.Attention (heads packed in the last axis) is not rewritten in MLIR yet"
+    elif three_d and not (isinstance(heads, int) and heads > 0 and isinstance(q[2], int) and q[2] % heads == 0):
+        blocker = "3-D onnx.Attention without a static q_num_heads dividing Q's last axis is not rewritten in MLIR"
     return FusedOpInfo(three_d=three_d, softcap=attr(node, "softcap"), op_name=OP_NAME, ssmax_blocker=blocker, **extra)
 
 

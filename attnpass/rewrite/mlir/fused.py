@@ -49,6 +49,7 @@ from attnpass.rewrite.mlir.builders import (
     transpose,
     unpermuted,
 )
+from attnpass.rewrite.mlir.packed_heads import pack, packed_shape, unpack
 from attnpass.rewrite.mlir.ssmax import KeyMasks, SsmaxParams, emit_factor
 
 DEFAULT_TILE = 64
@@ -84,6 +85,8 @@ class FusedSpec:
     # einsum layouts: "q"/"k"/"v" arrive as raw tensors with ``raw.permute(p)`` canonical; "out" leaves as
     # ``canonical.permute(p)``
     perms: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    # 3-D fused op: "q"/"k"/"v"/"out" in this set arrive / leave as [B, S, H*D] (``packed_heads``)
+    packed: frozenset[str] = frozenset()
 
     @property
     def nb(self) -> int:
@@ -112,15 +115,19 @@ def fused_func(name: str, sp: FusedSpec) -> str:
     out_shape = (*sp.batch, sp.s_q, sp.dv)
     rty, oty = tensor_type(row_shape, "f32"), tensor_type(out_shape, "f32")
     raw = {"q": sp.q_shape, "k": sp.k_shape, "v": sp.v_shape}
-    raw = {n: unpermuted(shape, sp.perms.get(n)) for n, shape in raw.items()}
-    args = [f"%{n}{'_raw' if n in sp.perms else ''}: {tensor_type(shape, 'f32')}" for n, shape in raw.items()]
+    raw = {n: packed_shape(shape) if n in sp.packed else unpermuted(shape, sp.perms.get(n)) for n, shape in raw.items()}
+    moved = set(sp.perms) | set(sp.packed)
+    args = [f"%{n}{'_raw' if n in moved else ''}: {tensor_type(shape, 'f32')}" for n, shape in raw.items()]
     args += [f"{m.arg}: {tensor_type(m.shape, m.elem)}" for m in sp.masks]
     args += (sp.keys.args() + sp.ssmax.args()) if sp.ssmax else []
     out_perm = sp.perms.get("out")
-    ret_ty = tensor_type(permuted(out_shape, out_perm), "f32")
+    ret_shape = packed_shape(out_shape) if "out" in sp.packed else permuted(out_shape, out_perm)
+    ret_ty = tensor_type(ret_shape, "f32")
     t.emit(f"func.func private @{name}({', '.join(args)}) -> {ret_ty} {{", 1)
     for n, shape in raw.items():
-        if n in sp.perms:
+        if n in sp.packed:
+            unpack(t, f"%{n}_raw", {"q": sp.q_shape, "k": sp.k_shape, "v": sp.v_shape}[n], 2, result=f"%{n}")
+        elif n in sp.perms:
             transpose(t, f"%{n}_raw", shape, sp.perms[n], 2, result=f"%{n}")
     domain = (*sp.batch, sp.s_q, sp.s_k)
     sp = dataclasses.replace(sp, masks=[settle_mask(t, m, domain) for m in sp.masks])
@@ -149,7 +156,9 @@ def fused_func(name: str, sp: FusedSpec) -> str:
     dlo = [*sp.bdims, "i", "e"]
     out = divide_rows(t, dlo, Operand(state[2], out_shape, dims_of(dlo)),
                       Operand(state[1], row_shape, dims_of([*sp.bdims, "i"])), out_shape, 2)
-    if out_perm is not None:
+    if "out" in sp.packed:
+        out = pack(t, out, out_shape, 2)
+    elif out_perm is not None:
         out = transpose(t, out, out_shape, out_perm, 2)
     t.emit(f"return {out} : {ret_ty}")
     t.emit("}", 1)

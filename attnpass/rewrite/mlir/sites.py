@@ -236,6 +236,8 @@ def _fuse_site(ed: Editor, plan: Plan, tile: int, ssmax: tuple | None = None) ->
 def _spec(plan: Plan, tile: int) -> FusedSpec:
     """The loop nest's sizes in the canonical ``[batch..., S, D]`` layout; einsum layouts become ``perms``."""
     site = plan.site
+    if site.three_d:
+        return _spec_packed(plan, tile)
     perms = {name: p for name, p in (("q", site.q.perm), ("k", site.k.perm), ("v", site.v.perm), ("out", site.out_perm))
              if p is not None}
     qs, ks, vs = (permuted(tuple(o.value.shape), o.perm) for o in (site.q, site.k, site.v))
@@ -254,6 +256,23 @@ def _spec(plan: Plan, tile: int) -> FusedSpec:
         k_transposed=site.k.transposed, k_groups=k_groups, v_groups=v_groups,
         scale=float(plan.scale), softcap=plan.softcap, causal=plan.causal or plan.is_causal_op, masks=[], tile=tile_for(s_k, tile),
         perms=perms,
+    )
+
+
+def _spec_packed(plan: Plan, tile: int) -> FusedSpec:
+    """A 3-D fused op (``[B, S, H*D]``, heads from its attributes): the loop nest sees ``[B, H, S, D]``."""
+    site = plan.site
+    heads, kv_heads = site.heads, site.kv_heads or site.heads
+    (b, s_q, hd), (_, s_k, khd), (_, _, vhd) = (tuple(o.value.shape) for o in (site.q, site.k, site.v))
+    if not isinstance(heads, int) or not isinstance(kv_heads, int) or heads % kv_heads:
+        raise AttnpassError(f"internal error: {site.name} is 3-D with head counts {heads}/{kv_heads}")
+    groups = heads // kv_heads
+    qs, ks, vs = (b, heads, s_q, hd // heads), (b, kv_heads, s_k, khd // kv_heads), (b, kv_heads, s_k, vhd // kv_heads)
+    return FusedSpec(
+        batch=(b, heads), s_q=s_q, s_k=s_k, d=qs[-1], dv=vs[-1], q_shape=qs, k_shape=ks, v_shape=vs,
+        k_transposed=False, k_groups=groups, v_groups=groups, scale=float(plan.scale), softcap=plan.softcap,
+        causal=plan.causal or plan.is_causal_op, masks=[], tile=tile_for(s_k, tile),
+        packed=frozenset(("q", "k", "v", "out")),
     )
 
 
