@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
-from onnx.reference import ReferenceEvaluator
 
 if TYPE_CHECKING:
     from attnpass.passes.onnx import OnnxAdapter
@@ -107,6 +106,9 @@ def _post_order(value: ir.Value) -> list[ir.Value] | None:
 
 
 def _value_of(ad: OnnxAdapter, v: ir.Value, limit: int, memo: dict[int, np.ndarray | None]) -> np.ndarray | None:
+    known = static_shape(ad, v)
+    if known is not None and math.prod(known) > limit:
+        return None  # never load a weight (possibly external data) only to find it too large
     t = ad._tensor(v)
     if t is not None:
         return t if t.size <= limit else None
@@ -124,6 +126,8 @@ def _value_of(ad: OnnxAdapter, v: ir.Value, limit: int, memo: dict[int, np.ndarr
         return None
     if p.op_type in _GROWING and _grown_size(p.op_type, ins) > limit:
         return None
+    from onnx.reference import ReferenceEvaluator  # heavy: imported only when a subgraph is evaluated
+
     try:
         proto = ir.serde.serialize_node(p)
         feeds = {name: x for name, x in zip(proto.input, ins) if name}
