@@ -26,12 +26,6 @@ EXPECTED: dict[tuple[str, str], dict[str, str]] = {
     # 3-D scores (heads folded into the batch): ONNX's fused ops need a head count
     # GPT-NeoX from TorchScript: the head count hides behind a -1 reshape
     # multi-query (1 KV head): the MultiHeadAttention emitter does not repeat K/V to the query heads
-    # TorchScript's ONNX export: GQA repetition and causality the report does not see (SSMax still right)
-    ("gqa_where", "onnx-ts"): {"found": NO_GQA},
-    ("sdpa_causal", "onnx-ts"): {"found": NO_CAUSAL},
-    ("hf_gpt2", "onnx-ts"): {"found": NO_CAUSAL},
-    ("hf_llama", "onnx-ts"): {"found": NO_CAUSAL},
-    ("hf_mixtral", "onnx-ts"): {"found": NO_CAUSAL},
     # HF sdpa exports: Q and K each pre-scaled by sqrt(scale) hide the K/V repetition (both exporters)
     # MLIR: causality of a tril buffer / a triu(-inf) constant / TorchScript's decomposed is_causal, and the
     # K/V repetition of repeat_interleave and HF repeat_kv, are not reported (the rewrites are still exact)

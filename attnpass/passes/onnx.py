@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from attnpass.passes import onnx_static
 from attnpass.passes.match import Dim, Kind, Report, find_sites
 from attnpass.passes.onnx_shapes import _at, _broadcast, _concat, _dim_equal, _ir_shape, _matmul, _reshape, _slice, _unsqueeze
 from attnpass.passes.site import FusedOpInfo
@@ -44,6 +45,8 @@ _KINDS: dict[str, Kind] = {
     "Less": Kind.COMPARE, "LessOrEqual": Kind.COMPARE, "Greater": Kind.COMPARE, "GreaterOrEqual": Kind.COMPARE,
     "Equal": Kind.COMPARE, "Range": Kind.ARANGE, "Constant": Kind.CONSTANT, "ConstantOfShape": Kind.CONSTANT,
 }
+#: Elements a constant-only subgraph may have at any step for ``static_value`` to compute it (a 2k x 2k mask).
+_EVAL_LIMIT = 1 << 22
 _COMPARE = {"Less": "lt", "LessOrEqual": "le", "Greater": "gt", "GreaterOrEqual": "ge", "Equal": "eq"}
 #: Already-fused attention ops, read as SDPA-form sites: (domain, op_type).
 FUSED_OPS = {(MS, "MultiHeadAttention"), (MS, "Attention"), (MS, "GroupQueryAttention"), ("", "Attention")}
@@ -71,6 +74,7 @@ class OnnxAdapter:
         self._pvals: dict[int, list[Dim] | None] = {}
         self._static: dict[int, bool] = {}
         self._consts: dict[int, float | None] = {}
+        self._values: dict[int, np.ndarray | None] = {}
         self._seed_function_inputs()
 
     def _seed_function_inputs(self) -> None:
@@ -112,6 +116,13 @@ class OnnxAdapter:
             if op == "Unsqueeze" and self._axes(node) is not None and len(self._axes(node) or ()) == 1:
                 return Kind.UNSQUEEZE
             return Kind.RESHAPE
+        if op == "Tile":
+            # TorchScript's repeat_interleave: ``Tile`` of a new size-1 axis, the same as an ``Expand`` of it
+            reps, s = self._tensor(node.inputs[1]), self.shape(node.inputs[0])
+            if reps is not None and s is not None and reps.size == len(s) and all(
+                    int(r) == 1 or d == 1 for r, d in zip(reps.reshape(-1), s)):
+                return Kind.EXPAND
+            return Kind.OTHER
         if op == "Softmax" and self.opset < 13:
             # Softmax-1/11 flattens to 2-D at ``axis``: the same as a last-axis softmax only there.
             rank = len(self.shape(node.inputs[0]) or ())
@@ -238,11 +249,16 @@ class OnnxAdapter:
         return None
 
     def static_value(self, value: Any, limit: int = 1 << 24) -> np.ndarray | None:
-        """The data of an initializer / ``Constant`` (a causal-mask buffer), if small enough to read."""
+        """The data of an initializer / ``Constant`` (a causal-mask buffer), or of a constant-only subgraph
+        (TorchScript's mask from static lengths), if small enough to read."""
         if not isinstance(value, ir.Value):
             return None
         t = self._tensor(value)
-        return t if t is not None and t.size <= limit else None
+        if t is not None:
+            return t if t.size <= limit else None
+        if not self.is_static(value):
+            return None
+        return onnx_static.evaluate(self, value, min(limit, _EVAL_LIMIT), self._values)
 
     def partial_value(self, value: ir.Value | None, depth: int = 0) -> list[Dim] | None:
         """Elements of a small int64 shape tensor (``Concat(Gather(Shape(x)), -1, 8)``): ints, dim names or None."""
@@ -472,6 +488,11 @@ class OnnxAdapter:
             if target is None or s is None:
                 return None
             return _broadcast([s, tuple(None if t == 1 and False else t for t in target)], expand=True)
+        if op == "Tile":
+            s, reps = self.shape(ins[0]), self.partial_value(ins[1])
+            if s is None or reps is None or len(reps) != len(s):
+                return None
+            return tuple(d * r if isinstance(d, int) and isinstance(r, int) else (d if r == 1 else None) for d, r in zip(s, reps))
         if op == "Unsqueeze":
             s, axes = self.shape(ins[0]), self._axes(p)
             return None if s is None or axes is None else _unsqueeze(s, axes)
@@ -490,40 +511,9 @@ class OnnxAdapter:
         return isinstance(value, ir.Value) and value.dtype == ir.DataType.BOOL
 
     def is_static(self, value: Any) -> bool:
-        """True if ``value`` is computed from initializers/constants only (a weight, never an activation).
-
-        Every value visited is memoised (post-order), so asking about each layer of a deep model
-        stays linear in its size instead of re-walking the residual stream once per layer.
-        """
-        if not isinstance(value, ir.Value):
-            return True
-        memo = self._static
-        visiting: set[int] = set()
-        stack: list[tuple[ir.Value, bool]] = [(value, False)]
-        while stack:
-            v, expanded = stack.pop()
-            key = id(v)
-            if key in memo:
-                continue
-            if v.const_value is not None:
-                memo[key] = True
-                continue
-            p = v.producer()
-            if p is None or p.op_type == "Shape":
-                memo[key] = False  # a graph / function input, or the shape of an activation
-                continue
-            ins = [i for i in p.inputs if i is not None]
-            if expanded or any(memo.get(id(i)) is False for i in ins):
-                memo[key] = all(memo.get(id(i), False) for i in ins)
-                visiting.discard(key)
-                continue
-            if key in visiting:  # a cycle: not computable from constants
-                memo[key] = False
-                continue
-            visiting.add(key)
-            stack.append((v, True))
-            stack.extend((i, False) for i in ins if id(i) not in memo)
-        return memo[id(value)]
+        """True if ``value`` is computed from initializers, constants and fixed shapes only (a weight or a
+        mask built from static lengths, never an activation): see ``onnx_static``."""
+        return onnx_static.is_static(self, value, self._static)
 
     def fused_op_info(self, node: ir.Node) -> FusedOpInfo:
         """What only the ONNX op knows: head counts as attributes, a 3-D Q, softcap, what SSMax cannot do."""
