@@ -27,15 +27,6 @@ EXPECTED: dict[tuple[str, str], dict[str, str]] = {
     # GPT-NeoX from TorchScript: the head count hides behind a -1 reshape
     # multi-query (1 KV head): the MultiHeadAttention emitter does not repeat K/V to the query heads
     # HF sdpa exports: Q and K each pre-scaled by sqrt(scale) hide the K/V repetition (both exporters)
-    # MLIR: causality of a tril buffer / a triu(-inf) constant / TorchScript's decomposed is_causal, and the
-    # K/V repetition of repeat_interleave and HF repeat_kv, are not reported (the rewrites are still exact)
-    ("causal_tril", "mlir"): {"found": NO_CAUSAL},
-    ("causal_tril", "mlir-onnx"): {"found": NO_CAUSAL},
-    ("softcap_prescaled", "mlir"): {"found": NO_CAUSAL},
-    ("sdpa_causal", "mlir-onnx"): {"found": NO_CAUSAL},
-    ("gqa_where", "mlir"): {"found": NO_GQA},
-    ("gqa_where", "mlir-onnx"): {"found": NO_GQA},
-    **{(f"hf_{name}", "mlir"): {"found": NO_GQA} for name in ("llama", "mixtral", "gemma2", "llama_sdpa", "qwen2", "mistral")},
     # Whisper: the TorchScript exporter cannot export aten::diff
     ("hf_whisper", "onnx-ts"): {c: "Exporting the operator 'aten::diff'" for c in tc.CHECKS},
 }

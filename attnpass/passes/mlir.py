@@ -27,6 +27,8 @@ from typing import Any
 from attnpass.passes import mlir_attention_op as onnx_attention
 from attnpass.passes.aten import ATEN_KINDS
 from attnpass.passes.match import AttentionSite, Dim, Kind, Report, find_sites
+from attnpass.passes.mlir_broadcasts import is_broadcast_tile, materialized_expand
+from attnpass.passes.mlir_values import Evaluator
 
 # ------------------------------------------------------------------ op tables
 
@@ -217,6 +219,8 @@ class MlirAdapter:
             return Kind.OTHER
         if name == "max" or name == "amax":
             return Kind.OTHER
+        if is_broadcast_tile(node, self._ints):
+            return Kind.EXPAND
         return ATEN_KINDS.get(name, Kind.OTHER)
 
     def _is_cast(self, node: _Node) -> bool:
@@ -235,8 +239,10 @@ class MlirAdapter:
         if name == "einsum":
             lst = ops[1].producer
             return list(lst.operands) if lst is not None else []
-        if name in ("expand_as", "type_as"):
+        if name in ("expand_as", "type_as") or is_broadcast_tile(node, self._ints):
             return [ops[0]]
+        if ATEN_KINDS.get(name) is Kind.RESHAPE and materialized_expand(ops[0]) is not None:
+            return [materialized_expand(ops[0]), *ops[1:]]
         if name == "scaled_dot_product_attention":
             # an absent attn_mask is a !torch.none operand: the matcher reads it as no mask, as in fx
             return [None if isinstance(o, _Val) and o.type == "!torch.none" else o for o in ops]
@@ -425,29 +431,14 @@ class MlirAdapter:
         return node.label if isinstance(node, _Node) else str(node)
 
     def static_value(self, value: Any, limit: int = 1 << 24) -> Any | None:
-        """A literal's elements as numpy (a mask buffer baked into the IR); None for anything computed.
+        """The elements of a constant-only value as numpy (a mask buffer, a decomposed ``triu``); None otherwise.
 
-        Only inline ``dense<...>`` literals are read: evaluating torch ops here would duplicate
-        torch-mlir's folders, and ``dense_resource`` blobs are not exposed by the bindings.
+        torch-mlir's folders do not run on the raw import, so the few ops such masks use are evaluated here
+        (``mlir_values``), every intermediate within ``limit`` elements.
         """
-        import numpy as np
-
-        if not isinstance(value, _Val) or value.producer is None or value.producer.opname != "torch.vtensor.literal":
+        if not isinstance(value, _Val) or not self.is_static(value):
             return None
-        shape = value.shape
-        if shape is None or any(d is None for d in shape) or math.prod(shape) > limit:
-            return None
-        attr = value.producer.op.attributes["value"]
-        try:
-            from torch_mlir import ir
-
-            dense = ir.DenseElementsAttr(attr)
-            if dense.is_splat:
-                v = _splat(attr)
-                return None if v is None else np.full(shape, v)
-            return np.array([float(x) if not isinstance(x, bool) else x for x in dense]).reshape(shape)
-        except Exception:
-            return None
+        return Evaluator(self, limit).value(value)
 
 
 def _first(xs: list[int] | None) -> int | None:
