@@ -129,6 +129,9 @@ def hand_written() -> list[Variant]:
         _hand("tensor_scale_input", G.TensorScaleInput(), (q, k, v, temp_in), q_factor=1.0 / temp_in, sem=dict(scale=1.0),
               fused=0, blocker="run-time tensor"),
         _hand("constant_added", G.ConstantAdded(), (q, k, v)),
+        _hand("sliding_window", G.SlidingWindow(3), (q, k, v),
+              sem=dict(attn_mask=(torch.arange(S)[None, :] <= torch.arange(S)[:, None])
+                        & (torch.arange(S)[None, :] > torch.arange(S)[:, None] - 3))),
         # the cell that must NOT fuse: the probabilities are also an output (output_attentions)
         _hand("returns_probs", M.ReturnsProbs(), (q, k, v), fused=0, blocker="also used"),
     ]

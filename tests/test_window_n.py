@@ -43,6 +43,17 @@ def _with_n(q, k, v, allowed: torch.Tensor, n: torch.Tensor, s: float) -> torch.
     return (torch.softmax(z.masked_fill(~allowed, float("-inf")), -1) @ v).float()
 
 
+def _rewrites_match(path, feeds: dict, right: torch.Tensor, tmp_path) -> None:
+    """SSMax unfused and fused, each rewritten, validated and run in onnxruntime, equal ``right``."""
+    for to in ("ssmax", "fused"):
+        out = tmp_path / f"{to}.onnx"
+        res = aonnx.rewrite(path, out, to=to, s=SSMAX_S, inputs=feeds)
+        assert len(res.rewritten) == 1, res.left
+        got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        np.testing.assert_allclose(got, right.numpy(), rtol=1e-4, atol=1e-4)
+
+
+
 def _references(q, k, v, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = semantics.keys_per_row((B, H, S, S), allowed)
     assert n[0, 0].tolist() == [min(i + 1, W) for i in range(S)]  # the window, not the prefix
@@ -70,12 +81,7 @@ def test_onnx_window_counts_the_window(exporter: str, tmp_path: Path) -> None:
     torch.onnx.export(G.SlidingWindow(W).eval(), (q, k, v), str(path), dynamo=exporter == "dynamo",
                       opset_version=18 if exporter == "dynamo" else 17, input_names=["q", "k", "v"], output_names=["y"])
     feeds = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()}
-    for to in ("ssmax", "fused"):
-        out = tmp_path / f"{to}.onnx"
-        res = aonnx.rewrite(path, out, to=to, s=SSMAX_S, inputs=feeds)
-        assert len(res.rewritten) == 1, res.left
-        got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-        np.testing.assert_allclose(got, right.numpy(), rtol=1e-4, atol=1e-4)
+    _rewrites_match(path, feeds, right, tmp_path)
 
 
 def test_onnx_spec_local_window_counts_the_window(tmp_path: Path) -> None:
@@ -108,9 +114,4 @@ def test_onnx_spec_local_window_counts_the_window(tmp_path: Path) -> None:
     wrong = _with_n(q, k, v, allowed, causal_n, SSMAX_S)
     assert (wrong - right).abs().max() > 1e-3
     feeds = dict(zip(names, [q.numpy(), k.numpy(), v.numpy()]))
-    for to in ("ssmax", "fused"):
-        out = tmp_path / f"{to}.onnx"
-        res = aonnx.rewrite(path, out, to=to, s=SSMAX_S, inputs=feeds)
-        assert len(res.rewritten) == 1, res.left
-        got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-        np.testing.assert_allclose(got, right.numpy(), rtol=1e-4, atol=1e-4)
+    _rewrites_match(path, feeds, right, tmp_path)
