@@ -6,6 +6,7 @@ original model with the onnx spec case's own inputs.
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -25,11 +26,12 @@ REWRITTEN = ["attention", "attention_causal", "attention_attn_mask", "attention_
              "attention_gqa_attn_mask", "attention_scaled", "attention_softcap", "attention_attn_4d_mask_causal",
              "attention_diff_head_sizes",
              # 3-D: heads packed in the last axis ([B, S, H*D]), unpacked around the loop nest and packed back
-             "attention_3d", "attention_3d_gqa_causal", "attention_3d_softcap"]
-#: Left with the reason in the report: KV caches, and sliding windows (the loop nest has no window: replacing the
-#: op would drop it, and the result would differ from onnxruntime's).
-LEFT = {"attention_with_past_and_present": "KV cache", "attention_local_window": "sliding window",
-        "attention_bidirectional_window": "sliding window"}
+             "attention_3d", "attention_3d_gqa_causal", "attention_3d_softcap",
+             # sliding windows (an index test in the loop nest, key tiles past the window skipped); float16 in and
+             # out, computed in float32 inside
+             "attention_local_window", "attention_bidirectional_window", "attention_causal_fp16"]
+#: Left with the reason in the report: KV caches.
+LEFT = {"attention_with_past_and_present": "KV cache"}
 
 
 def _op_model(name: str, tmp_path: Path) -> tuple[Path, list[np.ndarray], np.ndarray]:
@@ -59,6 +61,44 @@ def test_attention_op_replaced_and_equal_to_onnxruntime(name: str, to: str, tmp_
     assert len(result.rewritten) == 1, result.left
     text = str(out)
     assert "onnx.Attention" not in text and "attnpass_fused_" in text
+    got = _run(out, ins)
+    assert got.dtype == want.dtype  # float16 in, float16 out
+    tol = 2e-3 if want.dtype == np.float16 else 1e-5  # float16: one rounding of the output
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", ["attention_local_window", "attention_bidirectional_window"])
+def test_attention_op_window_ssmax_counts_the_window(name: str, tmp_path: Path) -> None:
+    """SSMax on a windowed op counts ``n`` as the keys inside the window: equal to ``semantics`` with the window as a
+    bool mask, and to the rewrite of the same op expanded into its body (where the window is a mask tensor)."""
+    import torch
+
+    from attnpass import semantics
+
+    path, ins, _ = _op_model(name, tmp_path)
+    q, k, v = (torch.from_numpy(x) for x in ins)
+    i, j = torch.arange(q.shape[-2])[:, None], torch.arange(k.shape[-2])[None, :]
+    left, right = {"attention_local_window": (2, 0), "attention_bidirectional_window": (1, 2)}[name]
+    keep = (j >= i - left) & (j <= i + right)
+    want = semantics.ssmax_attention(q, k, v, attn_mask=keep, s=0.7).numpy()
+    for fused in (False, True):
+        got = _run(am.rewrite(am.import_(path), to="ssmax", s=0.7, fused=fused), ins)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    spec = next(s for s in SPECS if s.export == name)
+    expanded = next(c for c in _build(spec) if c.name.endswith("_expanded"))
+    onnx.save(expanded.model, tmp_path / "expanded.onnx")
+    got = _run(am.rewrite(am.import_(tmp_path / "expanded.onnx"), to="ssmax", s=0.7), ins)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_op_window_skips_key_tiles_past_the_window(tmp_path: Path) -> None:
+    """Causal with a left window of 2 over 4 queries and 6 keys: keys 4 and 5 are never read (tile of 1 key per
+    iteration: the loop ends at key 4), and keys before the window are masked by the index test."""
+    path, ins, want = _op_model("attention_local_window", tmp_path)
+    out = am.rewrite(am.import_(path), to="fused", tile=1)
+    text = str(out)
+    (loop,) = re.findall(r"scf\.for %\w+ = %c0 to %(\w+) step %c1 ", text)
+    assert loop == "c4" and "arith.cmpi uge" in text  # keys [0, 4) visited; j + left >= i tested
     np.testing.assert_allclose(_run(out, ins), want, rtol=1e-5, atol=1e-5)
 
 
@@ -90,3 +130,22 @@ def test_attention_op_left_with_the_reason(name: str, tmp_path: Path) -> None:
     out, result = am.rewrite(am.import_(path), to="fused", with_report=True)
     assert not result.rewritten and LEFT[name] in " ".join(map(str, result.left.values()))
     assert "onnx.Attention" in str(out)
+
+
+@pytest.mark.parametrize("name", ["attention_local_window", "attention_bidirectional_window", "attention_causal_fp16"])
+def test_expanded_window_and_fp16_fused_equal_to_onnxruntime(name: str, tmp_path: Path) -> None:
+    """The same cases expanded into the schema's body: the window arrives as a mask tensor, float16 as float16 masks
+    and operands (once refused: "computes in f32 and the site is not f32")."""
+    spec = next(s for s in SPECS if s.export == name)
+    case = next(c for c in _build(spec) if c.name.endswith("_expanded"))
+    path = tmp_path / "expanded.onnx"
+    onnx.save(case.model, path)
+    ins = list(case.data_sets[0][0])
+    want = ort.InferenceSession(str(path)).run(None, {vi.name: x for vi, x in zip(case.model.graph.input, ins)})[0]
+    tol = 2e-3 if want.dtype == np.float16 else 1e-5
+    for kw in ({"to": "fused"}, {"to": "ssmax", "s": 0.0, "b": 1.0, "fused": True}):
+        out, result = am.rewrite(am.import_(path), with_report=True, **kw)
+        assert len(result.rewritten) == 1 and "fused via" in " ".join(result.report.sites[0].notes), result.left
+        got = _run(out, ins)
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)

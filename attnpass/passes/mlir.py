@@ -504,6 +504,9 @@ def find(module: Any) -> MlirReport:
     return MlirReport(sites, skipped, adapters)
 
 
+_FLOATS = ("f32", "f16", "bf16")  # what the loop nest reads (halves widened to f32 inside)
+
+
 def _lowering_blocker(site: AttentionSite) -> str | None:
     """What the MLIR rewrites cannot express yet goes into the report as the reason."""
     if site.fuse_blocker is not None:
@@ -516,10 +519,11 @@ def _lowering_blocker(site: AttentionSite) -> str | None:
         vals = [site.q.value, site.k.value, site.v.value, site.out, *masks]
         if any(not isinstance(v, _Val) or v.shape is None or any(d is None for d in v.shape) for v in vals):
             why = "dynamic shapes: the MLIR fused rewrite needs static sizes"
-        elif any(v.dtype != "f32" for v in (site.q.value, site.k.value, site.v.value, site.out)):
-            why = "the MLIR fused rewrite computes in f32 and the site is not f32"
-        elif any(m.dtype not in ("i1", "f32") for m in masks):
-            why = "a mask that is neither bool nor f32"
+        elif len({v.dtype for v in (site.q.value, site.k.value, site.v.value, site.out)} - {None}) != 1 or \
+                site.q.value.dtype not in _FLOATS:
+            why = "the MLIR fused rewrite needs Q, K, V and the output in one of f32, f16, bf16"
+        elif any(m.dtype not in ("i1", *_FLOATS) for m in masks):
+            why = "a mask that is neither bool nor f32 / f16 / bf16"
         elif site.form == "sdpa" and site.k.groups == 1 and _gqa_groups(site) is None:
             why = "scaled_dot_product_attention with a head count of Q that is not a multiple of K's"
         elif onnx_attention.is_attention_op(site.softmax) and site.ssmax_blocker:

@@ -45,7 +45,7 @@ def _default_scale(node: Any) -> float | None:
     return 1.0 / math.sqrt(q[2] // heads)
 
 
-def _window(node: Any, side: str) -> int:
+def window(node: Any, side: str) -> int:
     """``left_window_size`` / ``right_window_size`` (opset 24+); -1, the schema's default, is no window."""
     value = attr(node, f"{side}_window_size", -1)
     return -1 if value is None else int(value)
@@ -73,12 +73,9 @@ def info(node: Any) -> FusedOpInfo:
     blocker = None
     if len(node.operands) > 4 and any(o.type != "!torch.none" for o in node.operands[4:]) or len(node.results) > 1:
         blocker = "KV cache (past_key/past_value or present outputs) of onnx.Attention is not rewritten in MLIR"
-    elif any(_window(node, side) >= 0 for side in ("left", "right")):
-        # the loop nest applies top-left causal only: replacing the op would silently drop the window
-        blocker = "sliding window (left/right_window_size) of onnx.Attention is not rewritten in MLIR"
     elif three_d and not (isinstance(heads, int) and heads > 0 and isinstance(q[2], int) and q[2] % heads == 0):
         blocker = "3-D onnx.Attention without a static q_num_heads dividing Q's last axis is not rewritten in MLIR"
     return FusedOpInfo(three_d=three_d, softcap=attr(node, "softcap"), op_name=OP_NAME, ssmax_blocker=blocker, **extra)
 
 
-__all__ = ["OP_NAME", "is_attention_op", "attr", "inputs", "info"]
+__all__ = ["OP_NAME", "is_attention_op", "attr", "inputs", "info", "window"]

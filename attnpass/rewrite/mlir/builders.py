@@ -169,6 +169,28 @@ def causal_test(t: Ssa, i_dim: int, j_dim: int, j0: str | None, ind: int) -> str
     return t.op("causal", f"arith.cmpi ule, {jj}, {ii} : index", ind)
 
 
+def window_test(t: Ssa, i_dim: int, j_dim: int, j0: str | None, window: tuple[int, int], ind: int) -> str | None:
+    """``i - left <= j0 + j <= i + right`` (the ONNX ``Attention`` window, top-left aligned); -1 leaves a side open.
+
+    Written as ``j + left >= i`` so that no index goes below zero.
+    """
+    left, right = window
+    if left < 0 and right < 0:
+        return None
+    ii = t.op("i", f"linalg.index {i_dim} : index", ind)
+    jj = t.op("j", f"linalg.index {j_dim} : index", ind)
+    if j0 is not None:
+        jj = t.op("jg", f"arith.addi {jj}, {j0} : index", ind)
+    ok: str | None = None
+    if left >= 0:
+        lhs = t.op("jl", f"arith.addi {jj}, {t.op('c', f'arith.constant {left} : index', ind)} : index", ind)
+        ok = t.op("inwin", f"arith.cmpi uge, {lhs}, {ii} : index", ind)
+    if right >= 0:
+        rhs = t.op("ir", f"arith.addi {ii}, {t.op('c', f'arith.constant {right} : index', ind)} : index", ind)
+        ok = both(t, ok, t.op("inwin", f"arith.cmpi ule, {jj}, {rhs} : index", ind), ind)
+    return ok
+
+
 def both(t: Ssa, a: str | None, b: str, ind: int) -> str:
     """``a and b`` for i1 conditions, where ``a`` may be absent."""
     return b if a is None else t.op("ok", f"arith.andi {a}, {b} : i1", ind)
@@ -207,7 +229,7 @@ def mask_body(t: Ssa, masks: Sequence[MaskIn], scalars: Sequence[str], ind: int)
                 one = t.op("true", "arith.constant true", ind)
                 cond = t.op("keep", f"arith.xori {s}, {one} : i1", ind)
         else:
-            val = s
+            val = s if m.elem == "f32" else t.op("wide", f"arith.extf {s} : {m.elem} to f32", ind)
             if m.term.coeff != 1.0:
                 cc = t.op("coeff", f"arith.constant {f32(m.term.coeff)} : f32", ind)
                 val = t.op("bias", f"arith.mulf {s}, {cc} : f32", ind)
@@ -374,4 +396,28 @@ def transpose(t: Ssa, src: str, shape: tuple[int, ...], perm: Sequence[int], ind
     name = result or t.fresh("tr")
     t.emit(f"{name} = linalg.transpose ins({src} : {tensor_type(shape, 'f32')}) outs({init} : {tensor_type(dst, 'f32')}) "
            f"permutation = [{', '.join(map(str, perm))}]", ind)
+    return name
+
+
+#: Element types the generated code reads: computed in f32, half types widened on the way in
+HALF = ("f16", "bf16")
+
+
+def convert(t: Ssa, src: str, shape: tuple[int, ...], src_elem: str, dst_elem: str, ind: int,
+            result: str | None = None) -> str:
+    """``src`` elementwise converted (``arith.extf`` f16/bf16 -> f32, ``arith.truncf`` back).
+
+    Half-precision inputs are widened once, ``S x D`` per head, so every product, exponential and
+    running sum of the loop nest is f32; only the output is narrowed to the input's type.
+    """
+    if src_elem == dst_elem:
+        return src
+    dims = [f"d{i}" for i in range(len(shape))]
+    op = "arith.extf" if dst_elem == "f32" else "arith.truncf"
+    out = Operand(empty(t, shape, ind, dst_elem), shape, dims_of(dims), dst_elem)
+    name = generic(t, dims, [Operand(src, shape, dims_of(dims), src_elem)], out, [PAR] * len(shape),
+                   lambda a, i: t.op("cv", f"{op} {a[0]} : {src_elem} to {dst_elem}", i), ind, "cv")
+    if result is not None:
+        t.emit(f"{result} = tensor.cast {name} : {tensor_type(shape, dst_elem)} to {tensor_type(shape, dst_elem)}", ind)
+        return result
     return name

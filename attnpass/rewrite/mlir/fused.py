@@ -30,6 +30,7 @@ from attnpass.rewrite.mlir.builders import (
     both,
     causal_test,
     constant,
+    convert,
     dims_of,
     divide_rows,
     empty,
@@ -48,6 +49,7 @@ from attnpass.rewrite.mlir.builders import (
     tensor_type,
     transpose,
     unpermuted,
+    window_test,
 )
 from attnpass.rewrite.mlir.packed_heads import pack, packed_shape, unpack
 from attnpass.rewrite.mlir.ssmax import KeyMasks, SsmaxParams, emit_factor
@@ -87,6 +89,21 @@ class FusedSpec:
     perms: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     # 3-D fused op: "q"/"k"/"v"/"out" in this set arrive / leave as [B, S, H*D] (``packed_heads``)
     packed: frozenset[str] = frozenset()
+    # (left, right): key j attendable from query i when i - left <= j <= i + right (-1: that side open)
+    window: tuple[int, int] | None = None
+    elem: str = "f32"  # of q, k, v and the output: f16 / bf16 are widened to f32 inside and the output narrowed
+
+    def key_end(self) -> int:
+        """One past the last key any query row may attend: key tiles from there on are skipped, not masked.
+
+        Top-left causal ends at ``S_q``, a right window at ``S_q - 1 + right + 1``.
+        """
+        end = self.s_k
+        if self.causal:
+            end = min(end, self.s_q)
+        if self.window is not None and self.window[1] >= 0:
+            end = min(end, self.s_q + self.window[1])
+        return max(end, 1)
 
     @property
     def nb(self) -> int:
@@ -117,13 +134,17 @@ def fused_func(name: str, sp: FusedSpec) -> str:
     raw = {"q": sp.q_shape, "k": sp.k_shape, "v": sp.v_shape}
     raw = {n: packed_shape(shape) if n in sp.packed else unpermuted(shape, sp.perms.get(n)) for n, shape in raw.items()}
     moved = set(sp.perms) | set(sp.packed)
-    args = [f"%{n}{'_raw' if n in moved else ''}: {tensor_type(shape, 'f32')}" for n, shape in raw.items()]
+    wide = "_in" if sp.elem != "f32" else ""
+    args = [f"%{n}{'_raw' if n in moved else ''}{wide}: {tensor_type(shape, sp.elem)}" for n, shape in raw.items()]
     args += [f"{m.arg}: {tensor_type(m.shape, m.elem)}" for m in sp.masks]
     args += (sp.keys.args() + sp.ssmax.args()) if sp.ssmax else []
     out_perm = sp.perms.get("out")
     ret_shape = packed_shape(out_shape) if "out" in sp.packed else permuted(out_shape, out_perm)
-    ret_ty = tensor_type(ret_shape, "f32")
+    ret_ty = tensor_type(ret_shape, sp.elem)
     t.emit(f"func.func private @{name}({', '.join(args)}) -> {ret_ty} {{", 1)
+    for n, shape in raw.items() if wide else ():
+        base = f"%{n}{'_raw' if n in moved else ''}"
+        convert(t, base + wide, shape, sp.elem, "f32", 2, result=base)
     for n, shape in raw.items():
         if n in sp.packed:
             unpack(t, f"%{n}_raw", {"q": sp.q_shape, "k": sp.k_shape, "v": sp.v_shape}[n], 2, result=f"%{n}")
@@ -137,8 +158,9 @@ def fused_func(name: str, sp: FusedSpec) -> str:
         sp.ssmax.emit_constants(t)
         factor = emit_factor(t, row_shape, sp.s_k, sp.keys.settled(t, domain), sp.ssmax)
     state = (fill(t, row_shape, f32(-math.inf), 2), fill(t, row_shape, "0.0", 2), fill(t, out_shape, "0.0", 2))
-    n_full = sp.s_k // sp.tile
-    tail = sp.s_k - n_full * sp.tile
+    end = sp.key_end()
+    n_full = end // sp.tile
+    tail = end - n_full * sp.tile
     if n_full > 0:
         c0 = t.op("c", "arith.constant 0 : index", 2)
         step = t.op("c", f"arith.constant {sp.tile} : index", 2)
@@ -160,6 +182,7 @@ def fused_func(name: str, sp: FusedSpec) -> str:
         out = pack(t, out, out_shape, 2)
     elif out_perm is not None:
         out = transpose(t, out, out_shape, out_perm, 2)
+    out = convert(t, out, ret_shape, "f32", sp.elem, 2)
     t.emit(f"return {out} : {ret_ty}")
     t.emit("}", 1)
     return t.text()
@@ -191,6 +214,9 @@ def logits_tile(t: Ssa, sp: FusedSpec, s: Operand, masks: list[tuple[str, tuple[
             x = t.op("x", f"arith.mulf {x}, {a[1 + len(masks)]} : f32", i)
         if sp.causal:
             ok = both(t, ok, causal_test(t, sp.nb, sp.nb + 1, j0, i), i)
+        win = window_test(t, sp.nb, sp.nb + 1, j0, sp.window, i) if sp.window is not None else None
+        if win is not None:
+            ok = both(t, ok, win, i)
         if ok is not None:
             x = t.op("x", f"arith.select {ok}, {x}, {constant(t, -math.inf, i)} : f32", i)
         return x

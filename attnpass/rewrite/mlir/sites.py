@@ -13,9 +13,9 @@ from attnpass import semantics
 from attnpass.errors import AttnpassError
 from attnpass.passes.match import Report
 from attnpass.passes.mlir import MlirAdapter, MlirReport, _gqa_groups, _Node, _Val, find, public_funcs
-from attnpass.passes.mlir_attention_op import is_attention_op
+from attnpass.passes.mlir_attention_op import is_attention_op, window
 from attnpass.passes.plan import Action, Capabilities, FactorClass, KeepTerm, Plan, RewriteSpec, plan_for
-from attnpass.rewrite.mlir.builders import permuted, unpermuted
+from attnpass.rewrite.mlir.builders import HALF, builtin_elem, permuted, unpermuted
 from attnpass.rewrite.mlir.editor import Editor, erase_dead, mask_inputs, to_builtin_raw
 from attnpass.rewrite.mlir.fused import DEFAULT_TILE, FusedSpec, fused_func, tile_for
 from attnpass.rewrite.mlir.ssmax import KeyMasks, SsmaxParams, ssmax_func, ssmax_sdpa_func
@@ -50,8 +50,8 @@ def _ssmax_params(ed: Editor, func: Any, heads: int, s: float | list[float], b: 
 
 
 def _readable(terms: Any) -> bool:
-    """The generated code reads bool and f32 masks of known rank."""
-    return all(m.value.dtype in ("i1", "f32") and m.value.shape is not None for m in terms)
+    """The generated code reads bool and f32 (or f16 / bf16, widened) masks of known rank."""
+    return all(m.value.dtype in ("i1", "f32", *HALF) and m.value.shape is not None for m in terms)
 
 
 def _key_masks(ed: Editor, plan: Plan, before: Any) -> tuple[KeyMasks, list[Any]] | None:
@@ -64,7 +64,16 @@ def _key_masks(ed: Editor, plan: Plan, before: Any) -> tuple[KeyMasks, list[Any]
     cin, cvals = mask_inputs(ed, counted, before, "n")
     rin, rvals = mask_inputs(ed, rows, before, "r")
     causal = bool(kp.of(FactorClass.CAUSAL)) or kp.causal_op
-    return KeyMasks(tuple(cin), tuple(rin), causal), cvals + rvals
+    return KeyMasks(tuple(cin), tuple(rin), causal, _window(plan)), cvals + rvals
+
+
+def _window(plan: Plan) -> tuple[int, int] | None:
+    """The (left, right) window of an ONNX ``Attention`` op site, None for no window (or another site)."""
+    node = plan.site.softmax
+    if not is_attention_op(node):
+        return None
+    w = (window(node, "left"), window(node, "right"))
+    return None if w == (-1, -1) else w
 
 
 def to_ssmax(module: Any, s: float | list[float] = semantics.DEFAULT_S, b: float | list[float] | None = None,
@@ -255,8 +264,13 @@ def _spec(plan: Plan, tile: int) -> FusedSpec:
         batch=batch, s_q=s_q, s_k=s_k, d=qs[-1], dv=vs[-1], q_shape=qs, k_shape=ks, v_shape=vs,
         k_transposed=site.k.transposed, k_groups=k_groups, v_groups=v_groups,
         scale=float(plan.scale), softcap=plan.softcap, causal=plan.causal or plan.is_causal_op, masks=[], tile=tile_for(s_k, tile),
-        perms=perms,
+        perms=perms, window=_window(plan), elem=_elem(site),
     )
+
+
+def _elem(site: Any) -> str:
+    """The loop nest's input / output element type: the site's (f32, or f16 / bf16 computed in f32)."""
+    return builtin_elem(site.q.value.dtype or "f32")
 
 
 def _spec_packed(plan: Plan, tile: int) -> FusedSpec:
@@ -272,7 +286,7 @@ def _spec_packed(plan: Plan, tile: int) -> FusedSpec:
         batch=(b, heads), s_q=s_q, s_k=s_k, d=qs[-1], dv=vs[-1], q_shape=qs, k_shape=ks, v_shape=vs,
         k_transposed=False, k_groups=groups, v_groups=groups, scale=float(plan.scale), softcap=plan.softcap,
         causal=plan.causal or plan.is_causal_op, masks=[], tile=tile_for(s_k, tile),
-        packed=frozenset(("q", "k", "v", "out")),
+        packed=frozenset(("q", "k", "v", "out")), window=_window(plan), elem=_elem(site),
     )
 
 

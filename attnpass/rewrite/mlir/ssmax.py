@@ -30,6 +30,7 @@ from attnpass.rewrite.mlir.builders import (
     mask_body,
     settle_mask,
     tensor_type,
+    window_test,
 )
 
 
@@ -69,6 +70,7 @@ class KeyMasks:
     counted: tuple[MaskIn, ...] = ()
     rows: tuple[MaskIn, ...] = ()
     causal: bool = False
+    window: tuple[int, int] | None = None  # a fused op's own window (``FusedSpec.window``): an index test too
 
     @property
     def masks(self) -> tuple[MaskIn, ...]:
@@ -80,7 +82,7 @@ class KeyMasks:
     def settled(self, t: Ssa, domain: Sequence[int | None]) -> KeyMasks:
         """The factors at the static sizes of ``domain`` (see ``settle_mask``)."""
         return KeyMasks(tuple(settle_mask(t, m, domain) for m in self.counted),
-                        tuple(settle_mask(t, m, (*domain[:-1], 1)) for m in self.rows), self.causal)
+                        tuple(settle_mask(t, m, (*domain[:-1], 1)) for m in self.rows), self.causal, self.window)
 
 
 def count_keys(t: Ssa, row_shape: tuple[int | None, ...], s_k: int | None, keys: KeyMasks,
@@ -92,7 +94,7 @@ def count_keys(t: Ssa, row_shape: tuple[int | None, ...], s_k: int | None, keys:
     (at its own shape) and testing causal as ``j <= i``.  Row flags then zero the rows they remove.
     ``sizes`` are the unknown sizes of the rows and ``s_k_size`` the key count when ``s_k`` is unknown.
     """
-    n = _count(t, row_shape, s_k, keys.counted, keys.causal, sizes, s_k_size)
+    n = _count(t, row_shape, s_k, keys.counted, keys.causal, sizes, s_k_size, keys.window)
     if not keys.rows:
         return n
     rdims = [f"d{i}" for i in range(len(row_shape))]
@@ -115,11 +117,13 @@ def _row_map(shape: tuple[int | None, ...], row_shape: tuple[int | None, ...], r
 
 
 def _count(t: Ssa, row_shape: tuple[int | None, ...], s_k: int | None, masks: Sequence[MaskIn], causal: bool,
-           sizes: Sequence[str], s_k_size: str | None) -> str:
+           sizes: Sequence[str], s_k_size: str | None, window: tuple[int, int] | None = None) -> str:
     rank = len(row_shape) + 1
     dims = [f"d{i}" for i in range(rank)]
     rows = dims_of(dims[:-1])
     n0 = Operand(fill(t, row_shape, "0.0", 2, sizes), row_shape, rows)
+    if window is not None and not masks and s_k is not None:
+        return _count_range(t, dims[:-1], n0, s_k, causal, window)
     if causal and not masks:
         def upto_diagonal(a: list[str], i: int) -> str:
             ii = t.op("i", f"linalg.index {rank - 2} : index", i)
@@ -141,12 +145,42 @@ def _count(t: Ssa, row_shape: tuple[int | None, ...], s_k: int | None, masks: Se
         _, ok = mask_body(t, masks, a[:-1], i)
         if causal:
             ok = both(t, ok, causal_test(t, rank - 2, rank - 1, None, i), i)
+        win = window_test(t, rank - 2, rank - 1, None, window, i) if window is not None else None
+        if win is not None:
+            ok = both(t, ok, win, i)
+        if ok is None:
+            ok = t.op("true", "arith.constant true", i)
         one = t.op("one", "arith.constant 1.0 : f32", i)
         zero = t.op("zero", "arith.constant 0.0 : f32", i)
         inc = t.op("inc", f"arith.select {ok}, {one}, {zero} : f32", i)
         return t.op("cnt", f"arith.addf {a[-1]}, {inc} : f32", i)
 
     return generic(t, dims, ins, n0, [PAR] * (rank - 1) + [RED], count, 2, "n")
+
+
+def _count_range(t: Ssa, rdims: list[str], n0: Operand, s_k: int, causal: bool, window: tuple[int, int]) -> str:
+    """``n_i = max(0, hi_i - lo_i + 1)`` for the key range ``[max(0, i - left), min(S_k - 1, i + right[, i])]``."""
+    left, right = window
+
+    def body(a: list[str], ind: int) -> str:
+        ii = t.op("i", f"linalg.index {len(rdims) - 1} : index", ind)
+
+        def c(v: int) -> str:
+            return t.op("c", f"arith.constant {v} : index", ind)
+
+        hi = c(s_k - 1)
+        if causal:
+            hi = t.op("hi", f"arith.minsi {hi}, {ii} : index", ind)
+        if right >= 0:
+            hi = t.op("hi", f"arith.minsi {hi}, {t.op('ir', f'arith.addi {ii}, {c(right)} : index', ind)} : index", ind)
+        lo = c(0)
+        if left >= 0:
+            lo = t.op("lo", f"arith.maxsi {lo}, {t.op('il', f'arith.subi {ii}, {c(left)} : index', ind)} : index", ind)
+        span = t.op("span", f"arith.subi {t.op('h1', f'arith.addi {hi}, {c(1)} : index', ind)}, {lo} : index", ind)
+        span = t.op("span", f"arith.maxsi {span}, {c(0)} : index", ind)
+        return t.op("nf", f"arith.sitofp {t.op('ri', f'arith.index_cast {span} : index to i64', ind)} : i64 to f32", ind)
+
+    return generic(t, rdims, [], n0, [PAR] * len(rdims), body, 2, "n")
 
 
 def log_factor(t: Ssa, row_shape: tuple[int | None, ...], n: str, ss: SsmaxParams, sizes: Sequence[str] = ()) -> str:
