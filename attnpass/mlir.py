@@ -216,6 +216,40 @@ def compile(module: Any, opt_level: int = 3) -> lowering.JitFunction:  # noqa: A
     return lowering.compile_module(module, func_name=name, opt_level=opt_level)
 
 
+def compile_library(module: Any, path: str | os.PathLike, opt_level: int = 3) -> Any:
+    """Compile the module's public function into a native shared library at ``path``; returns its ``Signature``.
+
+    The same lowering and LLVM code as ``compile`` (so the same numbers), written out as the JIT's object
+    code linked with a small C shim by the system C compiler.  The library needs libc and libm only; its C
+    entry point is ``attnpass_run`` (docs/native_library.md), and ``load_library`` calls it from Python.
+    """
+    lowering.require_torch_mlir()
+    from attnpass.lowering import native
+    from attnpass.passes import mlir as mlir_pass
+
+    module = copy(_as_module(module))
+    funcs = mlir_pass.public_funcs(module)
+    if len(funcs) != 1:
+        raise AttnpassError(f"compile_library wants a module with one public function, found {len(funcs)}")
+    from torch_mlir import ir
+
+    func = funcs[0]
+    sig = native.signature_of(str(func.attributes["function_type"]), func.attributes["sym_name"].value)
+    with module.context:
+        func.attributes["sym_name"] = ir.StringAttr.get(native.ENTRY)
+    jit = lowering.compile_module(module, func_name=native.ENTRY, opt_level=opt_level)
+    jit.engine.lookup(native.ENTRY)  # compiles the module: the object code exists from here on
+    native.link(jit.engine, sig, os.fspath(path))
+    return sig
+
+
+def load_library(path: str | os.PathLike) -> Any:
+    """A library built by ``compile_library`` as a callable over numpy arrays (ctypes; no torch-mlir, no torch call)."""
+    from attnpass.lowering import native
+
+    return native.load_library(path)
+
+
 def _as_module(module: Any) -> Any:
     if isinstance(module, str):
         return lowering.parse(module)
@@ -224,4 +258,4 @@ def _as_module(module: Any) -> Any:
     return module
 
 
-__all__ = ["import_", "find", "rewrite", "lower", "compile", "copy"]
+__all__ = ["import_", "find", "rewrite", "lower", "compile", "copy", "compile_library", "load_library"]

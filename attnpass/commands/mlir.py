@@ -1,4 +1,4 @@
-"""``attnpass mlir model.onnx --to ssmax|fused --emit torch|linalg|llvm -o out.mlir``.
+"""``attnpass mlir model.onnx --to ssmax|fused --emit torch|linalg|llvm|so -o out.mlir``.
 
 Imports the ONNX file (or reads torch-dialect ``.mlir`` text) with torch-mlir, rewrites its
 attention, lowers it to the requested level and writes the MLIR text.  The output goes to a
@@ -26,8 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__.split("\n\n")[1].replace("\n", " "))
     p.add_argument("model", help="an .onnx file, or torch-dialect .mlir text")
     add_rewrite_flags(p, choices=("ssmax", "fused", "none"), default="fused", fused_alias=True)
-    p.add_argument("--emit", choices=("torch", "linalg", "llvm"), default="torch", help="IR level to write")
-    p.add_argument("-o", "--output", help="output .mlir path (default: stdout)")
+    p.add_argument("--emit", choices=("torch", "linalg", "llvm", "so"), default="torch",
+                   help="IR level to write, or so: a native shared library (needs -o and a C compiler)")
+    p.add_argument("-o", "--output", help="output .mlir (or .so) path (default: stdout)")
     p.add_argument("--tile", type=int, default=None, help="keys per loop iteration of the fused lowering")
     p.add_argument("--json", action="store_true", help="print the site report as JSON (needs -o: stdout is free then)")
     p.set_defaults(func=run)
@@ -72,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.json and not args.output:
         raise AttnpassError("--json needs -o: without it, stdout carries the MLIR text")
+    if args.emit == "so" and not args.output:
+        raise AttnpassError("--emit so needs -o model.so: a shared library is not written to stdout")
     if args.output:
         _check_output(args.output)  # before the import and lowering, which take a while
     spec = None if args.to == "none" else spec_from_args(args)
@@ -89,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
                 raise AttnpassError(f"{args.model}: {e}") from e
         step(f"lowering to {args.emit}")
         try:
+            if args.emit == "so":
+                return _write_library(args, am, mod, report, result, spec)
             out = am.lower(mod, emit=args.emit)
         except AttnpassError as e:
             raise AttnpassError(f"{args.model}: {e}") from e
@@ -121,4 +126,18 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         data = report_dict(report) if result is None else result.as_dict()
         print(json.dumps(json_safe({**data, "written": args.output, "to": label, "emit": args.emit}), indent=2))
+    return 0
+
+
+
+def _write_library(args: argparse.Namespace, am, mod, report, result, spec) -> int:
+    """``--emit so``: the native library (written whole or not at all by ``compile_library``)."""
+    sig = am.compile_library(mod, args.output)
+    label = "none" if spec is None else spec.label
+    print(f"wrote {args.output} ({len(report.sites)} attention site(s), --to {label}, --emit so: "
+          f"{len(sig.inputs)} input(s), entry attnpass_run)", file=sys.stderr)
+    if args.json:
+        data = report_dict(report) if result is None else result.as_dict()
+        print(json.dumps(json_safe({**data, "written": args.output, "to": label, "emit": "so",
+                                    "signature": json.loads(sig.to_json())}), indent=2))
     return 0
