@@ -99,12 +99,30 @@ def test_exp_sub_uses_zero_base_for_a_row_that_saw_no_key():
     _, f = _func(text, "f")
     (g,) = _generics(f)
     assert _iterators(g) == ["parallel", "parallel"]
-    assert {"arith.subf", "math.exp", "arith.cmpf", "arith.select"} <= _body_ops(g)
+    # exp as arithmetic (math.floor, fma, a bit-built 2^k), no libm call: LLVM vectorises the loop
+    assert {"arith.subf", "math.floor", "math.fma", "arith.bitcast", "arith.cmpf", "arith.select"} <= _body_ops(g)
+    assert "math.exp" not in _body_ops(g)
     x = np.array([[0.0, 1.0, -1.0, 2.0], [-np.inf] * 4], np.float32)
     m = np.array([2.0, -np.inf], np.float32)
     got = _run(text, x, m)
     np.testing.assert_allclose(got[0], np.exp(x[0] - 2.0), rtol=1e-6)
     np.testing.assert_array_equal(got[1], np.zeros(4, np.float32))  # exp(-inf - 0), not NaN
+
+
+def test_exp_poly_is_within_two_ulp_of_exp_and_exact_at_the_edges():
+    """The loop nest's exp over the range it sees (``x <= 0``): 2 ulp of float64's exp, -inf and the underflow
+    range give exactly 0 (a removed key adds nothing), NaN stays NaN."""
+    text = _wrap("%x: tensor<4096xf32>", "tensor<4096xf32>", lambda t: bl.generic(
+        t, ["i"], [bl.Operand("%x", (4096,), "(i)")], bl.Operand(bl.empty(t, (4096,), 2), (4096,), "(i)"), ["parallel"],
+        lambda a, i: bl.exp_poly(t, a[0], i), 2))
+    x = -np.geomspace(1e-8, 87.0, 4090).astype(np.float32)
+    x = np.concatenate([x, np.float32([0.0, -0.0, -87.5, -1e30, -np.inf, np.nan])])
+    got = _run(text, x)
+    want = np.exp(x[:4092].astype(np.float64))
+    ulp = np.abs(got[:4092] - want) / np.spacing(want.astype(np.float32)).astype(np.float64)
+    assert ulp.max() <= 2.0, (ulp.max(), x[np.argmax(ulp)])
+    np.testing.assert_array_equal(got[4092:5], 0.0)
+    assert np.isnan(got[-1])
 
 
 def test_rescale_broadcasts_the_row_factor():
@@ -188,7 +206,7 @@ def test_fused_function_is_one_loop_over_key_tiles_carrying_three_states():
     reductions = [g for g in in_loop if _iterators(g)[-1] == "reduction" and "arith.maximumf" in _body_ops(g)]
     assert len(reductions) == 1, "one max reduction per tile"
     assert sum("fastmath<reassoc,contract>" in str(g) for g in in_loop) == 2, "Q K^T and P V"
-    assert sum("math.exp" in _body_ops(g) for g in in_loop) == 2, "p = exp(z - m') and alpha = exp(m - m')"
+    assert sum("math.fma" in _body_ops(g) for g in in_loop) == 2, "p = exp(z - m') and alpha = exp(m - m')"
     assert not re.search(r"tensor<[0-9x]*40x48x", text), "no S_q x S_k tensor"
     assert "linalg.index" not in text  # not causal: no index test
 

@@ -160,16 +160,23 @@ def constant(t: Ssa, value: float, ind: int) -> str:
 
 # ------------------------------------------------------------------ scalar bodies (inside a region)
 
-def causal_test(t: Ssa, i_dim: int, j_dim: int, j0: str | None, ind: int) -> str:
-    """``j0 + j <= i`` (top-left causal) from the loop indices."""
-    ii = t.op("i", f"linalg.index {i_dim} : index", ind)
+def causal_test(t: Ssa, i_dim: int, j_dim: int, j0: str | None, ind: int, i0: str | None = None) -> str:
+    """``j0 + j <= i0 + i`` (top-left causal) from the loop indices and the tile's first key / query block's first row."""
+    ii = _row_index(t, i_dim, i0, ind)
     jj = t.op("j", f"linalg.index {j_dim} : index", ind)
     if j0 is not None:
         jj = t.op("jg", f"arith.addi {jj}, {j0} : index", ind)
     return t.op("causal", f"arith.cmpi ule, {jj}, {ii} : index", ind)
 
 
-def window_test(t: Ssa, i_dim: int, j_dim: int, j0: str | None, window: tuple[int, int], ind: int) -> str | None:
+def _row_index(t: Ssa, i_dim: int, i0: str | None, ind: int) -> str:
+    """The query row of the iteration: ``linalg.index`` plus the query block's first row."""
+    ii = t.op("i", f"linalg.index {i_dim} : index", ind)
+    return ii if i0 is None else t.op("ig", f"arith.addi {ii}, {i0} : index", ind)
+
+
+def window_test(t: Ssa, i_dim: int, j_dim: int, j0: str | None, window: tuple[int, int], ind: int,
+                i0: str | None = None) -> str | None:
     """``i - left <= j0 + j <= i + right`` (the ONNX ``Attention`` window, top-left aligned); -1 leaves a side open.
 
     Written as ``j + left >= i`` so that no index goes below zero.
@@ -177,7 +184,7 @@ def window_test(t: Ssa, i_dim: int, j_dim: int, j0: str | None, window: tuple[in
     left, right = window
     if left < 0 and right < 0:
         return None
-    ii = t.op("i", f"linalg.index {i_dim} : index", ind)
+    ii = _row_index(t, i_dim, i0, ind)
     jj = t.op("j", f"linalg.index {j_dim} : index", ind)
     if j0 is not None:
         jj = t.op("jg", f"arith.addi {jj}, {j0} : index", ind)
@@ -279,10 +286,46 @@ def exp_sub(t: Ssa, dims: Sequence[str], x: Operand, m: Operand, shape: tuple[in
     """
     def body(a: list[str], i: int) -> str:
         d = t.op("d", f"arith.subf {a[0]}, {exp_base(t, a[1], i)} : f32", i)
-        return t.op("e", f"math.exp {d} : f32", i)
+        return exp_poly(t, d, i)
 
     out = Operand(empty(t, shape, ind), shape, dims_of(dims))
     return generic(t, dims, [x, m], out, [PAR] * len(dims), body, ind, hint)
+
+
+# exp(x) = 2^k exp(r), k = round(x / ln 2), r = x - k ln 2 (ln 2 split in two for an exact product), exp(r) by a
+# degree-7 polynomial on |r| <= ln 2 / 2 (the Cephes expf coefficients); about 1 ulp over the range used here
+_LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4
+_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+_EXP_MIN = -87.33654  # below: 0 (2^k would leave the normal range); the loop nest's arguments are <= 0
+
+
+def exp_poly(t: Ssa, x: str, ind: int) -> str:
+    """``exp(x)`` for ``x <= 0`` as arithmetic only (no libm call), so LLVM vectorises the loop it sits in.
+
+    ``-inf`` (and anything below ``_EXP_MIN``) gives exactly 0, so a removed key adds nothing; NaN stays NaN.
+    """
+    def c(v: float) -> str:
+        return constant(t, v, ind)
+
+    kl = t.op("kl", f"arith.mulf {x}, {c(1.4426950408889634)} : f32", ind)
+    k = t.op("k", f"math.floor {t.op('kx', f'arith.addf {kl}, {c(0.5)} : f32', ind)} : f32", ind)
+    r = t.op("r", f"arith.subf {x}, {t.op('kh', f'arith.mulf {k}, {c(_LN2_HI)} : f32', ind)} : f32", ind)
+    r = t.op("r", f"arith.subf {r}, {t.op('kl', f'arith.mulf {k}, {c(_LN2_LO)} : f32', ind)} : f32", ind)
+    p = c(_EXP_POLY[0])
+    for coeff in _EXP_POLY[1:]:
+        p = t.op("p", f"math.fma {p}, {r}, {c(coeff)} : f32", ind)
+    r2 = t.op("r2", f"arith.mulf {r}, {r} : f32", ind)
+    p = t.op("p", f"math.fma {p}, {r2}, {r} : f32", ind)
+    p = t.op("p", f"arith.addf {p}, {c(1.0)} : f32", ind)
+    ki = t.op("ki", f"arith.fptosi {t.op('kc', f'arith.maximumf {k}, {c(-127.0)} : f32', ind)} : f32 to i32", ind)
+    bias = t.op("c", "arith.constant 127 : i32", ind)
+    sh = t.op("c", "arith.constant 23 : i32", ind)
+    bits = t.op("bits", f"arith.shli {t.op('kb', f'arith.addi {ki}, {bias} : i32', ind)}, {sh} : i32", ind)
+    e = t.op("e", f"arith.mulf {p}, {t.op('two', f'arith.bitcast {bits} : i32 to f32', ind)} : f32", ind)
+    low = t.op("low", f"arith.cmpf olt, {x}, {c(_EXP_MIN)} : f32", ind)
+    e = t.op("e", f"arith.select {low}, {c(0.0)}, {e} : f32", ind)
+    nan = t.op("nan", f"arith.cmpf uno, {x}, {x} : f32", ind)
+    return t.op("e", f"arith.select {nan}, {x}, {e} : f32", ind)
 
 
 def rescale(t: Ssa, dims: Sequence[str], x: Operand, f: Operand, shape: tuple[int, ...], ind: int,

@@ -119,6 +119,132 @@ class FusedSpec:
         return self.nb - 1 if self.nb >= 1 else None
 
 
+DEFAULT_QBLOCK = 64
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A block of query rows as the key loop reads it: its Q slice, the index of its first row (None: row 0)
+    and its slice of the SSMax factor."""
+
+    q: str
+    i0: str | None
+    factor: str | None
+
+
+def query_block(sp: FusedSpec, block: int = DEFAULT_QBLOCK) -> int | None:
+    """Query rows per block, or None for one block of all rows (too few rows, or not a multiple of the block).
+
+    Blocks keep the running state small (``block`` rows, not ``S_q``) and let each block visit only the key
+    tiles its rows may attend: below the diagonal (causal), inside the window.
+    """
+    return block if sp.s_q >= 2 * block and sp.s_q % block == 0 else None
+
+
+def _static_keys(sp: FusedSpec) -> tuple[int, int]:
+    """Keys ``[0, key_end)`` for one block of all rows: full tiles in the loop, then a static tail."""
+    end = sp.key_end()
+    n_full = end // sp.tile
+    return n_full * sp.tile, end - n_full * sp.tile
+
+
+def _key_loop(t: Ssa, sp: FusedSpec, rows: Rows, bounds: tuple[str, str], state: tuple[str, str, str],
+              ind: int) -> tuple[str, str, str]:
+    """``scf.for %j0 = lo to hi step tile`` over full key tiles, carrying (max, normaliser, accumulator)."""
+    row_shape, out_shape = (*sp.batch, sp.s_q), (*sp.batch, sp.s_q, sp.dv)
+    rty, oty = tensor_type(row_shape, "f32"), tensor_type(out_shape, "f32")
+    step = t.op("c", f"arith.constant {sp.tile} : index", ind)
+    res, m, lv, acc, j0 = t.fresh("loop"), t.fresh("m"), t.fresh("l"), t.fresh("acc"), t.fresh("j0")
+    t.emit(f"{res}:3 = scf.for {j0} = {bounds[0]} to {bounds[1]} step {step} iter_args({m} = {state[0]}, "
+           f"{lv} = {state[1]}, {acc} = {state[2]}) -> ({rty}, {rty}, {oty}) {{", ind)
+    new = fused_tile(t, sp, j0, sp.tile, (m, lv, acc), rows, ind + 1)
+    t.emit(f"scf.yield {new[0]}, {new[1]}, {new[2]} : {rty}, {rty}, {oty}", ind + 1)
+    t.emit("}", ind)
+    return f"{res}#0", f"{res}#1", f"{res}#2"
+
+
+def _row_block(t: Ssa, sp: FusedSpec, rows: Rows, ind: int, keys: tuple[int, int] | tuple[str, str, int]) -> str:
+    """``out = acc / l`` for the rows of ``sp`` (``sp.s_q`` of them), the online softmax over the key range ``keys``.
+
+    ``keys`` is ``(full, tail)`` (static: ``[0, full)`` in tiles, then ``tail`` keys) or ``(lo, hi, 0)`` (index
+    values, multiples of the tile: the block's own range).
+    """
+    row_shape, out_shape = (*sp.batch, sp.s_q), (*sp.batch, sp.s_q, sp.dv)
+    state = (fill(t, row_shape, f32(-math.inf), ind), fill(t, row_shape, "0.0", ind), fill(t, out_shape, "0.0", ind))
+    if len(keys) == 3:
+        state = _key_loop(t, sp, rows, (str(keys[0]), str(keys[1])), state, ind)
+    else:
+        full, tail = keys
+        if full > 0:
+            bounds = (t.op("c", "arith.constant 0 : index", ind), t.op("c", f"arith.constant {full} : index", ind))
+            state = _key_loop(t, sp, rows, bounds, state, ind)
+        if tail:
+            jt = t.op("c", f"arith.constant {full} : index", ind)
+            state = fused_tile(t, sp, jt, tail, state, rows, ind)
+    dlo = [*sp.bdims, "i", "e"]
+    return divide_rows(t, dlo, Operand(state[2], out_shape, dims_of(dlo)),
+                       Operand(state[1], row_shape, dims_of([*sp.bdims, "i"])), out_shape, ind)
+
+
+def _block_keys(t: Ssa, sp: FusedSpec, q0: str, qb: int, ind: int) -> tuple[str, str, int] | tuple[int, int]:
+    """The key range of the query block at ``q0``, rounded out to whole tiles: from ``q0 - left`` (window) to
+    ``q0 + qb`` (causal) or ``q0 + qb + right`` (window).  Static ``[0, key_end)`` when ``S_k`` is not whole tiles."""
+    skips = sp.causal or (sp.window is not None and max(sp.window) >= 0)
+    if not skips or sp.s_k % sp.tile:
+        return _static_keys(sp) if sp.s_k % sp.tile else (sp.s_k, 0)
+
+    def c(v: int) -> str:
+        return t.op("c", f"arith.constant {v} : index", ind)
+
+    hi = c(sp.s_k)
+    top = None
+    if sp.causal:
+        top = t.op("top", f"arith.addi {q0}, {c(qb)} : index", ind)
+    if sp.window is not None and sp.window[1] >= 0:
+        right = t.op("top", f"arith.addi {q0}, {c(qb + sp.window[1])} : index", ind)
+        top = right if top is None else t.op("top", f"arith.minsi {top}, {right} : index", ind)
+    if top is not None:  # rounded up to a whole tile, at most S_k
+        up = t.op("up", f"arith.ceildivsi {top}, {c(sp.tile)} : index", ind)
+        hi = t.op("hi", f"arith.minsi {t.op('up', f'arith.muli {up}, {c(sp.tile)} : index', ind)}, {hi} : index", ind)
+    lo = c(0)
+    if sp.window is not None and sp.window[0] >= 0:
+        first = t.op("lo", f"arith.maxsi {t.op('lo', f'arith.subi {q0}, {c(sp.window[0])} : index', ind)}, {lo} : index", ind)
+        down = t.op("lo", f"arith.divsi {first}, {c(sp.tile)} : index", ind)
+        lo = t.op("lo", f"arith.muli {down}, {c(sp.tile)} : index", ind)
+    return lo, hi, 0
+
+
+def _query_blocks(t: Ssa, sp: FusedSpec, qb: int, factor: str | None) -> str:
+    """``scf.for`` over blocks of ``qb`` query rows, each an online softmax over its own key range; the block
+    outputs are inserted into the ``[batch..., S_q, D_v]`` result carried by the loop."""
+    out_shape = (*sp.batch, sp.s_q, sp.dv)
+    oty = tensor_type(out_shape, "f32")
+    blk = dataclasses.replace(sp, s_q=qb, q_shape=(*sp.q_shape[:-2], qb, sp.q_shape[-1]))
+    c0, end, step = (t.op("c", f"arith.constant {v} : index", 2) for v in (0, sp.s_q, qb))
+    res, q0, acc = t.fresh("blocks"), t.fresh("q0"), t.fresh("o")
+    t.emit(f"{res} = scf.for {q0} = {c0} to {end} step {step} iter_args({acc} = {empty(t, out_shape, 2)}) -> ({oty}) {{")
+    q, _ = extract_keys(t, "%q", sp.q_shape, "f32", len(sp.q_shape) - 2, q0, qb, 3)
+    masks = []
+    for mk in sp.masks:  # a mask with a query axis of S_q is read at the block's rows
+        if len(mk.shape) >= 2 and mk.shape[-2] == sp.s_q and sp.s_q != 1:
+            name, shp = extract_keys(t, mk.arg, mk.shape, mk.elem, len(mk.shape) - 2, q0, qb, 3)
+            mk = MaskIn(mk.term, name, shp, mk.elem)
+        masks.append(mk)
+    fac = None
+    if factor is not None:
+        fac, _ = extract_keys(t, factor, (*sp.batch, sp.s_q), "f32", sp.nb, q0, qb, 3)
+    blk = dataclasses.replace(blk, masks=masks)
+    out = _row_block(t, blk, Rows(q, q0, fac), 3, _block_keys(t, sp, q0, qb, 3))
+    offs = ", ".join(["0"] * sp.nb + [q0, "0"])
+    sizes = ", ".join(map(str, (*sp.batch, qb, sp.dv)))
+    ones = ", ".join(["1"] * (sp.nb + 2))
+    new = t.op("ins", f"tensor.insert_slice {out} into {acc}[{offs}] [{sizes}] [{ones}] : "
+                      f"{tensor_type((*sp.batch, qb, sp.dv), 'f32')} into {oty}", 3)
+    t.emit(f"scf.yield {new} : {oty}", 3)
+    t.emit("}", 2)
+    return res
+
+
 def _tuple(prefix: str, *tail: str) -> str:
     """``(d0, d1)`` + ``i, e`` -> ``(d0, d1, i, e)``: a broadcast batch prefix followed by named dims."""
     inner = prefix[1:-1]
@@ -130,7 +256,6 @@ def fused_func(name: str, sp: FusedSpec) -> str:
     t = Ssa()
     row_shape = (*sp.batch, sp.s_q)
     out_shape = (*sp.batch, sp.s_q, sp.dv)
-    rty, oty = tensor_type(row_shape, "f32"), tensor_type(out_shape, "f32")
     raw = {"q": sp.q_shape, "k": sp.k_shape, "v": sp.v_shape}
     raw = {n: packed_shape(shape) if n in sp.packed else unpermuted(shape, sp.perms.get(n)) for n, shape in raw.items()}
     moved = set(sp.perms) | set(sp.packed)
@@ -157,27 +282,11 @@ def fused_func(name: str, sp: FusedSpec) -> str:
         # n_i needs every key of the row before the first tile: one reduction over the masks up front
         sp.ssmax.emit_constants(t)
         factor = emit_factor(t, row_shape, sp.s_k, sp.keys.settled(t, domain), sp.ssmax)
-    state = (fill(t, row_shape, f32(-math.inf), 2), fill(t, row_shape, "0.0", 2), fill(t, out_shape, "0.0", 2))
-    end = sp.key_end()
-    n_full = end // sp.tile
-    tail = end - n_full * sp.tile
-    if n_full > 0:
-        c0 = t.op("c", "arith.constant 0 : index", 2)
-        step = t.op("c", f"arith.constant {sp.tile} : index", 2)
-        end = t.op("c", f"arith.constant {n_full * sp.tile} : index", 2)
-        res, m, lv, acc = t.fresh("loop"), t.fresh("m"), t.fresh("l"), t.fresh("acc")
-        t.emit(f"{res}:3 = scf.for %j0 = {c0} to {end} step {step} iter_args({m} = {state[0]}, {lv} = {state[1]}, "
-               f"{acc} = {state[2]}) -> ({rty}, {rty}, {oty}) {{")
-        new = fused_tile(t, sp, "%j0", sp.tile, (m, lv, acc), factor, 3)
-        t.emit(f"scf.yield {new[0]}, {new[1]}, {new[2]} : {rty}, {rty}, {oty}", 3)
-        t.emit("}")
-        state = (f"{res}#0", f"{res}#1", f"{res}#2")
-    if tail:
-        jt = t.op("c", f"arith.constant {n_full * sp.tile} : index", 2)
-        state = fused_tile(t, sp, jt, tail, state, factor, 2)
-    dlo = [*sp.bdims, "i", "e"]
-    out = divide_rows(t, dlo, Operand(state[2], out_shape, dims_of(dlo)),
-                      Operand(state[1], row_shape, dims_of([*sp.bdims, "i"])), out_shape, 2)
+    qb = query_block(sp)
+    if qb is None:
+        out = _row_block(t, sp, Rows("%q", None, factor), 2, _static_keys(sp))
+    else:
+        out = _query_blocks(t, sp, qb, factor)
     if "out" in sp.packed:
         out = pack(t, out, out_shape, 2)
     elif out_perm is not None:
@@ -189,7 +298,7 @@ def fused_func(name: str, sp: FusedSpec) -> str:
 
 
 def logits_tile(t: Ssa, sp: FusedSpec, s: Operand, masks: list[tuple[str, tuple[int, ...], MaskIn]],
-                factor: str | None, j0: str, ind: int) -> str:
+                factor: str | None, j0: str, ind: int, i0: str | None = None) -> str:
     """``z = allowed ? (cap(scale * s) + biases) * f : -inf`` on one tile.
 
     Soft-cap is ``c tanh(x / c)``; ``f`` (SSMax) is the ``[..., S_q]`` per-row multiplier, applied
@@ -213,8 +322,8 @@ def logits_tile(t: Ssa, sp: FusedSpec, s: Operand, masks: list[tuple[str, tuple[
         if factor is not None:
             x = t.op("x", f"arith.mulf {x}, {a[1 + len(masks)]} : f32", i)
         if sp.causal:
-            ok = both(t, ok, causal_test(t, sp.nb, sp.nb + 1, j0, i), i)
-        win = window_test(t, sp.nb, sp.nb + 1, j0, sp.window, i) if sp.window is not None else None
+            ok = both(t, ok, causal_test(t, sp.nb, sp.nb + 1, j0, i, i0), i)
+        win = window_test(t, sp.nb, sp.nb + 1, j0, sp.window, i, i0) if sp.window is not None else None
         if win is not None:
             ok = both(t, ok, win, i)
         if ok is not None:
@@ -225,9 +334,11 @@ def logits_tile(t: Ssa, sp: FusedSpec, s: Operand, masks: list[tuple[str, tuple[
     return generic(t, dims4, ins, out, [PAR] * len(dims4), body, ind, "z")
 
 
-def fused_tile(t: Ssa, sp: FusedSpec, j0: str, tile: int, state: tuple[str, str, str], factor: str | None,
+def fused_tile(t: Ssa, sp: FusedSpec, j0: str, tile: int, state: tuple[str, str, str], rows: Rows,
                ind: int) -> tuple[str, str, str]:
-    """One key tile ``[j0, j0 + tile)``: new running max, rescaled normaliser and accumulator."""
+    """One key tile ``[j0, j0 + tile)`` for the query rows ``rows``: new running max, rescaled normaliser and
+    accumulator."""
+    factor = rows.factor
     bdims = sp.bdims
     m_old, l_old, acc_old = state
     tile_shape = (*sp.batch, sp.s_q, tile)
@@ -246,13 +357,13 @@ def fused_tile(t: Ssa, sp: FusedSpec, j0: str, tile: int, state: tuple[str, str,
             mask_tiles.append((mk.arg, mk.shape, mk))
     # s[b.., i, j] = sum_e q[b.., i, e] * k[b.., j, e]   (GQA: k's head read as h floordiv groups)
     batch_dom = (*sp.batch,)
-    q = Operand("%q", sp.q_shape, _tuple(bcast_map(sp.q_shape[:-2], batch_dom, bdims), "i", "e"))
+    q = Operand(rows.q, sp.q_shape, _tuple(bcast_map(sp.q_shape[:-2], batch_dom, bdims), "i", "e"))
     kb = bcast_map(kt_shape[:-2], batch_dom, bdims, sp.k_groups, sp.group_dim)
     k = Operand(kt, kt_shape, _tuple(kb, "e", "j") if sp.k_transposed else _tuple(kb, "j", "e"))
     s0 = Operand(fill(t, tile_shape, "0.0", ind), tile_shape, dims_of(dims4))
     s = matmul_tile(t, dims5, q, k, s0, "e", ind, "s")
     # z = masked, scaled, capped logits of the tile
-    z = logits_tile(t, sp, Operand(s, tile_shape, dims_of(dims4)), mask_tiles, factor, j0, ind)
+    z = logits_tile(t, sp, Operand(s, tile_shape, dims_of(dims4)), mask_tiles, factor, j0, ind, rows.i0)
     zt = Operand(z, tile_shape, dims_of(dims4))
     rows = dims_of(dims3)  # a per-row value, read from any domain that starts with (batch.., i)
     # m' = max(m, max_j z)

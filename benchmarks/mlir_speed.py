@@ -1,0 +1,180 @@
+"""Speed of the fused MLIR attention against SDPA, torch eager and onnxruntime, as ratios to SDPA in the same run.
+
+    python benchmarks/mlir_speed.py [--quick] [--threads N] [--model]
+
+One attention (B=1, H=8, D=64), causal and not, fp32 and bf16, S = 512 ... 8192 (``--quick``: 512, 1024, 2048
+fp32 only).  Every variant runs in this process with the same thread count (torch and onnxruntime get
+``--threads``; the MLIR loop nest runs on one thread: the torch-mlir wheel ships no OpenMP or async runtime
+its ExecutionEngine can load, so its time is single-threaded and the ratio says so).  Times are the best of a
+few calls after a warm-up.  ``--model``: the whole-model table, a tiny GPT-2 at S=2048 (the native library of the
+fused rewrite vs onnxruntime on the original ONNX vs torch eager).
+
+bf16: SDPA and eager run in bf16; the MLIR and onnxruntime cells are n/a (torch-mlir's calling convention takes
+no bf16 memrefs at the function boundary; onnxruntime's CPU MatMul has no bf16 kernel).  The fused loop nest
+itself reads f16/bf16 inside a model and accumulates in f32 (tests/test_mlir_attention_op.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+warnings.filterwarnings("ignore")
+F = nn.functional
+
+
+class Attention(nn.Module):
+    """The explicit chain (what eager, ONNX and the MLIR import see); causal from an ``arange`` comparison."""
+
+    def __init__(self, causal: bool):
+        super().__init__()
+        self.causal = causal
+
+    def forward(self, q, k, v):
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        if self.causal:
+            s = q.shape[-2]
+            scores = scores.masked_fill(torch.arange(s).unsqueeze(0) > torch.arange(s).unsqueeze(-1), float("-inf"))
+        return torch.softmax(scores, dim=-1) @ v
+
+
+def best(fn: Callable[[], object], reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def _ort(module: nn.Module, args: tuple, threads: int, d: str) -> Callable[[], object]:
+    import onnxruntime as ort
+
+    path = os.path.join(d, "m.onnx")
+    torch.onnx.export(module, args, path, dynamo=False, opset_version=17, input_names=["q", "k", "v"])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(path, opts)
+    feeds = dict(zip(["q", "k", "v"], [a.numpy() for a in args]))
+    return lambda: sess.run(None, feeds)
+
+
+def attention_row(s: int, causal: bool, dtype: torch.dtype, threads: int, reps: int) -> dict[str, float]:
+    from attnpass import mlir as am
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 8, s, 64, generator=g).to(dtype) for _ in range(3))
+    args = (q, k, v)
+    module = Attention(causal).eval()
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        out["sdpa"] = best(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), reps)
+        out["eager"] = best(lambda: module(*args), reps) if s <= 4096 else float("nan")  # S x S scores: 8 x 8192^2 x 4 B
+    if dtype == torch.float32:
+        with tempfile.TemporaryDirectory() as d:
+            out["ort"] = best(_ort(module, args, threads, d), reps) if s <= 4096 else float("nan")
+        t0 = time.perf_counter()
+        fn = am.compile(am.rewrite(am.import_(module, args), to="fused"))
+        out["compile_s"] = time.perf_counter() - t0
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        out["err"] = float((fn(*args) - ref).abs().max())
+        out["mlir"] = best(lambda: fn(*args), 1 if s >= 4096 else reps)
+    return out
+
+
+def model_row(s: int, threads: int, reps: int) -> dict[str, float]:
+    """Tiny GPT-2 (2 layers, 4 heads of 16, eager attention) at ``s`` tokens: library vs onnxruntime vs eager."""
+    import onnxruntime as ort
+    import transformers as T
+
+    from attnpass import mlir as am
+
+    torch.manual_seed(0)
+    cfg = T.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=s, attn_implementation="eager",
+                       use_cache=False)
+    gpt = T.GPT2Model(cfg).eval()
+
+    class Text(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = gpt
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.m(ids).last_hidden_state
+
+    ids = torch.randint(0, 100, (1, s))
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as d, torch.no_grad():
+        path = os.path.join(d, "gpt.onnx")
+        torch.onnx.export(Text().eval(), (ids,), path, dynamo=False, opset_version=17, input_names=["ids"])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        sess = ort.InferenceSession(path, opts)
+        feeds = {"ids": ids.numpy()}
+        out["ort"] = best(lambda: sess.run(None, feeds), reps)
+        out["eager"] = best(lambda: Text()(ids), reps)
+        t0 = time.perf_counter()
+        fused, result = am.rewrite(am.import_(path), to="fused", with_report=True)
+        so = os.path.join(d, "gpt.so")
+        am.compile_library(fused, so)
+        out["build_s"] = time.perf_counter() - t0
+        out["sites"] = len(result.rewritten)
+        lib = am.load_library(so)
+        want = sess.run(None, feeds)[0]
+        out["err"] = float(np.abs(lib(ids.numpy()) - want).max())
+        out["library"] = best(lambda: lib(ids.numpy()), reps)
+    return out
+
+
+def _ratio(r: dict[str, float], key: str) -> str:
+    """``r[key] / r["sdpa"]``, or n/a where the variant did not run."""
+    return f"{r[key] / r['sdpa']:.2f}" if key in r and r[key] == r[key] else "n/a"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="S = 512, 1024, 2048, fp32 only")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--model", action="store_true", help="also the whole-model table (tiny GPT-2 at S=2048)")
+    p.add_argument("--sizes", help="comma-separated S values (overrides the default list)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    sizes = [512, 1024, 2048] if args.quick else [512, 1024, 2048, 4096, 8192]
+    if args.sizes:
+        sizes = [int(x) for x in args.sizes.split(",")]
+    dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
+    print(f"attention B=1 H=8 D=64; torch / onnxruntime threads = {args.threads}; MLIR fused: 1 thread; "
+          f"time ratios to SDPA (lower is faster); host: {os.cpu_count()} cores")
+    print(f"{'dtype':>8} {'causal':>6} {'S':>5} {'sdpa ms':>9} {'mlir/sdpa':>9} {'eager/sdpa':>10} {'ort/sdpa':>9} "
+          f"{'compile s':>9} {'max err':>8}")
+    for dtype in dtypes:
+        for causal in (False, True):
+            for s in sizes:
+                r = attention_row(s, causal, dtype, args.threads, args.reps)
+                sd = r["sdpa"]
+
+                print(f"{str(dtype).split('.')[-1]:>8} {str(causal):>6} {s:>5} {1e3 * sd:>9.1f} {_ratio(r, 'mlir'):>9} "
+                      f"{_ratio(r, 'eager'):>10} {_ratio(r, 'ort'):>9} {r.get('compile_s', float('nan')):>9.1f} "
+                      f"{r.get('err', float('nan')):>8.1e}", flush=True)
+    if args.model:
+        r = model_row(2048, args.threads, args.reps)
+        print(f"\ntiny GPT-2 (2 layers, 4 heads x 16) at S=2048, {r['sites']} fused sites, native library built in "
+              f"{r['build_s']:.1f} s, max |library - ort| = {r['err']:.1e}")
+        print(f"{'ort ms':>8} {'library/ort':>11} {'eager/ort':>9}")
+        print(f"{1e3 * r['ort']:>8.1f} {r['library'] / r['ort']:>11.2f} {r['eager'] / r['ort']:>9.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
