@@ -13,6 +13,14 @@ and unnormalised output ``acc`` (``S_q`` and ``S_q x D_v`` per batch slice) and 
 
 and finally ``out = l != 0 ? acc / l : 0`` (divide_rows).  The largest tensor is ``S_q x T``,
 never ``S_q x S_k``.
+
+Schedule: with at least two blocks of ``DEFAULT_QBLOCK`` query rows, an outer ``scf.for`` runs the
+recurrence per block (state of ``block`` rows, not ``S_q``), and each block's key loop is bounded by
+the keys its rows may attend (top-left causal: up to the block's diagonal; a window: from its first
+row minus ``left``), so those tiles are skipped, not masked.  The SSMax factor is computed once, before
+the blocks, and sliced per block.  f16 / bf16 operands are widened to f32 once on entry and the output
+narrowed on exit.  Not yet: threads (the torch-mlir wheel ships no OpenMP / async runtime its
+ExecutionEngine can load) and register-tiled matmul micro-kernels (LLVM vectorises the generic loops).
 """
 
 from __future__ import annotations
