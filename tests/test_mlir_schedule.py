@@ -9,6 +9,7 @@ blocks and a partial first / last key tile.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -125,3 +126,36 @@ def test_window_blocks_equal_the_reference(left: int, right: int, causal: int, t
     fused = am.rewrite(am.import_(path), to="fused", tile=32)
     got = am.compile(fused, opt_level=0)(q.numpy(), k.numpy(), v.numpy())
     np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("elem", ["bf16", "f16"])
+def test_half_inputs_are_widened_once_and_the_output_narrowed(elem: str) -> None:
+    """bf16 / f16 operands: widened to f32 on entry (3 converts), f32 inside, the output narrowed once; run through a
+    wrapper that rounds f32 inputs to the half type, equal to the reference on the rounded inputs."""
+    from attnpass.lowering import mlir as lowering
+    from attnpass.rewrite.mlir import builders as bl
+
+    sp = dataclasses.replace(_spec(s_q=128, s_k=96, causal=True), elem=elem)
+    body = fused_func("attn", sp)
+    assert body.count("arith.extf") == 3 and body.count("arith.truncf") == 1 and "xf32>" in body
+    t = bl.Ssa()
+    shapes = {"q": (1, 2, 128, 8), "k": (1, 2, 96, 8), "v": (1, 2, 96, 8)}
+    out_shape = (1, 2, 128, 8)
+    f32_args = ", ".join(f"%{n}: {bl.tensor_type(s, 'f32')}" for n, s in shapes.items())
+    t.emit(f"func.func @f({f32_args}) -> {bl.tensor_type(out_shape, 'f32')} {{", 1)
+    halves = [bl.convert(t, f"%{n}", s, "f32", elem, 2) for n, s in shapes.items()]
+    types = ", ".join(bl.tensor_type(s, elem) for s in shapes.values())
+    o = t.op("o", f"func.call @attn({', '.join(halves)}) : ({types}) -> {bl.tensor_type(out_shape, elem)}", 2)
+    wide = bl.convert(t, o, out_shape, elem, "f32", 2)
+    t.emit(f"return {wide} : {bl.tensor_type(out_shape, 'f32')}")
+    t.emit("}", 1)
+    fn = lowering.compile_module("module {\n" + t.text() + "\n" + body + "\n}", from_linalg=True, func_name="f", opt_level=0)
+    g = torch.Generator().manual_seed(3)
+    dt = torch.bfloat16 if elem == "bf16" else torch.float16
+    q, k, v = (torch.randn(*s, generator=g) for s in shapes.values())
+    got = torch.from_numpy(np.asarray(fn(q.numpy(), k.numpy(), v.numpy())))
+    keep = torch.arange(96)[None, :] <= torch.arange(128)[:, None]
+    want, _ = reference.attention_forward(*(x.to(dt).float() for x in (q, k, v)), attn_mask=keep, scale=0.125)
+    assert torch.equal(got, got.to(dt).float()), "the output is rounded to the half type"
+    step = 2.0 ** -7 if elem == "bf16" else 2.0 ** -10  # one rounding of the f32 result
+    torch.testing.assert_close(got, want, rtol=step, atol=step)
