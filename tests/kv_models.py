@@ -18,7 +18,8 @@ from onnx import TensorProto, helper
 
 from attnpass import semantics
 
-H, KH, D, VOCAB = 2, 1, 8, 13
+H, KH, VOCAB = 2, 1, 13
+D = 16  # onnxruntime's GroupQueryAttention rotary wants a head size that is a multiple of 16
 E = H * D
 F = TensorProto.FLOAT
 
@@ -64,8 +65,26 @@ def _embed() -> onnx.NodeProto:
     return helper.make_node("Gather", ["emb", "input_ids"], ["x"])
 
 
-def gqa_model(w: Weights, packed: bool = False, window: int = -1) -> onnx.ModelProto:
-    """``GroupQueryAttention`` with ``past_key``/``past_value``, ``seqlens_k`` and ``total_sequence_length``."""
+MAX_POS = 32
+
+
+def rotary_tables() -> tuple[np.ndarray, np.ndarray]:
+    """``cos``/``sin`` caches ``[MAX_POS, D / 2]`` (base 10000), as GroupQueryAttention's ``do_rotary`` reads them."""
+    inv = 1.0 / 10000 ** (np.arange(0, D, 2) / D)
+    ang = np.arange(MAX_POS)[:, None] * inv[None]
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def _rotate(x: torch.Tensor) -> torch.Tensor:
+    """Half-split rotary on ``[B, H, S, D]`` at positions ``0 .. S-1``."""
+    cos, sin = (torch.from_numpy(t[: x.shape[-2]]) for t in rotary_tables())
+    a, b = x[..., : D // 2], x[..., D // 2:]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+
+
+def gqa_model(w: Weights, packed: bool = False, window: int = -1, rotary: bool = False) -> onnx.ModelProto:
+    """``GroupQueryAttention`` with ``past_key``/``past_value``, ``seqlens_k`` and ``total_sequence_length``
+    (``rotary``: ``do_rotary`` with ``cos``/``sin`` caches)."""
     nodes = [_embed()]
     if packed:
         w.arrays["wqkv"] = np.concatenate([w.arrays["wq"], w.arrays["wk"], w.arrays["wv"]], axis=1)
@@ -75,7 +94,11 @@ def gqa_model(w: Weights, packed: bool = False, window: int = -1) -> onnx.ModelP
         nodes += [helper.make_node("MatMul", ["x", f"w{t}"], [t]) for t in "qkv"]
         qkv, inits = ["q", "k", "v"], ["wq", "wk", "wv"]
     attrs = {"num_heads": H, "kv_num_heads": w.kv_heads, **({"local_window_size": window} if window > 0 else {})}
-    nodes.append(helper.make_node("GroupQueryAttention", [*qkv, "past_key", "past_value", "seqlens_k", "total_sequence_length"],
+    rope: list[str] = []
+    if rotary:
+        w.arrays["cos_cache"], w.arrays["sin_cache"] = rotary_tables()
+        attrs["do_rotary"], rope, inits = 1, ["cos_cache", "sin_cache"], [*inits, "cos_cache", "sin_cache"]
+    nodes.append(helper.make_node("GroupQueryAttention", [*qkv, "past_key", "past_value", "seqlens_k", "total_sequence_length", *rope],
                                   ["o", "present_key", "present_value"], domain="com.microsoft", **attrs))
     cache = [_vi(n, F, ["batch", w.kv_heads, "past", D]) for n in ("past_key", "past_value")]
     lens = [_vi("seqlens_k", TensorProto.INT32, ["batch"]), _vi("total_sequence_length", TensorProto.INT32, [])]
@@ -83,15 +106,17 @@ def gqa_model(w: Weights, packed: bool = False, window: int = -1) -> onnx.ModelP
                   w.init("emb", *inits, "wo", "wlm"), {"": 21, "com.microsoft": 1})
 
 
-def ms_attention_model(w: Weights) -> onnx.ModelProto:
-    """``com.microsoft.Attention`` (packed QKV weights and bias, ``unidirectional``), ``mask_index [B, T]``, ``past``."""
+def ms_attention_model(w: Weights, past: bool = True, mask_rank: int = 2) -> onnx.ModelProto:
+    """``com.microsoft.Attention`` (packed QKV weights and bias), ``mask_index`` (``[B, T]`` key mask or ``[B]``
+    key lengths); ``past``: a GPT-2 style decoder (``unidirectional``, ``past`` -> ``present``), else BERT style."""
     assert w.kv_heads == H
     w.arrays["wqkv"] = np.concatenate([w.arrays["wq"], w.arrays["wk"], w.arrays["wv"]], axis=1)
-    nodes = [_embed(), helper.make_node("Attention", ["x", "wqkv", "bqkv", "attention_mask", "past"], ["o", "present"],
-                                        domain="com.microsoft", num_heads=H, unidirectional=1)]
-    ins = [_vi("attention_mask", TensorProto.INT32, ["batch", "total"]), _vi("past", F, [2, "batch", H, "past_len", D])]
-    return _model(nodes + _head_nodes("o"), ins, ["logits", "present"], w.init("emb", "wqkv", "bqkv", "wo", "wlm"),
-                  {"": 21, "com.microsoft": 1})
+    node = helper.make_node("Attention", ["x", "wqkv", "bqkv", "attention_mask", *(["past"] if past else [])],
+                            ["o", *(["present"] if past else [])], domain="com.microsoft", num_heads=H, unidirectional=int(past))
+    ins = [_vi("attention_mask", TensorProto.INT32, ["batch", "total"][:mask_rank])]
+    ins += [_vi("past", F, [2, "batch", H, "past_len", D])] if past else []
+    return _model([_embed(), node, *_head_nodes("o")], ins, ["logits", "present"][: 1 + past],
+                  w.init("emb", "wqkv", "bqkv", "wo", "wlm"), {"": 21, "com.microsoft": 1})
 
 
 def _bhsd(src: str, dst: str, heads: int) -> list[onnx.NodeProto]:
@@ -144,9 +169,10 @@ def attention_nonpad_model(w: Weights) -> onnx.ModelProto:
 
 
 def reference_logits(w: Weights, ids: np.ndarray, s: float, b: float | None, keep: np.ndarray | None = None,
-                     bias: bool = False, window: int = -1) -> np.ndarray:
+                     bias: bool = False, window: int = -1, rotary: bool = False, causal: bool = True) -> np.ndarray:
     """The same layer in torch with ``semantics.ssmax_attention`` (causal over the whole prefix; ``keep``: a
-    ``[B, T]`` key-padding mask; ``window``: keys ``i - window < j <= i``), the logits of every position."""
+    ``[B, T]`` key-padding mask; ``window``: keys ``i - window < j <= i``; ``rotary``: Q and K rotated at their
+    positions first; ``causal`` False: every key), the logits of every position."""
     a = {k: torch.from_numpy(v) for k, v in w.arrays.items()}
     x = a["emb"][torch.from_numpy(ids)]
     kvd = w.kv_heads * D
@@ -155,11 +181,14 @@ def reference_logits(w: Weights, ids: np.ndarray, s: float, b: float | None, kee
         q, k, v = q + a["bqkv"][:E], k + a["bqkv"][E:E + kvd], v + a["bqkv"][E + kvd:]
     split = lambda t, h: t.reshape(*t.shape[:2], h, D).transpose(1, 2)  # noqa: E731
     sq = ids.shape[1]
-    allowed = torch.ones(sq, sq, dtype=torch.bool).tril()
+    allowed = torch.ones(sq, sq, dtype=torch.bool).tril() if causal else torch.ones(sq, sq, dtype=torch.bool)
     if window > 0:
         allowed = allowed & ~torch.ones(sq, sq, dtype=torch.bool).tril(-window)
     if keep is not None:
         allowed = allowed & torch.from_numpy(keep)[:, None, None, :]
-    o = semantics.ssmax_attention(split(q, H), split(k, w.kv_heads), split(v, w.kv_heads), allowed, s=s, b=b, enable_gqa=True)
+    q4, k4 = split(q, H), split(k, w.kv_heads)
+    if rotary:
+        q4, k4 = _rotate(q4), _rotate(k4)
+    o = semantics.ssmax_attention(q4, k4, split(v, w.kv_heads), allowed, s=s, b=b, enable_gqa=True)
     o = o.transpose(1, 2).reshape(*ids.shape, E)
     return ((o @ a["wo"] + x) @ a["wlm"]).numpy()

@@ -162,6 +162,7 @@ CASES = [
     Case("gqa", M.gqa_model, kind="gqa"),
     Case("gqa_packed_qkv", lambda w: M.gqa_model(w, packed=True), kind="gqa"),
     Case("gqa_local_window", lambda w: M.gqa_model(w, window=3), kind="gqa", window=3),
+    Case("gqa_rotary", lambda w: M.gqa_model(w, rotary=True), kind="gqa", rotary=True),
     Case("ms_attention", M.ms_attention_model, kv_heads=H, kind="ms"),
     Case("attention23_past", lambda w: M.attention_past_model(w, 23), kind="past"),
     Case("attention24_past_mask", lambda w: M.attention_past_model(w, 24, mask=True), kind="past", mask=True),
@@ -202,7 +203,8 @@ def _semantics(case: Case, w: Weights, prefixes: list[list[np.ndarray]], s: floa
             ref = M.reference_logits(w, np.stack(row), s, b, keep=keep, bias=kind == "ms")[:, -1]
             out.append(list(ref))
         else:
-            out.append([M.reference_logits(w, x[None], s, b, window=case.kw.get("window", -1))[0, -1] for x in row])
+            out.append([M.reference_logits(w, x[None], s, b, window=case.kw.get("window", -1), rotary=case.kw.get("rotary", False))[0, -1]
+                        for x in row])
     return out
 
 
@@ -257,3 +259,21 @@ def test_decode_loop_equals_full_recompute(case: Case, tmp_path: Path, seqs: np.
     # SSMax changed the model: the same loop's logits moved away from the original's
     assert max(float(np.abs(a - b).max()) for a, b in zip(got, got0)) > 1e-2
     assert _semantics(case, w, prefixes[:1], 0.0, 1.0)[0][0] == pytest.approx(want0[0][0], abs=TOL)
+
+
+@pytest.mark.parametrize("mask_rank", [1, 2])
+def test_ms_attention_without_cache_equals_semantics(mask_rank: int, tmp_path: Path, seqs: np.ndarray) -> None:
+    """BERT-style ``com.microsoft.Attention`` (no past, bidirectional), right padding as ``[B]`` key lengths or a
+    ``[B, T]`` key mask: decomposed, every row's ``n`` is its entry's number of real keys."""
+    w = Weights(seed=2, kv_heads=H)
+    src, dst = tmp_path / "bert.onnx", tmp_path / "bert.ssmax.onnx"
+    onnx.save(M.ms_attention_model(w, past=False, mask_rank=mask_rank), src)
+    lens = np.array([6, 4], np.int32)
+    keep = np.arange(6)[None] < lens[:, None]
+    feeds = {"input_ids": seqs[:, :6], "attention_mask": lens if mask_rank == 1 else keep.astype(np.int32)}
+    res = aonnx.rewrite(src, dst, to="ssmax", s=S_SSMAX, bias=B_SSMAX, inputs=feeds)
+    assert len(res.rewritten) == 1 and res.self_test.passed, res.left
+    got = _session(dst).run(None, feeds)[0]
+    want = M.reference_logits(w, seqs[:, :6], S_SSMAX, B_SSMAX, keep=keep, bias=True, causal=False)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=TOL)
+    assert np.abs(got - _session(src).run(None, feeds)[0]).max() > 1e-2
