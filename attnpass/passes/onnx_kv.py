@@ -40,12 +40,21 @@ def gqa_packed(node: ir.Node) -> bool:
     return _at(list(node.inputs), 1) is None
 
 
+def window(node: ir.Node) -> tuple[int, int]:
+    """The standard ``Attention``'s ``(left_window_size, right_window_size)`` (opset 25; -1: no limit)."""
+    def get(name: str) -> int:
+        a = node.attributes.get(name)
+        return -1 if a is None else int(a.value)
+    return get("left_window_size"), get("right_window_size")
+
+
 def attention_kv(node: ir.Node) -> bool:
-    """A standard ``Attention`` whose keys run past its own K: a ``past_key`` or a ``nonpad_kv_seqlen`` input."""
+    """A standard ``Attention`` that counts its keys itself: a ``past_key`` or ``nonpad_kv_seqlen`` input (keys
+    beyond its own K), or a sliding window (a limit no mask input shows)."""
     if (_domain(node), node.op_type) != ("", "Attention"):
         return False
     ins = list(node.inputs)
-    return _at(ins, ATT_PAST_KEY) is not None or _at(ins, ATT_NONPAD) is not None
+    return _at(ins, ATT_PAST_KEY) is not None or _at(ins, ATT_NONPAD) is not None or max(window(node)) >= 0
 
 
 def _int_attr(ad: Any, node: ir.Node, name: str, default: int = 0) -> int:
@@ -97,14 +106,14 @@ def ms_attention_blocker(ad: Any, node: ir.Node) -> str | None:
 
 
 def attention_kv_blocker(ad: Any, node: ir.Node) -> str | None:
-    """Why SSMax cannot scale the Q of a standard ``Attention`` with a KV cache (None: it can)."""
+    """Why SSMax cannot scale the Q of a standard ``Attention`` with a KV cache or a window (None: it can)."""
     outs = list(node.outputs)
-    if len(outs) > 3 and outs[3].uses():
+    if len(outs) > 3 and (outs[3].uses() or outs[3].is_graph_output()):
         return "Attention whose qk_matmul_output is read"
     if float(ad._attr_raw(node, "softcap", 0.0) or 0.0) > 0:
         return "Attention with softcap and a KV cache"
     return None
 
 
-__all__ = ["is_gqa", "is_ms_attention", "gqa_packed", "attention_kv", "gqa_blocker", "ms_attention_blocker",
+__all__ = ["is_gqa", "is_ms_attention", "gqa_packed", "attention_kv", "window", "gqa_blocker", "ms_attention_blocker",
            "attention_kv_blocker"]

@@ -8,9 +8,10 @@ the length of the K it is handed (one new key per step).  Measured against onnxr
   sees keys ``pos - W < j <= pos`` with ``local_window_size = W`` (all ``j <= pos`` without one):
   ``n = min(pos + 1, W)``.  Rotary and packed QKV take the same scaled Q (a per-row factor commutes with the
   rotation); packed QKV scales only the query heads of the packed input.
-* ``Attention`` (opset 23/24) with ``past_key``: its ``is_causal`` is aligned after the past
-  (``j <= P + i``); with ``nonpad_kv_seqlen`` (opset 24, K/V a cache buffer) keys ``j < L_b`` count and the
-  causal diagonal is ``j <= L_b - S + i``.  A mask input is counted on the broadcast ``[.., S, T]`` bool.
+* ``Attention`` (opset 23+) with ``past_key``: query ``i`` sits at ``p = P + i`` (``is_causal``: ``j <= p``); with
+  ``nonpad_kv_seqlen`` (opset 24, K/V a cache buffer) keys ``j < L_b`` count and ``p = L_b - S + i``; without
+  either ``p = i``.  ``left_window_size``/``right_window_size`` (opset 25) keep ``p - left <= j <= p + right``.
+  A mask input or a window is counted on the broadcast ``[.., S, T]`` bool.
 * ``com.microsoft.Attention`` projects Q inside, so no factor can reach it: it is decomposed into its
   projections (``MatMul`` + ``Add`` + ``Slice``) and a ``com.microsoft.MultiHeadAttention`` that takes the scaled
   Q, the same ``mask_index`` (``[B]`` key lengths or a ``[B, T]`` key mask) and the packed ``past`` split into
@@ -71,29 +72,40 @@ def keys_per_row(b: _Builder, ad: Any, node: ir.Node, sq: ir.Value, skv: ir.Valu
         length = _i64(b, nonpad)  # [B]
         off = b.op("Sub", [length, sq1])
         total, how = skv, "nonpad_kv_seqlen"
-    else:
+    elif past is not None:
         p = b.op("Unsqueeze", [_size(b, past, 2), b.ints(0)])
         off, length = p, b.op("Add", [p, b.op("Unsqueeze", [skv, b.ints(0)])])  # [1]
         total, how = b.op("Add", [_size(b, past, 2), skv]), "past length"
+    else:
+        off, length, total, how = b.ints(0), b.op("Unsqueeze", [skv, b.ints(0)]), skv, "key length"
     causal = bool(ad._attr_raw(node, "is_causal", 0))
-    rows = b.op("Add", [b.op("Unsqueeze", [off, b.ints(1)]), i])  # [B|1, S]: the last key each row may see
+    left, right = onnx_kv.window(node)
+    rows = b.op("Add", [b.op("Unsqueeze", [off, b.ints(1)]), i])  # [B|1, S]: each row's own position among the keys
     mask = _at(ins, onnx_kv.ATT_MASK)
-    if mask is None:
+    how += "".join(f", {w} window {n}" for w, n in (("left", left), ("right", right)) if n >= 0)
+    if mask is None and left < 0 and right < 0:
         len1 = b.op("Unsqueeze", [length, b.ints(1)])
         n = b.op("Min", [b.op("Max", [b.op("Add", [rows, b.ints(1)]), b.ints(0)]), len1]) if causal else len1
         return _row_major(b, n), f"{how}{' under is_causal' if causal else ''}"
-    kind = MaskKind.BOOL if ad.is_bool(mask) else MaskKind.ADDITIVE
-    keep = K.keep(b, KeepTerm(mask, kind))
-    parts = [b.op("Expand", [keep, b.ints(1, 1, 1, 1)])]  # rank 4 without growing it
+    parts = []
+    if mask is not None:
+        keep = K.keep(b, KeepTerm(mask, MaskKind.BOOL if ad.is_bool(mask) else MaskKind.ADDITIVE))
+        parts.append(b.op("Expand", [keep, b.ints(1, 1, 1, 1)]))  # rank 4 without growing it
+        how += " and the mask"
     j = b.op("Range", [b.const(0, np.int64), total, b.const(1, np.int64)])  # [T]
+    rows4 = b.op("Unsqueeze", [rows, b.ints(1, 3)])  # [B|1, 1, S, 1]
     if causal:
-        parts.append(b.op("LessOrEqual", [j, b.op("Unsqueeze", [rows, b.ints(1, 3)])]))  # [B|1, 1, S, T]
+        parts.append(b.op("LessOrEqual", [j, rows4]))
+    if left >= 0:
+        parts.append(b.op("GreaterOrEqual", [j, b.op("Sub", [rows4, b.ints(left)])]))
+    if right >= 0:
+        parts.append(b.op("LessOrEqual", [j, b.op("Add", [rows4, b.ints(right)])]))
     if nonpad is not None:
         parts.append(b.op("Less", [j, b.op("Unsqueeze", [length, b.ints(1, 2, 3)])]))  # [B, 1, 1, T]
     allowed = _and_all(b, parts)
     full = b.op("Expand", [allowed, b.op("Concat", [b.ints(1, 1, 1), b.op("Unsqueeze", [total, b.ints(0)])], {"axis": 0})])
     n = b.op("ReduceSum", [b.op("Cast", [full], {"to": ir.DataType.FLOAT}), b.ints(-1)], {"keepdims": 1})
-    return n, f"{how} and the mask{' under is_causal' if causal else ''}"
+    return n, f"{how}{' under is_causal' if causal else ''}"
 
 
 def _scale_heads(b: _Builder, x: ir.Value, f: ir.Value, heads: int, groups: int = 0) -> ir.Value:
