@@ -277,3 +277,21 @@ def test_ms_attention_without_cache_equals_semantics(mask_rank: int, tmp_path: P
     want = M.reference_logits(w, seqs[:, :6], S_SSMAX, B_SSMAX, keep=keep, bias=True, causal=False)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=TOL)
     assert np.abs(got - _session(src).run(None, feeds)[0]).max() > 1e-2
+
+
+def test_gqa_chunked_prefill_equals_full_recompute(tmp_path: Path, seqs: np.ndarray) -> None:
+    """A later prompt chunk (several new tokens over a cache, batch 1): row ``i`` of the chunk sits at
+    ``seqlens_k + 1 - S + i``, so each row's ``n`` grows along the chunk from the cache's length."""
+    case = CASES[0]
+    w, _, dst, _ = rewrite_case(case, tmp_path, seqs)
+    sess, ids = _session(dst), seqs[:1, :7]
+    first = {"input_ids": ids[:, :4], "past_key": _empty(1, KH), "past_value": _empty(1, KH),
+             "seqlens_k": np.array([3], np.int32), "total_sequence_length": np.array(4, np.int32)}
+    _, pk, pv = sess.run(None, first)
+    chunk = {"input_ids": ids[:, 4:], "past_key": pk, "past_value": pv, "seqlens_k": np.array([6], np.int32),
+             "total_sequence_length": np.array(7, np.int32)}
+    got = sess.run(None, chunk)[0][0]
+    full = {"input_ids": ids, "past_key": _empty(1, KH), "past_value": _empty(1, KH),
+            "seqlens_k": np.array([6], np.int32), "total_sequence_length": np.array(7, np.int32)}
+    np.testing.assert_allclose(got, sess.run(None, full)[0][0, 4:], atol=TOL, rtol=1e-4)
+    np.testing.assert_allclose(got, M.reference_logits(w, ids, S_SSMAX, B_SSMAX)[0, 4:], atol=TOL, rtol=1e-4)
