@@ -56,7 +56,8 @@ def _vi(name: str, elem: int, shape: list) -> onnx.ValueInfoProto:
 
 def _model(nodes: list, inputs: list, outputs: list[str], inits: list, opsets: dict[str, int]) -> onnx.ModelProto:
     ranks = {"logits": 3, "present": 5}
-    outs = [_vi(n, F, [f"{n}_{i}" for i in range(ranks.get(n, 4))]) for n in outputs]
+    elem = {i.name: i.type.tensor_type.elem_type for i in inputs}
+    outs = [_vi(n, elem.get(n.replace("present", "past"), F), [f"{n}_{i}" for i in range(ranks.get(n, 4))]) for n in outputs]
     graph = helper.make_graph(nodes, "decoder", [_vi("input_ids", TensorProto.INT64, ["batch", "seq"]), *inputs], outs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()], ir_version=10)
 
@@ -82,9 +83,9 @@ def _rotate(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
 
 
-def gqa_model(w: Weights, packed: bool = False, window: int = -1, rotary: bool = False) -> onnx.ModelProto:
+def gqa_model(w: Weights, packed: bool = False, window: int = -1, rotary: bool = False, fp16: bool = False) -> onnx.ModelProto:
     """``GroupQueryAttention`` with ``past_key``/``past_value``, ``seqlens_k`` and ``total_sequence_length``
-    (``rotary``: ``do_rotary`` with ``cos``/``sin`` caches)."""
+    (``rotary``: ``do_rotary`` with ``cos``/``sin`` caches; ``fp16``: the op and its cache in float16)."""
     nodes = [_embed()]
     if packed:
         w.arrays["wqkv"] = np.concatenate([w.arrays["wq"], w.arrays["wk"], w.arrays["wv"]], axis=1)
@@ -98,9 +99,15 @@ def gqa_model(w: Weights, packed: bool = False, window: int = -1, rotary: bool =
     if rotary:
         w.arrays["cos_cache"], w.arrays["sin_cache"] = rotary_tables()
         attrs["do_rotary"], rope, inits = 1, ["cos_cache", "sin_cache"], [*inits, "cos_cache", "sin_cache"]
-    nodes.append(helper.make_node("GroupQueryAttention", [*qkv, "past_key", "past_value", "seqlens_k", "total_sequence_length", *rope],
-                                  ["o", "present_key", "present_value"], domain="com.microsoft", **attrs))
-    cache = [_vi(n, F, ["batch", w.kv_heads, "past", D]) for n in ("past_key", "past_value")]
+    out, elem = "o", F
+    if fp16:
+        nodes += [helper.make_node("Cast", [t], [f"{t}16"], to=TensorProto.FLOAT16) for t in qkv if t]
+        qkv, out, elem = [f"{t}16" if t else "" for t in qkv], "o16", TensorProto.FLOAT16
+        nodes.append(helper.make_node("Cast", ["o16"], ["o"], to=F))
+    nodes.insert(len(nodes) - int(fp16), helper.make_node(
+        "GroupQueryAttention", [*qkv, "past_key", "past_value", "seqlens_k", "total_sequence_length", *rope],
+        [out, "present_key", "present_value"], domain="com.microsoft", **attrs))
+    cache = [_vi(n, elem, ["batch", w.kv_heads, "past", D]) for n in ("past_key", "past_value")]
     lens = [_vi("seqlens_k", TensorProto.INT32, ["batch"]), _vi("total_sequence_length", TensorProto.INT32, [])]
     return _model(nodes + _head_nodes("o"), cache + lens, ["logits", "present_key", "present_value"],
                   w.init("emb", *inits, "wo", "wlm"), {"": 21, "com.microsoft": 1})
@@ -169,10 +176,12 @@ def attention_nonpad_model(w: Weights) -> onnx.ModelProto:
 
 
 def reference_logits(w: Weights, ids: np.ndarray, s: float, b: float | None, keep: np.ndarray | None = None,
-                     bias: bool = False, window: int = -1, rotary: bool = False, causal: bool = True) -> np.ndarray:
+                     bias: bool = False, window: int = -1, rotary: bool = False, causal: bool = True,
+                     fp16: bool = False) -> np.ndarray:
     """The same layer in torch with ``semantics.ssmax_attention`` (causal over the whole prefix; ``keep``: a
     ``[B, T]`` key-padding mask; ``window``: keys ``i - window < j <= i``; ``rotary``: Q and K rotated at their
-    positions first; ``causal`` False: every key), the logits of every position."""
+    positions first; ``causal`` False: every key; ``fp16``: the op's inputs and output rounded to float16), the
+    logits of every position."""
     a = {k: torch.from_numpy(v) for k, v in w.arrays.items()}
     x = a["emb"][torch.from_numpy(ids)]
     kvd = w.kv_heads * D
@@ -186,9 +195,12 @@ def reference_logits(w: Weights, ids: np.ndarray, s: float, b: float | None, kee
         allowed = allowed & ~torch.ones(sq, sq, dtype=torch.bool).tril(-window)
     if keep is not None:
         allowed = allowed & torch.from_numpy(keep)[:, None, None, :]
+    if fp16:  # the op's inputs and output in float16, as the model casts them
+        q, k, v = (t.half().float() for t in (q, k, v))
     q4, k4 = split(q, H), split(k, w.kv_heads)
     if rotary:
         q4, k4 = _rotate(q4), _rotate(k4)
     o = semantics.ssmax_attention(q4, k4, split(v, w.kv_heads), allowed, s=s, b=b, enable_gqa=True)
+    o = o.half().float() if fp16 else o
     o = o.transpose(1, 2).reshape(*ids.shape, E)
     return ((o @ a["wo"] + x) @ a["wlm"]).numpy()
