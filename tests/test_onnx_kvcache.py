@@ -303,3 +303,20 @@ def test_gqa_chunked_prefill_equals_full_recompute(tmp_path: Path, seqs: np.ndar
             "seqlens_k": np.array([6], np.int32), "total_sequence_length": np.array(7, np.int32)}
     np.testing.assert_allclose(got, sess.run(None, full)[0][0, 4:], atol=TOL, rtol=1e-4)
     np.testing.assert_allclose(got, M.reference_logits(w, ids, S_SSMAX, B_SSMAX)[0, 4:], atol=TOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("gqa", "ms_attention", "attention24_past_mask")], ids=repr)
+def test_generated_inputs_are_a_first_prompt(case: Case, tmp_path: Path) -> None:
+    """Without ``inputs``, validation generates an empty cache and lengths that agree with it (random lengths
+    describe no state of a generation loop, and onnxruntime refuses them), so the rewrite runs as it is."""
+    from attnpass.validate import make_inputs
+
+    src = tmp_path / f"{case.name}.onnx"
+    onnx.save(case.build(Weights(seed=1, kv_heads=case.kv_heads)), src)
+    feeds = make_inputs(src, seq=6)
+    past = [v for k, v in feeds.items() if k.startswith("past")]
+    assert past and all(0 in v.shape for v in past)
+    if case.kw["kind"] == "gqa":
+        assert feeds["seqlens_k"].tolist() == [5, 5] and int(feeds["total_sequence_length"]) == 6
+    res = aonnx.rewrite(src, tmp_path / "out.onnx", to="ssmax", s=0.5)
+    assert len(res.rewritten) == 1 and res.self_test.passed
