@@ -22,7 +22,7 @@ from tests.kv_models import KH, VOCAB, D, H, Weights
 
 S_SSMAX, B_SSMAX = 0.7, 0.3
 STEPS = 3
-TOL = 2e-4
+TOL = 1e-3  # absolute, on logits of magnitude ~50-80 (float32: ~1e-5 measured); SSMax moves them by > 1
 
 
 def _session(path: Path):
