@@ -320,3 +320,30 @@ def test_generated_inputs_are_a_first_prompt(case: Case, tmp_path: Path) -> None
         assert feeds["seqlens_k"].tolist() == [5, 5] and int(feeds["total_sequence_length"]) == 6
     res = aonnx.rewrite(src, tmp_path / "out.onnx", to="ssmax", s=0.5)
     assert len(res.rewritten) == 1 and res.self_test.passed
+
+
+def _with_attr(model: onnx.ModelProto, op: str, **attrs) -> onnx.ModelProto:
+    node = next(n for n in model.graph.node if n.op_type == op)
+    node.attribute.extend(onnx.helper.make_attribute(k, v) for k, v in attrs.items())
+    return model
+
+
+@pytest.mark.parametrize("name,build,why", [
+    ("gqa_softcap", lambda w: _with_attr(M.gqa_model(w), "GroupQueryAttention", softcap=30.0), "softcap"),
+    ("gqa_smooth", lambda w: _with_attr(M.gqa_model(w), "GroupQueryAttention", smooth_softmax=1), "smooth softmax"),
+    ("msa_rotary", lambda w: _with_attr(M.ms_attention_model(w), "Attention", do_rotary=1), "do_rotary"),
+    ("msa_shared_buffer", lambda w: _with_attr(M.ms_attention_model(w), "Attention", past_present_share_buffer=1), "sharing"),
+    ("msa_mask_1d_unknown", lambda w: M.ms_attention_model(w, past=False, mask_rank=1), None),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_what_ssmax_leaves_names_the_reason(name: str, build, why: str | None, tmp_path: Path) -> None:
+    """Op variants whose Q the factor cannot reach as the op defines it are left, with the reason in the report."""
+    w = Weights(seed=1, kv_heads=H if name.startswith("msa") else KH)
+    model = build(w)
+    if why is None:  # a 1-D mask_index whose length is not the batch's: [2B] end/start positions are possible
+        mask = next(i for i in model.graph.input if i.name == "attention_mask")
+        mask.type.tensor_type.shape.dim[0].dim_param = "two_batch"
+        why = "[2B]"
+    src = tmp_path / f"{name}.onnx"
+    onnx.save(model, src)
+    site = aonnx.find(src)[0]
+    assert site.ssmax_blocker is not None and why in site.ssmax_blocker
