@@ -347,3 +347,27 @@ def test_what_ssmax_leaves_names_the_reason(name: str, build, why: str | None, t
     onnx.save(model, src)
     site = aonnx.find(src)[0]
     assert site.ssmax_blocker is not None and why in site.ssmax_blocker
+
+
+def decode_table() -> list[str]:
+    """Per case and step, the max abs difference of the SSMax decode logits from the full recompute and from
+    ``semantics`` (``python -m tests.test_onnx_kvcache`` prints it; the tests assert the same numbers)."""
+    import tempfile
+
+    seqs = _tokens(2, max(LENS + [P_FIXED]) + STEPS + 1)
+    lines = [f"{'case':24s} step: {' '.join(f'{t:>8d}' for t in range(STEPS + 1))}"]
+    for case in CASES:
+        with tempfile.TemporaryDirectory() as d:
+            w, src, dst, _ = rewrite_case(case, Path(d), seqs)
+            got, want, prefixes = _decode(case, dst, seqs)
+            got0, _, _ = _decode(case, src, seqs)
+            rec = _step_diffs(got, want)
+            sem = _step_diffs(got, _semantics(case, w, prefixes, S_SSMAX, B_SSMAX))
+            moved = max(float(np.abs(a - b).max()) for a, b in zip(got, got0))
+        lines.append(f"{case.name:24s} recompute {' '.join(f'{x:8.1e}' for x in rec)}")
+        lines.append(f"{'':24s} semantics {' '.join(f'{x:8.1e}' for x in sem)}   (SSMax vs original: {moved:.2f})")
+    return lines
+
+
+if __name__ == "__main__":
+    print("\n".join(decode_table()))
