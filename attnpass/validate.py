@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from attnpass.errors import AttnpassError
+from attnpass.kvfeeds import apply as apply_kv
+from attnpass.kvfeeds import kv_inputs
 from attnpass.maskfeeds import MaskInput, mask_inputs
 from attnpass.maskfeeds import padding as _padding
 from attnpass.result import json_safe
@@ -129,8 +131,9 @@ def _vocab_sizes(model: Any) -> dict[str, int]:
     return out
 
 
-def _graph_hints(model: Any) -> tuple[dict[str, int], dict[str, MaskInput]]:
-    """What the graph says about its inputs: embedding sizes and the inputs that feed attention masks."""
+def _graph_hints(model: Any) -> tuple[dict[str, int], dict[str, MaskInput], dict[str, tuple[str, int]]]:
+    """What the graph says about its inputs: embedding sizes, the inputs that feed attention masks, and those
+    that feed a KV-cache op's cache or lengths (``kvfeeds``)."""
     import onnx_ir as ir
 
     from attnpass.modelio import EXTERNAL_DATA_BYTES, load, weights_bytes
@@ -138,11 +141,11 @@ def _graph_hints(model: Any) -> tuple[dict[str, int], dict[str, MaskInput]]:
     try:
         loaded = model if isinstance(model, ir.Model) else load(model)
     except AttnpassError:
-        return {}, {}
+        return {}, {}, {}
     # the matcher reads initializer values (mask buffers, scales): on a model whose weights stay on disk that
     # would bring gigabytes into memory next to onnxruntime's copy, so those fall back to input names
     big = weights_bytes(loaded) > EXTERNAL_DATA_BYTES
-    hints = _vocab_sizes(loaded), ({} if big else mask_inputs(loaded))
+    hints = _vocab_sizes(loaded), ({} if big else mask_inputs(loaded)), kv_inputs(loaded)
     if loaded is not model:
         # an onnx-ir graph is a web of cycles (nodes <-> values): collect it now, before onnxruntime loads
         # the same weights, so a model near the 2 GB limit is never held twice
@@ -154,7 +157,7 @@ def _graph_hints(model: Any) -> tuple[dict[str, int], dict[str, MaskInput]]:
 def make_inputs(model: Any, batch: int = 2, seq: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs for every graph input: dynamic axes get ``batch`` (axis 0) or ``seq``, consistently per dim name."""
     rng = np.random.default_rng(seed)
-    vocab, masks = ({}, {}) if hasattr(model, "get_inputs") else _graph_hints(model)
+    vocab, masks, kv = ({}, {}, {}) if hasattr(model, "get_inputs") else _graph_hints(model)
     sess = model if hasattr(model, "get_inputs") else session(model)
     named: dict[str, int] = {}
     feeds: dict[str, np.ndarray] = {}
@@ -190,6 +193,7 @@ def make_inputs(model: Any, batch: int = 2, seq: int = 16, seed: int = 0) -> dic
         else:
             x = rng.standard_normal(shape).astype(dt)
         feeds[i.name] = x
+    apply_kv(feeds, kv, seq)
     return feeds
 
 

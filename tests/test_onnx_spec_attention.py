@@ -4,7 +4,9 @@ The onnx package builds these models for its backend tests (``onnx.backend.test.
 each ``export_*`` makes the op model and, from the schema's function body, the ``_expanded`` model.
 For each: the site is found; the expanded body fuses (validated in onnxruntime against the original on the
 case's own inputs) or is reported "not fusable" with the reason; SSMax with ``s=0, b=1`` equals the original.
-The op itself is an already-fused site: SSMax applies by scaling Q, except with a KV cache (reported).
+The op itself is an already-fused site: SSMax applies by scaling Q, with a KV cache too: ``n`` is counted over
+the past and the new keys (``past_key``) or up to ``nonpad_kv_seqlen``, and the op's SSMax output at a real ``s``
+must equal ``semantics`` on the whole cache (``test_kv_cache_op_ssmax_equals_semantics``).
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 
 import attnpass.onnx as aonnx
+from attnpass import semantics
 
 warnings.filterwarnings("ignore")
 
@@ -46,15 +50,27 @@ SPECS = [
     Spec("attention_gqa_attn_mask"),
     Spec("attention_softcap", target="onnx23"),
     Spec("attention_3d_softcap", target="onnx23"),
-    Spec("attention_with_past_and_present", op_ssmax_left="KV cache"),
-    Spec("attention_gqa_with_past_and_present", op_ssmax_left="KV cache"),
+    Spec("attention_with_past_and_present"),
+    Spec("attention_gqa_with_past_and_present"),
+    Spec("attention_4d_causal_with_past_and_present"),
+    Spec("attention_3d_gqa_with_past_and_present"),
+    Spec("attention_3d_diff_head_sizes_with_past_and_present"),
+    Spec("attention_diff_head_sizes_with_past_and_present_mask3D"),
+    Spec("attention_local_window_with_past"),
+    Spec("attention_gqa_with_past_and_present_fp16"),
+    Spec("attention_4d_causal_nonpad_batch_prefill"),
+    Spec("attention_4d_causal_nonpad_continued_prefill"),
+    Spec("attention_4d_gqa_causal_nonpad_decode"),
+    Spec("attention_4d_causal_nonpad_attn_mask_composition"),
+    Spec("attention_4d_causal_nonpad_negative_offset_structural_empty"),
     Spec("attention_4d_diff_heads_mask4d_padded_kv", op_runs=False),
     Spec("attention_with_qk_matmul"),
     Spec("attention_with_qk_matmul_softmax", expanded_blocker="(a graph output)"),
     Spec("attention_24_qk_matmul_output_mode3_softmax_precision", expanded_blocker="(a graph output)"),
     Spec("attention_local_window"),
     Spec("attention_bidirectional_window"),
-    Spec("attention_local_window_gqa_rank4_mask", expanded_blocker="(a graph output)"),
+    # a window makes the op count its own keys; its qk_matmul_output is a graph output SSMax would change
+    Spec("attention_local_window_gqa_rank4_mask", expanded_blocker="(a graph output)", op_ssmax_left="qk_matmul_output is read"),
     Spec("attention_causal_fp16"),
     Spec("attention_23_boolmask_fullymasked_row_nan_robustness"),
 ]
@@ -114,3 +130,73 @@ def test_op_is_a_fused_site_and_takes_ssmax(spec: Spec, tmp_path: Path) -> None:
         assert len(ident.rewritten) == 1 and ident.validation.passed
     else:
         assert len(ident.rewritten) == 0 and spec.op_ssmax_left in ident.left[0]
+
+
+def _op_reference(model: onnx.ModelProto, feeds: dict, s: float, b: float) -> tuple[np.ndarray, np.ndarray]:
+    """The standard ``Attention`` op with its KV cache in ``semantics`` terms, and which output rows have keys.
+
+    The keys are ``past_key`` then ``K``; ``is_causal`` is aligned after the past (``j <= P + i``), or to the end of
+    ``nonpad_kv_seqlen`` (``j <= L_b - S + i``, keys ``j < L_b``), as onnxruntime computes them; a sliding window
+    around the same position.
+    """
+    node = next(n for n in model.graph.node if n.op_type == "Attention")
+    names = list(node.input) + [""] * (7 - len(node.input))
+    x = {i: torch.from_numpy(feeds[n]).double() if n else None for i, n in enumerate(names[:6])}
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    q, k, v = x[0], x[1], x[2]
+    three_d = q.dim() == 3
+    if three_d:
+        hq, hkv = attrs["q_num_heads"], attrs["kv_num_heads"]
+        q, k, v = (t.reshape(*t.shape[:2], h, -1).transpose(1, 2) for t, h in ((q, hq), (k, hkv), (v, hkv)))
+    if x[4] is not None:
+        k, v = torch.cat([x[4], k], 2), torch.cat([x[5], v], 2)
+    sq, t = q.shape[2], k.shape[2]
+    i, j = torch.arange(sq)[:, None], torch.arange(t)[None]
+    allowed = torch.ones(q.shape[0], 1, sq, t, dtype=torch.bool)
+    nonpad = feeds[names[6]] if names[6] else None
+    if nonpad is not None:
+        lens = torch.from_numpy(nonpad).long()[:, None, None, None]
+        allowed = allowed & (j < lens)
+    pos = i + (lens - sq if nonpad is not None else (x[4].shape[2] if x[4] is not None else 0))
+    if attrs.get("is_causal", 0):
+        allowed = allowed & (j <= pos)
+    if attrs.get("left_window_size", -1) >= 0:
+        allowed = allowed & (j >= pos - attrs["left_window_size"])
+    if attrs.get("right_window_size", -1) >= 0:
+        allowed = allowed & (j <= pos + attrs["right_window_size"])
+    bias = torch.zeros(())
+    mask = x[3]
+    if names[3]:
+        m = torch.from_numpy(feeds[names[3]])
+        if m.dtype == torch.bool:
+            allowed = allowed & m
+        else:
+            allowed, bias = allowed & (m.double() > semantics.MASKED_BELOW), m.double()
+    mask = torch.where(allowed, bias, torch.tensor(float("-inf"), dtype=torch.float64))
+    out = semantics.ssmax_attention(q, k, v, mask, scale=attrs.get("scale"), s=s, b=b, enable_gqa=True)
+    rows = allowed.expand(*out.shape[:3], t).any(-1)
+    if three_d:
+        out, rows = out.transpose(1, 2).reshape(*out.shape[:1], sq, -1), rows.any(1)[..., None]
+    else:
+        rows = rows[..., None]
+    return out.numpy(), rows.numpy()
+
+
+KV_SPECS = [s for s in SPECS if s.op_runs and s.op_ssmax_left is None and any(w in s.export for w in ("past", "nonpad", "window"))]
+
+
+@pytest.mark.parametrize("spec", KV_SPECS, ids=lambda s: s.export)
+def test_kv_cache_op_ssmax_equals_semantics(spec: Spec, tmp_path: Path) -> None:
+    path, feeds, tol = _case(spec, False, tmp_path)
+    model = onnx.load(str(path))
+    ref0, rows = _op_reference(model, feeds, 0.0, 1.0)
+    atol = tol.get("atol", 1e-5)
+    from attnpass.validate import run
+
+    y0 = run(path, feeds)[model.graph.output[0].name]
+    np.testing.assert_allclose(np.where(rows, y0, 0), np.where(rows, ref0, 0), atol=atol, rtol=tol.get("rtol", 1e-4))
+    res = aonnx.rewrite(path, tmp_path / "ssmax.onnx", to="ssmax", s=0.7, bias=0.3, inputs=feeds, **tol)
+    assert len(res.rewritten) == 1
+    y = run(tmp_path / "ssmax.onnx", feeds)[model.graph.output[0].name]
+    want, _ = _op_reference(model, feeds, 0.7, 0.3)
+    np.testing.assert_allclose(np.where(rows, y, 0), np.where(rows, want, 0), atol=atol, rtol=tol.get("rtol", 1e-4))

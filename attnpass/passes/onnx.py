@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from attnpass.passes import onnx_static
+from attnpass.passes import onnx_kv, onnx_static
 from attnpass.passes.match import Dim, Kind, Report, find_sites
 from attnpass.passes.onnx_shapes import _at, _broadcast, _concat, _dim_equal, _ir_shape, _matmul, _reshape, _slice, _unsqueeze
 from attnpass.passes.site import FusedOpInfo
@@ -522,9 +522,9 @@ class OnnxAdapter:
         kvh = self.attr(node, "kv_num_heads")
         notes: list[str] = []
         if (dom, op) == (MS, "Attention"):
-            notes.append("Q is projected inside com.microsoft.Attention: SSMax cannot scale it from outside")
+            notes.append("Q is projected inside com.microsoft.Attention: SSMax decomposes it (projections + MultiHeadAttention)")
         if (dom, op) == (MS, "GroupQueryAttention"):
-            notes.append("GroupQueryAttention counts keys from seqlens_k/past: not rewritten to SSMax")
+            notes.append("GroupQueryAttention counts keys from seqlens_k/total_sequence_length (causal over the KV cache)")
         three_d = _three_d(self, node)
         info: dict[str, Any] = {}
         if three_d:
@@ -560,22 +560,20 @@ def _three_d(ad: OnnxAdapter, node: ir.Node) -> bool:
 def _op_ssmax_blocker(ad: OnnxAdapter, node: ir.Node, heads: Dim) -> str | None:
     """Why SSMax cannot scale a fused op's Q from outside (None: it can)."""
     dom, op = _domain(node), node.op_type
-    if (dom, op) == (MS, "Attention"):
-        return "com.microsoft.Attention projects Q inside the op (no Q to scale)"
-    if (dom, op) == (MS, "GroupQueryAttention"):
-        return "GroupQueryAttention (keys per row come from seqlens_k and the KV cache)"
     if _three_d(ad, node) and not isinstance(heads, int):
         return "the number of heads is not known"
+    if (dom, op) == (MS, "Attention"):
+        return onnx_kv.ms_attention_blocker(ad, node)
+    if (dom, op) == (MS, "GroupQueryAttention"):
+        return onnx_kv.gqa_blocker(ad, node)
+    if onnx_kv.attention_kv(node):
+        return onnx_kv.attention_kv_blocker(ad, node)
     if (dom, op) == (MS, "MultiHeadAttention"):
         ins = list(node.inputs)
         if any(_at(ins, i) is not None for i in (3, 4, 6, 7)):
             return "MultiHeadAttention with bias / key_padding_mask / past inputs"
         if ad.attr(node, "unidirectional", 0):
             return "unidirectional MultiHeadAttention"
-    if (dom, op) == ("", "Attention"):
-        ins = list(node.inputs)
-        if any(_at(ins, i) is not None for i in (4, 5)) or len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:]):
-            return "Attention with a KV cache"
     return None
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from attnpass import semantics
+from attnpass.passes import onnx_kv
 from attnpass.passes.onnx import MS, OnnxAdapter, _at, _domain
 from attnpass.passes.plan import KeepTerm, Plan
 from attnpass.passes.site import MaskKind, Notes
 from attnpass.rewrite.onnx import keys as K
+from attnpass.rewrite.onnx import kvcache
 from attnpass.rewrite.onnx.builder import _Builder, _expand_heads, _factor, _float_min, _scores_shape, _size, _to_float
 
 
@@ -107,6 +109,9 @@ def ssmax_fused_op(model: ir.Model, ad: OnnxAdapter, plan: Plan, notes: Notes) -
     site = plan.site
     node = site.softmax
     dom, op = _domain(node), node.op_type
+    if onnx_kv.is_ms_attention(node) or onnx_kv.is_gqa(node) and onnx_kv.gqa_packed(node):
+        (kvcache.ssmax_ms_attention if onnx_kv.is_ms_attention(node) else kvcache.ssmax_packed_gqa)(model, ad, plan, notes)
+        return
     bld = _Builder(node, f"attnpass/ssmax_{site.index}")
     q, k = node.inputs[0], node.inputs[1]
     heads = site.heads
@@ -117,9 +122,14 @@ def ssmax_fused_op(model: ir.Model, ad: OnnxAdapter, plan: Plan, notes: Notes) -
     else:
         q4, k4 = q, k
     mask_index = 5 if (dom, op) == (MS, "MultiHeadAttention") else 3
-    mask = _at(list(node.inputs), mask_index)
-    n, how = K.count(bld, plan.keys, _size(bld, q4, 2), _size(bld, k4, 2), _scores_shape(bld, q4, k4))
-    notes.add(site, f"SSMax n counted from the {K.HOW[how]}")
+    mask = None if onnx_kv.is_gqa(node) else _at(list(node.inputs), mask_index)
+    kv = kvcache.keys_per_row(bld, ad, node, _size(bld, q4, 2), _size(bld, k4, 2))
+    if kv is not None:  # the op counts its keys over a KV cache, from its own length inputs
+        n, how = kv
+        notes.add(site, f"SSMax n counted from the {how}")
+    else:
+        n, how = K.count(bld, plan.keys, _size(bld, q4, 2), _size(bld, k4, 2), _scores_shape(bld, q4, k4))
+        notes.add(site, f"SSMax n counted from the {K.HOW[how]}")
     f = _factor(model, bld, site, n, plan.s, plan.b, 4)  # [B, H, S_q, 1]
     if site.three_d:
         qf = bld.op("Mul", [_to_float(bld, bld.op("Reshape", [q, bld.ints(0, 0, int(heads), -1)])),
