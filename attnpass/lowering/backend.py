@@ -40,6 +40,8 @@ def attnpass_backend(gm: fx.GraphModule, example_inputs: list[Any], **options: A
                           fused=rewrite == "ssmax" and bool(opts.get("fused", True)))
     gm, done = fx_rewrite.emitted(gm, spec.resolve())
     reports.append(RewriteResult(done.report, spec, dict(done.left), ir="fx"))
+    if getattr(gm, fx_rewrite.SSMAX_MODULE, None) is not None:
+        _ssmax_holders.append(getattr(gm, fx_rewrite.SSMAX_MODULE))
     inner = opts.get("inner", "inductor")
     if inner == "eager":
         return gm.forward
@@ -48,6 +50,25 @@ def attnpass_backend(gm: fx.GraphModule, example_inputs: list[Any], **options: A
 
         return compile_fx(gm, example_inputs)
     raise ValueError(f"attnpass backend: inner must be 'inductor' or 'eager', got {inner!r}")
+
+
+#: The ``attnpass_ssmax`` module of each graph rewritten to SSMax, oldest first.  The compiled graph, not the
+#: user's model, owns these parameters: optimizers, DDP/FSDP and checkpoints reach them through here.
+_ssmax_holders: list = []
+
+
+def ssmax_parameters() -> list:
+    """The SSMax ``s``/``b`` parameters this backend created, in the order the graphs were compiled.
+
+    They are not in ``model.parameters()``: give them to the optimizer, average their gradients across
+    ranks yourself under DDP/FSDP, and save them beside the model.  A recompile creates new ones.
+    """
+    return [p for holder in _ssmax_holders for p in holder.parameters()]
+
+
+def clear_ssmax_parameters() -> None:
+    """Forget the graphs compiled so far (call with ``torch._dynamo.reset()``)."""
+    _ssmax_holders.clear()
 
 
 def _register() -> None:
