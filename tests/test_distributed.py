@@ -8,8 +8,11 @@ Each is compared with a single-process run on the same global batch.
 from __future__ import annotations
 
 import pytest
+import torch
 
+from attnpass.lowering import backend
 from examples import distributed_ssmax as D
+from tests import attention_modules as M
 
 JOBS = [(mode, engine) for mode in D.MODES for engine in D.ENGINES]
 
@@ -54,3 +57,21 @@ def test_bad_arguments_are_usage_errors(capsys) -> None:
         D.main(["--modes", "fx,onnx"])
     assert exc.value.code == 2
     assert "onnx" in capsys.readouterr().err
+
+
+def test_compile_backend_hands_out_the_s_it_created() -> None:
+    """The compiled graph owns the backend's s: ``ssmax_parameters()`` is how training reaches it (the model's
+    own ``parameters()`` do not list it), and ``clear_ssmax_parameters()`` forgets it with the compiled graphs."""
+    torch._dynamo.reset()
+    backend.clear_ssmax_parameters()
+    module = M.CausalTril().eval()
+    q, k, v = (torch.randn(1, 2, 5, 4, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    compiled = torch.compile(module, backend="attnpass", options={"rewrite": "ssmax", "s": 0.3, "inner": "eager"})
+    compiled(q, k, v).square().sum().backward()
+    params = backend.ssmax_parameters()
+    assert len(params) == 1 and params[0].shape == (2,)
+    assert torch.equal(params[0].detach(), torch.full((2,), 0.3)) and params[0].grad is not None
+    assert not any(p is params[0] for p in module.parameters())
+    torch._dynamo.reset()
+    backend.clear_ssmax_parameters()
+    assert backend.ssmax_parameters() == []

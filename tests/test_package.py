@@ -82,6 +82,7 @@ def test_the_installed_wheel_runs_the_demo_outside_the_source_tree(venv, tmp_pat
     demo = _run([str(venv / "bin" / "attnpass"), "demo", "--seq", "32", "--layers", "1"], cwd=work, env=env, timeout=600)
     assert demo.returncode == 0, f"attnpass demo failed (exit {demo.returncode}):\n{demo.stdout[-3000:]}\n{demo.stderr[-3000:]}"
     assert "demo OK" in demo.stdout
+    print("\n".join(line for line in demo.stderr.splitlines() if "kernel" in line))  # shown with -s
     assert "building the C++ CPU attention kernel" in demo.stderr, demo.stderr[-2000:]
     assert "kernel built in" in demo.stderr
     assert "could not be built" not in demo.stderr

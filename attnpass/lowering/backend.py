@@ -10,6 +10,7 @@ training sees the op's own backward.
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from typing import Any
 
@@ -41,7 +42,8 @@ def attnpass_backend(gm: fx.GraphModule, example_inputs: list[Any], **options: A
     gm, done = fx_rewrite.emitted(gm, spec.resolve())
     reports.append(RewriteResult(done.report, spec, dict(done.left), ir="fx"))
     if getattr(gm, fx_rewrite.SSMAX_MODULE, None) is not None:
-        _ssmax_holders.append(getattr(gm, fx_rewrite.SSMAX_MODULE))
+        _ssmax_holders[:] = [ref for ref in _ssmax_holders if ref() is not None]
+        _ssmax_holders.append(weakref.ref(getattr(gm, fx_rewrite.SSMAX_MODULE)))
     inner = opts.get("inner", "inductor")
     if inner == "eager":
         return gm.forward
@@ -54,7 +56,8 @@ def attnpass_backend(gm: fx.GraphModule, example_inputs: list[Any], **options: A
 
 #: The ``attnpass_ssmax`` module of each graph rewritten to SSMax, oldest first.  The compiled graph, not the
 #: user's model, owns these parameters: optimizers, DDP/FSDP and checkpoints reach them through here.
-_ssmax_holders: list = []
+#: Weak references: a graph dynamo has dropped (``torch._dynamo.reset()``) takes its parameters with it.
+_ssmax_holders: list[weakref.ref] = []
 
 
 def ssmax_parameters() -> list:
@@ -63,7 +66,8 @@ def ssmax_parameters() -> list:
     They are not in ``model.parameters()``: give them to the optimizer, average their gradients across
     ranks yourself under DDP/FSDP, and save them beside the model.  A recompile creates new ones.
     """
-    return [p for holder in _ssmax_holders for p in holder.parameters()]
+    holders = [ref() for ref in _ssmax_holders]
+    return [p for holder in holders if holder is not None for p in holder.parameters()]
 
 
 def clear_ssmax_parameters() -> None:
