@@ -14,7 +14,7 @@ import weakref
 from collections import deque
 from typing import Any
 
-from torch import fx
+from torch import fx, nn
 
 from attnpass.lowering import ops  # noqa: F401  (the op must exist before graphs use it)
 from attnpass.result import RewriteResult
@@ -56,11 +56,11 @@ def attnpass_backend(gm: fx.GraphModule, example_inputs: list[Any], **options: A
 
 #: The ``attnpass_ssmax`` module of each graph rewritten to SSMax, oldest first.  The compiled graph, not the
 #: user's model, owns these parameters: optimizers, DDP/FSDP and checkpoints reach them through here.
-#: Weak references: a graph dynamo has dropped (``torch._dynamo.reset()``) takes its parameters with it.
+#: Weak references: this list never keeps a compiled graph (and its parameters) alive by itself.
 _ssmax_holders: list[weakref.ref] = []
 
 
-def ssmax_parameters() -> list:
+def ssmax_parameters() -> list[nn.Parameter]:
     """The SSMax ``s``/``b`` parameters this backend created, in the order the graphs were compiled.
 
     They are not in ``model.parameters()``: give them to the optimizer, average their gradients across
