@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint setup clean bench
+.PHONY: demo test lint setup clean bench dist docs
 
 setup: $(STAMP)
 
@@ -30,5 +30,11 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/attention_cpu.py
 
+dist: $(STAMP)
+	$(BIN)/python -m build --outdir dist .
+
+docs: $(STAMP)
+	$(BIN)/python -m attnpass.cli_reference -o docs/cli.md
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

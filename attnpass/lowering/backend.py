@@ -10,10 +10,11 @@ training sees the op's own backward.
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from typing import Any
 
-from torch import fx
+from torch import fx, nn
 
 from attnpass.lowering import ops  # noqa: F401  (the op must exist before graphs use it)
 from attnpass.result import RewriteResult
@@ -40,6 +41,9 @@ def attnpass_backend(gm: fx.GraphModule, example_inputs: list[Any], **options: A
                           fused=rewrite == "ssmax" and bool(opts.get("fused", True)))
     gm, done = fx_rewrite.emitted(gm, spec.resolve())
     reports.append(RewriteResult(done.report, spec, dict(done.left), ir="fx"))
+    if getattr(gm, fx_rewrite.SSMAX_MODULE, None) is not None:
+        _ssmax_holders[:] = [ref for ref in _ssmax_holders if ref() is not None]
+        _ssmax_holders.append(weakref.ref(getattr(gm, fx_rewrite.SSMAX_MODULE)))
     inner = opts.get("inner", "inductor")
     if inner == "eager":
         return gm.forward
@@ -48,6 +52,27 @@ def attnpass_backend(gm: fx.GraphModule, example_inputs: list[Any], **options: A
 
         return compile_fx(gm, example_inputs)
     raise ValueError(f"attnpass backend: inner must be 'inductor' or 'eager', got {inner!r}")
+
+
+#: The ``attnpass_ssmax`` module of each graph rewritten to SSMax, oldest first.  The compiled graph, not the
+#: user's model, owns these parameters: optimizers, DDP/FSDP and checkpoints reach them through here.
+#: Weak references: this list never keeps a compiled graph (and its parameters) alive by itself.
+_ssmax_holders: list[weakref.ref] = []
+
+
+def ssmax_parameters() -> list[nn.Parameter]:
+    """The SSMax ``s``/``b`` parameters this backend created, in the order the graphs were compiled.
+
+    They are not in ``model.parameters()``: give them to the optimizer, average their gradients across
+    ranks yourself under DDP/FSDP, and save them beside the model.  A recompile creates new ones.
+    """
+    holders = [ref() for ref in _ssmax_holders]
+    return [p for holder in holders if holder is not None for p in holder.parameters()]
+
+
+def clear_ssmax_parameters() -> None:
+    """Forget the graphs compiled so far (call with ``torch._dynamo.reset()``)."""
+    _ssmax_holders.clear()
 
 
 def _register() -> None:

@@ -19,7 +19,9 @@ import hashlib
 import math
 import os
 import platform
+import sys
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +75,12 @@ def _build(capability: str) -> CpuKernel:
     root = _cache_root()
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / "attnpass_cpu.lock")):
+        # torch puts builds in <root>/<name> under TORCH_EXTENSIONS_DIR, else in <root>/py3xx_<device>/<name>
+        fresh = not any(root.glob(f"{name}/{name}.so")) and not any(root.glob(f"*/{name}/{name}.so"))
+        if fresh:  # a first use pauses for a compile: say why, once, on stderr (stdout may be JSON)
+            print(f"attnpass: building the C++ CPU attention kernel ({capability}) on first use, "
+                  f"cached in {root} ...", file=sys.stderr, flush=True)
+            started = time.perf_counter()
         cpp_extension.load(
             name=name,
             sources=[str(_SOURCE)],
@@ -81,6 +89,8 @@ def _build(capability: str) -> CpuKernel:
             is_python_module=False,
             verbose=os.environ.get("ATTNPASS_VERBOSE_BUILD") == "1",
         )
+        if fresh:
+            print(f"attnpass: C++ CPU attention kernel built in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     return CpuKernel(getattr(torch.ops, name), capability)
 
 
