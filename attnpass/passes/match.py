@@ -18,6 +18,7 @@ changes afterwards.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 from attnpass.passes.draft import Draft, freeze
@@ -26,6 +27,7 @@ from attnpass.passes.kinds import Adapter, Dim, Kind
 from attnpass.passes.masks import _MASK_FILL_LIMIT, MaskProofs
 from attnpass.passes.operands import OperandFinder
 from attnpass.passes.probs import ProbsWalker
+from attnpass.passes.relatives import find_relative
 from attnpass.passes.site import (
     AttentionSite,
     Form,
@@ -61,7 +63,9 @@ class Matcher(MaskProofs, OperandFinder, ProbsWalker):
                 skipped.append(Skipped(self.a.name(node), str(e)))
                 continue
             draft.index = len(sites)
-            sites.append(freeze(draft, self.a))
+            site = freeze(draft, self.a)
+            rel = find_relative(self.a, site.q.value)
+            sites.append(site if rel is None else replace(site, relative=rel, notes=site.notes + (f"q scaled by {rel.describe()}",)))
         return Report(tuple(sites), tuple(skipped))
 
     def _fused_op_info(self, d: Draft) -> None:
