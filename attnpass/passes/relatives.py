@@ -251,11 +251,14 @@ def _table_family(t: np.ndarray) -> tuple[str, dict[str, float]] | None:
     return None
 
 
+_PROBE = np.concatenate([np.arange(0, 4096, dtype=np.float64), np.geomspace(4096, 1 << 24, 256)])
+
+
 def _classify(a: Adapter, node: Any, data: Any, factor: Any) -> Relative | None:
     expr = parse(a, factor)
     if expr is not None and expr.uses("p"):
-        if not (expr.uses("log") or expr.uses("log1p")):
-            return None
+        if not (expr.uses("log") or expr.uses("log1p")) or _close(expr(_PROBE), np.ones_like(_PROBE)):
+            return None  # no log of the position, or a factor of 1 everywhere (a scaling switched off by its beta)
         found = _floor_family(expr)
         if found is not None:
             return Relative(found[0], found[1], node, data, factor, profile=expr)
