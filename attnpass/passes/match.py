@@ -27,7 +27,7 @@ from attnpass.passes.kinds import Adapter, Dim, Kind
 from attnpass.passes.masks import _MASK_FILL_LIMIT, MaskProofs
 from attnpass.passes.operands import OperandFinder
 from attnpass.passes.probs import ProbsWalker
-from attnpass.passes.relatives import find_relative
+from attnpass.passes.relatives import already_ssmax, find_relative
 from attnpass.passes.site import (
     AttentionSite,
     Form,
@@ -60,7 +60,8 @@ class Matcher(MaskProofs, OperandFinder, ProbsWalker):
             try:
                 draft = self._sdpa(node) if kind is Kind.SDPA else self._softmax(node)
             except NoMatch as e:
-                skipped.append(Skipped(self.a.name(node), str(e)))
+                why = f"already SSMax (attnpass): {e}" if already_ssmax(self.a, node) else str(e)
+                skipped.append(Skipped(self.a.name(node), why))
                 continue
             draft.index = len(sites)
             site = freeze(draft, self.a)

@@ -277,21 +277,49 @@ def _classify(a: Adapter, node: Any, data: Any, factor: Any) -> Relative | None:
                     notes=(f"recognised from the {len(table)} traced positions (the exporter folded the factor)",))
 
 
+def _ours(a: Adapter, node: Any) -> bool:
+    """Whether ``node`` is part of an SSMax attnpass emitted: by the names the emitters give (fx
+    ``attnpass_ssmax.s_<i>`` parameters, ONNX ``attnpass/ssmax_<i>/...`` nodes, MLIR ``@attnpass_ssmax_<i>``)."""
+    text = str(a.name(node))
+    op = getattr(node, "op", None)  # an MLIR call names its callee in an attribute
+    if op is not None and hasattr(op, "attributes") and "callee" in op.attributes:
+        text += str(op.attributes["callee"])
+    target = getattr(node, "target", None)  # an fx call of semantics.ssmax_logits / ssmax_sdpa
+    if callable(target) and getattr(target, "__module__", "") == "attnpass.semantics":
+        text += "attnpass_" + getattr(target, "__name__", "")
+    return "attnpass_ssmax" in text.replace("/", "_").replace(".", "_")
+
+
+_STOP = {Kind.MATMUL, Kind.BADDBMM, Kind.EINSUM, Kind.SOFTMAX, Kind.SDPA}
+
+
 def _is_ssmax_param(a: Adapter, v: Any, budget: int = 64) -> bool:
-    """Whether ``v`` is computed from a parameter attnpass named for SSMax (fx ``attnpass_ssmax.s_<i>``, ONNX
-    ``attnpass/ssmax_<i>/...`` nodes, MLIR ``attnpass_ssmax_<i>`` functions), looking at ``budget`` producers."""
+    """Whether ``v`` is computed (within ``budget`` producers) from an SSMax attnpass emitted (``_ours``)."""
     seen: set[int] = set()
     todo = [v]
     while todo and len(seen) < budget:
-        x = todo.pop()
+        x = todo.pop(0)  # breadth first: the nearest producers, not one long chain
         node = a.producer(x)
-        if node is None or id(node) in seen:
+        if node is None:  # a parameter / initializer: its own name tells
+            if "attnpass_ssmax" in str(getattr(x, "name", "")).replace("/", "_").replace(".", "_"):
+                return True
+            continue
+        if id(node) in seen:
             continue
         seen.add(id(node))
-        if "attnpass_ssmax" in str(a.name(node)).replace("/", "_").replace(".", "_"):
+        if _ours(a, node):
             return True
+        if a.kind(node) in _STOP:  # another attention's scores or probabilities: not this factor
+            continue
         todo.extend(i for i in a.inputs(node) if i is not None and not isinstance(i, int | float | str | bool))
     return False
+
+
+def already_ssmax(a: Adapter, softmax: Any) -> bool:
+    """Whether a softmax the matcher did not take reads scores attnpass already turned into SSMax (fx and MLIR
+    put the factor on the scores, which the walk does not step through): the report then says so."""
+    ins = a.inputs(softmax)
+    return bool(ins) and _is_ssmax_param(a, ins[0], budget=64)
 
 
 def find_relative(a: Adapter, q: Any) -> Relative | None:
@@ -346,5 +374,5 @@ def fit_positions(rel: Relative, length: int | None = None) -> np.ndarray:
     return np.arange(length, dtype=np.float64)
 
 
-__all__ = ["Expr", "Relative", "NAMES", "FORMULAS", "find_relative", "fit_ssmax", "fit_positions", "parse",
+__all__ = ["Expr", "Relative", "NAMES", "FORMULAS", "find_relative", "already_ssmax", "fit_ssmax", "fit_positions", "parse",
            "llama4_temperature", "llama_4_scaling", "qwen_logn"]
