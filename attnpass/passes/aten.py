@@ -76,4 +76,5 @@ ATEN_KINDS: dict[str, Kind] = {
     "log": Kind.LOG,
     "log1p": Kind.LOG1P,
     "floor": Kind.FLOOR,
+    "slice": Kind.SLICE,
 }

@@ -47,6 +47,7 @@ class Kind(enum.Enum):
     LOG = "log"  # position-dependent query scaling (passes/relatives.py) reads these three
     LOG1P = "log1p"
     FLOOR = "floor"
+    SLICE = "slice"  # a position table (Qwen-1's logn_tensor) sliced to the sequence
     OTHER = "other"
 
 

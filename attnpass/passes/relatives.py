@@ -168,17 +168,37 @@ def parse(a: Adapter, v: Any, depth: int = 0) -> Expr | None:
     return None
 
 
-def _table(a: Adapter, v: Any) -> np.ndarray | None:
-    """A constant factor varying along one axis only (the sequence, as exporters fold it), else None."""
-    ask = getattr(a, "static_value", None)
-    arr = None if ask is None else ask(v)
-    if arr is None:
-        return None
+def _varying(arr: Any) -> np.ndarray | None:
+    """The values of an array that varies along one axis only (the positions), else None."""
     arr = np.asarray(arr, dtype=np.float64)
+    for ax in range(arr.ndim):  # a factor expanded to Q's shape repeats along batch, heads and head_dim
+        if arr.shape[ax] > 1 and np.all(arr == arr.take([0], axis=ax)):
+            arr = arr.take([0], axis=ax)
     long_axes = [i for i, n in enumerate(arr.shape) if n > 1]
     if len(long_axes) != 1 or arr.shape[long_axes[0]] < 3:
         return None
     return arr.reshape(-1)
+
+
+def _table(a: Adapter, v: Any) -> np.ndarray | None:
+    """A constant factor as a table over positions ``0..N-1`` (exporters fold it; Qwen-1 slices a buffer), else None.
+
+    Walks through ``type_as(q)`` / ``expand_as(q)`` (they read Q's type or shape only) and through a slice
+    to the whole table: the buffer is indexed by absolute position whatever the slice's start."""
+    ask = getattr(a, "static_value", None)
+    if ask is None:
+        return None
+    best = None
+    for _ in range(10):
+        arr = ask(v)
+        found = None if arr is None else _varying(arr)
+        if found is not None:
+            best = found
+        node = a.producer(v)
+        if node is None or a.kind(node) not in _LAYOUT | {Kind.SLICE} or not a.inputs(node):
+            break
+        v = a.inputs(node)[0]
+    return best
 
 
 # ------------------------------------------------------------------ recognising the family
@@ -274,7 +294,7 @@ def _classify(a: Adapter, node: Any, data: Any, factor: Any) -> Relative | None:
     if found is None:
         return None
     return Relative(found[0], found[1], node, data, factor, table=tuple(float(x) for x in table),
-                    notes=(f"recognised from the {len(table)} traced positions (the exporter folded the factor)",))
+                    notes=(f"recognised from a constant table over {len(table)} positions",))
 
 
 def _ours(a: Adapter, node: Any) -> bool:
