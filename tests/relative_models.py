@@ -53,12 +53,12 @@ class Hidden(nn.Module):
 
 def llama4(tuning: bool = True, **params) -> Hidden:
     torch.manual_seed(0)
-    return Hidden(T.Llama4TextModel(llama4_config(tuning, **params)).eval())
+    return Hidden(T.Llama4TextModel(llama4_config(tuning, **params))).eval()
 
 
 def ministral3(**params) -> Hidden:
     torch.manual_seed(0)
-    return Hidden(T.Ministral3Model(ministral3_config(**params)).eval())
+    return Hidden(T.Ministral3Model(ministral3_config(**params))).eval()
 
 
 def ids(seq: int = 7) -> torch.Tensor:

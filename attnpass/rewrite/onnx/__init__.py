@@ -41,6 +41,7 @@ def emit(model: ir.Model, report: Report, spec: RewriteSpec) -> Emitted:
             continue
         if plan.replaces is not None:
             _bypass(plan.replaces)
+            ir.passes.common.RemoveUnusedNodesPass()(model)  # the old factor, and its parameters' names with it
             notes.add(site, plan.replace_note)
         if plan.action is Action.SSMAX:
             if site.form is Form.EXPLICIT:
