@@ -108,21 +108,27 @@ def register() -> None:
 attention_modules = hf_params.attention_modules
 
 
-def to_ssmax(model: nn.Module, s: float | None = None, b: float | None = None, train_len: int | None = None) -> nn.Module:
+def to_ssmax(model: nn.Module, s: float | None = None, b: float | None = None, train_len: int | None = None,
+             replace_existing: bool = False) -> nn.Module:
     """Convert a (pretrained) HF model's attention to SSMax in place; weights are kept, ``s`` is trainable.
 
     ``train_len=L`` sets ``s = 1/log(L)``: the converted model equals the original for rows that
     see exactly ``L`` keys, and sharpens attention beyond.  Existing SSMax parameters are replaced.
     The explicit route; ``attn_implementation="attnpass_ssmax"`` at construction does the same with
-    ``train_len`` from the config (see ``hf_params``).
+    ``train_len`` from the config (see ``hf_params``).  A model whose config switches on a relative of
+    SSMax (Llama 4 temperature tuning, ``llama_4_scaling``, Qwen-1 log-n) is refused unless
+    ``replace_existing=True``, which switches that scaling off.
     """
     register()
     spec = RewriteSpec.of("ssmax", s=s, b=b, train_len=train_len)
     s, b = float(spec.s_value), None if spec.b is None else float(spec.b)
-    hf_params.add_parameters(model, s, b, replace=True)
     config = getattr(model, "config", None)
+    given = getattr(config, hf_params.CONFIG_KEY, None) or {}
+    hf_params.refuse_or_remove_existing(model, replace_existing or bool(given.get("replace_existing")))
+    hf_params.add_parameters(model, s, b, replace=True)
     if config is not None:
-        setattr(config, hf_params.CONFIG_KEY, {"s": s, "b": b, "train_len": spec.train_len})
+        setattr(config, hf_params.CONFIG_KEY, {"s": s, "b": b, "train_len": spec.train_len,
+                                               "replace_existing": replace_existing or bool(given.get("replace_existing"))})
     model.set_attn_implementation(SSMAX)
     return model
 

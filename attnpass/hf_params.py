@@ -74,9 +74,9 @@ def settings(config: Any) -> dict[str, Any]:
     given = getattr(config, CONFIG_KEY, None) or {}
     if not isinstance(given, dict):
         raise AttnpassError(f"config.{CONFIG_KEY} must be a dict with s, b or train_len, got {given!r}")
-    unknown = set(given) - {"s", "b", "train_len"}
+    unknown = set(given) - {"s", "b", "train_len", "replace_existing"}
     if unknown:
-        raise AttnpassError(f"config.{CONFIG_KEY} has unknown keys {sorted(unknown)}: use s, b, train_len")
+        raise AttnpassError(f"config.{CONFIG_KEY} has unknown keys {sorted(unknown)}: use s, b, train_len, replace_existing")
     s, b, train_len = given.get("s"), given.get("b"), given.get("train_len")
     if s is None and train_len is None:
         train_len = train_len_of(config)
@@ -85,7 +85,8 @@ def settings(config: Any) -> dict[str, Any]:
     spec = RewriteSpec.of("ssmax", s=s, b=b, train_len=train_len if s is None else None)
     if isinstance(spec.s_value, tuple) or isinstance(spec.b, tuple):
         raise AttnpassError(f"config.{CONFIG_KEY}: s and b are one number each (per-head values are trained, not configured)")
-    resolved = {"s": float(spec.s_value), "b": None if spec.b is None else float(spec.b), "train_len": train_len}
+    resolved = {"s": float(spec.s_value), "b": None if spec.b is None else float(spec.b), "train_len": train_len,
+                "replace_existing": bool(given.get("replace_existing", False))}
     setattr(config, CONFIG_KEY, resolved)
     return resolved
 
@@ -148,11 +149,56 @@ def add_parameters(model: nn.Module, s: float, b: float | None, replace: bool = 
     return added
 
 
+def existing_scaling(config: Any) -> str | None:
+    """A relative of SSMax the config switches on (the HF twin of ``passes/relatives.py``), in words, or None."""
+    cfg = _text_config(config)
+    nope = [i for i, rope in enumerate(getattr(cfg, "no_rope_layers", None) or []) if not rope]
+    if getattr(cfg, "attn_temperature_tuning", False) and nope:
+        return (f"Llama 4 attention temperature tuning (attn_scale={cfg.attn_scale}, floor_scale={cfg.floor_scale}) "
+                f"on layers {nope}")
+    rope = getattr(cfg, "rope_parameters", None)
+    if isinstance(rope, dict) and rope.get("llama_4_scaling_beta"):
+        return (f"llama_4_scaling (beta={rope['llama_4_scaling_beta']}, "
+                f"original_max_position_embeddings={rope.get('original_max_position_embeddings')})")
+    if getattr(cfg, "use_logn_attn", False):
+        return "Qwen-1 log-n query scaling (use_logn_attn)"
+    return None
+
+
+def refuse_or_remove_existing(model: nn.Module, replace: bool) -> str | None:
+    """SSMax would scale attention a second time on a model that already scales Q with the position:
+    an error unless ``replace``, else that scaling is switched off (config and modules) and named."""
+    config = getattr(model, "config", None)
+    found = None if config is None else existing_scaling(config)
+    if found is None:
+        return None
+    if not replace:
+        raise AttnpassError(f"{type(model).__name__} already scales q by {found}: SSMax on top would scale attention "
+                            f"twice; pass replace_existing=True (config.{CONFIG_KEY} = {{'replace_existing': True}}) "
+                            "to replace it by SSMax")
+    cfg = _text_config(config)
+    for holder in (config, cfg):
+        if getattr(holder, "attn_temperature_tuning", False):
+            holder.attn_temperature_tuning = False
+        rope = getattr(holder, "rope_parameters", None)
+        if isinstance(rope, dict) and rope.get("llama_4_scaling_beta"):
+            rope["llama_4_scaling_beta"] = 0.0
+        if getattr(holder, "use_logn_attn", False):
+            holder.use_logn_attn = False
+    for _, mod in attention_modules(model):
+        for attr in ("attn_temperature_tuning", "use_logn_attn"):
+            if getattr(mod, attr, False):
+                setattr(mod, attr, False)
+    log.info("%s: replaced %s by SSMax", type(model).__name__, found)
+    return found
+
+
 def _post_init(original):
     @functools.wraps(original)
     def post_init(self, *args, **kwargs):
         if wants_ssmax(self.config):
             cfg = settings(self.config)
+            refuse_or_remove_existing(self, cfg["replace_existing"])
             add_parameters(self, cfg["s"], cfg["b"])
         return original(self, *args, **kwargs)
 

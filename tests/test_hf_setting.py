@@ -35,7 +35,8 @@ def test_from_config_builds_the_parameters_an_optimizer_then_trains(family: str)
     assert sorted(params) == [f"model.layers.{i}.self_attn.ssmax_s" for i in range(2)]
     for p in params.values():
         torch.testing.assert_close(p.detach(), torch.full((4,), 1 / math.log(32)))
-    assert model.config.attnpass_ssmax == {"s": pytest.approx(1 / math.log(32)), "b": None, "train_len": 32}
+    assert model.config.attnpass_ssmax == {"s": pytest.approx(1 / math.log(32)), "b": None, "train_len": 32,
+                                           "replace_existing": False}
     before = {n: p.detach().clone() for n, p in params.items()}
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     ids = torch.randint(3, C.VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -118,3 +119,35 @@ def test_generate_with_cache_equals_full_recompute(family: str, trained_dir) -> 
     steps = torch.stack(out.logits, 1)
     torch.testing.assert_close(steps, full[:, ids.shape[1] - 1:-1], rtol=1e-4, atol=1e-4)
     assert torch.equal(seq[:, ids.shape[1]:], full[:, ids.shape[1] - 1:-1].argmax(-1))
+
+
+@pytest.mark.parametrize("family", ["llama4", "ministral3"])
+def test_a_model_already_scaling_q_is_refused_then_replaced(family: str) -> None:
+    """Llama 4 temperature tuning / llama_4_scaling already grow q with the position: SSMax on top is refused,
+    and with replace_existing the scaling is switched off, so the model is SSMax on the same weights."""
+    from attnpass.errors import AttnpassError
+    from tests import relative_models as R
+
+    def config(on: bool, **ssmax):
+        if family == "llama4":
+            cfg = R.llama4_config(on, **R.SMALL_L4)
+        else:
+            cfg = R.ministral3_config(**{**R.SMALL_M3, "beta": R.SMALL_M3["beta"] if on else 0.0})
+        cfg.use_cache = True
+        if ssmax:
+            cfg.attnpass_ssmax = ssmax
+        return cfg
+
+    name = {"llama4": "Llama 4 attention temperature tuning", "ministral3": "llama_4_scaling"}[family]
+    with pytest.raises(AttnpassError, match=name):
+        T.AutoModelForCausalLM.from_config(config(True), attn_implementation=hf.SSMAX)
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(config(True, replace_existing=True, s=0.3), attn_implementation=hf.SSMAX).eval()
+    plain = T.AutoModelForCausalLM.from_config(config(False, s=0.3), attn_implementation=hf.SSMAX).eval()
+    plain.load_state_dict(model.state_dict())
+    tuned = T.AutoModelForCausalLM.from_config(config(True), attn_implementation="eager").eval()
+    with pytest.raises(AttnpassError, match=name):
+        hf.to_ssmax(tuned, s=0.3)
+    ids = torch.randint(3, C.VOCAB, (2, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits)
