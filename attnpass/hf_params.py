@@ -199,7 +199,8 @@ def _post_init(original):
         if wants_ssmax(self.config):
             cfg = settings(self.config)
             refuse_or_remove_existing(self, cfg["replace_existing"])
-            add_parameters(self, cfg["s"], cfg["b"])
+            if attention_modules(self):  # a sub-model without attention (a vision tower's embedder) has none to get
+                add_parameters(self, cfg["s"], cfg["b"])
         return original(self, *args, **kwargs)
 
     return post_init
