@@ -53,15 +53,21 @@ def to_ssmax(
     train_len: int | None = None,
     fused: bool = False,
     dynamic_shapes: Any = None,
+    replace_existing: bool = False,
+    fit_existing: bool = False,
 ) -> fx.GraphModule:
     """The model with every attention softmax turned into SSMax; ``s``/``b`` are trainable ``[H]`` parameters.
 
     ``train_len=L`` sets ``s = 1/log(L)`` (and ``b`` unset) so a pretrained model is unchanged at
     length ``L``.  ``fused=True`` also fuses every fusable site into ``attnpass::attention`` with the
     SSMax parameters (same meaning, fused speed).  The returned module carries the ``RewriteResult``
-    as ``.attnpass_result`` (and the matcher's report as ``.attnpass_report``).
+    as ``.attnpass_result`` (and the matcher's report as ``.attnpass_report``).  A site whose Q already
+    carries a relative of SSMax (Llama 4 temperature tuning, ``llama_4_scaling``, Qwen-1 log-n, an earlier
+    SSMax) is left alone unless ``replace_existing=True`` (that scaling removed, SSMax at ``s``) or
+    ``fit_existing=True`` (removed, SSMax at the ``(s, b)`` closest to it).
     """
-    spec = RewriteSpec.of("ssmax", s=s, b=b, train_len=train_len, fused=fused)
+    spec = RewriteSpec.of("ssmax", s=s, b=b, train_len=train_len, fused=fused, replace_existing=replace_existing,
+                          fit_existing=fit_existing)
     return _attach(*fx_rewrite.emitted(_as_graph(model, args, kwargs, dynamic_shapes), spec.resolve()), spec)
 
 

@@ -6,10 +6,11 @@ Registering our op in both gives every family in the corpus fused attention, and
 the right ``n`` during generation: HF hands the function the boolean mask over the whole
 cache (or ``None`` when every cached key is visible), from which the op counts ``n`` per row.
 
-SSMax needs per-head parameters on each attention module: ``to_ssmax(model)`` adds them
-(``<attention module>.ssmax_s``, optional ``ssmax_b``), records the settings in
-``model.config.attnpass_ssmax`` so ``save_pretrained`` keeps them, and ``from_pretrained``
-rebuilds them before loading the trained values.
+SSMax needs per-head parameters on each attention module (``<attention module>.ssmax_s``, optional
+``ssmax_b``).  A model built with ``attn_implementation="attnpass_ssmax"`` gets them at construction
+(``hf_params``); ``to_ssmax(model)`` adds them to a model built otherwise.  Either way the settings
+are recorded in ``model.config.attnpass_ssmax`` so ``save_pretrained`` keeps them, and a plain
+``from_pretrained(..., attn_implementation="attnpass_ssmax")`` loads the trained values.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnpass import semantics
+from attnpass import hf_params, semantics
 from attnpass.errors import AttnpassError
 from attnpass.lowering.ops import attention
 from attnpass.spec import RewriteSpec
@@ -45,7 +46,8 @@ def _attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         b_param = getattr(module, "ssmax_b", None)
         if s_param is None:
             raise AttnpassError(
-                f"{type(module).__name__} has no SSMax parameters: convert the model with attnpass.hf.to_ssmax(model) first"
+                f"{type(module).__name__} has no SSMax parameters: build the model with attn_implementation="
+                f"'{SSMAX}' (from_config / from_pretrained) or convert it with attnpass.hf.to_ssmax(model)"
             )
     q_len = query.shape[-2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -93,6 +95,7 @@ def register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+    hf_params.install()
     AttentionInterface.register(FUSED, fused_attention_forward)
     AttentionInterface.register(SSMAX, ssmax_attention_forward)
     ALL_MASK_ATTENTION_FUNCTIONS.register(FUSED, sdpa_mask)
@@ -102,75 +105,42 @@ def register() -> None:
 
 # ------------------------------------------------------------------ converting models
 
-def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The modules that compute attention: innermost ``*Attention`` modules (BERT's SelfAttention, LLaMA's Attention)."""
-    found = []
-    for name, mod in model.named_modules():
-        if "Attention" not in type(mod).__name__:
-            continue
-        if any("Attention" in type(child).__name__ for child in mod.modules() if child is not mod):
-            continue
-        found.append((name, mod))
-    return found
+attention_modules = hf_params.attention_modules
 
 
-def _heads(module: nn.Module, config: Any) -> int:
-    for attr in ("num_heads", "num_attention_heads", "n_head", "n_heads"):
-        value = getattr(module, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    cfg = getattr(module, "config", config)
-    value = getattr(cfg, "num_attention_heads", None)
-    if isinstance(value, int) and value > 0:
-        return value
-    raise AttnpassError(f"cannot tell how many heads {type(module).__name__} has")
-
-
-def to_ssmax(model: nn.Module, s: float | None = None, b: float | None = None, train_len: int | None = None) -> nn.Module:
+def to_ssmax(model: nn.Module, s: float | None = None, b: float | None = None, train_len: int | None = None,
+             replace_existing: bool = False) -> nn.Module:
     """Convert a (pretrained) HF model's attention to SSMax in place; weights are kept, ``s`` is trainable.
 
     ``train_len=L`` sets ``s = 1/log(L)``: the converted model equals the original for rows that
-    see exactly ``L`` keys, and sharpens attention beyond.
+    see exactly ``L`` keys, and sharpens attention beyond.  Existing SSMax parameters are replaced.
+    The explicit route; ``attn_implementation="attnpass_ssmax"`` at construction does the same with
+    ``train_len`` from the config (see ``hf_params``).  A model whose config switches on a relative of
+    SSMax (Llama 4 temperature tuning, ``llama_4_scaling``, Qwen-1 log-n) is refused unless
+    ``replace_existing=True``, which switches that scaling off.
     """
     register()
     spec = RewriteSpec.of("ssmax", s=s, b=b, train_len=train_len)
-    s, b = float(spec.s_value), spec.b
-    mods = attention_modules(model)
-    if not mods:
-        raise AttnpassError(f"no attention modules found in {type(model).__name__}")
-    ref = next(model.parameters())
-    for _, mod in mods:
-        heads = _heads(mod, getattr(model, "config", None))
-        mod.register_parameter("ssmax_s", nn.Parameter(torch.full((heads,), s, device=ref.device)))
-        if b is not None:
-            mod.register_parameter("ssmax_b", nn.Parameter(torch.full((heads,), float(b), device=ref.device)))
+    s, b = float(spec.s_value), None if spec.b is None else float(spec.b)
     config = getattr(model, "config", None)
+    given = getattr(config, hf_params.CONFIG_KEY, None) or {}
+    hf_params.refuse_or_remove_existing(model, replace_existing or bool(given.get("replace_existing")))
+    hf_params.add_parameters(model, s, b, replace=True)
     if config is not None:
-        config.attnpass_ssmax = {"s": s, "b": b}
+        setattr(config, hf_params.CONFIG_KEY, {"s": s, "b": b, "train_len": spec.train_len,
+                                               "replace_existing": replace_existing or bool(given.get("replace_existing"))})
     model.set_attn_implementation(SSMAX)
     return model
 
 
 def from_pretrained(model_cls: Any, path: str | os.PathLike, **kwargs: Any) -> nn.Module:
-    """``model_cls.from_pretrained`` that also restores the trained SSMax parameters a conversion added."""
+    """``model_cls.from_pretrained`` choosing ``attnpass_ssmax`` when the saved config says the model was converted.
+
+    Plain ``model_cls.from_pretrained(path, attn_implementation="attnpass_ssmax")`` restores the trained
+    parameters by itself (``hf_params``); this only saves remembering the setting."""
     register()
     with open(os.path.join(path, "config.json")) as f:
-        settings = json.load(f).get("attnpass_ssmax")
+        settings = json.load(f).get(hf_params.CONFIG_KEY)
     if settings is None:
         return model_cls.from_pretrained(path, **kwargs)
-    model = model_cls.from_pretrained(path, attn_implementation=SSMAX, **kwargs)
-    to_ssmax(model, s=settings.get("s"), b=settings.get("b"))
-    from safetensors.torch import load_file
-
-    restored = 0
-    for fname in sorted(os.listdir(path)):
-        if fname.endswith(".safetensors"):
-            state = {k: v for k, v in load_file(os.path.join(path, fname)).items() if k.rsplit(".", 1)[-1] in ("ssmax_s", "ssmax_b")}
-            missing = set(state) - set(dict(model.named_parameters()))
-            if missing:
-                raise AttnpassError(f"{path}: SSMax parameters {sorted(missing)[:3]} do not fit {model_cls.__name__}")
-            model.load_state_dict(state, strict=False)
-            restored += len(state)
-    if restored == 0:
-        raise AttnpassError(f"{path}: config says SSMax but no ssmax_s tensors were saved")
-    return model
+    return model_cls.from_pretrained(path, attn_implementation=SSMAX, **kwargs)

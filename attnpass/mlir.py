@@ -160,6 +160,8 @@ def rewrite(
     fused: bool = False,
     ssmax: bool | None = None,
     spec: RewriteSpec | None = None,
+    replace_existing: bool = False,
+    fit_existing: bool = False,
 ) -> Any:
     """A rewritten copy of ``module``: ``to="ssmax"`` (model change) or ``to="fused"`` (same numerics).
 
@@ -170,19 +172,22 @@ def rewrite(
     ``attnpass.to_ssmax``, ``to="ssmax", fused=True``.  Fused: ``tile`` keys per loop iteration
     (default 64).  ``spec`` replaces the request keywords.  ``with_report=True`` returns
     ``(module, RewriteResult)``: which sites were rewritten, which were left alone and why.
+    ``replace_existing`` / ``fit_existing``: see ``RewriteSpec`` (a Q already scaled by a relative of SSMax).
     """
     lowering.require_torch_mlir()
     from attnpass.rewrite import mlir as mlir_pass
 
     if spec is None:
-        spec = RewriteSpec.of(to, s=s, b=b, train_len=train_len, ssmax=ssmax, fused=fused)
+        spec = RewriteSpec.of(to, s=s, b=b, train_len=train_len, ssmax=ssmax, fused=fused, replace_existing=replace_existing,
+                              fit_existing=fit_existing)
     out = copy(_as_module(module))
     tile = tile or mlir_pass.DEFAULT_TILE
     if spec.ssmax:
         s_val, b_val = spec.s_value, spec.b
         report = mlir_pass.to_ssmax(out, s=list(s_val) if isinstance(s_val, tuple) else s_val,
                                     b=list(b_val) if isinstance(b_val, tuple) else b_val, params=params,
-                                    fused=spec.fused_ssmax, tile=tile)
+                                    fused=spec.fused_ssmax, tile=tile, replace_existing=spec.replace_existing,
+                                    fit_existing=spec.fit_existing, fit_len=spec.fit_len)
     else:
         report = mlir_pass.fuse(out, tile=tile)
     result = RewriteResult.from_report(report, spec, "mlir")

@@ -77,6 +77,8 @@ def rewrite(
     ssmax: bool | None = None,
     progress: Callable[[str], None] | None = None,
     spec: RewriteSpec | None = None,
+    replace_existing: bool = False,
+    fit_existing: bool = False,
 ) -> RewriteResult:
     """Rewrite ``src``'s attention (``to="ssmax"`` or ``"fused"``), validate in onnxruntime, then write ``dst``.
 
@@ -88,11 +90,12 @@ def rewrite(
     ``to="ssmax"`` rewrite at the real ``s``.  ``spec`` replaces the request keywords.  Nothing is
     written when a check fails (``AttnpassError``), when the original itself gives NaN/inf on
     generated inputs (give ``inputs``), or when no attention is found (``NoAttentionFound``;
-    ``force`` copies the model).  ``progress`` is called with the name of each step as it starts.
+    ``force`` copies the model).  ``replace_existing`` / ``fit_existing``: see ``RewriteSpec``.  ``progress`` is called with the name of each step as it starts.
     """
     step = progress or (lambda _name: None)
     if spec is None:
-        spec = RewriteSpec.of(to, s=s, b=bias, train_len=train_len, ssmax=ssmax, target=target)
+        spec = RewriteSpec.of(to, s=s, b=bias, train_len=train_len, ssmax=ssmax, target=target,
+                              replace_existing=replace_existing, fit_existing=fit_existing)
     dst = Path(dst)
     if isinstance(src, str | Path) and Path(src).resolve() == dst.resolve():
         raise AttnpassError(f"{dst}: refusing to overwrite the input model (give another -o)")

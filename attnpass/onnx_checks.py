@@ -9,6 +9,7 @@ SSMax rewrite at the real ``s``.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,7 @@ def _fused_ssmax(original: Any, ref_path: Path, got: Path, tmp: Path, feeds: Any
     if not self_test.passed:
         raise AttnpassError(f"fused SSMax self-test (s=0, b=1) does not match the original: {worst(self_test)}; nothing written")
     unfused = load(original, infer=False)
-    apply(unfused, RewriteSpec("ssmax", spec.s_value, spec.b, target=spec.target))
+    apply(unfused, replace(spec, to="ssmax", fused_ssmax=False))  # same treatment of existing scalings
     save(unfused, tmp / "unfused_ssmax.onnx")
     rep = val.validate(tmp / "unfused_ssmax.onnx", got, feeds, rtol=rtol, atol=atol)
     if not rep.passed or not all(o.finite for o in rep.outputs):

@@ -56,8 +56,13 @@ class RewriteResult:
     @classmethod
     def from_report(cls, report: Any, spec: RewriteSpec, ir: str) -> RewriteResult:
         """For passes that do not say what they left: a fused rewrite leaves exactly the unfusable sites;
-        SSMax (plain, or fused with the unfusable sites rewritten in place) leaves none."""
-        left = {} if spec.ssmax else {s.index: s.fuse_blocker or "not fusable" for s in report.sites if not s.fusable}
+        SSMax (plain, or fused with the unfusable sites rewritten in place) leaves those whose notes say
+        ``left alone: <why>`` (the MLIR emitter's words, e.g. a Q already scaled by a relative of SSMax)."""
+        if spec.ssmax:
+            tag = "left alone: "
+            left = {s.index: n[len(tag):] for s in report.sites for n in s.notes if n.startswith(tag)}
+        else:
+            left = {s.index: s.fuse_blocker or "not fusable" for s in report.sites if not s.fusable}
         return cls(report, spec, left, ir=ir)
 
     @property

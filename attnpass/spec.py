@@ -61,6 +61,10 @@ class RewriteSpec:
     ``fused_ssmax``: with ``to="fused"``, SSMax inside the fused op.  ``s``/``b``: per-head SSMax
     parameters as given (scalar or tuple); ``train_len`` the alternative to ``s``.  ``target``: the
     fused ONNX op (``"ort"`` MultiHeadAttention or ``"onnx23"`` Attention); other IRs ignore it.
+    ``replace_existing``: a site whose Q already carries a relative of SSMax (Llama 4 temperature tuning,
+    ``llama_4_scaling``, Qwen-1 log-n, an earlier SSMax; ``passes/relatives.py``) is left alone unless
+    this is set, and then that scaling is removed before SSMax goes on.  ``fit_existing`` also replaces,
+    with ``s``/``b`` of those sites the least-squares fit of the old factor (over ``fit_len`` positions).
     """
 
     to: str = "ssmax"
@@ -69,6 +73,9 @@ class RewriteSpec:
     train_len: int | None = None
     fused_ssmax: bool = False
     target: str = "ort"
+    replace_existing: bool = False
+    fit_existing: bool = False
+    fit_len: int | None = None
 
     def __post_init__(self) -> None:
         to = ALIASES.get(self.to, self.to)
@@ -89,6 +96,12 @@ class RewriteSpec:
             if self.train_len < 2:
                 raise SpecError(f"train_len must be >= 2 (log(1) = 0 gives no scale), got {self.train_len}")
             object.__setattr__(self, "train_len", int(self.train_len))
+        if self.fit_existing:
+            if not self.ssmax:
+                raise SpecError("fit_existing converts an existing scaling into SSMax: it goes with an SSMax rewrite")
+            object.__setattr__(self, "replace_existing", True)
+        if self.fit_len is not None and (isinstance(self.fit_len, bool) or int(self.fit_len) < 2):
+            raise SpecError(f"fit_len must be an integer >= 2, got {self.fit_len!r}")
 
     @classmethod
     def of(
@@ -101,13 +114,24 @@ class RewriteSpec:
         ssmax: bool | None = None,
         fused: bool = False,
         target: str = "ort",
+        replace_existing: bool = False,
+        fit_existing: bool = False,
+        fit_len: int | None = None,
     ) -> RewriteSpec:
         """The spec for any of the historical spellings.
 
         ``to="ssmax", fused=True`` (``attnpass.to_ssmax``, ``attnpass.mlir.rewrite``, the backend) and
         ``to="fused", ssmax=True`` (``attnpass.onnx.rewrite``) are the same request: fused SSMax.
         With ``to="fused"`` and ``ssmax`` unset, giving any SSMax parameter asks for fused SSMax.
+        ``replace_existing`` / ``fit_existing`` / ``fit_len``: what to do with a relative already on Q.
         """
+        spec = cls._of(to, s, b, train_len, ssmax, fused, target)
+        if replace_existing or fit_existing or fit_len is not None:
+            return replace(spec, replace_existing=replace_existing, fit_existing=fit_existing, fit_len=fit_len)
+        return spec
+
+    @classmethod
+    def _of(cls, to: str, s: Any, b: Any, train_len: int | None, ssmax: bool | None, fused: bool, target: str) -> RewriteSpec:
         canon = ALIASES.get(to, to)
         if canon == "ssmax" and fused:
             return cls("fused", s, b, train_len, True, target)
@@ -146,13 +170,13 @@ class RewriteSpec:
 
     def with_params(self, s: Param, b: Param | None) -> RewriteSpec:
         """The same request at other SSMax parameters (the ``s=0, b=1`` self-test)."""
-        return RewriteSpec(self.to, s, b, None, self.fused_ssmax, self.target)
+        return RewriteSpec(self.to, s, b, None, self.fused_ssmax, self.target)  # relatives are left: the self-test keeps them
 
     def as_dict(self) -> dict[str, Any]:
         s = self.s_value if self.ssmax else None
         return {"to": self.to, "fused_ssmax": self.fused_ssmax, "label": self.label, "target": self.target,
                 "s": list(s) if isinstance(s, tuple) else s, "b": list(self.b) if isinstance(self.b, tuple) else self.b,
-                "train_len": self.train_len}
+                "train_len": self.train_len, "replace_existing": self.replace_existing, "fit_existing": self.fit_existing}
 
 
 __all__ = ["RewriteSpec", "SpecError", "TARGETS", "ALIASES", "ONNX_TARGETS"]

@@ -39,3 +39,11 @@ def test_onnx_deploy_smoke() -> None:
     results = onnx_deploy.main(["--smoke"])
     assert set(results) == {"original", "fused", "ssmax"}
     assert all(r["same_as_torch"] for r in results.values())
+
+
+def test_hf_ssmax_setting_example() -> None:
+    from examples import hf_ssmax_setting
+
+    out = hf_ssmax_setting.main([])
+    assert out["restored"] == 0.0 and out["decode_diff"] < 1e-4
+    assert sum("Llama 4 attention temperature tuning (attn_scale=0.1, floor_scale=8192)" in x for x in out["relatives"]) == 2

@@ -1,6 +1,7 @@
 """The rewrite flags every command spells the same way, and the one place they become a ``RewriteSpec``.
 
-``--to ssmax|fused``, ``--s``, ``--bias``, ``--train-len``, ``--ssmax`` (fused SSMax).  Older
+``--to ssmax|fused``, ``--s``, ``--bias``, ``--train-len``, ``--ssmax`` (fused SSMax), ``--replace-existing`` /
+``--fit-existing`` (a Q already scaled by a relative of SSMax).  Older
 spellings stay accepted but hidden from ``--help``: ``--b`` for ``--bias``, ``--to fuse`` for
 ``--to fused``, and ``--to ssmax --fused`` for ``--to fused --ssmax``.
 """
@@ -25,6 +26,11 @@ def add_rewrite_flags(p: argparse.ArgumentParser, choices: Sequence[str] = ("ssm
     p.add_argument("--train-len", type=int, default=None, help="SSMax s = 1/log(L): the model is unchanged at length L")
     p.add_argument("--ssmax", action="store_true",
                    help="with --to fused: SSMax inside the fused op (implied by --s, --train-len or --bias)")
+    p.add_argument("--replace-existing", action="store_true",
+                   help="a Q already scaled by a relative of SSMax (Llama 4 temperature tuning, llama_4_scaling, Qwen-1 "
+                        "log-n, an earlier SSMax) is left alone unless given: that scaling is then replaced by SSMax")
+    p.add_argument("--fit-existing", action="store_true",
+                   help="replace such a scaling by the SSMax (s, b) closest to it (least squares over positions)")
     if fused_alias:
         p.add_argument("--fused", action="store_true", help=argparse.SUPPRESS)
 
@@ -32,7 +38,9 @@ def add_rewrite_flags(p: argparse.ArgumentParser, choices: Sequence[str] = ("ssm
 def spec_from_args(args: argparse.Namespace, target: str = "ort") -> RewriteSpec:
     """The request the flags describe (``--to none`` is the caller's to handle before this)."""
     return RewriteSpec.of(args.to, s=args.s, b=args.bias, train_len=args.train_len, ssmax=args.ssmax or None,
-                          fused=bool(getattr(args, "fused", False)), target=target)
+                          fused=bool(getattr(args, "fused", False)), target=target,
+                          replace_existing=bool(getattr(args, "replace_existing", False)),
+                          fit_existing=bool(getattr(args, "fit_existing", False)))
 
 
 __all__ = ["add_rewrite_flags", "spec_from_args"]

@@ -100,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     text = str(out.operation if hasattr(out, "operation") else out)
     for site in [] if args.json else report.sites:
         state = "fusable" if site.fusable else f"left alone: {site.fuse_blocker}"
-        print(f"site {site.index} {site.name}: mask={site.mask_kind} causal={site.causal} {state}", file=sys.stderr)
+        rel = "" if site.relative is None else f" q scaled by {site.relative.describe()}"
+        print(f"site {site.index} {site.name}: mask={site.mask_kind} causal={site.causal} {state}{rel}", file=sys.stderr)
     for sk in [] if args.json else report.skipped:
         print(f"skipped {sk.name}: {sk.reason}", file=sys.stderr)
     if not args.output:

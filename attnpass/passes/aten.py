@@ -73,4 +73,8 @@ ATEN_KINDS: dict[str, Kind] = {
     "ones_like": Kind.CONSTANT,
     "full_like": Kind.CONSTANT,
     "scalar_tensor": Kind.CONSTANT,
+    "log": Kind.LOG,
+    "log1p": Kind.LOG1P,
+    "floor": Kind.FLOOR,
+    "slice": Kind.SLICE,
 }

@@ -44,6 +44,10 @@ class Kind(enum.Enum):
     TRIL = "tril"  # attr "diagonal"
     TRIU = "triu"  # attr "diagonal"
     CONSTANT = "constant"
+    LOG = "log"  # position-dependent query scaling (passes/relatives.py) reads these three
+    LOG1P = "log1p"
+    FLOOR = "floor"
+    SLICE = "slice"  # a position table (Qwen-1's logn_tensor) sliced to the sequence
     OTHER = "other"
 
 

@@ -18,6 +18,7 @@ changes afterwards.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 from attnpass.passes.draft import Draft, freeze
@@ -26,6 +27,7 @@ from attnpass.passes.kinds import Adapter, Dim, Kind
 from attnpass.passes.masks import _MASK_FILL_LIMIT, MaskProofs
 from attnpass.passes.operands import OperandFinder
 from attnpass.passes.probs import ProbsWalker
+from attnpass.passes.relatives import already_ssmax, find_relative
 from attnpass.passes.site import (
     AttentionSite,
     Form,
@@ -58,10 +60,13 @@ class Matcher(MaskProofs, OperandFinder, ProbsWalker):
             try:
                 draft = self._sdpa(node) if kind is Kind.SDPA else self._softmax(node)
             except NoMatch as e:
-                skipped.append(Skipped(self.a.name(node), str(e)))
+                why = f"already SSMax (attnpass): {e}" if already_ssmax(self.a, node) else str(e)
+                skipped.append(Skipped(self.a.name(node), why))
                 continue
             draft.index = len(sites)
-            sites.append(freeze(draft, self.a))
+            site = freeze(draft, self.a)
+            rel = find_relative(self.a, site.q.value)
+            sites.append(site if rel is None else replace(site, relative=rel, notes=site.notes + (f"q scaled by {rel.describe()}",)))
         return Report(tuple(sites), tuple(skipped))
 
     def _fused_op_info(self, d: Draft) -> None:

@@ -44,6 +44,7 @@ _KINDS: dict[str, Kind] = {
     "IsNaN": Kind.ISNAN, "Not": Kind.NOT, "And": Kind.AND, "Or": Kind.OR,
     "Less": Kind.COMPARE, "LessOrEqual": Kind.COMPARE, "Greater": Kind.COMPARE, "GreaterOrEqual": Kind.COMPARE,
     "Equal": Kind.COMPARE, "Range": Kind.ARANGE, "Constant": Kind.CONSTANT, "ConstantOfShape": Kind.CONSTANT,
+    "Log": Kind.LOG, "Floor": Kind.FLOOR, "Slice": Kind.SLICE,
 }
 #: Elements a constant-only subgraph may have at any step for ``static_value`` to compute it (a 2k x 2k mask).
 _EVAL_LIMIT = 1 << 22

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from attnpass.passes import relatives
 from attnpass.passes.kinds import Adapter, Kind
 from attnpass.passes.masks import MaskProofs
 from attnpass.passes.site import AttentionSite, Form, Guard, GuardKind, MaskKind, MaskRole, MaskTerm, Operand
@@ -130,6 +131,10 @@ class Plan:
     # the fused op's head count: the site's, or 1 for rank-3 scores (heads folded into the batch, as ``bmm``
     # attention writes it): the op then sees ``[B*H, 1, S, D]`` and every mask term gets that unit head axis
     heads: Any = None
+    # the relative of SSMax already on Q (``passes/relatives.Relative``) the emitter removes first, and what
+    # the report says about it (the fit of its factor when ``fit_existing``)
+    replaces: Any = None
+    replace_note: str | None = None
 
     @property
     def is_causal_op(self) -> bool:
@@ -155,6 +160,9 @@ def plan_for(site: AttentionSite, spec: RewriteSpec, caps: Capabilities, adapter
         reason = site.ssmax_blocker if reason is None else f"{reason}; SSMax not applied: {site.ssmax_blocker}"
     elif action is Action.SSMAX and spec.to == "fused":
         reason = f"{reason} ({'SSMax applied unfused' if site.form is Form.EXPLICIT else 'SSMax applied to its Q'})"
+    s, b, replaces, replace_note = spec.s, spec.b, None, None
+    if site.relative is not None and action in (Action.SSMAX, Action.SSMAX_FUSED):
+        action, reason, s, b, replaces, replace_note = _existing_scaling(site, spec, action, reason)
     fused = action in (Action.FUSE, Action.SSMAX_FUSED)
     causal = fused and caps.is_causal and site.causal
     keep = tuple(_keep(m) for m in site.masks)
@@ -164,7 +172,7 @@ def plan_for(site: AttentionSite, spec: RewriteSpec, caps: Capabilities, adapter
     uses_ssmax = action in (Action.SSMAX, Action.SSMAX_FUSED)
     return Plan(
         site=site, action=action, reason=reason,
-        s=spec.s if uses_ssmax else None, b=spec.b if uses_ssmax else None, scale=site.scale,
+        s=s if uses_ssmax else None, b=b if uses_ssmax else None, scale=site.scale, replaces=replaces, replace_note=replace_note,
         factor_on_q=uses_ssmax and caps.factor_on_q and site.softcap is None and site.q.perm is None,
         keep_terms=keep, op_mask_additive=add, op_mask_bool=boolean, causal=causal,
         guards=tuple(g for g in site.guards if g.kind not in dropped), softcap=site.softcap,
@@ -177,6 +185,28 @@ def plan_for(site: AttentionSite, spec: RewriteSpec, caps: Capabilities, adapter
         k_repeat=1 if caps.grouped_kv or not fused else _repeat_to_heads(site, site.k, adapter),
         v_repeat=1 if caps.grouped_kv or not fused else _repeat_to_heads(site, site.v, adapter),
     )
+
+
+def _existing_scaling(site: AttentionSite, spec: RewriteSpec, action: Action, reason: str | None) -> tuple:
+    """SSMax on a Q that already carries a relative: refused (scaling twice), or that scaling replaced.
+
+    ``fit_existing`` starts SSMax where the old factor was: ``(s, b)`` of the least-squares fit of
+    ``s log(p + 1) + b`` to it over ``fit_len`` positions (``relatives.fit_ssmax``)."""
+    rel = site.relative
+    if not spec.replace_existing:
+        why = (f"q is already scaled by {rel.describe()}: SSMax on top would scale attention twice "
+               "(replace_existing=True / --replace-existing replaces that scaling)")
+        return Action.LEAVE, why if reason is None else f"{reason}; {why}", spec.s, spec.b, None, None
+    s, b, note = spec.s, spec.b, f"replaced {rel.describe()} by SSMax"
+    if spec.fit_existing and rel.family != "ssmax":
+        try:
+            positions = relatives.fit_positions(rel, spec.fit_len)
+            s, b, rms, worst = relatives.fit_ssmax(rel, positions)
+        except ValueError as e:
+            return Action.LEAVE, f"cannot fit SSMax to {rel.describe()}: {e}", spec.s, spec.b, None, None
+        note += (f" fitted over positions 0..{len(positions) - 1}: s={s:.6g}, b={b:.6g} "
+                 f"(rms error {rms:.3g}, max {worst:.3g})")
+    return action, reason, s, b, rel, note
 
 
 def _op_heads(site: AttentionSite) -> Any:

@@ -153,6 +153,7 @@ class AttentionSite:
     q_scales: tuple[tuple[Any, bool], ...] = ()  # run-time scalars (value, divide)
     three_d: bool = False  # a fused op taking [B, S, H*D] (heads in its attributes)
     ssmax_blocker: str | None = None
+    relative: Any = None  # passes/relatives.Relative: a query scaling SSMax would stack on
 
     @property
     def row_guards(self) -> tuple[tuple[Any, bool], ...]:
@@ -200,6 +201,7 @@ class AttentionSite:
             "fusable": self.fusable,
             "why_not_fusable": self.fuse_blocker,
             "notes": list(self.notes),
+            "relative": None if self.relative is None else self.relative.summary(),
         }
 
 

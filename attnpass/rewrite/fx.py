@@ -243,12 +243,16 @@ def emitted(gm: fx.GraphModule, spec: RewriteSpec, report: Report | None = None)
     device = _graph_device(gm)
     replaced: set[fx.Node] = set()
     left: dict[int, str] = {}
+    notes: dict[int, list[str]] = {}
     for site in report.sites:
         plan = plan_for(site, spec, CAPS, ad)
         if plan.action is Action.LEAVE:
             left[site.index] = plan.reason or "left alone"
             continue
         params = None
+        if plan.replaces is not None:
+            _bypass(plan.replaces)
+            notes[site.index] = [plan.replace_note]
         if plan.action in (Action.SSMAX, Action.SSMAX_FUSED):
             fused = plan.action is Action.SSMAX_FUSED
             with gm.graph.inserting_before(_insert_point(site) if fused else site.softmax):
@@ -261,7 +265,14 @@ def emitted(gm: fx.GraphModule, spec: RewriteSpec, report: Report | None = None)
             _fuse_site(gm, plan, params)
             replaced.update(site.nodes)
     _remove_dead(gm, replaced)
-    return gm, Emitted(report, left)
+    return gm, Emitted(report.with_notes(notes), left)
+
+
+def _bypass(rel: Any) -> None:
+    """Remove an existing query scaling (``plan.replaces``): the multiply's users read the unscaled Q."""
+    node, data = rel.node, rel.data
+    if isinstance(node, fx.Node) and isinstance(data, fx.Node):
+        node.replace_all_uses_with(data)
 
 
 def _graph_device(gm: fx.GraphModule) -> torch.device:

@@ -7,6 +7,7 @@ through ``Editor`` and the generators in ``ssmax.py`` / ``fused.py``.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 from attnpass import semantics
@@ -78,7 +79,8 @@ def _window(plan: Plan) -> tuple[int, int] | None:
 
 def to_ssmax(module: Any, s: float | list[float] = semantics.DEFAULT_S, b: float | list[float] | None = None,
              params: str = "constant", fused: bool = False, tile: int = DEFAULT_TILE,
-             report: MlirReport | None = None) -> MlirReport:
+             report: MlirReport | None = None, replace_existing: bool = False, fit_existing: bool = False,
+             fit_len: int | None = None) -> MlirReport:
     """Rewrite every site to SSMax in place; ``params="argument"`` makes s (and b) trailing ``[H]``
     arguments of the public function instead of constants.
 
@@ -90,6 +92,8 @@ def to_ssmax(module: Any, s: float | list[float] = semantics.DEFAULT_S, b: float
     if params not in ("constant", "argument"):
         raise AttnpassError(f"ssmax params must be 'constant' or 'argument', got {params!r}")
     spec = RewriteSpec(to="fused", fused_ssmax=True) if fused else RewriteSpec(to="ssmax")
+    if replace_existing or fit_existing:
+        spec = replace(spec, replace_existing=replace_existing, fit_existing=fit_existing, fit_len=fit_len)
     return emit(module, spec.resolve(), report, tile=tile, ssmax=(s, b, params))
 
 
@@ -103,13 +107,23 @@ def emit(module: Any, spec: RewriteSpec, report: MlirReport | None = None, tile:
     report = find(module) if report is None else report
     ed = Editor(module)
     s, b, params = ssmax if ssmax is not None else (spec.s, spec.b, "constant")
+    given = s, b
     for site in report.sites:
         adapter = report.adapters[site.index]
         plan = plan_for(site, spec, CAPS, adapter)
+        s, b = given
         if plan.action is Action.LEAVE:
             if spec.ssmax and plan.reason:
                 ed.notes.add(site, f"left alone: {plan.reason}")
             continue
+        if plan.replaces is not None:
+            why = _bypass(plan.replaces)
+            if why is not None:
+                ed.notes.add(site, f"left alone: {why}")
+                continue
+            ed.notes.add(site, plan.replace_note)
+            if spec.fit_existing:
+                s, b = plan.s, plan.b
         if plan.action is Action.SSMAX and is_attention_op(site.softmax):
             # torch-mlir cannot lower the op SSMax would keep: the loop nest with the factor replaces it
             _fuse_site(ed, plan, tile, ssmax=(s, b, params, adapter.func))
@@ -122,6 +136,17 @@ def emit(module: Any, spec: RewriteSpec, report: MlirReport | None = None, tile:
     for f in public_funcs(module):
         erase_dead(f)
     return report.with_notes(ed.notes.by_site)
+
+
+def _bypass(rel: Any) -> str | None:
+    """Remove an existing query scaling (``plan.replaces``): the multiply's users read the unscaled Q.
+
+    Only where the two have the same type (a broadcasting factor leaves Q's type as it is); else the reason."""
+    out, data = rel.node.results[0], rel.data
+    if out.type != data.type:
+        return f"the query scaling to replace changes Q's type ({data.type} -> {out.type})"
+    out.value.replace_all_uses_with(data.value)
+    return None
 
 
 def _ssmax_explicit_site(ed: Editor, adapter: MlirAdapter, plan: Plan, s: Any, b: Any, params: str) -> None:

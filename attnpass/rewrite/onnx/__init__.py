@@ -7,8 +7,11 @@ are ``Emitted``: the report with what was done in its notes, and the sites left 
 
 from __future__ import annotations
 
+from typing import Any
+
 import onnx_ir as ir
 
+from attnpass.errors import AttnpassError
 from attnpass.passes.onnx import MS, OnnxAdapter
 from attnpass.passes.plan import TARGETS, Action, Capabilities, RewriteSpec, plan_for
 from attnpass.passes.site import AttentionSite, Emitted, Form, Notes, Report
@@ -36,6 +39,10 @@ def emit(model: ir.Model, report: Report, spec: RewriteSpec) -> Emitted:
         if plan.action is Action.LEAVE:
             left[site.index] = plan.reason or "left alone"
             continue
+        if plan.replaces is not None:
+            _bypass(plan.replaces)
+            ir.passes.common.RemoveUnusedNodesPass()(model)  # the old factor, and its parameters' names with it
+            notes.add(site, plan.replace_note)
         if plan.action is Action.SSMAX:
             if site.form is Form.EXPLICIT:
                 ssmax_explicit(model, ad, plan, notes)
@@ -51,6 +58,14 @@ def emit(model: ir.Model, report: Report, spec: RewriteSpec) -> Emitted:
             model.opset_imports.setdefault(MS, 1)
         ir.passes.common.RemoveUnusedNodesPass()(model)
     return Emitted(report.with_notes(notes.by_site), left)
+
+
+def _bypass(rel: Any) -> None:
+    """Remove an existing query scaling (``plan.replaces``): the ``Mul``'s users read the unscaled Q."""
+    out = rel.node.outputs[0]
+    if out.is_graph_output():
+        raise AttnpassError(f"{rel.node.name}: the query scaling to replace is a graph output")
+    ir.convenience.replace_all_uses_with(out, rel.data)
 
 
 def to_ssmax(model: ir.Model, report: Report, s: float, b: float | None = None) -> Emitted:
