@@ -99,6 +99,9 @@ def test_ties_nan_and_infinities(target):
     for k in (1, 3, 5):
         for renorm in (False, True):
             _check(target, rows, k, renorm)
+    wide = rows.repeat(1, 5)  # 40 wide: more than one vector, the short-row selection path of the C++ kernel
+    for k in (1, 7, 16, 33):
+        _check(target, wide, k, False)
     coarse = torch.randn(6, 3000, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(target.device)
     _check(target, coarse, 16, False)
 

@@ -31,6 +31,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -52,6 +53,9 @@ using Vec = Vectorized<float>;
 
 constexpr int64_t kBlock = 2048;  // floats: 8 KiB, read up to three times from L1
 constexpr int64_t kMaxK = 64;
+// select_small's domain: its cost is k passes over the row, the running buffer's k log(n/k) inserts
+constexpr int64_t kSmallN = 512;
+constexpr int kSmallK = 16;
 constexpr unsigned kLanes = (1u << Vec::size()) - 1u;
 
 // NaN ranks above every number (torch.topk's order).
@@ -60,32 +64,27 @@ inline bool greater(float a, float b) { return (a != a && b == b) || a > b; }
 // max(a, b) that returns NaN if either is NaN.
 inline float nan_max(float a, float b) { return (a != a || b != b) ? std::numeric_limits<float>::quiet_NaN() : std::max(a, b); }
 
+// The last, partial vector of a block with the missing lanes set to `fill` (one masked load, no scalar tail).
+inline Vec load_tail(const float* x, int64_t rem, float fill) { return Vec::set(Vec(fill), Vec::loadu(x, rem), rem); }
+
 float block_max(const float* x, int64_t len) {
+  constexpr float ninf = -std::numeric_limits<float>::infinity();
+  Vec vm(ninf);
   int64_t j = 0;
-  float mx = -std::numeric_limits<float>::infinity();
-  if (len >= Vec::size()) {
-    Vec vm = Vec::loadu(x);
-    for (j = Vec::size(); j + Vec::size() <= len; j += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(x + j));
-    float lanes[Vec::size()];
-    vm.store(lanes);
-    for (int l = 0; l < Vec::size(); ++l) mx = nan_max(mx, lanes[l]);
-  }
-  for (; j < len; ++j) mx = nan_max(mx, x[j]);
-  return mx;
+  for (; j + Vec::size() <= len; j += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(x + j));
+  if (j < len) vm = at::vec::maximum(vm, load_tail(x + j, len - j, ninf));
+  // shuffle-tree reduction; at::vec::maximum propagates NaN
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
 }
 
 // sum_j exp(x_j - m), vectorised; m finite or NaN.
 float block_sum_exp(const float* x, int64_t len, float m) {
   int64_t j = 0;
-  float total = 0.f;
   const Vec vm(m);
   Vec acc(0.f);
   for (; j + Vec::size() <= len; j += Vec::size()) acc = acc + (Vec::loadu(x + j) - vm).exp_u20();
-  float lanes[Vec::size()];
-  acc.store(lanes);
-  for (int l = 0; l < Vec::size(); ++l) total += lanes[l];
-  for (; j < len; ++j) total += std::exp(x[j] - m);
-  return total;
+  if (j < len) acc = acc + (load_tail(x + j, len - j, -std::numeric_limits<float>::infinity()) - vm).exp_u20();
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
 }
 
 // The running online normaliser of one row.
@@ -154,6 +153,42 @@ struct TopK {
   }
 };
 
+// Short rows with small k (routers): k rounds of "find the largest, take it out" over a copy of the
+// row, each a vectorised maximum and a vectorised search for its first position.  No branches that
+// depend on the data order, where the running buffer above mispredicts on nearly every insert of a
+// short row.  Same order: NaN first, then by value, lower index first among equals.
+void select_small(const float* x, int64_t n, int k, float* work, TopK& top) {
+  constexpr float ninf = -std::numeric_limits<float>::infinity();
+  std::copy(x, x + n, work);
+  top.size = k;
+  for (int t = 0; t < k; ++t) {
+    const float mx = block_max(work, n);
+    int64_t hit = -1;
+    if (mx == ninf) {
+      // only -inf left: the lowest-index -inf of x not taken yet (taken entries read -inf in work too)
+      for (int64_t j = 0; j < n && hit < 0; ++j) {
+        bool taken = false;
+        for (int u = 0; u < t; ++u) taken = taken || top.idx[u] == j;
+        if (!taken && x[j] == ninf) hit = j;
+      }
+    } else {
+      const bool want_nan = mx != mx;
+      const Vec vmx(mx);
+      int64_t j = 0;
+      for (; j + Vec::size() <= n && hit < 0; j += Vec::size()) {
+        const Vec v = Vec::loadu(work + j);
+        const unsigned eq = ~static_cast<unsigned>((want_nan ? (v != v) : (v == vmx)).zero_mask()) & kLanes;
+        if (eq != 0) hit = j + __builtin_ctz(eq);
+      }
+      for (; j < n && hit < 0; ++j)
+        if (want_nan ? work[j] != work[j] : work[j] == mx) hit = j;
+    }
+    top.val[t] = x[hit];
+    top.idx[t] = hit;
+    work[hit] = ninf;
+  }
+}
+
 template <typename T>
 const float* as_float(const T* src, int64_t len, float* buf) {
   if constexpr (std::is_same_v<T, float>) {
@@ -171,11 +206,18 @@ void forward_rows(const T* x, int64_t rows, int64_t n, int k, bool renormalize, 
     std::vector<float> buf(std::is_same_v<T, float> ? 0 : kBlock);
     TopK top;
     top.k = k;
+    const bool small = n > Vec::size() && n <= kSmallN && k <= kSmallK;  // one vector or less: the buffer is cheaper
+    std::vector<float> work(small ? n : 0);
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * n;
       Normaliser norm;
       top.size = 0;
-      for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+      if (small) {
+        const float* xb = as_float(xr, n, buf.data());
+        norm.add_block(xb, n, block_max(xb, n));
+        select_small(xb, n, k, work.data(), top);
+      }
+      for (int64_t b0 = 0; b0 < n && !small; b0 += kBlock) {
         const int64_t len = std::min(kBlock, n - b0);
         const float* xb = as_float(xr + b0, len, buf.data());
         const float bmax = block_max(xb, len);
@@ -256,7 +298,7 @@ void backward_rows(const T* grad, const T* x, const int64_t* indices, int64_t ro
           float* ob = std::is_same_v<T, float> ? reinterpret_cast<float*>(dr + b0) : out.data();
           int64_t j = 0;
           for (; j + Vec::size() <= len; j += Vec::size()) (vneg * (Vec::loadu(xb + j) - vlse).exp_u20()).store(ob + j);
-          for (; j < len; ++j) ob[j] = -coef * std::exp(xb[j] - lse);
+          if (j < len) (vneg * (Vec::loadu(xb + j, len - j) - vlse).exp_u20()).store(ob + j, len - j);
           store_from_float(ob, len, dr + b0);
         }
         for (int j = 0; j < k; ++j) p[j] = g[j] * p[j] - coef * p[j];  // softmax_i = p_i at the selection
