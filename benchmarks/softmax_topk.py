@@ -171,7 +171,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--budget", type=float, default=3.0, help="seconds per shape after the third round")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default); 1 is steadier on a loaded host")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.rounds = min(args.rounds, 5)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
