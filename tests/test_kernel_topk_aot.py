@@ -4,7 +4,8 @@ The interpreter runs the kernels' arithmetic (tests/test_kernel_topk.py) but not
 which is where a data-dependent ``while`` or an int64 key can fail to lower.  The real launcher
 (``TritonTopK``) is run on CPU tensors with the kernels swapped for recorders, so the arguments
 and constexprs are those of a GPU launch; each is compiled with the wheel's ptxas and must spill
-nothing.  Shapes: a router (4096 x 64, k = 8) and a vocabulary row (64 x 131072, k = 50), fp32 and bf16.
+nothing.  Shapes: a router (4096 x 64, k = 8) and a vocabulary row (64 x 131072, k = 50); bf16 on sm_90,
+fp32 on sm_80 (the dtype changes only the loads and stores).
 """
 
 from __future__ import annotations
@@ -60,8 +61,7 @@ def _compile(mod, name: str, args: tuple, kwargs: dict, arch: int) -> tuple[int,
     return regs, spills
 
 
-@pytest.mark.parametrize("arch", [90, 80])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch,dtype", [(90, torch.bfloat16), (80, torch.float32)])
 def test_kernels_compile_without_spills(arch, dtype):
     bad = []
     for rows, n, k in ((4096, 64, 8), (64, 131072, 50)):
