@@ -141,3 +141,28 @@ def test_missing_kernel_falls_back_once_with_a_warning(monkeypatch):
     assert len(said) == 1
     want_p, want_i = reference.softmax_topk(x, 4)
     assert torch.equal(i1, want_i) and torch.equal(p1, want_p)
+
+
+@pytest.fixture(scope="module", params=["interp", pytest.param("cuda", marks=pytest.mark.gpu)])
+def triton_target(request) -> Target:
+    if request.param == "interp":
+        return Target(triton_topk.load_interpreted(), "cpu", False)
+    return Target(triton_topk.load(), "cuda", True)
+
+
+def test_triton_split_rows_merge_exactly(triton_target):
+    """Rows cut into chunks (few long rows): a chunk of only -inf, a NaN row, the winner in the last chunk."""
+    t = triton_target
+    n = 40000 if t.big else 4500
+    x = _x(t, 3, n, seed=5)
+    x[0, : n // 2] = -float("inf")
+    x[1, n // 3] = float("nan")
+    x[2, n - 1] = 50.0
+    block = t.kernel._tiles(3, n, 8)[1]
+    for splits in (2, 3):
+        assert triton_topk.triton_kernels.triton_cdiv(n, block) >= splits  # the chunks really are separate programs
+        for renorm in (False, True):
+            probs, idx = t.kernel.softmax_topk_forward(x, 8, renorm, splits)
+            want_p, want_i = reference.softmax_topk(x, 8, -1, renorm)
+            assert torch.equal(idx, want_i)
+            torch.testing.assert_close(probs, want_p, rtol=0, atol=1e-6, equal_nan=True)

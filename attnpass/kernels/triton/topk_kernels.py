@@ -104,41 +104,89 @@ def _lse_pass(x_ptr, rows, n, ROWS: tl.constexpr, BLOCK: tl.constexpr, row0):
 
 
 @triton.jit
-def softmax_topk_fwd(x_ptr, probs_ptr, idx_ptr, rows, n, k, RENORM: tl.constexpr, EMULATE: tl.constexpr,
-                     ROWS: tl.constexpr, BLOCK: tl.constexpr, K_PAD: tl.constexpr):
-    row0 = tl.program_id(0) * ROWS
-    r = row0 + tl.arange(0, ROWS)
-    row_ok = r < rows
-    base = r.to(tl.int64) * n
-    m = tl.full([ROWS], float("-inf"), tl.float32)
-    s = tl.full([ROWS], 0.0, tl.float32)
-    best = tl.full([ROWS, K_PAD], _NEG_INF_KEY, tl.int64)
-    for c0 in range(0, n, BLOCK):
-        cols = c0 + tl.arange(0, BLOCK)
-        valid = row_ok[:, None] & (cols[None, :] < n)
-        x = tl.load(x_ptr + base[:, None] + cols[None, :], mask=valid, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, _max(x, 1))
-        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - safe) + _sum(tl.exp(x - safe[:, None]), 1)
-        m = m_new
-        best = _merge(best, _keys(x, cols[None, :] + tl.full([ROWS, BLOCK], 0, tl.int32), valid), K_PAD)
-    lse = tl.where(m == float("inf"), m, m + tl.log(tl.where(s == 0.0, 1.0, s)))
-    # order the set: K_PAD extractions of its maximum
+def _finish(best, lse, x_ptr, probs_ptr, idx_ptr, r, row_ok, n, k, RENORM: tl.constexpr, EMULATE: tl.constexpr,
+            K_PAD: tl.constexpr):
+    """Order the key set ``best`` (``K_PAD`` extractions of its maximum) and write probabilities and indices."""
     kcols = tl.arange(0, K_PAD)[None, :]
-    ordered = tl.full([ROWS, K_PAD], _NEG_INF_KEY, tl.int64)
+    ordered = tl.full([best.shape[0], K_PAD], _NEG_INF_KEY, tl.int64)
     for t in range(K_PAD):
         top = _max(best, 1)
         ordered = tl.where(kcols == t, top[:, None], ordered)
         best = tl.where(best == top[:, None], _NEG_INF_KEY, best)
     out_ok = row_ok[:, None] & (kcols < k)
     idx = tl.where(out_ok, (ordered & _LOW32) ^ _LOW32, 0)
-    v = tl.load(x_ptr + base[:, None] + idx, mask=out_ok, other=float("-inf")).to(tl.float32)
+    v = tl.load(x_ptr + r.to(tl.int64)[:, None] * n + idx, mask=out_ok, other=float("-inf")).to(tl.float32)
     p = tl.exp(v - lse[:, None])
     if RENORM:
         p = p / _sum(tl.where(out_ok, p, 0.0), 1)[:, None]
     out = r.to(tl.int64)[:, None] * k + kcols
     tl.store(probs_ptr + out, _round(p, probs_ptr.dtype.element_ty, EMULATE), mask=out_ok)
     tl.store(idx_ptr + out, idx, mask=out_ok)
+
+
+@triton.jit
+def softmax_topk_fwd(x_ptr, probs_ptr, idx_ptr, part_m_ptr, part_s_ptr, part_key_ptr, rows, n, k, chunk, n_split,
+                     RENORM: tl.constexpr, EMULATE: tl.constexpr, SPLIT: tl.constexpr,
+                     ROWS: tl.constexpr, BLOCK: tl.constexpr, K_PAD: tl.constexpr):
+    """One pass over columns ``[split * chunk, (split + 1) * chunk)`` of ``ROWS`` rows.
+
+    Without ``SPLIT`` the program owns whole rows and writes the results.  With it (few, long rows:
+    a vocabulary) each row is cut into ``n_split`` chunks walked by different programs, which write
+    their partial maximum, normaliser and key set for ``softmax_topk_merge``.
+    """
+    row0 = tl.program_id(0) * ROWS
+    split = tl.program_id(1)
+    r = row0 + tl.arange(0, ROWS)
+    row_ok = r < rows
+    base = r.to(tl.int64) * n
+    c_begin = split * chunk
+    c_end = tl.minimum(n, c_begin + chunk)
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    s = tl.full([ROWS], 0.0, tl.float32)
+    best = tl.full([ROWS, K_PAD], _NEG_INF_KEY, tl.int64)
+    for c0 in range(c_begin, c_end, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        valid = row_ok[:, None] & (cols[None, :] < c_end)
+        x = tl.load(x_ptr + base[:, None] + cols[None, :], mask=valid, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, _max(x, 1))
+        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - safe) + _sum(tl.exp(x - safe[:, None]), 1)
+        m = m_new
+        best = _merge(best, _keys(x, cols[None, :] + tl.full([ROWS, BLOCK], 0, tl.int32), valid), K_PAD)
+    if SPLIT:
+        part = r.to(tl.int64) * n_split + split
+        tl.store(part_m_ptr + part, m, mask=row_ok)
+        tl.store(part_s_ptr + part, s, mask=row_ok)
+        kcols = tl.arange(0, K_PAD)[None, :]
+        tl.store(part_key_ptr + part[:, None] * K_PAD + kcols, best, mask=row_ok[:, None])
+    else:
+        lse = tl.where(m == float("inf"), m, m + tl.log(tl.where(s == 0.0, 1.0, s)))
+        _finish(best, lse, x_ptr, probs_ptr, idx_ptr, r, row_ok, n, k, RENORM, EMULATE, K_PAD)
+
+
+@triton.jit
+def softmax_topk_merge(x_ptr, probs_ptr, idx_ptr, part_m_ptr, part_s_ptr, part_key_ptr, rows, n, k, n_split,
+                       RENORM: tl.constexpr, EMULATE: tl.constexpr, ROWS: tl.constexpr, SPLIT_PAD: tl.constexpr,
+                       K_PAD: tl.constexpr):
+    """Combine the chunks of each row: the normalisers rescaled to the common maximum, the key sets merged."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = r < rows
+    sp = tl.arange(0, SPLIT_PAD)
+    ok = row_ok[:, None] & (sp[None, :] < n_split)
+    part = r.to(tl.int64)[:, None] * n_split + sp[None, :]
+    m_part = tl.load(part_m_ptr + part, mask=ok, other=float("-inf"))
+    s_part = tl.load(part_s_ptr + part, mask=ok, other=0.0)
+    m = _max(m_part, 1)
+    safe = tl.where(m == float("-inf"), 0.0, m)
+    # a chunk with no finite entry has s = 0 and m = -inf: it adds 0, not exp(-inf - -inf)
+    s = _sum(tl.where(s_part == 0.0, 0.0, s_part * tl.exp(m_part - safe[:, None])), 1)
+    lse = tl.where(m == float("inf"), m, m + tl.log(tl.where(s == 0.0, 1.0, s)))
+    kk = tl.arange(0, SPLIT_PAD * K_PAD)
+    keys = tl.load(part_key_ptr + r.to(tl.int64)[:, None] * n_split * K_PAD + kk[None, :],
+                   mask=row_ok[:, None] & (kk[None, :] < n_split * K_PAD), other=_NEG_INF_KEY)
+    best = tl.full([ROWS, K_PAD], _NEG_INF_KEY, tl.int64)
+    best = _merge(best, keys, K_PAD)
+    _finish(best, lse, x_ptr, probs_ptr, idx_ptr, r, row_ok, n, k, RENORM, EMULATE, K_PAD)
 
 
 @triton.jit
