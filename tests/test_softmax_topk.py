@@ -119,9 +119,10 @@ def router():
     return _Router()
 
 
-def test_compile_fullgraph(router):
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph(router, backend):
     h = torch.randn(10, 16)
-    compiled = torch.compile(router, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(router, fullgraph=True, backend=backend)
     (p, i), (wp, wi) = compiled(h), router(h)
     assert torch.equal(i, wi)
     torch.testing.assert_close(p, wp)
