@@ -62,36 +62,53 @@ def _cache_root() -> Path:
     return Path(root)
 
 
-def _build(capability: str) -> CpuKernel:
-    """Compile (or reuse) the library for ``capability`` and wrap its ops."""
+def compile_library(source: Path, prefix: str, capability: str) -> object:
+    """Compile (or reuse) ``source`` for ``capability``; returns its ``torch.ops`` namespace.
+
+    Shared by every C++ source here (attention, softmax_topk): one flag set per capability, a
+    name that hashes source, flags and torch version, one lock for all builds.
+    """
     from filelock import FileLock
     from torch.utils import cpp_extension
 
     flags = ["-O3", "-fopenmp", *_CAPABILITY_FLAGS[capability]]
     digest = hashlib.sha256(
-        _SOURCE.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()
+        source.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()
     ).hexdigest()[:10]
-    name = f"attnpass_cpu_{capability.lower()}_{digest}"
+    name = f"{prefix}_{capability.lower()}_{digest}"
+    what = "softmax_topk" if "topk" in prefix else "attention"
     root = _cache_root()
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / "attnpass_cpu.lock")):
         # torch puts builds in <root>/<name> under TORCH_EXTENSIONS_DIR, else in <root>/py3xx_<device>/<name>
         fresh = not any(root.glob(f"{name}/{name}.so")) and not any(root.glob(f"*/{name}/{name}.so"))
         if fresh:  # a first use pauses for a compile: say why, once, on stderr (stdout may be JSON)
-            print(f"attnpass: building the C++ CPU attention kernel ({capability}) on first use, "
+            print(f"attnpass: building the C++ CPU {what} kernel ({capability}) on first use, "
                   f"cached in {root} ...", file=sys.stderr, flush=True)
             started = time.perf_counter()
         cpp_extension.load(
             name=name,
-            sources=[str(_SOURCE)],
+            sources=[str(source)],
             extra_cflags=[*flags, f"-DATTNPASS_NS={name}"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=os.environ.get("ATTNPASS_VERBOSE_BUILD") == "1",
         )
         if fresh:
-            print(f"attnpass: C++ CPU attention kernel built in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-    return CpuKernel(getattr(torch.ops, name), capability)
+            print(f"attnpass: C++ CPU {what} kernel built in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    return getattr(torch.ops, name)
+
+
+def _build(capability: str) -> CpuKernel:
+    """Compile (or reuse) the attention library for ``capability`` and wrap its ops."""
+    return CpuKernel(compile_library(_SOURCE, "attnpass_cpu", capability), capability)
+
+
+def load_topk(capability: str | None = None):
+    """The compiled ``softmax_topk`` kernel (``attnpass.kernels.cpu.topk``), or None if it cannot be built."""
+    from attnpass.kernels.cpu import topk
+
+    return topk.load(capability)
 
 
 def load(capability: str | None = None) -> CpuKernel | None:
