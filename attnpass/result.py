@@ -52,6 +52,9 @@ class RewriteResult:
     self_test: Any = None
     written: Path | None = None
     ir: str = ""
+    #: The SSMax parameters the compile backend created for this graph (name -> ``[H]`` parameter):
+    #: dynamo's graph is not the user's module, so this is where a training loop finds them.
+    parameters: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_report(cls, report: Any, spec: RewriteSpec, ir: str) -> RewriteResult:
