@@ -35,6 +35,13 @@ def json_safe(x: Any) -> Any:
     return x
 
 
+def dumps(x: Any, indent: int | None = 2) -> str:
+    """Strict JSON text for ``x`` (what every ``--json`` prints): non-finite floats as strings, never ``NaN`` tokens."""
+    import json
+
+    return json.dumps(json_safe(x), indent=indent, allow_nan=False, default=str)
+
+
 @dataclass
 class RewriteResult:
     """What a rewrite did.
@@ -115,4 +122,4 @@ class RewriteResult:
         })
 
 
-__all__ = ["RewriteResult", "json_safe"]
+__all__ = ["RewriteResult", "dumps", "json_safe"]
