@@ -64,10 +64,19 @@ def feeds(inputs: Any, ref_path: Path) -> dict[str, Any]:
     return generated
 
 
+#: The SSMax factor of the sensitivity probe: any value but 1 would do; 2 makes every attended row's weights
+#: visibly sharper whenever the row sees two keys with different logits.
+WRONG_FACTOR = 2.0
+
+
 def check(result: RewriteResult, original: Any, ref_path: Path, got: Path, tmp: Path, feeds: Any,
-              rtol: float, atol: float) -> None:
-    """The checks each rewrite owes before it may be written (see ``rewrite``); raises on failure."""
+          rtol: float, atol: float, generated: bool = False) -> None:
+    """The checks each rewrite owes before it may be written (see ``rewrite``); raises on failure.
+
+    ``generated``: the feeds were made up by us, so they are first shown able to fail (``sensitive``)."""
     spec = result.spec
+    if generated:
+        sensitive(original, ref_path, tmp, feeds, spec, rtol, atol)
     if spec.fused_ssmax:
         result.self_test, result.validation = _fused_ssmax(original, ref_path, got, tmp, feeds, spec, rtol, atol)
     elif spec.to == "fused":
@@ -88,6 +97,25 @@ def check(result: RewriteResult, original: Any, ref_path: Path, got: Path, tmp: 
             o.ok = o.finite
         if bad:
             raise AttnpassError(f"SSMax model gives NaN/inf in {', '.join(bad)}; nothing written")
+
+
+def sensitive(original: Any, ref_path: Path, tmp: Path, feeds: Any, spec: RewriteSpec, rtol: float, atol: float) -> None:
+    """The feeds must tell a wrong SSMax factor from the right one, or no check on them means anything.
+
+    The ``s=0, b=1`` self-test and the fused comparison pass vacuously on inputs where every compared query
+    row sees one key (softmax of one logit is 1 whatever the factor): e.g. a ``logits_to_keep`` that keeps a
+    padded row.  The same model with factor ``WRONG_FACTOR`` must differ from the original on them."""
+    probe = load(original, infer=False)
+    if spec.to == "fused" and spec.target == "onnx23":
+        probe = upgrade(probe, 23)
+    apply(probe, RewriteSpec("ssmax", 0.0, WRONG_FACTOR, target=spec.target))
+    save(probe, tmp / "wrong_factor.onnx")
+    rep = val.validate(ref_path, tmp / "wrong_factor.onnx", feeds, rtol=rtol, atol=atol)
+    if rep.passed:
+        worst_abs = max((o.max_abs for o in rep.outputs), default=0.0)
+        raise AttnpassError(f"the generated inputs cannot test this rewrite: with the SSMax factor doubled (s=0, b="
+                            f"{WRONG_FACTOR:g}) the outputs still equal the original's (max abs {worst_abs:.3g}), as when "
+                            "every compared query row sees a single key; pass --inputs feeds.npz (inputs=...) with real inputs")
 
 
 def _fused_ssmax(original: Any, ref_path: Path, got: Path, tmp: Path, feeds: Any, spec: RewriteSpec,
@@ -121,4 +149,4 @@ def worst(rep: Any) -> str:
     return f"output {o.name}: max abs error {o.max_abs:.3g}, max rel error {o.max_rel:.3g} (rtol {rep.rtol:g}, atol {rep.atol:g})"
 
 
-__all__ = ["apply", "upgrade", "feeds", "check", "worst"]
+__all__ = ["apply", "upgrade", "feeds", "check", "sensitive", "worst", "WRONG_FACTOR"]

@@ -64,6 +64,13 @@ def _check_output(path: str) -> None:
         raise AttnpassError(f"{path}: cannot write to {parent} (permission denied)")
 
 
+def _umask() -> int:
+    """The process umask (read by setting it, then restored at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def run(args: argparse.Namespace) -> int:
     from attnpass import mlir as am
 
@@ -106,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; an output is as readable as any file the user writes
         os.replace(tmp, target)
     except BaseException as e:
         if os.path.exists(tmp):

@@ -8,6 +8,7 @@ not an error: ``rewrite`` says "no attention found", exits 0 and writes nothing 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +131,7 @@ def _rewrite(args: argparse.Namespace) -> int:
     for label, rep in (("self-test (s=0, b=1) vs original", res.self_test), (f"rewritten vs {against}", res.validation)):
         if rep is not None:
             for o in rep.outputs:
-                con.print(f"{label}: {_output_line(o)}")
+                con.print(f"{label}: {_output_line(o, rep)}", markup=False, highlight=False)
     con.print(f"wrote {res.written}")
     return 0
 
@@ -149,14 +150,21 @@ def _validate(args: argparse.Namespace) -> int:
         print(dumps(rep.as_dict()))
     else:
         for o in rep.outputs:
-            print(_output_line(o))
+            print(_output_line(o, rep))
         print("PASS" if rep.passed else "FAIL")
     return 0 if rep.passed else 1
 
 
-def _output_line(o: Any) -> str:
-    """One compared output: its errors, and the reason when the outputs could not be compared."""
-    line = f"{o.name}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}, {'ok' if o.ok else 'FAIL'}"
+def _output_line(o: Any, rep: Any) -> str:
+    """One compared output: its errors against the tolerance, the reason when the outputs could not be compared,
+    and no verdict on the numbers when there was no tolerance (SSMax against its original)."""
+    if o.reason and not math.isfinite(o.max_abs):
+        return f"{o.name}: not compared: {o.reason}, FAIL"
+    nums = f"{o.name}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}"
+    if not rep.bounded:
+        line = f"{nums} (no tolerance: SSMax changes the outputs on purpose), {'finite' if o.finite else 'NaN/inf: FAIL'}"
+    else:
+        line = f"{nums} (rtol {rep.rtol:g}, atol {rep.atol:g}), {'ok' if o.ok else 'FAIL'}"
     return f"{line} ({o.reason})" if o.reason else line
 
 
