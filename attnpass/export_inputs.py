@@ -29,6 +29,18 @@ def prepare_hf_export(model: torch.nn.Module) -> None:
     register_dynamic_cache_export_support()
 
 
+def no_cache_kwargs(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with ``use_cache=False`` for a transformers model whose config turns the cache on and whose
+    caller did not choose: an exported file scores whole sequences, and a cache among its outputs would be
+    per-layer tensors nobody feeds back."""
+    config = getattr(model, "config", None)
+    transformers = sys.modules.get("transformers")
+    if (transformers is None or not isinstance(model, getattr(transformers, "PreTrainedModel", ()))
+            or "use_cache" in kwargs or not getattr(config, "use_cache", False)):
+        return kwargs
+    return {**kwargs, "use_cache": False}
+
+
 def cache_hint(e: BaseException) -> str:
     """One line saying what to pass when the export failed on a KV cache."""
     text = str(e)
@@ -74,4 +86,4 @@ def default_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) ->
     return shapes
 
 
-__all__ = ["cache_hint", "default_dynamic_shapes", "prepare_hf_export"]
+__all__ = ["cache_hint", "default_dynamic_shapes", "no_cache_kwargs", "prepare_hf_export"]
