@@ -7,6 +7,7 @@ only then renamed onto the destination (file handling and model checks: ``attnpa
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,6 +99,9 @@ def rewrite(
         raise AttnpassError(f"{dst}: refusing to overwrite the input model (give another -o)")
     _check_output(dst)
     step(f"loading {src if isinstance(src, str | os.PathLike) else 'model'}")
+    # a model the caller loaded and dropped (``find`` just before) is a web of cycles that only a full collection
+    # frees; on a model of gigabytes, collect it before loading a second one
+    gc.collect()
     original = load(src)
     _check_not_input(original, src, dst)
     model = load(original, infer=False)
