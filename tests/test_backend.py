@@ -165,3 +165,18 @@ def test_ssmax_inductor_recompiles_on_new_lengths() -> None:
             torch.testing.assert_close(compiled(q, k, v), attnpass.ssmax_attention(q, k, v, is_causal=True, s=0.5),
                                        rtol=1e-5, atol=2e-5)
     assert 1 < len(backend.reports) <= 3 and all(r.rewritten == [0] for r in backend.reports)
+
+
+def test_ssmax_inductor_dynamic_true_compiles_once() -> None:
+    """``dynamic=True``: one graph (one SSMax rewrite, one Inductor compile) serves every length."""
+    module = M.CausalTril(32).eval()
+    torch._dynamo.reset()
+    backend.reports.clear()
+    compiled = torch.compile(module, backend="attnpass", dynamic=True, options={"rewrite": "ssmax", "s": 0.5})
+    with torch.no_grad():
+        for s in (9, 14):
+            g = torch.Generator().manual_seed(s)
+            q, k, v = (torch.randn(2, 2, s, 8, generator=g) for _ in range(3))
+            torch.testing.assert_close(compiled(q, k, v), attnpass.ssmax_attention(q, k, v, is_causal=True, s=0.5),
+                                       rtol=1e-5, atol=2e-5)
+    assert [r.rewritten for r in backend.reports] == [[0]]
