@@ -3,41 +3,55 @@
 Public API (kept small): ``find``, ``to_ssmax``, ``fuse``, ``attention``, ``ssmax_attention``, and the
 request/answer types ``RewriteSpec`` / ``RewriteResult``; ``attnpass.onnx`` and ``attnpass.mlir`` load on first use.
 ``softmax_topk`` is softmax followed by top-k in one pass (MoE routers, sampling heads).
-Importing the package registers ``torch.ops.attnpass.attention``, ``torch.ops.attnpass.softmax_topk`` and the ``"attnpass"``
-torch.compile backend.
+
+Every name loads on first use, so ``import attnpass`` (and ``attnpass --help``) does not pay for torch.
+``torch.ops.attnpass.attention`` and ``torch.ops.attnpass.softmax_topk`` are registered as soon as torch is loaded (now, if it already is, else
+right after ``import torch``); the ``"attnpass"`` torch.compile backend is found through the
+``torch_dynamo_backends`` entry point, and registered here too once the backend module is loaded.
 """
 
-from attnpass import hf_hook as _hf_hook
-from attnpass.api import find, fuse, to_ssmax
-from attnpass.lowering import backend as _backend  # noqa: F401  (registers the compile backend)
-from attnpass.lowering.ops import attention
-from attnpass.lowering.topk_ops import softmax_topk
-from attnpass.result import RewriteResult
-from attnpass.semantics import ssmax_attention
-from attnpass.spec import RewriteSpec
+from __future__ import annotations
 
-_hf_hook.install()
+import importlib
+from typing import Any
+
+from attnpass import hf_hook as _hf_hook
+from attnpass import torch_hook as _torch_hook
+
+__version__ = "0.1.0"
 
 __all__ = ["find", "to_ssmax", "fuse", "attention", "ssmax_attention", "softmax_topk", "RewriteSpec", "RewriteResult", "export", "validate",
            "onnx", "mlir"]
 
-#: Sub-modules reached as attributes without importing them up front (onnx/onnxruntime, torch-mlir).
-_LAZY_MODULES = ("onnx", "mlir")
+#: Public name -> (module, attribute); ``None`` as the attribute means the module itself.
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "find": ("attnpass.api", "find"),
+    "to_ssmax": ("attnpass.api", "to_ssmax"),
+    "fuse": ("attnpass.api", "fuse"),
+    "attention": ("attnpass.lowering.ops", "attention"),
+    "ssmax_attention": ("attnpass.semantics", "ssmax_attention"),
+    "softmax_topk": ("attnpass.lowering.topk_ops", "softmax_topk"),
+    "RewriteSpec": ("attnpass.spec", "RewriteSpec"),
+    "RewriteResult": ("attnpass.result", "RewriteResult"),
+    "export": ("attnpass.lowering.onnx_export", "export"),
+    "validate": ("attnpass.validate", "validate"),
+    "onnx": ("attnpass.onnx", None),
+    "mlir": ("attnpass.mlir", None),
+}
 
 
-def __getattr__(name: str):
-    """``export``, ``validate`` and the ``onnx`` / ``mlir`` namespaces load their heavy dependencies on first use only."""
-    if name == "export":
-        from attnpass.lowering.onnx_export import export
+def __getattr__(name: str) -> Any:
+    """Each public name imports its module (and that module's dependencies) the first time it is read."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'attnpass' has no attribute {name!r}")
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name)
+    return module if attr is None else getattr(module, attr)
 
-        return export
-    if name == "validate":
-        from attnpass.validate import validate
 
-        return validate
-    if name in _LAZY_MODULES:
-        import importlib
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
-        return importlib.import_module(f"attnpass.{name}")
-    raise AttributeError(f"module 'attnpass' has no attribute {name!r}")
-__version__ = "0.1.0"
+
+_torch_hook.install()
+_hf_hook.install()

@@ -6,12 +6,14 @@ the rewritten ``GraphModule`` is a real module (forward, backward, ``state_dict`
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import fx
 
 from attnpass.errors import AttnpassError
+from attnpass.export_inputs import cache_hint, default_dynamic_shapes, prepare_hf_export
 from attnpass.passes import fx as fx_pass
 from attnpass.passes.match import Report
 from attnpass.passes.site import Emitted
@@ -21,7 +23,12 @@ from attnpass.spec import RewriteSpec
 
 
 def _as_graph(model: Any, args: tuple | None, kwargs: dict | None, dynamic_shapes: Any = None) -> fx.GraphModule:
-    """An fx GraphModule for ``model``: used as is if it already is one, else ``torch.export``ed."""
+    """An fx GraphModule for ``model``: used as is if it already is one, else ``torch.export``ed.
+
+    Without ``dynamic_shapes`` the batch and sequence axes of the tensor inputs are exported as
+    ``Dim.AUTO`` (dynamic where the model allows), so the rewritten module serves other lengths than the
+    example's; a model that cannot be exported so is exported at the example's shapes, with a warning.
+    """
     if isinstance(model, torch.export.ExportedProgram):
         return model.module()
     if isinstance(model, fx.GraphModule):
@@ -31,11 +38,23 @@ def _as_graph(model: Any, args: tuple | None, kwargs: dict | None, dynamic_shape
     if args is None:
         raise AttnpassError("attnpass needs example inputs (args, kwargs) to trace a module")
     args = args if isinstance(args, tuple) else (args,)
+    kwargs = kwargs or {}
+    prepare_hf_export(model)
+    if dynamic_shapes is None:
+        auto = default_dynamic_shapes(model, args, kwargs)
+        if auto is not None:
+            try:
+                return torch.export.export(model, args, kwargs, dynamic_shapes=auto, strict=False).module()
+            except Exception as e:  # noqa: BLE001  (retried below at fixed shapes; that error is the one reported)
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                warnings.warn(f"attnpass: {type(model).__name__} could not be exported with dynamic batch/sequence axes "
+                              f"({first}); exporting at the example's shapes, so the result serves those shapes only",
+                              stacklevel=3)
     try:
-        ep = torch.export.export(model, args, kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False)
+        ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # torch.export raises many types; the user needs the model's name and the cause
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AttnpassError(f"torch.export could not trace {type(model).__name__}: {first}") from e
+        raise AttnpassError(f"torch.export could not trace {type(model).__name__}: {first}{cache_hint(e)}") from e
     return ep.module()
 
 

@@ -19,12 +19,30 @@ from attnpass.errors import AttnpassError
 COMMAND_MODULES = ("demo", "onnx", "mlir")
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default, unless the text already says it or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        if shown and "default" not in text and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+DEBUG_HELP = "show tracebacks instead of one-line errors"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from attnpass import __version__
+
     parser = argparse.ArgumentParser(
         prog="attnpass",
         description="Find softmax-in-attention in torch / ONNX / MLIR graphs and rewrite it to SSMax or fused attention.",
+        formatter_class=_Formatter,
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -34,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    for command in sub.choices.values():
+        command.formatter_class = _Formatter
+        # after the sub-command too (``attnpass rewrite ... --debug``); SUPPRESS keeps a --debug given before it
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 

@@ -9,3 +9,8 @@ class AttnpassError(Exception):
 
 class NoAttentionFound(AttnpassError):
     """The model holds no attention site: not a failure of the tool, but nothing to write."""
+
+
+class NothingRewritten(NoAttentionFound):
+    """Attention was found but the rewrite changed none of it (``--to fused`` with no fusable site): an
+    unchanged copy is as useless as one of a model without attention, so it is treated the same way."""

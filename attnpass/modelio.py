@@ -175,11 +175,17 @@ def infer_shapes(model: Any) -> None:
         pass
 
 
-def save(model: Any, dst: Path) -> None:
-    """Write ``model`` to ``dst``; weights above ~1.8 GB go to ``<dst>.data`` as external data."""
+def had_external_data(model: Any) -> bool:
+    """Whether ``model`` was read from a file that kept (some of) its weights in external data files."""
+    return bool(model.meta.get("attnpass.input_files"))
+
+
+def save(model: Any, dst: Path, external: bool = False) -> None:
+    """Write ``model`` to ``dst``; weights go to ``<dst>.data`` as external data when ``external`` (the
+    input kept them so: same layout out as in) or above ~1.8 GB (protobuf's limit)."""
     import onnx_ir as ir
 
-    if weights_bytes(model) > EXTERNAL_DATA_BYTES:
+    if external or weights_bytes(model) > EXTERNAL_DATA_BYTES:
         ir.save(model, dst, external_data=dst.name + ".data")
     else:
         ir.save(model, dst)
@@ -230,4 +236,4 @@ def staging(dst: Path, src: Any) -> Iterator[str]:
         raise AttnpassError(f"{dst}: cannot write ({e.strerror or type(e).__name__}); nothing written") from e
 
 
-__all__ = ["load", "save", "infer_shapes", "weights_bytes", "check_output", "check_not_input", "staging", "EXTERNAL_DATA_BYTES"]
+__all__ = ["load", "save", "had_external_data", "infer_shapes", "weights_bytes", "check_output", "check_not_input", "staging", "EXTERNAL_DATA_BYTES"]

@@ -7,6 +7,7 @@ only then renamed onto the destination (file handling and model checks: ``attnpa
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from attnpass import onnx_checks
-from attnpass.errors import AttnpassError, NoAttentionFound
+from attnpass.errors import AttnpassError, NoAttentionFound, NothingRewritten
 from attnpass.modelio import check_not_input as _check_not_input
 from attnpass.modelio import check_output as _check_output
-from attnpass.modelio import load, save
+from attnpass.modelio import had_external_data, load, save
 from attnpass.modelio import staging as _staging
 from attnpass.passes.match import Report
 from attnpass.result import RewriteResult, json_safe
@@ -89,8 +90,8 @@ def rewrite(
     factor); it is checked against the original at ``s=0, b=1`` and against the unfused
     ``to="ssmax"`` rewrite at the real ``s``.  ``spec`` replaces the request keywords.  Nothing is
     written when a check fails (``AttnpassError``), when the original itself gives NaN/inf on
-    generated inputs (give ``inputs``), or when no attention is found (``NoAttentionFound``;
-    ``force`` copies the model).  ``replace_existing`` / ``fit_existing``: see ``RewriteSpec``.  ``progress`` is called with the name of each step as it starts.
+    generated inputs (give ``inputs``), when no attention is found (``NoAttentionFound``), or when none of it
+    could be rewritten (``NothingRewritten``, e.g. nothing fusable); ``force`` writes the model anyway.  ``replace_existing`` / ``fit_existing``: see ``RewriteSpec``.  ``progress`` is called with the name of each step as it starts.
     """
     step = progress or (lambda _name: None)
     if spec is None:
@@ -101,6 +102,9 @@ def rewrite(
         raise AttnpassError(f"{dst}: refusing to overwrite the input model (give another -o)")
     _check_output(dst)
     step(f"loading {src if isinstance(src, str | os.PathLike) else 'model'}")
+    # a model the caller loaded and dropped (``find`` just before) is a web of cycles that only a full collection
+    # frees; on a model of gigabytes, collect it before loading a second one
+    gc.collect()
     original = load(src)
     _check_not_input(original, src, dst)
     model = load(original, infer=False)
@@ -111,10 +115,14 @@ def rewrite(
     result = RewriteResult(report, spec, left, ir="onnx")
     if not report.sites and not force:
         raise NoAttentionFound("no attention found")
+    if report.sites and not result.rewritten and not spec.fused_ssmax and not force:
+        why = "; ".join(f"site {i}: {r}" for i, r in sorted(left.items()))
+        raise NothingRewritten(f"{len(report.sites)} attention site(s) found but none could be rewritten to "
+                               f"{spec.label} ({why})")
     with _staging(dst, src) as tmp:
         tmp_dst = Path(tmp) / dst.name
         step("saving to a temporary file")
-        save(model, tmp_dst)
+        save(model, tmp_dst, external=had_external_data(original))
         if validate and report.sites and (result.rewritten or spec.fused_ssmax):
             # a path is checked as the user's own file (no second copy of the weights written)
             ref_path = Path(src) if isinstance(src, str | os.PathLike) else Path(tmp) / "original.onnx"
@@ -122,7 +130,8 @@ def rewrite(
                 save(original, ref_path)
             feeds = onnx_checks.feeds(inputs, ref_path)
             step("validating in onnxruntime")
-            onnx_checks.check(result, original, ref_path, tmp_dst, Path(tmp), feeds, rtol, atol)
+            generated = not isinstance(inputs, str | os.PathLike) and not inputs
+            onnx_checks.check(result, original, ref_path, tmp_dst, Path(tmp), feeds, rtol, atol, generated=generated)
         for name in (dst.name + ".data", dst.name):  # the weights first: the .onnx file is the commit point
             if (Path(tmp) / name).exists():
                 os.replace(Path(tmp) / name, dst.parent / name)

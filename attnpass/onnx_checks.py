@@ -13,6 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from attnpass import validate as val
 from attnpass.errors import AttnpassError
 from attnpass.modelio import infer_shapes, load, save
@@ -65,10 +67,23 @@ def feeds(inputs: Any, ref_path: Path) -> dict[str, Any]:
     return generated
 
 
+#: The SSMax factor of the sensitivity probe: any value but 1 would do in exact arithmetic; 1000 makes a row that
+#: sees two keys with different logits visibly sharper even when freshly initialised weights give near-equal logits.
+WRONG_FACTOR = 1000.0
+#: The probe's outputs must differ from the original's by more than this fraction of some value ...
+PROBE_RTOL = 1e-3
+#: ... and by more than this fraction of the largest output value (float noise near zero does not count).
+PROBE_FLOOR = 1e-5
+
+
 def check(result: RewriteResult, original: Any, ref_path: Path, got: Path, tmp: Path, feeds: Any,
-              rtol: float, atol: float) -> None:
-    """The checks each rewrite owes before it may be written (see ``rewrite``); raises on failure."""
+          rtol: float, atol: float, generated: bool = False) -> None:
+    """The checks each rewrite owes before it may be written (see ``rewrite``); raises on failure.
+
+    ``generated``: the feeds were made up by us, so they are first shown able to fail (``sensitive``)."""
     spec = result.spec
+    if generated:
+        sensitive(original, ref_path, tmp, feeds)
     if spec.fused_ssmax:
         result.self_test, result.validation = _fused_ssmax(original, ref_path, got, tmp, feeds, spec, rtol, atol)
     elif spec.to == "fused":
@@ -89,6 +104,33 @@ def check(result: RewriteResult, original: Any, ref_path: Path, got: Path, tmp: 
             o.ok = o.finite
         if bad:
             raise AttnpassError(f"SSMax model gives NaN/inf in {', '.join(bad)}; nothing written")
+
+
+def sensitive(original: Any, ref_path: Path, tmp: Path, feeds: Any, rtol: float = PROBE_RTOL) -> None:
+    """The feeds must tell a wrong SSMax factor from the right one, or no check on them means anything.
+
+    The ``s=0, b=1`` self-test and the fused comparison pass vacuously on inputs where every compared query
+    row sees one key (softmax of one logit is 1 whatever the factor): e.g. a ``logits_to_keep`` that keeps a
+    padded row.  The same model with factor ``WRONG_FACTOR`` must differ from the original on them by more
+    than ``rtol`` of some output value (relative, so freshly initialised models with tiny outputs count; the
+    floor ``PROBE_FLOOR`` of the largest output keeps float noise around zeros from counting).  Models whose
+    weights stay on disk are not probed: the probe would be one more copy of them."""
+    from attnpass.modelio import EXTERNAL_DATA_BYTES, weights_bytes
+
+    if weights_bytes(original) > EXTERNAL_DATA_BYTES:
+        return
+    probe = load(original, infer=False)
+    apply(probe, RewriteSpec("ssmax", 0.0, WRONG_FACTOR))
+    save(probe, tmp / "wrong_factor.onnx")
+    ref = val.run(ref_path, feeds)
+    scale = max((float(np.max(np.abs(v), initial=0.0)) for v in ref.values() if np.issubdtype(v.dtype, np.floating)),
+                default=0.0)
+    rep = val.compare(ref, val.run(tmp / "wrong_factor.onnx", feeds), rtol=rtol, atol=PROBE_FLOOR * scale)
+    if rep.passed:
+        worst_abs = max((o.max_abs for o in rep.outputs), default=0.0)
+        raise AttnpassError(f"the generated inputs cannot test this rewrite: with a wrong SSMax factor (s=0, b="
+                            f"{WRONG_FACTOR:g}) the outputs still equal the original's (max abs {worst_abs:.3g}), as when "
+                            "every compared query row sees a single key; pass --inputs feeds.npz (inputs=...) with real inputs")
 
 
 def _fused_ssmax(original: Any, ref_path: Path, got: Path, tmp: Path, feeds: Any, spec: RewriteSpec,
@@ -122,4 +164,4 @@ def worst(rep: Any) -> str:
     return f"output {o.name}: max abs error {o.max_abs:.3g}, max rel error {o.max_rel:.3g} (rtol {rep.rtol:g}, atol {rep.atol:g})"
 
 
-__all__ = ["apply", "upgrade", "feeds", "check", "worst"]
+__all__ = ["apply", "upgrade", "feeds", "check", "sensitive", "worst", "WRONG_FACTOR"]

@@ -35,6 +35,13 @@ def json_safe(x: Any) -> Any:
     return x
 
 
+def dumps(x: Any, indent: int | None = 2) -> str:
+    """Strict JSON text for ``x`` (what every ``--json`` prints): non-finite floats as strings, never ``NaN`` tokens."""
+    import json
+
+    return json.dumps(json_safe(x), indent=indent, allow_nan=False, default=str)
+
+
 @dataclass
 class RewriteResult:
     """What a rewrite did.
@@ -52,6 +59,9 @@ class RewriteResult:
     self_test: Any = None
     written: Path | None = None
     ir: str = ""
+    #: The SSMax parameters the compile backend created for this graph (name -> ``[H]`` parameter):
+    #: dynamo's graph is not the user's module, so this is where a training loop finds them.
+    parameters: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_report(cls, report: Any, spec: RewriteSpec, ir: str) -> RewriteResult:
@@ -117,4 +127,4 @@ class RewriteResult:
         })
 
 
-__all__ = ["RewriteResult", "json_safe"]
+__all__ = ["RewriteResult", "dumps", "json_safe"]

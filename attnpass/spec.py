@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from attnpass import semantics
 from attnpass.errors import AttnpassError
 
 #: The two rewrites; the keys of ``ALIASES`` are older spellings accepted at the API boundary.
@@ -152,6 +151,8 @@ class RewriteSpec:
     def s_value(self) -> Param:
         """``s`` as the rewrites use it: ``1/log(train_len)`` when a training length was given, else
         the given ``s`` or ``semantics.DEFAULT_S``."""
+        from attnpass import semantics  # here, not at the top: the CLI builds specs' flags without loading torch
+
         if self.train_len is not None:
             return semantics.s_for_train_len(self.train_len)
         return semantics.DEFAULT_S if self.s is None else self.s

@@ -122,3 +122,61 @@ def test_demo_cli_json() -> None:
     assert data["ok"] is True and len(data["sites"]["sites"]) == 2
     by = {r["variant"]: r for r in data["torch"]}
     assert by["fused (attnpass::attention)"]["max_abs_err"] < 1e-5
+
+
+def test_ssmax_with_default_inductor_trains_s() -> None:
+    """The headline use: SSMax through the backend with its default inner compiler, forward and a training
+    step; the backend's ``s`` gets the same gradient as the same conversion done by ``attnpass.to_ssmax``."""
+    q, k, v = _qkv(requires_grad=True)
+    module = M.CausalTril().eval()
+    compiled = _compile(module, rewrite="ssmax", s=0.43)
+    out = compiled(q, k, v)
+    torch.testing.assert_close(out, attnpass.ssmax_attention(q, k, v, is_causal=True, s=0.43), rtol=1e-5, atol=2e-5)
+    out.square().sum().backward()
+    (res,) = backend.reports
+    (name, s_param), = res.parameters.items()
+    assert name.startswith("attnpass_ssmax.s_") and s_param.grad is not None
+    q2, k2, v2 = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    ref = attnpass.to_ssmax(module, (q2, k2, v2), s=0.43)
+    ref(q2, k2, v2).square().sum().backward()
+    ref_s = dict(ref.named_parameters())[name]
+    assert ref_s.grad.abs().max() > 0
+    torch.testing.assert_close(s_param.grad, ref_s.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(q.grad, q2.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_rewrite_vocabulary_matches_the_cli() -> None:
+    """``rewrite="fused"`` (the CLI's word) is the backend's default; ``"fuse"`` stays accepted."""
+    q, k, v = _qkv()
+    for word in ("fused", "fuse"):
+        out = _compile(M.CausalTril().eval(), rewrite=word, inner="eager")(q, k, v)
+        assert backend.reports[-1].to == "fused" and backend.reports[-1].rewritten == [0]
+        torch.testing.assert_close(out, attnpass.attention(q, k, v, is_causal=True), rtol=1e-5, atol=2e-6)
+
+
+def test_ssmax_inductor_recompiles_on_new_lengths() -> None:
+    """No ``dynamic=`` given: a new length recompiles (dynamo's automatic dynamic) and stays right."""
+    module = M.CausalTril(32).eval()
+    compiled = _compile(module, rewrite="ssmax", s=0.5)
+    with torch.no_grad():
+        for s in (9, 13, 17):
+            g = torch.Generator().manual_seed(s)
+            q, k, v = (torch.randn(1, 2, s, 8, generator=g) for _ in range(3))
+            torch.testing.assert_close(compiled(q, k, v), attnpass.ssmax_attention(q, k, v, is_causal=True, s=0.5),
+                                       rtol=1e-5, atol=2e-5)
+    assert 1 < len(backend.reports) <= 3 and all(r.rewritten == [0] for r in backend.reports)
+
+
+def test_ssmax_inductor_dynamic_true_compiles_once() -> None:
+    """``dynamic=True``: one graph (one SSMax rewrite, one Inductor compile) serves every length."""
+    module = M.CausalTril(32).eval()
+    torch._dynamo.reset()
+    backend.reports.clear()
+    compiled = torch.compile(module, backend="attnpass", dynamic=True, options={"rewrite": "ssmax", "s": 0.5})
+    with torch.no_grad():
+        for s in (9, 14):
+            g = torch.Generator().manual_seed(s)
+            q, k, v = (torch.randn(2, 2, s, 8, generator=g) for _ in range(3))
+            torch.testing.assert_close(compiled(q, k, v), attnpass.ssmax_attention(q, k, v, is_causal=True, s=0.5),
+                                       rtol=1e-5, atol=2e-5)
+    assert [r.rewritten for r in backend.reports] == [[0]]

@@ -19,6 +19,7 @@ import transformers
 
 import attnpass
 import attnpass.onnx as aonnx
+from attnpass.errors import NothingRewritten
 from attnpass.validate import make_inputs, run
 from tests import hf_corpus
 
@@ -224,7 +225,10 @@ def test_gemma2_softcap(corpus, tmp_path, exporter):
     for site in rep:
         assert site.softcap == 50.0 and abs(site.scale - 256 ** -0.5) < 1e-6 and site.causal  # query_pre_attn_scalar
         assert (site.heads, site.kv_heads, site.head_dim) == (4, 2, 8)
-    res = aonnx.rewrite(src, tmp_path / "ort.onnx", to="fused", target="ort")
+    with pytest.raises(NothingRewritten, match="none could be rewritten"):  # nothing fused: nothing written
+        aonnx.rewrite(src, tmp_path / "ort.onnx", to="fused", target="ort")
+    assert not (tmp_path / "ort.onnx").exists()
+    res = aonnx.rewrite(src, tmp_path / "ort.onnx", to="fused", target="ort", force=True)
     assert len(res.rewritten) == 0 and set(res.left) == {0, 1}
     assert all(why.startswith("soft-capping: com.microsoft.MultiHeadAttention has no softcap") for why in res.left.values())
     out = tmp_path / "onnx23.onnx"

@@ -7,24 +7,19 @@ the ONNX tools are installed, export -> rewrite -> validate in onnxruntime.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
-from rich.console import Console
-from rich.table import Table
-
-import attnpass
-from attnpass.progress import steps
-from attnpass.report import report_dict, sites_table
-from attnpass.tiny import TinyGPT, example_inputs
+if TYPE_CHECKING:  # loaded in ``run``: ``attnpass --help`` must not wait for torch
+    import torch
+    from rich.console import Console
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run find -> rewrite -> validate on a built-in tiny GPT and print the result")
     p.add_argument("--seq", type=_positive, default=256, help="sequence length (default 256)")
-    p.add_argument("--layers", type=_positive, default=2)
+    p.add_argument("--layers", type=_positive, default=2, help="transformer layers of the tiny GPT")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export/validate half")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
     p.set_defaults(func=run)
@@ -52,6 +47,16 @@ def _time(fn: Callable[[], torch.Tensor], repeat: int = 5) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    import attnpass
+    from attnpass.progress import steps
+    from attnpass.report import report_dict, sites_table
+    from attnpass.result import dumps
+    from attnpass.tiny import TinyGPT, example_inputs
+
     console = Console(width=max(Console().width, 140), quiet=args.json)
     torch.manual_seed(0)
     model = TinyGPT(layers=args.layers, max_len=max(1024, args.seq)).eval()
@@ -101,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         result["onnx"] = onnx_rows
     result["ok"] = ok
     if args.json:
-        print(json.dumps(result, indent=2, default=str))
+        print(dumps(result))
     console.print("[bold green]demo OK[/]" if ok else "[bold red]demo found a mismatch[/]")
     return 0 if ok else 1
 

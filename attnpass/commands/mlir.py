@@ -9,7 +9,6 @@ leaves a half-written file behind.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -17,8 +16,6 @@ import tempfile
 from attnpass.commands.flags import add_rewrite_flags, spec_from_args
 from attnpass.errors import AttnpassError
 from attnpass.progress import steps
-from attnpass.report import report_dict
-from attnpass.result import json_safe
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -68,6 +65,13 @@ def _check_output(path: str) -> None:
         raise AttnpassError(f"{path}: cannot write to {parent} (permission denied)")
 
 
+def _umask() -> int:
+    """The process umask (read by setting it, then restored at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def run(args: argparse.Namespace) -> int:
     from attnpass import mlir as am
 
@@ -115,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; an output is as readable as any file the user writes
         os.replace(tmp, target)
     except BaseException as e:
         if os.path.exists(tmp):
@@ -125,8 +130,11 @@ def run(args: argparse.Namespace) -> int:
     label = "none" if spec is None else spec.label
     print(f"wrote {args.output} ({len(report.sites)} attention site(s), --to {label}, --emit {args.emit})", file=sys.stderr)
     if args.json:
+        from attnpass.report import report_dict
+        from attnpass.result import dumps
+
         data = report_dict(report) if result is None else result.as_dict()
-        print(json.dumps(json_safe({**data, "written": args.output, "to": label, "emit": args.emit}), indent=2))
+        print(dumps({**data, "written": args.output, "to": label, "emit": args.emit}))
     return 0
 
 

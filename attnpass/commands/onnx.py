@@ -8,57 +8,69 @@ not an error: ``rewrite`` says "no attention found", exits 0 and writes nothing 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 from pathlib import Path
 from typing import Any
 
 from attnpass.commands.flags import add_rewrite_flags, spec_from_args
 from attnpass.errors import AttnpassError, NoAttentionFound
 from attnpass.progress import steps
+from attnpass.result import dumps
+
+JSON_HELP = "print JSON instead of tables (strict JSON: NaN/inf as strings)"
+RTOL_HELP = "relative tolerance of the comparison in onnxruntime"
+ATOL_HELP = "absolute tolerance of the comparison in onnxruntime"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="list the attention sites of an .onnx model (and the softmaxes left alone)")
     p.add_argument("model", help="path to an .onnx file")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("rewrite", help="rewrite an .onnx model's attention to SSMax or fused ops, validated in onnxruntime")
-    p.add_argument("model")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("model", help="the .onnx model to rewrite (never modified)")
+    p.add_argument("-o", "--output", required=True, help="where to write the rewritten .onnx (written only if it validates)")
     add_rewrite_flags(p, required=True)
     p.add_argument("--target", choices=("ort", "onnx23"), default="ort",
                    help="fused op: com.microsoft.MultiHeadAttention (ort) or opset-23 Attention (onnx23)")
     p.add_argument("--inputs", default=None, help=".npz of feeds for validation (default: generated)")
-    p.add_argument("--rtol", type=float, default=1e-4)
-    p.add_argument("--atol", type=float, default=1e-4)
+    p.add_argument("--rtol", type=float, default=1e-4, help=RTOL_HELP)
+    p.add_argument("--atol", type=float, default=1e-4, help=ATOL_HELP)
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime check")
-    p.add_argument("--force", action="store_true", help="write the output even if no attention is found")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--force", action="store_true",
+                   help="write the output even if no attention is found or (--to fused) nothing could be fused")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=_rewrite)
 
     p = sub.add_parser("validate", help="compare two .onnx models' outputs in onnxruntime")
-    p.add_argument("a")
-    p.add_argument("b")
-    p.add_argument("--inputs", default=None)
-    p.add_argument("--rtol", type=float, default=1e-4)
-    p.add_argument("--atol", type=float, default=1e-4)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("a", help="the reference .onnx model")
+    p.add_argument("b", help="the .onnx model compared with it")
+    p.add_argument("--inputs", default=None, help=".npz of feeds, one array per input name (default: generated)")
+    p.add_argument("--rtol", type=float, default=1e-4, help=RTOL_HELP)
+    p.add_argument("--atol", type=float, default=1e-4, help=ATOL_HELP)
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("export", help="export a torch model (module:factory returning (model, args[, kwargs])) to ONNX")
     p.add_argument("factory", help="python path 'pkg.module:callable' returning (model, args) or (model, args, kwargs)")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="where to write the .onnx (written only if it matches torch)")
     add_rewrite_flags(p, choices=("ssmax", "fused", "none"), default="none")
     p.add_argument("--rewrite", dest="to", choices=("ssmax", "fused", "fuse", "none"), help=argparse.SUPPRESS)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=_export)
+
+
+#: Width of tables written to a pipe or a file: rich would cut them at 80 columns, truncating node names and
+#: reasons that scripts grep for; a table is as wide as its longest cell, never padded to this.
+PIPE_WIDTH = 100_000
 
 
 def _console():
     from rich.console import Console
 
-    return Console()
+    con = Console()
+    return con if con.is_terminal else Console(width=PIPE_WIDTH)
 
 
 def _table(rows: list[dict[str, Any]], skipped: list[dict[str, str]], title: str):
@@ -82,7 +94,7 @@ def _inspect(args: argparse.Namespace) -> int:
     rep = aonnx.find(args.model)
     data = rep.as_dict()
     if args.json:
-        print(json.dumps(data, indent=2, default=str))
+        print(dumps(data))
         return 0
     con = _console()
     if not rep.sites:
@@ -99,15 +111,17 @@ def _rewrite(args: argparse.Namespace) -> int:
             res = aonnx.rewrite(args.model, args.output, spec=spec_from_args(args, target=args.target),
                                 validate=not args.no_validate, inputs=args.inputs, rtol=args.rtol, atol=args.atol,
                                 force=args.force, progress=step)
-    except NoAttentionFound:
+    except NoAttentionFound as e:
+        message = str(e)
         if args.json:
-            print(json.dumps({"written": None, "sites": [], "message": "no attention found"}))
+            print(dumps({"written": None, "sites": [], "message": message}, indent=None))
         else:
-            print(f"no attention found in {args.model}; nothing written (use --force to write a copy)")
+            where = f"{message} in {args.model}" if type(e) is NoAttentionFound else f"{args.model}: {message}"
+            print(f"{where}; nothing written (use --force to write a copy)")
         return 0
     data = res.as_dict()
     if args.json:
-        print(json.dumps(data, indent=2))
+        print(dumps(data))
         return 0
     con = _console()
     if not res.report.sites:
@@ -117,7 +131,7 @@ def _rewrite(args: argparse.Namespace) -> int:
     for label, rep in (("self-test (s=0, b=1) vs original", res.self_test), (f"rewritten vs {against}", res.validation)):
         if rep is not None:
             for o in rep.outputs:
-                con.print(f"{label}: {_output_line(o)}")
+                con.print(f"{label}: {_output_line(o, rep)}", markup=False, highlight=False)
     con.print(f"wrote {res.written}")
     return 0
 
@@ -133,17 +147,24 @@ def _validate(args: argparse.Namespace) -> int:
     aonnx.load(args.a), aonnx.load(args.b)  # clear errors for non-ONNX files
     rep = validate(args.a, args.b, inputs=args.inputs, rtol=args.rtol, atol=args.atol)
     if args.json:
-        print(json.dumps(rep.as_dict(), indent=2, default=str))
+        print(dumps(rep.as_dict()))
     else:
         for o in rep.outputs:
-            print(_output_line(o))
+            print(_output_line(o, rep))
         print("PASS" if rep.passed else "FAIL")
     return 0 if rep.passed else 1
 
 
-def _output_line(o: Any) -> str:
-    """One compared output: its errors, and the reason when the outputs could not be compared."""
-    line = f"{o.name}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}, {'ok' if o.ok else 'FAIL'}"
+def _output_line(o: Any, rep: Any) -> str:
+    """One compared output: its errors against the tolerance, the reason when the outputs could not be compared,
+    and no verdict on the numbers when there was no tolerance (SSMax against its original)."""
+    if o.reason and not math.isfinite(o.max_abs):
+        return f"{o.name}: not compared: {o.reason}, FAIL"
+    nums = f"{o.name}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}"
+    if not rep.bounded:
+        line = f"{nums} (no tolerance: SSMax changes the outputs on purpose), {'finite' if o.finite else 'NaN/inf: FAIL'}"
+    else:
+        line = f"{nums} (rtol {rep.rtol:g}, atol {rep.atol:g}), {'ok' if o.ok else 'FAIL'}"
     return f"{line} ({o.reason})" if o.reason else line
 
 
@@ -155,12 +176,16 @@ def torch_module() -> type:
 
 def _export(args: argparse.Namespace) -> int:
     import importlib
+    import os
+    import sys
 
     from attnpass.lowering.onnx_export import export
 
     mod_name, _, attr = args.factory.partition(":")
     if not attr:
         raise AttnpassError(f"{args.factory}: expected 'pkg.module:callable'")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m`: a module next to the user is importable (console scripts lack it)
     try:
         fn = getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError) as e:
@@ -181,7 +206,7 @@ def _export(args: argparse.Namespace) -> int:
         spec = None if args.to == "none" else spec_from_args(args)
         res = export(model, margs, kwargs, args.output, spec=spec)
     if args.json:
-        print(json.dumps(res.as_dict(), indent=2, default=str))
+        print(dumps(res.as_dict()))
     else:
         print(f"wrote {args.output}: max abs error vs torch {res.max_abs:.3g} ({'ok' if res.ok else 'FAIL'})")
     return 0 if res.ok else 1

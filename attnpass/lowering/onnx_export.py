@@ -79,6 +79,33 @@ def _tensors(x: Any) -> list[torch.Tensor]:
     return []
 
 
+def _onnx_export(target: Any, args: tuple, kwargs: dict, opset: int, table: Any, dynamic_shapes: Any) -> Any:
+    """``torch.onnx.export`` with the batch and sequence axes dynamic unless the caller fixed them (a model that
+    cannot be exported so is exported at the example's shapes, with a warning)."""
+    import warnings
+
+    from attnpass.export_inputs import default_dynamic_shapes
+
+    def once(shapes: Any) -> Any:
+        # the exporter's optimizer applies onnxscript's opset-23 fusions; its RotaryEmbedding fusion gives
+        # cos/sin caches of the example's length on a dynamic sequence axis (onnxruntime then rejects any
+        # other length), so the fused (opset-23) export with dynamic axes is written unoptimized
+        return torch.onnx.export(target, args, kwargs=kwargs, dynamo=True, opset_version=opset,
+                                 custom_translation_table=table, dynamic_shapes=shapes, verbose=False,
+                                 optimize=opset != FUSED_OPSET or shapes is None)
+
+    auto = default_dynamic_shapes(target, args, kwargs) if dynamic_shapes is None else None
+    if auto is None:
+        return once(dynamic_shapes)
+    try:
+        return once(auto)
+    except Exception as e:  # noqa: BLE001  (retried at fixed shapes; that attempt's error is the one reported)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        warnings.warn(f"attnpass.export: {type(target).__name__} could not be exported with dynamic batch/sequence "
+                      f"axes ({first}); the file takes the example's shapes only", stacklevel=3)
+        return once(None)
+
+
 def export(model: torch.nn.Module, args: Any, kwargs: dict | None, path: str | Path, rewrite: str | None = None,
            s: float | None = None, rtol: float = 1e-4, atol: float = 1e-4, dynamic_shapes: Any = None,
            spec: RewriteSpec | None = None) -> ExportResult:
@@ -87,13 +114,16 @@ def export(model: torch.nn.Module, args: Any, kwargs: dict | None, path: str | P
     The reference is the original model for ``None`` and ``"fused"`` (same meaning), and the
     rewritten module for ``"ssmax"`` (a different model on purpose).  ``spec`` replaces ``rewrite``/``s``
     (fused SSMax cannot be exported: the opset-23 op has no SSMax factor).  Raises ``AttnpassError``
-    and leaves no file if the numbers differ.
+    and leaves no file if the numbers differ.  A Hugging Face model is exported without its KV cache
+    (``use_cache=False`` unless ``kwargs`` says otherwise: the file scores whole sequences); batch and
+    sequence axes are dynamic unless ``dynamic_shapes`` fixes them.
     """
     import attnpass
+    from attnpass.export_inputs import no_cache_kwargs
     from attnpass.validate import run
 
     args = args if isinstance(args, tuple) else (args,)
-    kwargs = kwargs or {}
+    kwargs = no_cache_kwargs(model, kwargs or {})
     path = Path(path)
     if spec is None and rewrite is not None:
         if rewrite not in ("ssmax", "fused", "fuse"):
@@ -126,9 +156,7 @@ def export(model: torch.nn.Module, args: Any, kwargs: dict | None, path: str | P
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         try:
-            onnx_program = torch.onnx.export(target, args, kwargs=kwargs, dynamo=True, opset_version=opset,
-                                             custom_translation_table=table, dynamic_shapes=dynamic_shapes,
-                                             verbose=False)
+            onnx_program = _onnx_export(target, args, kwargs, opset, table, dynamic_shapes)
         except AttnpassError:
             raise
         except Exception as e:  # the exporter raises many types; the user needs the model and the first line
