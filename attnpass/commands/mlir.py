@@ -138,7 +138,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def _write_library(args: argparse.Namespace, am, mod, report, result, spec) -> int:
     """``--emit so``: the native library (written whole or not at all by ``compile_library``)."""
     sig = am.compile_library(mod, args.output)
@@ -146,7 +145,11 @@ def _write_library(args: argparse.Namespace, am, mod, report, result, spec) -> i
     print(f"wrote {args.output} ({len(report.sites)} attention site(s), --to {label}, --emit so: "
           f"{len(sig.inputs)} input(s), entry attnpass_run)", file=sys.stderr)
     if args.json:
+        import json
+
+        from attnpass.report import report_dict
+        from attnpass.result import dumps
+
         data = report_dict(report) if result is None else result.as_dict()
-        print(json.dumps(json_safe({**data, "written": args.output, "to": label, "emit": "so",
-                                    "signature": json.loads(sig.to_json())}), indent=2))
+        print(dumps({**data, "written": args.output, "to": label, "emit": "so", "signature": json.loads(sig.to_json())}))
     return 0
