@@ -3,8 +3,10 @@
 Every kernel, every IR rewrite and every test refers back to the functions here, so the
 meaning of "SSMax attention" lives in exactly one place.  Conventions follow
 ``F.scaled_dot_product_attention``: tensors are ``[B, H, S, D]``, a boolean mask is True
-where a key may be attended, an additive mask is added to the scores, and a causal mask
-with ``S_q < S_k`` is aligned bottom-right (the queries are the last rows of the keys).
+where a key may be attended, an additive mask is added to the scores.  One difference: here a
+causal mask with ``S_q < S_k`` is aligned bottom-right (the queries are the last rows of the keys,
+as in a KV cache; FlashAttention's convention), while SDPA's ``is_causal`` is aligned top-left.
+``ssmax_sdpa`` and ``sdpa_causal_mask`` speak SDPA's convention, for rewriting SDPA calls.
 
 Masking is a hard constraint, not a score: an additive mask value at or below
 ``MASKED_BELOW`` (``-inf``, ``finfo.min``, the BERT-era ``-10000``) marks the key as not
@@ -63,6 +65,17 @@ def causal_allowed(s_q: int, s_k: int, device: torch.device | None = None) -> to
     i = torch.arange(s_q, device=device).unsqueeze(-1)
     j = torch.arange(s_k, device=device)
     return j <= i + (s_k - s_q)
+
+
+def sdpa_causal_mask(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Bool ``[S_q, S_k]``: SDPA's ``is_causal`` (top-left: query i sees keys ``j <= i``) as a mask.
+
+    A rewrite of an SDPA call whose ``S_q`` and ``S_k`` may differ passes this mask instead of the
+    bottom-right ``is_causal`` of ``attnpass::attention``; the two agree only when ``S_q == S_k``.
+    """
+    s_q, s_k = q.shape[-2], k.shape[-2]
+    i = torch.arange(s_q, device=q.device).unsqueeze(-1)
+    return torch.arange(s_k, device=q.device) <= i
 
 
 def allowed_keys(
@@ -222,6 +235,10 @@ def ssmax_sdpa(
     their mask value, which SDPA adds after the product, so a factor of 0 unmasks nothing.
     """
     shape = (*q.shape[:-1], k.shape[-2])
+    if is_causal and q.shape[-2] != k.shape[-2]:
+        # SDPA's is_causal is top-left, ``keys_per_row``'s bottom-right: state SDPA's mask (SDPA takes
+        # either a mask or is_causal, never both, so there is no mask to combine it with)
+        attn_mask, is_causal = sdpa_causal_mask(q, k), False
     n = keys_per_row(shape, attn_mask, is_causal, device=q.device)
     factor = ssmax_factor(n, s, b).unsqueeze(-1)
     q = (q.to(factor.dtype) * factor).to(q.dtype)

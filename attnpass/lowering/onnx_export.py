@@ -34,6 +34,11 @@ def _attention_onnx(q, k, v, attn_mask=None, is_causal=False, scale=None, ssmax_
 
     if ssmax_s is not None or ssmax_b is not None:
         raise AttnpassError("ONNX export of attnpass.attention with SSMax parameters: export with rewrite='ssmax' instead")
+    if is_causal and _lengths_differ(q, k):
+        raise AttnpassError(
+            "ONNX export of attnpass.attention(is_causal=True) with queries and keys of different lengths "
+            f"({_seq(q)} vs {_seq(k)}): ONNX Attention aligns is_causal top-left, attnpass bottom-right; "
+            "pass the causal mask explicitly")
     kwargs: dict[str, Any] = {"is_causal": int(bool(is_causal))}
     if scale is not None:
         kwargs["scale"] = float(scale)
@@ -44,6 +49,27 @@ def _attention_onnx(q, k, v, attn_mask=None, is_causal=False, scale=None, ssmax_
         out = out[0]  # Y; the optional present_key / present_value / qk outputs stay unused
     lse = op.ReduceMax(op.Mul(q, op.CastLike(0.0, q)), [-1], keepdims=0)
     return out, lse
+
+
+def _seq(x: Any) -> Any:
+    """The sequence dimension (``-2``) of a traced value, or None where its shape is unknown."""
+    shape = getattr(x, "shape", None)
+    if shape is None or len(shape) < 2:
+        return None
+    return shape[len(shape) - 2]
+
+
+def _lengths_differ(q: Any, k: Any) -> bool:
+    """Queries and keys have known sequence lengths that are not the same (two numbers, or two symbols)."""
+    a, b = _seq(q), _seq(k)
+    if a is None or b is None:
+        return False
+    a_int, b_int = isinstance(a, int), isinstance(b, int)
+    if a_int and b_int:
+        return a != b
+    if a_int or b_int:
+        return False  # a number against a symbol: not known to differ
+    return str(a) != str(b) and str(a) not in ("", "None") and str(b) not in ("", "None")
 
 
 def translation_table() -> dict[Any, Any]:

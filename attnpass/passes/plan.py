@@ -145,6 +145,26 @@ class Plan:
         """
         return self.action is Action.SSMAX and self.site.form is Form.FUSED_OP and self.site.sdpa_is_causal
 
+    @property
+    def sdpa_causal_as_mask(self) -> bool:
+        """An SDPA call's ``is_causal`` reaches ``attnpass::attention`` as an explicit mask.
+
+        SDPA aligns ``is_causal`` top-left, ``attnpass::attention`` (like FlashAttention) bottom-right:
+        the flag carries over only when ``S_q`` and ``S_k`` are provably the same size; otherwise the emitter
+        passes SDPA's own mask (``semantics.sdpa_causal_mask``), exact at any sizes.
+        """
+        site = self.site
+        return site.form is Form.FUSED_OP and site.sdpa_is_causal and not same_size(site.seq_q, site.seq_k)
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """``a`` and ``b`` are the same size for every input: equal integers, or the same symbol (``s0`` and ``s0``)."""
+    if a is None or b is None:
+        return False
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return a is b or (not isinstance(a, int) and not isinstance(b, int) and str(a) == str(b))
+
 
 def plan_for(site: AttentionSite, spec: RewriteSpec, caps: Capabilities, adapter: Adapter) -> Plan:
     """The plan of ``site`` for a resolved ``spec`` on an emitter with ``caps``."""

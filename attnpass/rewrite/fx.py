@@ -148,7 +148,10 @@ def _fuse_site(gm: fx.GraphModule, plan: Plan, ssmax: tuple[fx.Node, fx.Node | N
         if site.form is Form.FUSED_OP:
             node = site.softmax
             gqa = bool(ad.attr(node, "enable_gqa", False)) or site.k.groups > 1
-            res = b.call(op, q, k, v, site.sdpa_mask, site.sdpa_is_causal, ad.attr(node, "scale"), s_node, b_node, None, gqa)
+            mask, causal = site.sdpa_mask, site.sdpa_is_causal
+            if plan.sdpa_causal_as_mask:
+                mask, causal = b.call(semantics.sdpa_causal_mask, q, k), False
+            res = b.call(op, q, k, v, mask, causal, ad.attr(node, "scale"), s_node, b_node, None, gqa)
             out = _unlift(b, b.call(operator.getitem, res, 0), site)
         else:
             mask = _op_mask(b, plan)
