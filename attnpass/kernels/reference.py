@@ -187,3 +187,45 @@ def _per_head_sum(grad_rows: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """Reduce a ``[B, H, S_q]`` gradient to a per-head (``[H]``) or single ``s``/``b``."""
     dims = (0, 2) if param.numel() > 1 else (0, 1, 2)
     return grad_rows.sum(dims).reshape(param.shape).to(param.dtype)
+
+
+def softmax_topk(x: torch.Tensor, k: int, dim: int = -1, renormalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(probs, indices)``: the ``k`` largest entries of ``softmax(x, dim)``, the oracle for the fused kernels.
+
+    Selection is made on the logits (softmax is monotone, so it is the same set as on the
+    probabilities, without the ties that rounding the probabilities can create) by a stable
+    descending sort: NaN ranks above every number, as in ``torch.topk``, and among equal
+    values the lower index comes first, a deterministic rule that every kernel follows
+    (``torch.topk``'s own order among ties is unspecified).  ``probs`` is
+    ``exp(x_i - logsumexp(x))`` computed in float32 (float64 for float64 input), or, with
+    ``renormalize``, the softmax over the ``k`` selected logits (Mixtral's router weights).
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(acc)
+    indices = torch.sort(xf, dim=dim, descending=True, stable=True).indices.narrow(dim, 0, k)
+    picked = xf.gather(dim, indices)
+    if renormalize:
+        probs = torch.softmax(picked, dim)
+    else:
+        probs = torch.exp(picked - torch.logsumexp(xf, dim, keepdim=True))
+    return probs.to(x.dtype), indices
+
+
+def softmax_topk_backward(grad: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, dim: int = -1,
+                          renormalize: bool = False) -> torch.Tensor:
+    """``dL/dx`` for ``softmax_topk`` given ``dL/dprobs``; the probabilities are recomputed from ``x`` in float32.
+
+    Without renormalisation ``p_j = exp(x_j - lse)`` gives ``dx = scatter(g * p) - softmax(x) * sum(g * p)``
+    (every entry of the row moves the normaliser); with it the weights depend on the selected
+    logits only, so ``dx`` is ``w * (g - sum(g * w))`` at the indices and 0 elsewhere.
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf, gf = x.to(acc), grad.to(acc)
+    picked = xf.gather(dim, indices)
+    if renormalize:
+        w = torch.softmax(picked, dim)
+        return torch.zeros_like(xf).scatter(dim, indices, w * (gf - (gf * w).sum(dim, keepdim=True))).to(x.dtype)
+    lse = torch.logsumexp(xf, dim, keepdim=True)
+    p = torch.exp(picked - lse)
+    dx = -torch.exp(xf - lse) * (gf * p).sum(dim, keepdim=True)
+    return dx.scatter_add(dim, indices, gf * p).to(x.dtype)
