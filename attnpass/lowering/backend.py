@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import fx
 
-from attnpass.lowering import ops  # noqa: F401  (the op must exist before graphs use it)
+from attnpass.lowering import ops, topk_ops  # noqa: F401  (the ops must exist before graphs use them)
 from attnpass.result import RewriteResult
 from attnpass.rewrite import fx as fx_rewrite
 from attnpass.spec import RewriteSpec
