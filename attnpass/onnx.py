@@ -106,13 +106,15 @@ def rewrite(
     step("finding and rewriting attention")
     report, left = onnx_checks.apply(model, spec)
     result = RewriteResult(report, spec, left, ir="onnx")
-    if not report.sites and not force:
+    # routers / heads rewritten (a plain fuse only, as in ``rewrite/onnx``), with or without attention
+    topk_done = spec.to == "fused" and not spec.fused_ssmax and any(t.fusable for t in report.topk)
+    if not report.sites and not topk_done and not force:
         raise NoAttentionFound("no attention found")
     with _staging(dst, src) as tmp:
         tmp_dst = Path(tmp) / dst.name
         step("saving to a temporary file")
         save(model, tmp_dst)
-        if validate and report.sites and (result.rewritten or spec.fused_ssmax):
+        if validate and ((report.sites and (result.rewritten or spec.fused_ssmax)) or topk_done):
             # a path is checked as the user's own file (no second copy of the weights written)
             ref_path = Path(src) if isinstance(src, str | os.PathLike) else Path(tmp) / "original.onnx"
             if ref_path.parent == Path(tmp):
