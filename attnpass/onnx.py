@@ -50,7 +50,8 @@ class OnnxReport:
 
     def as_dict(self) -> dict[str, Any]:
         return json_safe({"sites": [s.summary() for s in self.report.sites],
-                          "skipped": [{"node": k.name, "reason": k.reason} for k in self.report.skipped]})
+                          "skipped": [{"node": k.name, "reason": k.reason} for k in self.report.skipped],
+                          "topk": [t.summary() for t in self.report.topk]})
 
 
 def find(src: Any) -> OnnxReport:

@@ -64,3 +64,24 @@ def test_ssmax_rewrite_keeps_selection(models, tmp_path: Path) -> None:
     """``to="ssmax"`` changes attention only: a router-only model has nothing for it."""
     with pytest.raises(AttnpassError):
         aonnx.rewrite(models[("router", "dynamo")], tmp_path / "out.onnx", to="ssmax")
+
+
+def test_inspect_lists_router_sites(models, capsys) -> None:
+    """``attnpass inspect`` shows the router with what it picks; ``--json`` carries the same under "topk"."""
+    import json
+
+    from attnpass.cli import main
+
+    src = str(models[("router", "torchscript")])
+    assert main(["inspect", src, "--json"]) == 0
+    (t,) = json.loads(capsys.readouterr().out)["topk"]
+    assert (t["form"], t["k"], t["renormalize"], t["fusable"]) == ("topk", 2, True, True)
+    assert main(["inspect", src]) == 0
+    out = capsys.readouterr().out
+    assert "top-k" in out and "topk" in out
+
+
+def test_rewrite_result_lists_what_was_done(models, tmp_path: Path) -> None:
+    res = aonnx.rewrite(models[("head", "dynamo")], tmp_path / "out.onnx", to="fused")
+    (t,) = res.as_dict()["topk"]
+    assert t["fusable"] and any("TopK on the logits" in n for n in t["notes"])
