@@ -33,6 +33,16 @@ class Router(torch.nn.Module):
         return w.to(h.dtype), idx
 
 
+class GatherGate(Router):
+    """DeepSeek-style gate: the top-k indices only, the weights gathered back from the probabilities, renormalised."""
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.gate(h).softmax(dim=-1)
+        _, idx = torch.topk(scores, k=self.k, dim=-1)
+        w = scores.gather(-1, idx)
+        return w / (w.sum(dim=-1, keepdim=True) + 1e-20), idx
+
+
 class ClassHead(torch.nn.Module):
     """Classification head at inference: the top-5 classes and their probabilities."""
 
@@ -78,6 +88,7 @@ class Smallest(torch.nn.Module):
 
 REWRITE: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[], torch.Tensor], str, int | None, bool]] = {
     "router": (Router, _x(6, 16), "topk", 2, True),
+    "gather_gate": (GatherGate, _x(6, 16), "topk", 2, True),
     "head": (ClassHead, _x(3, 40), "topk", 5, False),
     "greedy": (Greedy, _x(3, 40), "argmax", None, False),
     "maxprob": (MaxProb, _x(3, 40), "max", None, False),

@@ -22,6 +22,9 @@ from attnpass.passes.kinds import Adapter, Kind
 
 #: Ops between the softmax and the selection that do not change which entries are picked.
 _PASS_THROUGH = {Kind.CAST, Kind.IDENTITY}
+#: The largest ``eps`` in ``w / (w.sum() + eps)`` still read as the renormalisation (below float32's resolution of a
+#: sum that is at least k / n).
+_RENORM_EPS = 1e-12
 
 
 class TopkForm(enum.StrEnum):
@@ -36,8 +39,8 @@ class TopkForm(enum.StrEnum):
 class Reduction:
     """An adapter's answer about one reduction node, in the IR's own values.
 
-    ``op`` is ``"topk"``, ``"max"`` (values, and indices when the op also returns them), ``"argmax"`` or
-    ``"sum"``.  ``axis`` is None for a reduction over every axis; ``k`` is None when it is not static.
+    ``op`` is ``"topk"``, ``"max"`` (values, and indices when the op also returns them), ``"argmax"``, ``"sum"``
+    or ``"gather"`` (``values`` its result, ``indices`` its index input).  ``axis`` is None for a reduction over every axis; ``k`` is None when it is not static.
     ``values``/``indices`` are the node's results (None when the op has none or nobody reads them).
     """
 
@@ -158,6 +161,10 @@ class TopkWalker:
         if not picks:
             return []
         others = [u for u in users if all(u is not p for p, _ in picks)]
+        gathers = {id(u): r for u in others if (r := self._reduction(u)) is not None and r.op == "gather"}
+        picks = [self._gathered(p, r, [g for g in gathers.values() if g.x is probs]) for p, r in picks]
+        others = [u for u in others if not any(u is p or (id(u) in gathers and gathers[id(u)].values is r.values)
+                                                for p, r in picks)]
         shared: str | None = None
         if a.is_graph_output(probs) or (probs is not out and a.is_graph_output(out)):
             shared = "the full probabilities are a graph output"
@@ -167,6 +174,18 @@ class TopkWalker:
         for node, r in picks:
             sites.append(self._site(sm, x, axis, rank, node, r, tuple(casts), shared))
         return sites
+
+    def _gathered(self, node: Any, r: Reduction, gathers: list[Reduction]) -> tuple[Any, Reduction]:
+        """``_, i = p.topk(k); w = p.gather(axis, i)`` (DeepSeek-style gates): the gather reads the top-k values
+        back, so with the top-k's own values unread it *is* the values result."""
+        if r.op != "topk" or r.indices is None or (r.values is not None and self.a.users(r.values)):
+            return node, r
+        for g in gathers:
+            if g.indices is r.indices and g.axis is not None and r.axis is not None:
+                rank = len(self.a.shape(g.x) or ()) or 1
+                if g.axis % rank == r.axis % rank:
+                    return node, replace(r, values=g.values)
+        return node, r
 
     def _site(self, sm: Any, x: Any, axis: Any, rank: int, node: Any, r: Reduction, casts: tuple[Any, ...],
               shared: str | None) -> TopkSite:
@@ -214,9 +233,20 @@ class TopkWalker:
             return None, None, None
         ins = a.inputs(div)
         sum_out = s.values
-        if len(ins) < 2 or ins[0] is not vals or ins[1] is not sum_out:
+        if len(ins) < 2 or ins[0] is not vals or a.users(sum_out) == [] or a.is_graph_output(sum_out):
             return None, None, None
-        if a.users(sum_out) != [div] or a.is_graph_output(sum_out):
+        den = ins[1]
+        if den is not sum_out:
+            # ``w / (w.sum() + eps)`` (DeepSeek's 1e-20): the top-k sum is at least k / n, so an eps this small
+            # changes no float32 bit of the weights
+            add = a.producer(den)
+            if add is None or a.kind(add) is not Kind.ADD or a.users(den) != [div] or a.users(sum_out) != [add]:
+                return None, None, None
+            terms = a.inputs(add)
+            eps = a.constant(terms[1]) if terms[0] is sum_out else a.constant(terms[0]) if terms[1] is sum_out else None
+            if eps is None or not 0.0 <= eps <= _RENORM_EPS:
+                return None, None, None
+        elif a.users(sum_out) != [div]:
             return None, None, None
         return div, sm, a.output(div)
 

@@ -50,9 +50,12 @@ def fx_reduction(ad: Any, node: Any) -> Reduction | None:
     if node.op not in ("call_function", "call_method"):
         return None
     name = _op_name(node)
-    if name not in ("topk", "max", "amax", "argmax", "sum") or not node.args:
+    if name not in ("topk", "max", "amax", "argmax", "sum", "gather") or not node.args:
         return None
     x = ad.inputs(node)[0]
+    if name == "gather":  # gather(x, dim, index): the selected entries read back from the probabilities
+        dim, index = _fx_arg(node, 1, "dim"), _fx_arg(node, 2, "index")
+        return Reduction("gather", x, dim, indices=index, values=node) if isinstance(dim, int) else None
     if name == "topk":
         k = _fx_arg(node, 1, "k")
         ok, axis = _one_axis(_fx_arg(node, 2, "dim", -1))
@@ -105,6 +108,8 @@ def onnx_reduction(ad: Any, node: Any) -> Reduction | None:
         return Reduction("topk", x, int(ad._attr_raw(node, "axis", -1)), True,
                          int(k) if k is not None else None, bool(ad._attr_raw(node, "largest", 1)),
                          node.outputs[0], node.outputs[1] if len(node.outputs) > 1 else None)
+    if op == "GatherElements" and len(node.inputs) > 1:
+        return Reduction("gather", x, int(ad._attr_raw(node, "axis", 0)), indices=node.inputs[1], values=node.outputs[0])
     if op == "ArgMax":
         if ad._attr_raw(node, "select_last_index", 0):
             return None
@@ -130,12 +135,28 @@ def onnx_reduction(ad: Any, node: Any) -> Reduction | None:
 # ------------------------------------------------------------------ torch-dialect MLIR
 
 
+def _nonneg(index: Any) -> Any:
+    """The index under ONNX ``GatherElements``' negative-index wrap, ``where(i < 0, i + n, i)`` (a no-op for top-k
+    indices, which are never negative), else ``index`` itself."""
+    p = index.producer
+    if p is None or p.aten != "where" or len(p.operands) != 3:
+        return index
+    i = p.operands[2]
+    lt, add = p.operands[0].producer, p.operands[1].producer
+    is_lt = lt is not None and lt.aten == "lt" and lt.operands[0] is i
+    is_add = add is not None and add.aten == "add" and add.operands[0] is i
+    return i if is_lt and is_add else index
+
+
 def mlir_reduction(ad: Any, node: Any) -> Reduction | None:
     """``torch.aten.topk`` / ``max.dim`` / ``amax`` / ``argmax`` / ``sum.dim_IntList`` with constant operands."""
     name, ops = node.aten, node.operands
-    if name not in ("topk", "max", "amax", "argmax", "sum") or not ops:
+    if name not in ("topk", "max", "amax", "argmax", "sum", "gather") or not ops:
         return None
     x = ops[0]
+    if name == "gather":
+        dim = ad.constant(ops[1]) if len(ops) > 2 else None
+        return None if dim is None else Reduction("gather", x, int(dim), indices=_nonneg(ops[2]), values=node.results[0])
 
     def const(i: int) -> Any:
         return ad.constant(ops[i]) if len(ops) > i else None

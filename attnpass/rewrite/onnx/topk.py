@@ -40,7 +40,8 @@ def _emit_one(ad: OnnxAdapter, site: TopkSite) -> str:
     b = _Builder(site.reduce, f"{ad.name(site.softmax)}/attnpass_topk")
     x, axis, opset = site.x, site.axis, ad.opset
     if site.form is TopkForm.TOPK:
-        vals, idx = b.tape.op_multi_out("TopK", [x, b.ints(int(site.k))], {"axis": axis, "largest": 1, "sorted": 1},
+        keep_order = int(ad._attr_raw(site.reduce, "sorted", 1))  # an unsorted TopK stays unsorted: same order
+        vals, idx = b.tape.op_multi_out("TopK", [x, b.ints(int(site.k))], {"axis": axis, "largest": 1, "sorted": keep_order},
                                         num_outputs=2, name=f"{b.prefix}/TopK")
         if site.renormalize:
             probs = b.op("Exp", [b.op("Sub", [vals, _reduce(b, "ReduceLogSumExp", vals, axis, True, opset)])])
