@@ -197,17 +197,16 @@ def softmax_topk(x: torch.Tensor, k: int, dim: int = -1, renormalize: bool = Fal
     descending sort: NaN ranks above every number, as in ``torch.topk``, and among equal
     values the lower index comes first, a deterministic rule that every kernel follows
     (``torch.topk``'s own order among ties is unspecified).  ``probs`` is
-    ``exp(x_i - logsumexp(x))`` computed in float32 (float64 for float64 input), or, with
-    ``renormalize``, the softmax over the ``k`` selected logits (Mixtral's router weights).
+    ``exp(x_i - logsumexp(x))`` computed in float32 (float64 for float64 input), with
+    ``renormalize`` divided by their sum (Mixtral's router weights), as eager code does.
     """
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     xf = x.to(acc)
     indices = torch.sort(xf, dim=dim, descending=True, stable=True).indices.narrow(dim, 0, k)
     picked = xf.gather(dim, indices)
+    probs = torch.exp(picked - torch.logsumexp(xf, dim, keepdim=True))
     if renormalize:
-        probs = torch.softmax(picked, dim)
-    else:
-        probs = torch.exp(picked - torch.logsumexp(xf, dim, keepdim=True))
+        probs = probs / probs.sum(dim, keepdim=True)
     return probs.to(x.dtype), indices
 
 

@@ -60,28 +60,44 @@ def _cache_root() -> Path:
     return Path(root)
 
 
-def _build(capability: str) -> CpuKernel:
-    """Compile (or reuse) the library for ``capability`` and wrap its ops."""
+def compile_library(source: Path, prefix: str, capability: str) -> object:
+    """Compile (or reuse) ``source`` for ``capability``; returns its ``torch.ops`` namespace.
+
+    Shared by every C++ source here (attention, softmax_topk): one flag set per capability, a
+    name that hashes source, flags and torch version, one lock for all builds.
+    """
     from filelock import FileLock
     from torch.utils import cpp_extension
 
     flags = ["-O3", "-fopenmp", *_CAPABILITY_FLAGS[capability]]
     digest = hashlib.sha256(
-        _SOURCE.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()
+        source.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()
     ).hexdigest()[:10]
-    name = f"attnpass_cpu_{capability.lower()}_{digest}"
+    name = f"{prefix}_{capability.lower()}_{digest}"
     root = _cache_root()
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / "attnpass_cpu.lock")):
         cpp_extension.load(
             name=name,
-            sources=[str(_SOURCE)],
+            sources=[str(source)],
             extra_cflags=[*flags, f"-DATTNPASS_NS={name}"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=os.environ.get("ATTNPASS_VERBOSE_BUILD") == "1",
         )
-    return CpuKernel(getattr(torch.ops, name), capability)
+    return getattr(torch.ops, name)
+
+
+def _build(capability: str) -> CpuKernel:
+    """Compile (or reuse) the attention library for ``capability`` and wrap its ops."""
+    return CpuKernel(compile_library(_SOURCE, "attnpass_cpu", capability), capability)
+
+
+def load_topk(capability: str | None = None):
+    """The compiled ``softmax_topk`` kernel (``attnpass.kernels.cpu.topk``), or None if it cannot be built."""
+    from attnpass.kernels.cpu import topk
+
+    return topk.load(capability)
 
 
 def load(capability: str | None = None) -> CpuKernel | None:

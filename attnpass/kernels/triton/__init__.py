@@ -29,7 +29,7 @@ import torch
 
 _SOURCE = Path(__file__).with_name("kernels.py")
 _lock = threading.Lock()
-_modules: dict[bool, ModuleType | None] = {}
+_modules: dict[tuple[Path, bool], ModuleType | None] = {}
 _kernels: dict[bool, TritonKernel | None] = {}
 
 
@@ -47,17 +47,23 @@ def _triton_importable() -> bool:
 
 
 def _kernel_module(interpret: bool) -> ModuleType | None:
-    """``kernels.py`` executed with Triton's interpreter switched on or off (cached per mode).
+    """``kernels.py`` executed with Triton's interpreter switched on or off (cached per mode)."""
+    return exec_kernel_source(_SOURCE, interpret)
+
+
+def exec_kernel_source(source: Path, interpret: bool) -> ModuleType | None:
+    """A kernel source file executed with Triton's interpreter switched on or off (cached per file and mode).
 
     ``TRITON_INTERPRET`` is set only while the module body runs (the ``@triton.jit``
     decorators read it then) and restored afterwards, so nothing else in the process — other
-    Triton users, torch.compile — sees a changed environment.
+    Triton users, torch.compile — sees a changed environment.  The file must define ``INTERPRET``
+    (``knobs.runtime.interpret`` as it read it).
     """
     with _lock:
-        if interpret in _modules:
-            return _modules[interpret]
-        name = f"{__name__}._kernels_{'interpreted' if interpret else 'compiled'}"
-        spec = importlib.util.spec_from_file_location(name, _SOURCE)
+        if (source, interpret) in _modules:
+            return _modules[(source, interpret)]
+        name = f"{__name__}._{source.stem}_{'interpreted' if interpret else 'compiled'}"
+        spec = importlib.util.spec_from_file_location(name, source)
         assert spec is not None and spec.loader is not None
         mod = importlib.util.module_from_spec(spec)
         old = os.environ.get("TRITON_INTERPRET")
@@ -77,7 +83,7 @@ def _kernel_module(interpret: bool) -> ModuleType | None:
                 os.environ.pop("TRITON_INTERPRET", None)
             else:
                 os.environ["TRITON_INTERPRET"] = old
-        _modules[interpret] = mod
+        _modules[(source, interpret)] = mod
         return mod
 
 

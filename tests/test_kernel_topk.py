@@ -1,0 +1,140 @@
+"""The softmax_topk kernels (C++ on CPU, Triton interpreted on CPU tensors, Triton compiled on CUDA) against the reference.
+
+Each kernel must give the reference's indices exactly (ties and NaN included: lower index first,
+NaN ranking above every number), probabilities and gradients to float32 rounding, and round to
+the input's dtype as the reference does for bf16/fp16.  The ``cuda`` target is marked ``gpu``;
+``interp`` runs the same Triton source through the interpreter at smaller shapes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import attnpass
+from attnpass import kernels
+from attnpass.kernels import reference
+from attnpass.kernels import topk as topk_dispatch
+from attnpass.kernels.cpu import topk as cpu_topk
+from attnpass.kernels.triton import topk as triton_topk
+
+# The interpreter evaluates masked-off lanes too (numpy warns on their -inf - -inf) and the NaN rows on purpose.
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")]
+
+
+@dataclass
+class Target:
+    kernel: object
+    device: str
+    big: bool
+
+
+@pytest.fixture(scope="module", params=["cpu", "interp", pytest.param("cuda", marks=pytest.mark.gpu)])
+def target(request) -> Target:
+    if request.param == "cpu":
+        kernel = cpu_topk.load()
+        assert kernel is not None, "the C++ softmax_topk kernel could not be built"
+        return Target(kernel, "cpu", True)
+    if request.param == "interp":
+        kernel = triton_topk.load_interpreted()
+        assert kernel is not None and kernel.interpreted, "Triton's interpreter softmax_topk kernel could not be built"
+        return Target(kernel, "cpu", False)
+    kernel = triton_topk.load()
+    assert kernel is not None and not kernel.interpreted, "CUDA is present but the compiled Triton softmax_topk kernel is not"
+    return Target(kernel, "cuda", True)
+
+
+def _x(t: Target, rows: int, n: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (3 * torch.randn(rows, n, generator=g)).to(device=t.device, dtype=dtype)
+
+
+def _check(t: Target, x: torch.Tensor, k: int, renormalize: bool, seed: int = 1) -> None:
+    """Forward and backward of the kernel against the reference on the same tensor."""
+    probs, idx = t.kernel.softmax_topk_forward(x, k, renormalize)
+    want_p, want_i = reference.softmax_topk(x, k, -1, renormalize)
+    assert probs.dtype == x.dtype and idx.dtype == torch.int64
+    assert torch.equal(idx, want_i)
+    tol = 1e-6 if x.dtype == torch.float32 else 0.0  # reduced precision: both round the same float32 value
+    torch.testing.assert_close(probs.float(), want_p.float(), rtol=0, atol=tol, equal_nan=True)
+    g = torch.randn(idx.shape, generator=torch.Generator().manual_seed(seed)).to(device=x.device, dtype=x.dtype)
+    dx = t.kernel.softmax_topk_backward(g, x, idx, renormalize)
+    want_dx = reference.softmax_topk_backward(g, x, idx, -1, renormalize)
+    gtol = 2e-6 if x.dtype == torch.float32 else 1e-2 * max(1.0, want_dx.abs().max().item())
+    torch.testing.assert_close(dx.float(), want_dx.float(), rtol=0, atol=gtol, equal_nan=True)
+
+
+@pytest.mark.parametrize("n,k", [(8, 2), (64, 8), (256, 64), (5000, 1), (5000, 50)])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_fp32(target, n, k, renormalize):
+    rows = 37 if target.big else 5
+    if not target.big and n > 1000:
+        rows = 2
+    _check(target, _x(target, rows, n), k, renormalize)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision(target, dtype):
+    for n, k in ((8, 2), (300, 8)):
+        _check(target, _x(target, 4, n, dtype, seed=n), k, False)
+        _check(target, _x(target, 4, n, dtype, seed=n + 1), k, True)
+
+
+def test_ties_nan_and_infinities(target):
+    """Ties lowest index first (bf16 makes many), NaN first and its row NaN, +inf and all -inf rows as softmax gives."""
+    nan, inf = float("nan"), float("inf")
+    rows = torch.tensor([
+        [1.0, 3.0, 3.0, 2.0, 3.0, 0.0, 3.0, 1.0],
+        [0.0] * 8,
+        [1.0, nan, 3.0, nan, 0.5, -0.0, 0.0, 2.0],
+        [-inf] * 8,
+        [inf, 1.0, 2.0, 3.0, 4.0, inf, 0.0, -1.0],
+        [-inf, -inf, 1.0, -inf, 0.0, -inf, -inf, -inf],
+    ], device=target.device)
+    for k in (1, 3, 5):
+        for renorm in (False, True):
+            _check(target, rows, k, renorm)
+    coarse = torch.randn(6, 3000, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(target.device)
+    _check(target, coarse, 16, False)
+
+
+def test_rows_longer_than_a_tile(target):
+    n = 70000 if target.big else 9000
+    x = _x(target, 3, n, seed=4)
+    x[1, n - 5] = 40.0  # the winner in the last tile
+    x[2, :100] = -float("inf")
+    _check(target, x, 5, False)
+    _check(target, x, 5, True)
+
+
+def test_op_dispatches_cpu_tensors_to_the_cpp_kernel():
+    x = torch.randn(4, 100)
+    assert topk_dispatch.active_backend(x, 8) == "cpu"
+    assert topk_dispatch.active_backend(x, 65) == "reference"  # above MAX_K: the sort
+    assert topk_dispatch.active_backend(x.double(), 8) == "reference"
+    kernels.force_backend("reference")
+    try:
+        assert topk_dispatch.active_backend(x, 8) == "reference"
+    finally:
+        kernels.force_backend(None)
+
+
+def test_missing_kernel_falls_back_once_with_a_warning(monkeypatch):
+    from attnpass.kernels import cpu
+
+    monkeypatch.setattr(cpu, "load_topk", lambda: None)
+    monkeypatch.setattr(topk_dispatch, "_warned", set())
+    x = torch.randn(3, 50)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        p1, i1 = attnpass.softmax_topk(x, 4)
+        attnpass.softmax_topk(x, 4)
+    said = [w for w in caught if "softmax_topk kernel is unavailable" in str(w.message)]
+    assert len(said) == 1
+    want_p, want_i = reference.softmax_topk(x, 4)
+    assert torch.equal(i1, want_i) and torch.equal(p1, want_p)
