@@ -99,10 +99,14 @@ def test_hf_moe_routers_found_and_fused(family: str) -> None:
     torch.testing.assert_close(hf_corpus.output_tensor(gm(*args, **kwargs)), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+LMS = {"mixtral": hf_corpus.mixtral_lm, "qwen2_moe": lambda: hf_corpus.qwen2_moe(causal_lm=True),
+       "olmoe": lambda: hf_corpus.olmoe(causal_lm=True)}
+
+
+@pytest.mark.parametrize("family", sorted(LMS))
 def test_hf_moe_greedy_generation_same_tokens(family: str) -> None:
     """Greedy generation with the routers fused (compile backend) picks the same tokens as the original."""
-    build = hf_corpus.mixtral_lm if family == "mixtral" else (lambda: hf_corpus.qwen2_moe(causal_lm=True))
+    build = LMS[family]
     torch.manual_seed(0)
     model, (ids,), _ = build()
     model.eval()
