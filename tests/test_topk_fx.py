@@ -60,6 +60,16 @@ def test_left_alone_with_reason(name: str) -> None:
     torch.testing.assert_close(gm(x), m(x))
 
 
+def test_backend_option_keeps_routers() -> None:
+    """``options={"topk": False}``: attention still fused, routers left as written (found, noted nowhere)."""
+    m, x = Router().eval(), REWRITE["router"][1]()
+    torch._dynamo.reset()
+    out = torch.compile(m, backend="attnpass", options={"inner": "eager", "topk": False})(x)
+    (site,) = backend.reports[-1].report.topk
+    assert site.fusable and not any(n.startswith("fused into") for n in site.notes)
+    torch.testing.assert_close(out, m(x))
+
+
 def test_ssmax_rewrite_leaves_topk_sites() -> None:
     """Only a plain fuse applies the top-k rewrite: ``to_ssmax`` changes attention and nothing else."""
     m, x = Router().eval(), REWRITE["router"][1]()

@@ -3,7 +3,8 @@
 Options (``torch.compile(m, backend="attnpass", options={...})``):
 ``rewrite``: ``"fused"`` (default; ``"fuse"`` is accepted too) or ``"ssmax"``; ``s``/``b``/``train_len`` for SSMax, fused into
 ``attnpass::attention`` where the site allows unless ``fused=False``;
-``inner``: ``"inductor"`` (default) or ``"eager"`` for what runs the rewritten graph.
+``inner``: ``"inductor"`` (default) or ``"eager"`` for what runs the rewritten graph;
+``topk``: with ``rewrite="fused"``, also fuse softmax -> top-k / max / argmax (routers, heads; default True).
 The graph is rewritten at torch level, before AOT autograd splits forward from backward, so
 training sees the op's own backward.
 """
@@ -20,7 +21,7 @@ from attnpass.result import RewriteResult
 from attnpass.rewrite import fx as fx_rewrite
 from attnpass.spec import RewriteSpec
 
-_KNOWN = {"rewrite", "s", "b", "train_len", "inner", "fused"}
+_KNOWN = {"rewrite", "s", "b", "train_len", "inner", "fused", "topk"}
 
 #: ``RewriteResult`` of each graph this backend rewrote, newest last (dynamo may split a model in several).
 #: Kept here rather than on the GraphModule: Inductor pickles the graph for its cache key.
@@ -38,7 +39,7 @@ def attnpass_backend(gm: fx.GraphModule, example_inputs: list[Any], **options: A
         raise ValueError(f"attnpass backend: rewrite must be 'fused' or 'ssmax', got {rewrite!r}")
     spec = RewriteSpec.of(rewrite, s=opts.get("s"), b=opts.get("b"), train_len=opts.get("train_len"),
                           fused=rewrite == "ssmax" and bool(opts.get("fused", True)))
-    gm, done = fx_rewrite.emitted(gm, spec.resolve())
+    gm, done = fx_rewrite.emitted(gm, spec.resolve(), topk=None if opts.get("topk", True) else False)
     reports.append(RewriteResult(done.report, spec, dict(done.left), ir="fx"))
     inner = opts.get("inner", "inductor")
     if inner == "eager":
