@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from attnpass.passes.fx import FxAdapter
+from attnpass.passes.fx import _IGNORED_USERS, FxAdapter, _op_name
 from attnpass.passes.site import Report
 from attnpass.passes.topk import TopkForm, TopkSite
 
@@ -92,6 +92,9 @@ def _emit_one(gm: fx.GraphModule, ad: FxAdapter, site: TopkSite) -> str:
 def _dead(gm: fx.GraphModule, chain: set[fx.Node]) -> None:
     """Drop what the rewrites left without readers; nodes of a replaced chain go even if fx calls them impure
     (the in-place division of dynamo's ``w /= w.sum()``)."""
+    for node in list(gm.graph.nodes):  # asserts on a replaced value would keep the whole chain alive
+        if _op_name(node) in _IGNORED_USERS and node.args and node.args[0] in chain and not node.users:
+            gm.graph.erase_node(node)
     changed = True
     while changed:
         changed = False
