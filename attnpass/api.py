@@ -91,7 +91,8 @@ def to_ssmax(
 
 
 def fuse(model: Any, args: tuple | None = None, kwargs: dict | None = None, dynamic_shapes: Any = None) -> fx.GraphModule:
-    """The model with each fusable attention chain replaced by one ``attnpass::attention`` call.
+    """The model with each fusable attention chain replaced by one ``attnpass::attention`` call, and each
+    softmax -> top-k / max / argmax (MoE routers, heads) by its single-pass form (``report.topk``).
 
     ``dynamic_shapes`` goes to ``torch.export`` (e.g. a ``Dim`` for the sequence axis) so one
     rewritten module serves every length.  ``.attnpass_result`` says which sites were left alone and why.

@@ -51,7 +51,8 @@ class OnnxReport:
 
     def as_dict(self) -> dict[str, Any]:
         return json_safe({"sites": [s.summary() for s in self.report.sites],
-                          "skipped": [{"node": k.name, "reason": k.reason} for k in self.report.skipped]})
+                          "skipped": [{"node": k.name, "reason": k.reason} for k in self.report.skipped],
+                          "topk": [t.summary() for t in self.report.topk]})
 
 
 def find(src: Any) -> OnnxReport:
@@ -113,9 +114,11 @@ def rewrite(
     step("finding and rewriting attention")
     report, left = onnx_checks.apply(model, spec)
     result = RewriteResult(report, spec, left, ir="onnx")
-    if not report.sites and not force:
+    # routers / heads rewritten (a plain fuse only, as in ``rewrite/onnx``), with or without attention
+    topk_done = spec.to == "fused" and not spec.fused_ssmax and any(t.fusable for t in report.topk)
+    if not report.sites and not topk_done and not force:
         raise NoAttentionFound("no attention found")
-    if report.sites and not result.rewritten and not spec.fused_ssmax and not force:
+    if report.sites and not result.rewritten and not spec.fused_ssmax and not topk_done and not force:
         why = "; ".join(f"site {i}: {r}" for i, r in sorted(left.items()))
         raise NothingRewritten(f"{len(report.sites)} attention site(s) found but none could be rewritten to "
                                f"{spec.label} ({why})")
@@ -123,7 +126,7 @@ def rewrite(
         tmp_dst = Path(tmp) / dst.name
         step("saving to a temporary file")
         save(model, tmp_dst, external=had_external_data(original))
-        if validate and report.sites and (result.rewritten or spec.fused_ssmax):
+        if validate and ((report.sites and (result.rewritten or spec.fused_ssmax)) or topk_done):
             # a path is checked as the user's own file (no second copy of the weights written)
             ref_path = Path(src) if isinstance(src, str | os.PathLike) else Path(tmp) / "original.onnx"
             if ref_path.parent == Path(tmp):

@@ -29,10 +29,22 @@ def sites_table(report: Report, title: str = "attention sites") -> Table:
     return table
 
 
+def topk_table(report: Report, title: str = "softmax -> top-k / max / argmax sites (routers, heads)") -> Table:
+    """The selection sites (``passes/topk.py``): what each picks, and whether it fuses or why not."""
+    table = Table(title=title)
+    for col in ("#", "softmax", "picks", "k", "axis", "renormalised", "fusable / why not", "notes"):
+        table.add_column(col)
+    for t in report.topk:
+        table.add_row(str(t.index), t.name, str(t.form), "-" if t.k is None else str(t.k), str(t.axis),
+                      "yes" if t.renormalize else "no", "yes" if t.fusable else f"no: {t.blocker}", "; ".join(t.notes))
+    return table
+
+
 def report_dict(report: Report) -> dict[str, Any]:
     return {
         "sites": [s.summary() for s in report.sites],
         "skipped": [{"node": k.name, "reason": k.reason} for k in report.skipped],
+        "topk": [t.summary() for t in report.topk],
     }
 
 

@@ -122,6 +122,7 @@ class RewriteResult:
             "left": {str(k): v for k, v in sorted(self.left.items())},
             "sites": self.summary(),
             "skipped": [{"node": k.name, "reason": k.reason} for k in self.report.skipped],
+            "topk": [t.summary() for t in getattr(self.report, "topk", ())],
             "validation": None if self.validation is None else self.validation.as_dict(),
             "self_test": None if self.self_test is None else self.self_test.as_dict(),
         })

@@ -167,6 +167,34 @@ CORPUS: dict[str, tuple[Callable, int]] = {
 }
 
 
+def qwen2_moe(causal_lm: bool = False):
+    cfg = T.Qwen2MoeConfig(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                           shared_expert_intermediate_size=32, norm_topk_prob=True, **_decoder_common())
+    ids, mask = _ids()
+    return (T.Qwen2MoeForCausalLM if causal_lm else T.Qwen2MoeModel)(cfg), (ids,), {"attention_mask": mask}
+
+
+def olmoe(causal_lm: bool = False):
+    cfg = T.OlmoeConfig(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, **_decoder_common())
+    ids, mask = _ids()
+    return (T.OlmoeForCausalLM if causal_lm else T.OlmoeModel)(cfg), (ids,), {"attention_mask": mask}
+
+
+def mixtral_lm():
+    cfg = T.MixtralConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **_decoder_common())
+    ids, mask = _ids()
+    return T.MixtralForCausalLM(cfg), (ids,), {"attention_mask": mask}
+
+
+# The MoE families whose routers (softmax -> top-k) the top-k pass must find and fuse: name -> (builder, routers).
+# Kept out of CORPUS so the attention corpus tests do not grow.
+MOE: dict[str, tuple[Callable, int]] = {
+    "mixtral": (mixtral, 2),
+    "qwen2_moe": (qwen2_moe, 2),
+    "olmoe": (olmoe, 2),
+}
+
+
 def output_tensor(out) -> torch.Tensor:
     """The main output of an HF model call, whatever its output class."""
     if isinstance(out, tuple):

@@ -23,7 +23,8 @@ ATOL_HELP = "absolute tolerance of the comparison in onnxruntime"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="list the attention sites of an .onnx model (and the softmaxes left alone)")
+    p = sub.add_parser("inspect", help="list the attention sites of an .onnx model, its router / head sites "
+                       "(softmax -> top-k / max / argmax) and the softmaxes left alone")
     p.add_argument("model", help="path to an .onnx file")
     p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=_inspect)
@@ -100,6 +101,10 @@ def _inspect(args: argparse.Namespace) -> int:
     if not rep.sites:
         con.print("no attention found")
     con.print(_table(data["sites"], data["skipped"], f"{args.model}: {len(rep.sites)} attention site(s)"))
+    if rep.report.topk:
+        from attnpass.report import topk_table
+
+        con.print(topk_table(rep.report, f"{args.model}: {len(rep.report.topk)} softmax -> top-k / max / argmax site(s)"))
     return 0
 
 

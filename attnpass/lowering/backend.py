@@ -3,7 +3,8 @@
 Options (``torch.compile(m, backend="attnpass", options={...})``):
 ``rewrite``: ``"fused"`` (default; ``"fuse"`` is accepted too) or ``"ssmax"``; ``s``/``b``/``train_len`` for SSMax, fused into
 ``attnpass::attention`` where the site allows unless ``fused=False``;
-``inner``: ``"inductor"`` (default) or ``"eager"`` for what runs the rewritten graph.
+``inner``: ``"inductor"`` (default) or ``"eager"`` for what runs the rewritten graph;
+``topk``: with ``rewrite="fused"``, also fuse softmax -> top-k / max / argmax (routers, heads; default True).
 The graph is rewritten at torch level, before AOT autograd splits forward from backward, so
 training sees the op's own backward.
 """
@@ -17,12 +18,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from attnpass.lowering import ops  # noqa: F401  (the op must exist before graphs use it)
+from attnpass.lowering import ops, topk_ops  # noqa: F401  (the ops must exist before graphs use them)
 from attnpass.result import RewriteResult
 from attnpass.rewrite import fx as fx_rewrite
 from attnpass.spec import RewriteSpec
 
-_KNOWN = {"rewrite", "s", "b", "train_len", "inner", "fused"}
+_KNOWN = {"rewrite", "s", "b", "train_len", "inner", "fused", "topk"}
 
 #: ``RewriteResult`` of each graph this backend rewrote, newest last (dynamo may split a model in several).
 #: Kept here rather than on the GraphModule: Inductor pickles the graph for its cache key.
@@ -43,7 +44,7 @@ def attnpass_backend(gm: fx.GraphModule, example_inputs: list[Any], **options: A
     inner = opts.get("inner", "inductor")
     if inner not in ("inductor", "eager"):
         raise ValueError(f"attnpass backend: inner must be 'inductor' or 'eager', got {inner!r}")
-    gm, done = fx_rewrite.emitted(_own_copy(gm), spec.resolve())
+    gm, done = fx_rewrite.emitted(_own_copy(gm), spec.resolve(), topk=None if opts.get("topk", True) else False)
     params = _lift_ssmax_params(gm)
     _ssmax_params[:] = [ref for ref in _ssmax_params if ref() is not None]
     _ssmax_params.extend(weakref.ref(p) for p in params.values())

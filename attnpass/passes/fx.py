@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from attnpass.passes import topk_ir
 from attnpass.passes.aten import ATEN_KINDS
 from attnpass.passes.match import Dim, Kind, Report, find_sites
 
@@ -333,6 +334,10 @@ class FxAdapter:
 
     def name(self, node: Any) -> str:
         return node.name if isinstance(node, fx.Node) else str(node)
+
+    def reduction(self, node: Any) -> Any:
+        """A top-k / max / argmax / sum node described for the top-k walk (``passes/topk.py``), else None."""
+        return topk_ir.fx_reduction(self, node)
 
     def static_value(self, value: Any, limit: int = 1 << 24) -> Any | None:
         """Evaluate a constant-only subgraph (e.g. ``bias[:s, :s]`` of a ``tril`` buffer) to numpy."""

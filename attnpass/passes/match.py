@@ -41,6 +41,7 @@ from attnpass.passes.site import (
     Report,
     Skipped,
 )
+from attnpass.passes.topk import find_topk
 from attnpass.passes.walk_base import NoMatch
 
 _GLUE = {Kind.RESHAPE, Kind.EXPAND, Kind.IDENTITY}
@@ -493,8 +494,13 @@ class Matcher(MaskProofs, OperandFinder, ProbsWalker):
 
 
 def find_sites(adapter: Adapter) -> Report:
-    """All attention sites an adapter's graph holds, plus the softmaxes left alone and why."""
-    return Matcher(adapter).find()
+    """All attention sites an adapter's graph holds, plus the softmaxes left alone and why.
+
+    The report also carries the softmax -> top-k / max / argmax chains (``passes/topk.py``), a second kind
+    of site found through the same adapter; attention sites are found first and never change for it."""
+    report = Matcher(adapter).find()
+    topk = find_topk(adapter, [s.softmax for s in report.sites])
+    return replace(report, topk=topk) if topk else report
 
 
 __all__ = ["Kind", "Adapter", "Dim", "Matcher", "NoMatch", "find_sites", "AttentionSite", "Operand", "MaskTerm",

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from attnpass.passes import mlir_attention_op as onnx_attention
+from attnpass.passes import topk_ir
 from attnpass.passes.aten import ATEN_KINDS
 from attnpass.passes.match import AttentionSite, Dim, Kind, Report, find_sites
 from attnpass.passes.mlir_broadcasts import is_broadcast_tile, materialized_expand
@@ -430,6 +431,10 @@ class MlirAdapter:
     def name(self, node: Any) -> str:
         return node.label if isinstance(node, _Node) else str(node)
 
+    def reduction(self, node: Any) -> Any:
+        """A top-k / max / argmax / sum node described for the top-k walk (``passes/topk.py``), else None."""
+        return topk_ir.mlir_reduction(self, node)
+
     def static_value(self, value: Any, limit: int = 1 << 24) -> Any | None:
         """The elements of a constant-only value as numpy (a mask buffer, a decomposed ``triu``); None otherwise.
 
@@ -490,7 +495,7 @@ class MlirReport(Report):
 def find(module: Any) -> MlirReport:
     """Attention sites in every public function of a torch-dialect module (same report as fx)."""
     sites: list[AttentionSite] = []
-    skipped = []
+    skipped, topk = [], []
     adapters: dict[int, MlirAdapter] = {}
     for func in public_funcs(module):
         adapter = MlirAdapter(func)
@@ -501,7 +506,8 @@ def find(module: Any) -> MlirReport:
             adapters[site.index] = adapter
             sites.append(site)
         skipped.extend(rep.skipped)
-    return MlirReport(sites, skipped, adapters)
+        topk.extend(replace(t, index=len(topk)) for t in rep.topk)
+    return MlirReport(sites, skipped, tuple(topk), adapters)
 
 
 _FLOATS = ("f32", "f16", "bf16")  # what the loop nest reads (halves widened to f32 inside)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from attnpass.passes import onnx_kv, onnx_static
+from attnpass.passes import onnx_kv, onnx_static, topk_ir
 from attnpass.passes.match import Dim, Kind, Report, find_sites
 from attnpass.passes.onnx_shapes import _at, _broadcast, _concat, _dim_equal, _ir_shape, _matmul, _reshape, _slice, _unsqueeze
 from attnpass.passes.site import FusedOpInfo
@@ -515,6 +515,10 @@ class OnnxAdapter:
         """True if ``value`` is computed from initializers, constants and fixed shapes only (a weight or a
         mask built from static lengths, never an activation): see ``onnx_static``."""
         return onnx_static.is_static(self, value, self._static)
+
+    def reduction(self, node: Any) -> Any:
+        """A top-k / max / argmax / sum node described for the top-k walk (``passes/topk.py``), else None."""
+        return topk_ir.onnx_reduction(self, node)
 
     def fused_op_info(self, node: ir.Node) -> FusedOpInfo:
         """What only the ONNX op knows: head counts as attributes, a 3-D Q, softcap, what SSMax cannot do."""

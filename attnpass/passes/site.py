@@ -219,10 +219,12 @@ class Report:
 
     sites: tuple[AttentionSite, ...] = ()
     skipped: tuple[Skipped, ...] = ()
+    topk: tuple[Any, ...] = ()  # ``passes.topk.TopkSite``s: softmaxes only selected from (routers, heads)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sites", tuple(self.sites))
         object.__setattr__(self, "skipped", tuple(self.skipped))
+        object.__setattr__(self, "topk", tuple(self.topk))
 
     def __len__(self) -> int:
         return len(self.sites)

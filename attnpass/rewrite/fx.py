@@ -18,6 +18,7 @@ from attnpass import semantics
 from attnpass.passes.fx import _IGNORED_USERS, FxAdapter, _op_name, find
 from attnpass.passes.plan import Action, Capabilities, KeepTerm, Plan, RewriteSpec, plan_for
 from attnpass.passes.site import AttentionSite, Emitted, Form, MaskKind, Operand, Report
+from attnpass.rewrite.topk_fx import emit_topk
 
 aten = torch.ops.aten
 
@@ -236,11 +237,13 @@ def emit(gm: fx.GraphModule, spec: RewriteSpec, report: Report | None = None) ->
     return gm, done.report
 
 
-def emitted(gm: fx.GraphModule, spec: RewriteSpec, report: Report | None = None) -> tuple[fx.GraphModule, Emitted]:
+def emitted(gm: fx.GraphModule, spec: RewriteSpec, report: Report | None = None,
+            topk: bool | None = None) -> tuple[fx.GraphModule, Emitted]:
     """``emit``, also saying which sites were left alone and why (what ``RewriteResult.left`` reports).
 
     The same rule as the ONNX emitter: a site is left when its plan is LEAVE, or when a fuse request
-    fell back to SSMax in place (the plan's reason says so)."""
+    fell back to SSMax in place (the plan's reason says so).  ``topk`` (default: plain ``to="fused"``) also
+    fuses the report's softmax -> top-k / max / argmax sites (``rewrite/topk_fx.py``), after the attention."""
     report = find(gm) if report is None else report
     ad = FxAdapter(gm)
     device = _graph_device(gm)
@@ -268,7 +271,10 @@ def emitted(gm: fx.GraphModule, spec: RewriteSpec, report: Report | None = None)
             _fuse_site(gm, plan, params)
             replaced.update(site.nodes)
     _remove_dead(gm, replaced)
-    return gm, Emitted(report.with_notes(notes), left)
+    report = report.with_notes(notes)
+    if topk if topk is not None else (spec.to == "fused" and not spec.fused_ssmax):
+        report = emit_topk(gm, report)
+    return gm, Emitted(report, left)
 
 
 def _bypass(rel: Any) -> None:

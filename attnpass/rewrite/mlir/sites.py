@@ -20,6 +20,7 @@ from attnpass.rewrite.mlir.builders import HALF, builtin_elem, permuted, unpermu
 from attnpass.rewrite.mlir.editor import Editor, erase_dead, mask_inputs, to_builtin_raw
 from attnpass.rewrite.mlir.fused import DEFAULT_TILE, FusedSpec, fused_func, tile_for
 from attnpass.rewrite.mlir.ssmax import KeyMasks, SsmaxParams, ssmax_func, ssmax_sdpa_func
+from attnpass.rewrite.mlir.topk import emit_topk
 
 #: What the generated linalg / scf code expresses.  The loop nest applies top-left causal itself and
 #: gives 0 for a row with no attendable key (so the "no attendable key" guard is implied); it cannot
@@ -133,6 +134,8 @@ def emit(module: Any, spec: RewriteSpec, report: MlirReport | None = None, tile:
             _ssmax_explicit_site(ed, adapter, plan, s, b, params)
         else:
             _fuse_site(ed, plan, tile, ssmax=(s, b, params, adapter.func) if plan.action is Action.SSMAX_FUSED else None)
+    if spec.to == "fused" and not spec.fused_ssmax:
+        report = emit_topk(ed, module, report)  # softmax -> top-k / max / argmax: one pass per row (topk.py)
     for f in public_funcs(module):
         erase_dead(f)
     return report.with_notes(ed.notes.by_site)

@@ -17,6 +17,7 @@ from attnpass.passes.plan import TARGETS, Action, Capabilities, RewriteSpec, pla
 from attnpass.passes.site import AttentionSite, Emitted, Form, Notes, Report
 from attnpass.rewrite.onnx.fuse import fuse_site
 from attnpass.rewrite.onnx.ssmax import ssmax_explicit, ssmax_fused_op
+from attnpass.rewrite.onnx.topk import emit_topk
 
 _ORT = Capabilities(refuse_fused_ops=False, softcap=False, ssmax_softcap_fused=False, is_causal=False, scores_rank3=True,
                     any_rank=False, static_heads=True, empty_rows_zero=False, factor_on_q=True, count_keys=True,
@@ -53,6 +54,8 @@ def emit(model: ir.Model, report: Report, spec: RewriteSpec) -> Emitted:
             continue
         fuse_site(model, ad, plan, spec.target, notes)
         fused_any = True
+    if spec.to == "fused" and not spec.fused_ssmax:
+        report = emit_topk(model, report)  # softmax -> top-k / max / argmax chains (standard ops)
     if spec.to == "fused":
         if fused_any and spec.target == "ort":
             model.opset_imports.setdefault(MS, 1)
