@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -16,7 +17,7 @@ import pytest
 import torch_mlir  # noqa: F401  (required: a missing torch-mlir must fail, not skip)
 
 import attnpass.mlir as am  # noqa: E402
-from tests.test_onnx_spec_attention import SPECS, _build  # noqa: E402
+from tests.test_onnx_spec_attention import SPECS, Spec, _build  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -25,21 +26,24 @@ REWRITTEN = ["attention", "attention_causal", "attention_attn_mask", "attention_
              "attention_gqa_attn_mask", "attention_scaled", "attention_softcap", "attention_attn_4d_mask_causal",
              "attention_diff_head_sizes",
              # 3-D: heads packed in the last axis ([B, S, H*D]), unpacked around the loop nest and packed back
-             "attention_3d", "attention_3d_gqa_causal", "attention_3d_softcap"]
-#: Left with the reason in the report: KV caches, and sliding windows (the loop nest has no window: replacing the
-#: op would drop it, and the result would differ from onnxruntime's).
-LEFT = {"attention_with_past_and_present": "KV cache", "attention_local_window": "sliding window",
-        "attention_bidirectional_window": "sliding window"}
+             "attention_3d", "attention_3d_gqa_causal", "attention_3d_softcap",
+             # a KV cache: present = concat(past, new) emitted beside the loop nest, which attends over both
+             "attention_with_past_and_present", "attention_gqa_with_past_and_present"]
+#: Left with the reason in the report: sliding windows (the loop nest has no window: replacing the op would drop
+#: it, and the result would differ from onnxruntime's), a causal mask offset by a KV cache, and (fused only) an op
+#: whose probabilities are an output.
+LEFT = {"attention_local_window": "sliding window", "attention_bidirectional_window": "sliding window",
+        "attention_4d_causal_with_past_and_present": "causal offset", "attention_with_qk_matmul_softmax": "probabilities"}
 
 
-def _op_model(name: str, tmp_path: Path) -> tuple[Path, list[np.ndarray], np.ndarray]:
-    spec = next(s for s in SPECS if s.export == name)
+def _op_model(name: str, tmp_path: Path, every_output: bool = False) -> tuple[Path, list[np.ndarray], Any]:
+    spec = next((s for s in SPECS if s.export == name), Spec(name))  # the onnx package has more cases than the table
     case = next(c for c in _build(spec) if not c.name.endswith("_expanded"))
     path = tmp_path / f"{name}.onnx"
     onnx.save(case.model, path)
     ins = list(case.data_sets[0][0])
-    want = ort.InferenceSession(str(path)).run(None, {vi.name: x for vi, x in zip(case.model.graph.input, ins)})[0]
-    return path, ins, want
+    want = ort.InferenceSession(str(path)).run(None, {vi.name: x for vi, x in zip(case.model.graph.input, ins)})
+    return path, ins, want if every_output else want[0]
 
 
 def _run(module, ins: list[np.ndarray]) -> np.ndarray:
@@ -90,3 +94,49 @@ def test_attention_op_left_with_the_reason(name: str, tmp_path: Path) -> None:
     out, result = am.rewrite(am.import_(path), to="fused", with_report=True)
     assert not result.rewritten and LEFT[name] in " ".join(map(str, result.left.values()))
     assert "onnx.Attention" in str(out)
+
+
+#: The op's other outputs, emitted around the loop nest: present_key/value (4-D and 3-D, GQA), and
+#: qk_matmul_output in each mode (1: soft-capped, 2: with the mask, 3: the probabilities, under SSMax only).
+EXTRA_OUTPUTS = [("attention_with_past_and_present_qk_matmul_bias_3d_mask", "fused"),
+                 ("attention_3d_gqa_with_past_and_present", "fused"),
+                 ("attention_with_qk_matmul_softcap", "fused"),
+                 ("attention_3d_with_past_and_present_qk_matmul_softmax", "ssmax")]
+
+
+@pytest.mark.parametrize(("name", "to"), EXTRA_OUTPUTS)
+def test_attention_op_every_output_equal_to_onnxruntime(name: str, to: str, tmp_path: Path) -> None:
+    path, ins, want = _op_model(name, tmp_path, every_output=True)
+    kw = {"s": 0.0, "b": 1.0} if to == "ssmax" else {}
+    out, result = am.rewrite(am.import_(path), to=to, with_report=True, **kw)
+    assert len(result.rewritten) == 1, result.left
+    assert "onnx.Attention" not in str(out)
+    got = am.compile(out)(*ins)
+    assert isinstance(got, list | tuple) and len(got) == len(want) > 1
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_op_kv_cache_ssmax_counts_past_and_new_keys(tmp_path: Path) -> None:
+    """SSMax over a KV cache: ``n`` is every key, past and new (18 here), and the probabilities output
+    (mode 3) is SSMax's, the same as the one ``Y`` is computed with."""
+    path, ins, want = _op_model("attention_3d_with_past_and_present_qk_matmul_softmax", tmp_path, every_output=True)
+    q, k, v, mask, pk, pv = ins
+    s = 0.7
+    got = am.compile(am.rewrite(am.import_(path), to="ssmax", s=s, b=0.0))(*ins)
+    b_, h = pk.shape[:2]
+
+    def heads(x: np.ndarray) -> np.ndarray:  # [B, S, H*D] -> [B, H, S, D]
+        return x.reshape(b_, x.shape[1], h, -1).transpose(0, 2, 1, 3)
+
+    keys, vals = np.concatenate([pk, heads(k)], 2), np.concatenate([pv, heads(v)], 2)
+    qh = heads(q)
+    n = keys.shape[2]
+    logits = (qh @ keys.transpose(0, 1, 3, 2) / np.sqrt(qh.shape[-1]) + mask) * (s * np.log(n))
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    y = (p @ vals).transpose(0, 2, 1, 3).reshape(want[0].shape)
+    np.testing.assert_allclose(np.asarray(got[3]), p, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got[0]), y, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got[1]), want[1])  # present_key
+    assert np.abs(np.asarray(got[0]) - want[0]).max() > 1e-3  # the factor really applied

@@ -497,11 +497,21 @@ def find(module: Any) -> MlirReport:
         rep = find_sites(adapter)
         for site in rep.sites:
             site = replace(site, index=len(sites))
-            site = replace(site, fuse_blocker=_lowering_blocker(site))
+            why = _lowering_blocker(site)
+            if onnx_attention.is_attention_op(site.softmax):
+                # SSMax replaces the op by the loop nest too (torch-mlir cannot lower it): what blocks one blocks both
+                site = replace(site, ssmax_blocker=site.ssmax_blocker or why)
+                if (onnx_attention.qk_output(site.softmax) or (0, 0))[1] == 3:  # SSMax computes them beside the loop
+                    why = f"{PROBS_OUT} (onnx.Attention qk_matmul_output_mode=3)" + (f"; {why}" if why else "")
+            site = replace(site, fuse_blocker=why)
             adapters[site.index] = adapter
             sites.append(site)
         skipped.extend(rep.skipped)
     return MlirReport(sites, skipped, adapters)
+
+
+#: The start of the reason an op whose probabilities are an output is not fused (SSMax still replaces it).
+PROBS_OUT = "not fusable: the attention probabilities are an output"
 
 
 def _lowering_blocker(site: AttentionSite) -> str | None:
