@@ -18,6 +18,7 @@ from attnpass import semantics
 from attnpass.passes.fx import _IGNORED_USERS, FxAdapter, _op_name, find
 from attnpass.passes.plan import Action, Capabilities, KeepTerm, Plan, RewriteSpec, plan_for
 from attnpass.passes.site import AttentionSite, Emitted, Form, MaskKind, Operand, Report
+from attnpass.spec import Param, per_head
 
 aten = torch.ops.aten
 
@@ -175,19 +176,24 @@ def fuse(gm: fx.GraphModule, report: Report | None = None) -> tuple[fx.GraphModu
 SSMAX_MODULE = "attnpass_ssmax"
 
 
-def _ssmax_params(gm: fx.GraphModule, site: AttentionSite, s: float, b: float | None, device: torch.device) -> tuple[fx.Node, fx.Node | None]:
+def _ssmax_params(gm: fx.GraphModule, site: AttentionSite, s: Param, b: Param | None,
+                  device: torch.device) -> tuple[fx.Node, fx.Node | None]:
+    """``s`` (and ``b``) as trainable ``[H]`` parameters: a scalar repeated, or one value per head
+    (``spec.per_head``); rank-3 scores fold the heads into the batch, so they take one value."""
     holder = getattr(gm, SSMAX_MODULE, None)
     if holder is None:
         holder = torch.nn.Module()
         gm.add_submodule(SSMAX_MODULE, holder)
-    heads = site.heads if isinstance(site.heads, int) and site.q.rank == 4 else 1
-    holder.register_parameter(f"s_{site.index}", torch.nn.Parameter(torch.full((heads,), float(s), device=device)))
-    s_node = gm.graph.get_attr(f"{SSMAX_MODULE}.s_{site.index}")
-    b_node = None
-    if b is not None:
-        holder.register_parameter(f"b_{site.index}", torch.nn.Parameter(torch.full((heads,), float(b), device=device)))
-        b_node = gm.graph.get_attr(f"{SSMAX_MODULE}.b_{site.index}")
-    return s_node, b_node
+    heads = site.heads if isinstance(site.heads, int) and site.q.rank == 4 else None
+    nodes: list[fx.Node | None] = []
+    for what, x in (("s", s), ("b", b)):
+        if x is None:
+            nodes.append(None)
+            continue
+        vals = torch.tensor(per_head(x, heads, what, site.name), dtype=torch.float32, device=device)
+        holder.register_parameter(f"{what}_{site.index}", torch.nn.Parameter(vals))
+        nodes.append(gm.graph.get_attr(f"{SSMAX_MODULE}.{what}_{site.index}"))
+    return nodes[0], nodes[1]  # type: ignore[return-value]
 
 
 def _ssmax_site(gm: fx.GraphModule, plan: Plan, params: tuple[fx.Node, fx.Node | None]) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import onnx_ir as ir
 
 from attnpass.passes.site import AttentionSite, Dim
+from attnpass.spec import Param, per_head
 
 
 class _Builder:
@@ -75,10 +76,13 @@ def _expand_heads(b: _Builder, f: ir.Value) -> ir.Value:
     return b.op("Expand", [f, b.ints(1, 1, 1, 1)])
 
 
-def _per_head(model: ir.Model, anchor: ir.Node, b: _Builder, name: str, value: float, heads: Dim) -> ir.Value:
-    """``s`` or ``b`` as a named ``[H]`` float32 initializer (a Constant inside model-local functions)."""
-    h = heads if isinstance(heads, int) and heads > 0 else 1
-    data = np.full((h,), value, dtype=np.float32)
+def _per_head(model: ir.Model, anchor: ir.Node, b: _Builder, name: str, value: Param, heads: Dim) -> ir.Value:
+    """``s`` or ``b`` as a named ``[H]`` float32 initializer (a Constant inside model-local functions): a scalar
+    repeated, or one value per head (``spec.per_head``)."""
+    what = "b" if ".b_" in name else "s"
+    data = np.asarray(per_head(value, heads if isinstance(heads, int) and heads > 0 else None, what, anchor.name or ""),
+                      dtype=np.float32)
+    h = len(data)
     if any(anchor.graph is f.graph for f in model.functions.values()):
         return b.const(data)
     init = ir.Value(name=name, shape=ir.Shape([h]), type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.tensor(data, name=name))
@@ -86,7 +90,7 @@ def _per_head(model: ir.Model, anchor: ir.Node, b: _Builder, name: str, value: f
     return init
 
 
-def _factor(model: ir.Model, b: _Builder, site: AttentionSite, n: ir.Value, s: float, bias: float | None, rank: int) -> ir.Value:
+def _factor(model: ir.Model, b: _Builder, site: AttentionSite, n: ir.Value, s: Param, bias: Param | None, rank: int) -> ir.Value:
     """``s_h * log(max(n, 1)) + b_h`` in float32; ``n`` is ``[..., H, S_q, 1]`` float32."""
     heads = site.heads if rank >= 3 else None
     s_v = _per_head(model, b.anchor, b, f"attnpass.ssmax.s_{site.index}", s, heads)
