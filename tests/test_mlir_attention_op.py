@@ -140,3 +140,21 @@ def test_attention_op_kv_cache_ssmax_counts_past_and_new_keys(tmp_path: Path) ->
     np.testing.assert_allclose(np.asarray(got[0]), y, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(got[1]), want[1])  # present_key
     assert np.abs(np.asarray(got[0]) - want[0]).max() > 1e-3  # the factor really applied
+
+
+def test_expanded_body_with_probabilities_output_left_with_the_onnx_reason(tmp_path: Path) -> None:
+    """The schema's function body with ``qk_matmul_output`` mode 3: the probabilities are returned, so MLIR reports
+    the site "not fusable" in ONNX's words; SSMax still applies, and both outputs stay onnxruntime's at s=0, b=1."""
+    from attnpass.validate import run
+    from tests.test_onnx_spec_attention import _case
+
+    spec = next(s for s in SPECS if s.export == "attention_with_qk_matmul_softmax")
+    path, feeds, _ = _case(spec, True, tmp_path)
+    fused, res = am.rewrite(am.import_(path), to="fused", with_report=True)
+    assert not res.rewritten and "used by the return value (a graph output)" in res.left[0]
+    out, res = am.rewrite(am.import_(path), to="ssmax", s=0.0, b=1.0, with_report=True)
+    assert len(res.rewritten) == 1, res.left
+    got, want = am.compile(out)(*feeds.values()), list(run(path, feeds).values())
+    assert isinstance(got, list | tuple) and len(got) == len(want) == 2
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-5)

@@ -497,21 +497,19 @@ def find(module: Any) -> MlirReport:
         rep = find_sites(adapter)
         for site in rep.sites:
             site = replace(site, index=len(sites))
-            why = _lowering_blocker(site)
+            why, stop = _lowering_blocker(site), site.ssmax_blocker
+            if any(m.view for m in site.masks):  # not laid out by the MLIR emitter (Capabilities.head_views)
+                why, stop = why or VIEW_MASK, stop or VIEW_MASK
             if onnx_attention.is_attention_op(site.softmax):
-                # SSMax replaces the op by the loop nest too (torch-mlir cannot lower it): what blocks one blocks both
-                site = replace(site, ssmax_blocker=site.ssmax_blocker or why)
-                if (onnx_attention.qk_output(site.softmax) or (0, 0))[1] == 3:  # SSMax computes them beside the loop
-                    why = f"{PROBS_OUT} (onnx.Attention qk_matmul_output_mode=3)" + (f"; {why}" if why else "")
-            site = replace(site, fuse_blocker=why)
+                why, stop = onnx_attention.blockers(site.softmax, why, stop)
+            site = replace(site, fuse_blocker=why, ssmax_blocker=stop)
             adapters[site.index] = adapter
             sites.append(site)
         skipped.extend(rep.skipped)
     return MlirReport(sites, skipped, adapters)
 
 
-#: The start of the reason an op whose probabilities are an output is not fused (SSMax still replaces it).
-PROBS_OUT = "not fusable: the attention probabilities are an output"
+VIEW_MASK = "a mask added in a [B, H, S_q, S_k] view of [B*H, S_q, S_k] scores is not laid out on the scores in MLIR yet"
 
 
 def _lowering_blocker(site: AttentionSite) -> str | None:

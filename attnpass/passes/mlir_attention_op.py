@@ -106,6 +106,20 @@ def _cache_blocker(node: Any) -> str | None:
     return None
 
 
+#: The start of the reason an op whose probabilities are an output is not fused (SSMax still replaces it).
+PROBS_OUT = "not fusable: the attention probabilities are an output"
+
+
+def blockers(node: Any, fuse: str | None, ssmax: str | None) -> tuple[str | None, str | None]:
+    """The op's (fuse, SSMax) blockers.  SSMax replaces the op by the loop nest too (torch-mlir cannot lower it),
+    so what blocks one blocks both; returned probabilities (mode 3) block only fusing: SSMax computes them beside
+    the loop nest."""
+    ssmax = ssmax or fuse
+    if (qk_output(node) or (None, 0))[1] == 3:
+        fuse = f"{PROBS_OUT} (onnx.Attention qk_matmul_output_mode=3)" + (f"; {fuse}" if fuse else "")
+    return fuse, ssmax
+
+
 def info(node: Any) -> FusedOpInfo:
     """Head counts of a 3-D Q (``q_num_heads`` / ``kv_num_heads``), softcap, and what the rewrites cannot do.
 
@@ -130,4 +144,5 @@ def info(node: Any) -> FusedOpInfo:
     return FusedOpInfo(three_d=three_d, softcap=attr(node, "softcap"), op_name=OP_NAME, ssmax_blocker=blocker, **extra)
 
 
-__all__ = ["OP_NAME", "is_attention_op", "attr", "inputs", "info", "past_kv", "presents", "qk_output", "used"]
+__all__ = ["OP_NAME", "is_attention_op", "attr", "inputs", "info", "past_kv", "presents", "qk_output", "used", "blockers",
+           "PROBS_OUT"]

@@ -25,7 +25,7 @@ aten = torch.ops.aten
 #: What ``attnpass::attention`` and ``semantics`` express: everything the matcher finds, n counted at run time.
 CAPS = Capabilities(refuse_fused_ops=True, softcap=True, ssmax_softcap_fused=True, is_causal=True,
                     scores_rank3=True, any_rank=True, static_heads=False, empty_rows_zero=False,
-                    factor_on_q=False, count_keys=False)
+                    factor_on_q=False, count_keys=False, head_views=True)
 
 
 class _Builder:
@@ -49,9 +49,24 @@ def _prepare(b: _Builder, op: Operand, transpose: bool = True) -> fx.Node:
     return v
 
 
+def _laid_out(b: _Builder, t: KeepTerm) -> fx.Node:
+    """The term's value on the scores: a mask added in a ``[B, H, S_q, S_k]`` view of ``[B*H, S_q, S_k]`` scores
+    (``KeepTerm.view``) is broadcast over the view's batch and heads and folded as the scores are; its own
+    ``S_q``/``S_k`` sizes (1 or full) stay, so a padding mask stays ``[B*H, 1, S_k]``."""
+    if t.view is None:
+        return t.value
+    shape = tuple(t.value.meta["val"].shape)
+    pad = (1,) * (4 - len(shape)) + shape
+    v = b.call(aten.reshape.default, t.value, list(pad))
+    if pad[:2] != (1, 1):
+        v = b.call(aten.expand.default, v, [t.view[0], t.view[1], pad[2], pad[3]])
+    return b.call(aten.reshape.default, v, [t.view[0] * t.view[1] if pad[:2] != (1, 1) else 1, pad[2], pad[3]])
+
+
 def _term(b: _Builder, t: KeepTerm) -> fx.Node:
     """An additive term times its coefficient."""
-    return t.value if t.coeff == 1.0 else b.call(aten.mul.Tensor, t.value, t.coeff)
+    v = _laid_out(b, t)
+    return v if t.coeff == 1.0 else b.call(aten.mul.Tensor, v, t.coeff)
 
 
 def _allowed(b: _Builder, terms: Sequence[KeepTerm]) -> fx.Node | None:
@@ -59,7 +74,8 @@ def _allowed(b: _Builder, terms: Sequence[KeepTerm]) -> fx.Node | None:
     parts: list[fx.Node] = []
     for t in terms:
         if t.kind is MaskKind.BOOL:
-            parts.append(t.value if t.attend_when else b.call(aten.logical_not.default, t.value))
+            v = _laid_out(b, t)
+            parts.append(v if t.attend_when else b.call(aten.logical_not.default, v))
         else:
             parts.append(b.call(aten.gt.Scalar, _term(b, t), semantics.MASKED_BELOW))
     if not parts:
