@@ -30,8 +30,7 @@ EXPECTED: dict[tuple[str, str], dict[str, str]] = {
     # HF sdpa exports: Q and K each pre-scaled by sqrt(scale) hide the K/V repetition (both exporters)
     # Whisper: the TorchScript exporter cannot export aten::diff
     ("hf_whisper", "onnx-ts"): {c: "Exporting the operator 'aten::diff'" for c in tc.CHECKS},
-    # fairseq / MBart: found everywhere; only the fx emitter lays the 4-D-view mask out on the 3-D scores yet
-    **{("bmm_view4d_mask", ir): {c: VIEW_MASK for c in ("fused", "ssmax_id", "ssmax")} for ir in ("onnx-ts", "onnx-dynamo")},
+    # fairseq / MBart: found everywhere; fx and ONNX lay the 4-D-view mask out on the 3-D scores, MLIR not yet
     **{("bmm_view4d_mask", ir): {c: VIEW_MASK for c in tc.CHECKS} for ir in ("mlir", "mlir-onnx")},  # MLIR: not fusable
 }
 

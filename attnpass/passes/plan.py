@@ -263,6 +263,15 @@ def _fuse_blocker(site: AttentionSite, spec: RewriteSpec, caps: Capabilities) ->
     return None
 
 
+def laid_out_shape(shape: Any, view: tuple[int, ...] | None) -> Any:
+    """A mask's shape on the scores: a head-view mask (``MaskTerm.view``) becomes ``[B*H or 1, S_q or 1, S_k or 1]``
+    (broadcast over the view's batch and heads only where it varies there, then folded as the scores are)."""
+    if view is None or shape is None:
+        return shape
+    pad = (1,) * (4 - len(shape)) + tuple(shape)
+    return (1 if pad[:2] == (1, 1) else view[0] * view[1], pad[2], pad[3])
+
+
 def _view_blocker(site: AttentionSite, caps: Capabilities) -> str | None:
     """A mask added in a head view of 3-D scores, on an emitter that cannot lay it out (None: none, or it can)."""
     if caps.head_views or not any(m.view for m in site.masks):
@@ -359,7 +368,7 @@ class _Splitter(MaskProofs):
     def plan(self, causal_op: bool) -> KeyPlan:
         factors: list[Factor] = []
         for leaf in self.leaves:
-            shape = self.a.shape(leaf.value)
+            shape = laid_out_shape(self.a.shape(leaf.value), leaf.view)
             rank = None if shape is None else len(shape)
             if leaf.kind is MaskKind.BOOL and self.proves_causal(leaf.value, leaf.attend_when):
                 cls = FactorClass.CAUSAL
@@ -377,4 +386,4 @@ class _Splitter(MaskProofs):
 
 
 __all__ = ["Action", "RewriteSpec", "Capabilities", "FactorClass", "KeepTerm", "Factor", "KeyPlan", "Plan", "plan_for",
-           "key_plan", "TARGETS"]
+           "key_plan", "laid_out_shape", "TARGETS"]

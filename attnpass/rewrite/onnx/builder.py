@@ -152,3 +152,21 @@ def _replace_keeping_name(old: ir.Value, new: ir.Value) -> None:
         old.name = f"{name}__replaced"
         new.name = name
     ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+
+
+def lay_out(b: _Builder, v: ir.Value, view: tuple[int, ...] | None) -> ir.Value:
+    """A mask added in a ``[B, H, S_q, S_k]`` view of ``[B*H, S_q, S_k]`` scores, on the scores: made rank 4,
+    broadcast over the view's batch and heads, folded as the scores are; its own ``S_q``/``S_k`` sizes stay."""
+    if view is None:
+        return v
+    rank = len(v.shape) if v.shape is not None else 4
+    if rank < 4:
+        v = b.op("Unsqueeze", [v, b.ints(*range(4 - rank))])
+    v = b.op("Expand", [v, b.ints(view[0], view[1], 1, 1)])
+    return b.op("Reshape", [v, b.op("Concat", [b.ints(view[0] * view[1]), b.op("Shape", [v], {"start": 2})], {"axis": 0})])
+
+
+def to_view(b: _Builder, f: ir.Value, view: tuple[int, ...]) -> ir.Value:
+    """A per-row value of the ``[B*H, S_q, 1]`` scores (the SSMax factor) in their ``[B, H, S_q, 1]`` head view."""
+    f = b.op("Expand", [f, b.ints(view[0] * view[1], 1, 1)])
+    return b.op("Reshape", [f, b.ints(view[0], view[1], -1, 1)])
