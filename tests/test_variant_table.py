@@ -20,7 +20,6 @@ NO_HEADS = "the number of heads is not known statically"
 MHA_ONE_KV = "Input 'query' and 'key' shall have same dim 2"
 NO_CAUSAL = "causal = False, want True"
 NO_GQA = "gqa = False, want True"
-VIEW_MASK = "view of [B*H, S_q, S_k] scores is not laid out on the scores"
 
 #: (variant, IR) -> {check: a string its failure message must hold}
 EXPECTED: dict[tuple[str, str], dict[str, str]] = {
@@ -30,8 +29,6 @@ EXPECTED: dict[tuple[str, str], dict[str, str]] = {
     # HF sdpa exports: Q and K each pre-scaled by sqrt(scale) hide the K/V repetition (both exporters)
     # Whisper: the TorchScript exporter cannot export aten::diff
     ("hf_whisper", "onnx-ts"): {c: "Exporting the operator 'aten::diff'" for c in tc.CHECKS},
-    # fairseq / MBart: found everywhere; fx and ONNX lay the 4-D-view mask out on the 3-D scores, MLIR not yet
-    **{("bmm_view4d_mask", ir): {c: VIEW_MASK for c in tc.CHECKS} for ir in ("mlir", "mlir-onnx")},  # MLIR: not fusable
 }
 
 VARIANTS = tc.variants()

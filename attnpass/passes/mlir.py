@@ -498,8 +498,6 @@ def find(module: Any) -> MlirReport:
         for site in rep.sites:
             site = replace(site, index=len(sites))
             why, stop = _lowering_blocker(site), site.ssmax_blocker
-            if any(m.view for m in site.masks):  # not laid out by the MLIR emitter (Capabilities.head_views)
-                why, stop = why or VIEW_MASK, stop or VIEW_MASK
             if onnx_attention.is_attention_op(site.softmax):
                 why, stop = onnx_attention.blockers(site.softmax, why, stop)
             site = replace(site, fuse_blocker=why, ssmax_blocker=stop)
@@ -509,7 +507,6 @@ def find(module: Any) -> MlirReport:
     return MlirReport(sites, skipped, adapters)
 
 
-VIEW_MASK = "a mask added in a [B, H, S_q, S_k] view of [B*H, S_q, S_k] scores is not laid out on the scores in MLIR yet"
 
 
 def _lowering_blocker(site: AttentionSite) -> str | None:
