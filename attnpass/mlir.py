@@ -191,6 +191,8 @@ def rewrite(
     else:
         report = mlir_pass.fuse(out, tile=tile)
     result = RewriteResult.from_report(report, spec, "mlir")
+    if spec.ssmax:  # what SSMax cannot take is left as it was (the planner's rule), not counted as rewritten
+        result.left.update({site.index: site.ssmax_blocker for site in report.sites if site.ssmax_blocker})
     return (out, result) if with_report else out
 
 

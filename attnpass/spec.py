@@ -180,4 +180,17 @@ class RewriteSpec:
                 "train_len": self.train_len, "replace_existing": self.replace_existing, "fit_existing": self.fit_existing}
 
 
-__all__ = ["RewriteSpec", "SpecError", "TARGETS", "ALIASES", "ONNX_TARGETS"]
+def per_head(x: Param, heads: int | None, what: str, where: str = "") -> tuple[float, ...]:
+    """``s`` or ``b`` as one value per head, the rule every emitter follows: a scalar (or a single value) is
+    repeated to every head; ``H`` values are one per head, broadcast over ``[B, H, S_q, S_k]``; any other
+    count, or several values where the heads are not known (folded into the batch), is an error naming ``where``."""
+    vals = tuple(float(v) for v in x) if isinstance(x, Sequence) and not isinstance(x, str) else (float(x),)
+    if len(vals) == 1:
+        return vals * (heads if isinstance(heads, int) and heads > 0 else 1)
+    if not isinstance(heads, int) or len(vals) != heads:
+        known = f"{heads} heads" if isinstance(heads, int) else "heads that are not known (folded into the batch)"
+        raise SpecError(f"SSMax {what} has {len(vals)} values for {known}{f' at {where}' if where else ''}")
+    return vals
+
+
+__all__ = ["RewriteSpec", "SpecError", "TARGETS", "ALIASES", "ONNX_TARGETS", "per_head"]

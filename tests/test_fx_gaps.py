@@ -83,13 +83,19 @@ def test_compile_backend_sees_the_same_site(case: Case, rewrite: str) -> None:
     torch.testing.assert_close(out, want, rtol=1e-5, atol=2e-5)
 
 
-def test_mask_added_in_a_view_of_another_rank_is_named_in_the_report() -> None:
-    """fairseq / MBart: the mask is added to a 4-D view of 3-D scores.  The walk sees through the views (the
-    scale-only variant above is a site), but no rewrite can lay that mask on the 3-D scores yet: the skip
-    says exactly that rather than a generic "not from Q K^T"."""
+def test_mask_added_in_a_head_view_is_laid_out_on_the_scores() -> None:
+    """fairseq / MBart: the mask is added to a ``[B, H, S, S]`` view of ``[B*H, S, S]`` scores.  The site records
+    the view; the fx emitter broadcasts the mask over the heads and folds it as the scores are, keeping its own
+    ``[.., 1, S_k]`` padding shape (no ``S x S`` mask is built), and the fused op equals the original."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, S, D, generator=g) for _ in range(3))
-    mask = torch.zeros(B, 1, 1, S)
-    report = attnpass.find(G.Bmm3DView4DMask().eval(), (q, k, v, mask))
-    assert not report.sites
-    assert "4-D view of the 3-D scores" in report.skipped[0].reason
+    keep = torch.ones(B, S, dtype=torch.bool)
+    keep[1, -2:] = False
+    mask = torch.where(keep, 0.0, float("-inf"))[:, None, None, :]
+    module = G.Bmm3DView4DMask().eval()
+    (site,) = attnpass.find(module, (q, k, v, mask)).sites
+    assert [m.view for m in site.masks] == [(B, H, S, S)]
+    fused = attnpass.fuse(module, (q, k, v, mask))
+    reshapes = [list(n.args[1]) for n in fused.graph.nodes if n.target is torch.ops.aten.reshape.default]
+    assert [B * H, 1, S] in reshapes  # the padding mask laid out stays one row per head, not S x S
+    torch.testing.assert_close(fused(q, k, v, mask), module(q, k, v, mask), rtol=1e-5, atol=1e-5)

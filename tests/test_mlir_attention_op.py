@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -17,7 +18,7 @@ import pytest
 import torch_mlir  # noqa: F401  (required: a missing torch-mlir must fail, not skip)
 
 import attnpass.mlir as am  # noqa: E402
-from tests.test_onnx_spec_attention import SPECS, _build  # noqa: E402
+from tests.test_onnx_spec_attention import SPECS, Spec, _build  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -29,19 +30,22 @@ REWRITTEN = ["attention", "attention_causal", "attention_attn_mask", "attention_
              "attention_3d", "attention_3d_gqa_causal", "attention_3d_softcap",
              # sliding windows (an index test in the loop nest, key tiles past the window skipped); float16 in and
              # out, computed in float32 inside
-             "attention_local_window", "attention_bidirectional_window", "attention_causal_fp16"]
-#: Left with the reason in the report: KV caches.
-LEFT = {"attention_with_past_and_present": "KV cache"}
+             "attention_local_window", "attention_bidirectional_window", "attention_causal_fp16",
+             # a KV cache: present = concat(past, new) emitted beside the loop nest, which attends over both
+             "attention_with_past_and_present", "attention_gqa_with_past_and_present"]
+#: Left with the reason in the report: a causal mask offset by a KV cache, and (fused only) an op whose
+#: probabilities are an output.
+LEFT = {"attention_4d_causal_with_past_and_present": "causal offset", "attention_with_qk_matmul_softmax": "probabilities"}
 
 
-def _op_model(name: str, tmp_path: Path) -> tuple[Path, list[np.ndarray], np.ndarray]:
-    spec = next(s for s in SPECS if s.export == name)
+def _op_model(name: str, tmp_path: Path, every_output: bool = False) -> tuple[Path, list[np.ndarray], Any]:
+    spec = next((s for s in SPECS if s.export == name), Spec(name))  # the onnx package has more cases than the table
     case = next(c for c in _build(spec) if not c.name.endswith("_expanded"))
     path = tmp_path / f"{name}.onnx"
     onnx.save(case.model, path)
     ins = list(case.data_sets[0][0])
-    want = ort.InferenceSession(str(path)).run(None, {vi.name: x for vi, x in zip(case.model.graph.input, ins)})[0]
-    return path, ins, want
+    want = ort.InferenceSession(str(path)).run(None, {vi.name: x for vi, x in zip(case.model.graph.input, ins)})
+    return path, ins, want if every_output else want[0]
 
 
 def _run(module, ins: list[np.ndarray]) -> np.ndarray:
@@ -149,3 +153,67 @@ def test_expanded_window_and_fp16_fused_equal_to_onnxruntime(name: str, tmp_path
         got = _run(out, ins)
         assert got.dtype == want.dtype
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+#: The op's other outputs, emitted around the loop nest: present_key/value (4-D and 3-D, GQA), and
+#: qk_matmul_output in each mode (1: soft-capped, 2: with the mask, 3: the probabilities, under SSMax only).
+EXTRA_OUTPUTS = [("attention_with_past_and_present_qk_matmul_bias_3d_mask", "fused"),
+                 ("attention_3d_gqa_with_past_and_present", "fused"),
+                 ("attention_with_qk_matmul_softcap", "fused"),
+                 ("attention_3d_with_past_and_present_qk_matmul_softmax", "ssmax")]
+
+
+@pytest.mark.parametrize(("name", "to"), EXTRA_OUTPUTS)
+def test_attention_op_every_output_equal_to_onnxruntime(name: str, to: str, tmp_path: Path) -> None:
+    path, ins, want = _op_model(name, tmp_path, every_output=True)
+    kw = {"s": 0.0, "b": 1.0} if to == "ssmax" else {}
+    out, result = am.rewrite(am.import_(path), to=to, with_report=True, **kw)
+    assert len(result.rewritten) == 1, result.left
+    assert "onnx.Attention" not in str(out)
+    got = am.compile(out)(*ins)
+    assert isinstance(got, list | tuple) and len(got) == len(want) > 1
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_op_kv_cache_ssmax_counts_past_and_new_keys(tmp_path: Path) -> None:
+    """SSMax over a KV cache: ``n`` is every key, past and new (18 here), and the probabilities output
+    (mode 3) is SSMax's, the same as the one ``Y`` is computed with."""
+    path, ins, want = _op_model("attention_3d_with_past_and_present_qk_matmul_softmax", tmp_path, every_output=True)
+    q, k, v, mask, pk, pv = ins
+    s = 0.7
+    got = am.compile(am.rewrite(am.import_(path), to="ssmax", s=s, b=0.0))(*ins)
+    b_, h = pk.shape[:2]
+
+    def heads(x: np.ndarray) -> np.ndarray:  # [B, S, H*D] -> [B, H, S, D]
+        return x.reshape(b_, x.shape[1], h, -1).transpose(0, 2, 1, 3)
+
+    keys, vals = np.concatenate([pk, heads(k)], 2), np.concatenate([pv, heads(v)], 2)
+    qh = heads(q)
+    n = keys.shape[2]
+    logits = (qh @ keys.transpose(0, 1, 3, 2) / np.sqrt(qh.shape[-1]) + mask) * (s * np.log(n))
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    y = (p @ vals).transpose(0, 2, 1, 3).reshape(want[0].shape)
+    np.testing.assert_allclose(np.asarray(got[3]), p, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got[0]), y, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got[1]), want[1])  # present_key
+    assert np.abs(np.asarray(got[0]) - want[0]).max() > 1e-3  # the factor really applied
+
+
+def test_expanded_body_with_probabilities_output_left_with_the_onnx_reason(tmp_path: Path) -> None:
+    """The schema's function body with ``qk_matmul_output`` mode 3: the probabilities are returned, so MLIR reports
+    the site "not fusable" in ONNX's words; SSMax still applies, and both outputs stay onnxruntime's at s=0, b=1."""
+    from attnpass.validate import run
+    from tests.test_onnx_spec_attention import _case
+
+    spec = next(s for s in SPECS if s.export == "attention_with_qk_matmul_softmax")
+    path, feeds, _ = _case(spec, True, tmp_path)
+    fused, res = am.rewrite(am.import_(path), to="fused", with_report=True)
+    assert not res.rewritten and "used by the return value (a graph output)" in res.left[0]
+    out, res = am.rewrite(am.import_(path), to="ssmax", s=0.0, b=1.0, with_report=True)
+    assert len(res.rewritten) == 1, res.left
+    got, want = am.compile(out)(*feeds.values()), list(run(path, feeds).values())
+    assert isinstance(got, list | tuple) and len(got) == len(want) == 2
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-5)

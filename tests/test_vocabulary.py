@@ -126,6 +126,7 @@ COMMANDS = {
     (["--to", "fused"], RewriteSpec("fused")),
     (["--to", "fuse"], RewriteSpec("fused")),
     (["--to", "ssmax", "--b", "0.1"], RewriteSpec("ssmax", b=0.1)),   # mlir's old --b, hidden everywhere
+    (["--to", "ssmax", "--s", "0.2,0.4", "--bias", "1,0"], RewriteSpec("ssmax", (0.2, 0.4), (1.0, 0.0))),  # per head
 ])
 def test_every_command_spells_the_rewrite_the_same(command: str, flags: list[str], spec: RewriteSpec) -> None:
     args = build_parser().parse_args([*COMMANDS[command], *flags, "--json"])

@@ -20,9 +20,9 @@ def add_rewrite_flags(p: argparse.ArgumentParser, choices: Sequence[str] = ("ssm
     shown = "|".join(choices)
     p.add_argument("--to", choices=(*choices, *ALIASES), default=default, required=required, metavar=shown,
                    help=f"the rewrite: {shown}" + (f" (default {default})" if default else ""))
-    p.add_argument("--s", type=float, default=None, help="SSMax s for every head (default 0.43)")
-    p.add_argument("--bias", type=float, default=None, help="SSMax b for every head (default: none)")
-    p.add_argument("--b", dest="bias", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--s", type=_param, default=None, help="SSMax s: one value, or one per head as S0,S1,... (default 0.43)")
+    p.add_argument("--bias", type=_param, default=None, help="SSMax b: one value, or one per head (default: none)")
+    p.add_argument("--b", dest="bias", type=_param, default=None, help=argparse.SUPPRESS)
     p.add_argument("--train-len", type=int, default=None, help="SSMax s = 1/log(L): the model is unchanged at length L")
     p.add_argument("--ssmax", action="store_true",
                    help="with --to fused: SSMax inside the fused op (implied by --s, --train-len or --bias)")
@@ -33,6 +33,15 @@ def add_rewrite_flags(p: argparse.ArgumentParser, choices: Sequence[str] = ("ssm
                    help="replace such a scaling by the SSMax (s, b) closest to it (least squares over positions)")
     if fused_alias:
         p.add_argument("--fused", action="store_true", help=argparse.SUPPRESS)
+
+
+def _param(text: str) -> float | tuple[float, ...]:
+    """``0.4`` (every head) or ``0.2,0.4,0.6`` (one value per head, the order of the heads)."""
+    try:
+        vals = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers (one per head), got {text!r}") from None
+    return vals if "," in text else vals[0]
 
 
 def spec_from_args(args: argparse.Namespace, target: str = "ort") -> RewriteSpec:

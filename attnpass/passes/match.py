@@ -176,6 +176,7 @@ class Matcher(MaskProofs, OperandFinder, ProbsWalker):
             self._walk_notes: list[str] = []
             self._walk_blockers: list[str] = []
             self._walk_rank = self._rank(x)
+            self._walk_input = x  # the softmax input: the scores' own shape
         for _ in range(64 - depth):
             node, kind = self._producer_kind(x)
             if node is None:
@@ -248,11 +249,14 @@ class Matcher(MaskProofs, OperandFinder, ProbsWalker):
                     if shift not in (None, 0.0):
                         self._walk_notes.append(
                             f"constant {shift:g} added to the scores at {a.name(node)} dropped (softmax is shift-invariant per row)")
-                    elif term is not None and self._rank(x) != self._walk_rank:
-                        raise NoMatch(f"mask added at {a.name(node)} in a {self._rank(x)}-D view of the "
-                                      f"{self._walk_rank}-D scores: no rewrite lays such a mask out on the scores yet")
+                    view = None
+                    if term is not None and shift is None and self._rank(x) != self._walk_rank:
+                        view = self._head_view(x, term)
+                        if view is None:
+                            raise NoMatch(f"mask added at {a.name(node)} in a {self._rank(x)}-D view of the "
+                                          f"{self._walk_rank}-D scores: no rewrite lays such a mask out on the scores yet")
                     if term is not None:
-                        steps.append(("bias", (term, node, -sign if kind is Kind.SUB else sign)))
+                        steps.append(("bias", (term, node, -sign if kind is Kind.SUB else sign, view)))
                     steps.extend(sub_steps)
                     chain.append(node)
                     chain.extend(sub_chain)
@@ -290,6 +294,17 @@ class Matcher(MaskProofs, OperandFinder, ProbsWalker):
                 return ("qk", node)
             raise NoMatch(f"softmax input comes from {kind.value} node {a.name(node)}, not from Q K^T")
         raise NoMatch("too many ops between Q K^T and the softmax")
+
+    def _head_view(self, x: Any, term: Any) -> tuple[int, ...] | None:
+        """fairseq / MBart: ``x`` is a ``[B, H, S_q, S_k]`` view of ``[B*H, S_q, S_k]`` scores and ``term`` broadcasts
+        to it without growing it: the view's static shape, by which emitters lay the mask out on the scores."""
+        xs, ts, ss = self.a.shape(x), self.a.shape(term), self.a.shape(self._walk_input)
+        if xs is None or ts is None or ss is None or len(xs) != 4 or len(ss) != 3 or len(ts) > 4:
+            return None
+        if not all(isinstance(d, int) for d in xs) or xs[0] * xs[1] != ss[0] or tuple(xs[2:]) != tuple(ss[1:]):
+            return None
+        pad = (1,) * (4 - len(ts)) + tuple(ts)
+        return tuple(xs) if all(t == 1 or t == d for t, d in zip(pad, xs)) else None
 
     def _views_back(self, v: Any) -> bool:
         """True if ``v`` is a view of the scores that a further view brings back to the softmax's rank."""
@@ -386,8 +401,8 @@ class Matcher(MaskProofs, OperandFinder, ProbsWalker):
             elif seen_softcap:
                 raise NoMatch("a mask or bias is applied before soft-capping")
             elif step == "bias":
-                term, bnode, sign = payload
-                masks.append(MaskTerm(MaskKind.ADDITIVE, term, bnode, coeff=sign * pending_scale))
+                term, bnode, sign, view = payload
+                masks.append(MaskTerm(MaskKind.ADDITIVE, term, bnode, coeff=sign * pending_scale, view=view))
             elif step == "boolmask":
                 cond, wnode, attend_when = payload
                 if pending_scale <= 0:

@@ -502,7 +502,10 @@ def find(module: Any) -> MlirReport:
         rep = find_sites(adapter)
         for site in rep.sites:
             site = replace(site, index=len(sites))
-            site = replace(site, fuse_blocker=_lowering_blocker(site))
+            why, stop = _lowering_blocker(site), site.ssmax_blocker
+            if onnx_attention.is_attention_op(site.softmax):
+                why, stop = onnx_attention.blockers(site.softmax, why, stop)
+            site = replace(site, fuse_blocker=why, ssmax_blocker=stop)
             adapters[site.index] = adapter
             sites.append(site)
         skipped.extend(rep.skipped)
@@ -511,6 +514,8 @@ def find(module: Any) -> MlirReport:
 
 
 _FLOATS = ("f32", "f16", "bf16")  # what the loop nest reads (halves widened to f32 inside)
+
+
 
 
 def _lowering_blocker(site: AttentionSite) -> str | None:

@@ -49,6 +49,7 @@ class Capabilities:
     factor_on_q: bool = False  # SSMax may scale Q instead of the scores (the emitter checks the IR too)
     count_keys: bool = True  # the emitter counts n itself from the plan's factors (fx: semantics does it)
     grouped_kv: bool = True  # the fused op takes fewer K/V heads than query heads (GQA, multi-query)
+    head_views: bool = False  # lays out a mask added in a [B, H, S_q, S_k] view of [B*H, S_q, S_k] scores
 
 
 class FactorClass(enum.StrEnum):
@@ -69,6 +70,7 @@ class KeepTerm:
     attend_when: bool = True
     coeff: float = 1.0
     term: MaskTerm | None = None  # the site's term it comes from (None: a fused op's mask input)
+    view: tuple[int, ...] | None = None  # the term's ``MaskTerm.view``: the emitter lays ``value`` out on the scores
 
 
 @dataclass(frozen=True, eq=False)
@@ -172,12 +174,13 @@ def plan_for(site: AttentionSite, spec: RewriteSpec, caps: Capabilities, adapter
     if spec.to == "fused" and why_not_fused is None:
         action = Action.SSMAX_FUSED if spec.fused_ssmax else Action.FUSE
     elif spec.ssmax:
-        action = Action.SSMAX if site.ssmax_blocker is None else Action.LEAVE
+        action = Action.SSMAX if _ssmax_blocker(site, caps) is None else Action.LEAVE
     else:
         action = Action.LEAVE
     reason = why_not_fused if spec.to == "fused" else None
     if action is Action.LEAVE and spec.ssmax:
-        reason = site.ssmax_blocker if reason is None else f"{reason}; SSMax not applied: {site.ssmax_blocker}"
+        why = _ssmax_blocker(site, caps)
+        reason = why if reason is None else f"{reason}; SSMax not applied: {why}"
     elif action is Action.SSMAX and spec.to == "fused":
         reason = f"{reason} ({'SSMax applied unfused' if site.form is Form.EXPLICIT else 'SSMax applied to its Q'})"
     s, b, replaces, replace_note = spec.s, spec.b, None, None
@@ -295,6 +298,8 @@ def _fuse_blocker(site: AttentionSite, spec: RewriteSpec, caps: Capabilities) ->
         return "already fused"
     if site.fuse_blocker:
         return site.fuse_blocker
+    if _view_blocker(site, caps):
+        return _view_blocker(site, caps)
     if site.form is Form.FUSED_OP:
         return None
     if site.softcap is not None and not caps.softcap:
@@ -308,8 +313,28 @@ def _fuse_blocker(site: AttentionSite, spec: RewriteSpec, caps: Capabilities) ->
     return None
 
 
+def laid_out_shape(shape: Any, view: tuple[int, ...] | None) -> Any:
+    """A mask's shape on the scores: a head-view mask (``MaskTerm.view``) becomes ``[B*H or 1, S_q or 1, S_k or 1]``
+    (broadcast over the view's batch and heads only where it varies there, then folded as the scores are)."""
+    if view is None or shape is None:
+        return shape
+    pad = (1,) * (4 - len(shape)) + tuple(shape)
+    return (1 if pad[:2] == (1, 1) else view[0] * view[1], pad[2], pad[3])
+
+
+def _view_blocker(site: AttentionSite, caps: Capabilities) -> str | None:
+    """A mask added in a head view of 3-D scores, on an emitter that cannot lay it out (None: none, or it can)."""
+    if caps.head_views or not any(m.view for m in site.masks):
+        return None
+    return "a mask added in a [B, H, S_q, S_k] view of [B*H, S_q, S_k] scores is not laid out on the scores by this rewrite yet"
+
+
+def _ssmax_blocker(site: AttentionSite, caps: Capabilities) -> str | None:
+    return site.ssmax_blocker or _view_blocker(site, caps)
+
+
 def _keep(m: MaskTerm) -> KeepTerm:
-    return KeepTerm(m.value, m.kind, m.attend_when, m.coeff, m)
+    return KeepTerm(m.value, m.kind, m.attend_when, m.coeff, m, m.view)
 
 
 # ------------------------------------------------------------------ counting keys per row
@@ -325,6 +350,7 @@ def key_plan(site: AttentionSite, adapter: Adapter) -> KeyPlan:
                 split.add_additive(site.sdpa_mask, 1.0)
         return split.plan(causal_op=site.sdpa_is_causal)
     for m in site.masks:
+        split.view = m.view
         if m.kind is MaskKind.BOOL:
             split.add_bool(m.value, m.attend_when)
         else:
@@ -348,6 +374,7 @@ class _Splitter(MaskProofs):
     def __init__(self, adapter: Adapter):
         super().__init__(adapter)
         self.leaves: list[KeepTerm] = []
+        self.view: tuple[int, ...] | None = None  # the head view of the term being split (``MaskTerm.view``)
 
     def add_bool(self, v: Any, attend_when: bool) -> None:
         self._conjuncts(v, attend_when, 0)
@@ -368,7 +395,7 @@ class _Splitter(MaskProofs):
                 if cb == 0 and ca is not None and ca * coeff <= MASKED_BELOW:
                     return self.add_bool(cond, False)
             break
-        self.leaves.append(KeepTerm(v, MaskKind.ADDITIVE, True, coeff))
+        self.leaves.append(KeepTerm(v, MaskKind.ADDITIVE, True, coeff, view=self.view))
 
     def _conjuncts(self, v: Any, aw: bool, depth: int) -> None:
         c = self._const(v)
@@ -386,12 +413,12 @@ class _Splitter(MaskProofs):
                 return self._conjuncts(self._in(node), aw, depth + 1)  # a broadcast keeps each row's count
         if aw and self.all_true(v):
             return
-        self.leaves.append(KeepTerm(v, MaskKind.BOOL, aw))
+        self.leaves.append(KeepTerm(v, MaskKind.BOOL, aw, view=self.view))
 
     def plan(self, causal_op: bool) -> KeyPlan:
         factors: list[Factor] = []
         for leaf in self.leaves:
-            shape = self.a.shape(leaf.value)
+            shape = laid_out_shape(self.a.shape(leaf.value), leaf.view)
             rank = None if shape is None else len(shape)
             if leaf.kind is MaskKind.BOOL and self.proves_causal(leaf.value, leaf.attend_when):
                 cls = FactorClass.CAUSAL
@@ -409,4 +436,4 @@ class _Splitter(MaskProofs):
 
 
 __all__ = ["Action", "RewriteSpec", "Capabilities", "FactorClass", "KeepTerm", "Factor", "KeyPlan", "Plan", "plan_for",
-           "key_plan", "TARGETS"]
+           "key_plan", "laid_out_shape", "TARGETS"]

@@ -26,7 +26,7 @@ class ProbsWalker(WalkBase):
         for _ in range(32):
             users = a.users(y)
             if a.is_graph_output(y):
-                escapes.append("graph output")
+                escapes.append("the return value (a graph output)")  # the same words as a node that is one
             nxt = [u for u in users if self._continues(u, y)]
             if len(nxt) > 1:
                 # e.g. the ONNX Attention body's ``Identity -> qk_matmul_output``: a copy that leaves, not the path to V

@@ -89,6 +89,8 @@ class MaskTerm:
     causal: bool = False
     only_causal: bool = False
     causal_offset: Any = None
+    # fairseq / MBart: added in this [B, H, S_q, S_k] view of [B*H, S_q, S_k] scores (None: on the scores)
+    view: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, eq=False)

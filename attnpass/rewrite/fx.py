@@ -19,13 +19,14 @@ from attnpass.passes.fx import _IGNORED_USERS, FxAdapter, _op_name, find
 from attnpass.passes.plan import Action, Capabilities, KeepTerm, Plan, RewriteSpec, plan_for
 from attnpass.passes.site import AttentionSite, Emitted, Form, MaskKind, Operand, Report
 from attnpass.rewrite.topk_fx import emit_topk
+from attnpass.spec import Param, per_head
 
 aten = torch.ops.aten
 
 #: What ``attnpass::attention`` and ``semantics`` express: everything the matcher finds, n counted at run time.
 CAPS = Capabilities(refuse_fused_ops=True, softcap=True, ssmax_softcap_fused=True, is_causal=True,
                     scores_rank3=True, any_rank=True, static_heads=False, empty_rows_zero=False,
-                    factor_on_q=False, count_keys=False)
+                    factor_on_q=False, count_keys=False, head_views=True)
 
 
 class _Builder:
@@ -49,9 +50,24 @@ def _prepare(b: _Builder, op: Operand, transpose: bool = True) -> fx.Node:
     return v
 
 
+def _laid_out(b: _Builder, t: KeepTerm) -> fx.Node:
+    """The term's value on the scores: a mask added in a ``[B, H, S_q, S_k]`` view of ``[B*H, S_q, S_k]`` scores
+    (``KeepTerm.view``) is broadcast over the view's batch and heads and folded as the scores are; its own
+    ``S_q``/``S_k`` sizes (1 or full) stay, so a padding mask stays ``[B*H, 1, S_k]``."""
+    if t.view is None:
+        return t.value
+    shape = tuple(t.value.meta["val"].shape)
+    pad = (1,) * (4 - len(shape)) + shape
+    v = b.call(aten.reshape.default, t.value, list(pad))
+    if pad[:2] != (1, 1):
+        v = b.call(aten.expand.default, v, [t.view[0], t.view[1], pad[2], pad[3]])
+    return b.call(aten.reshape.default, v, [t.view[0] * t.view[1] if pad[:2] != (1, 1) else 1, pad[2], pad[3]])
+
+
 def _term(b: _Builder, t: KeepTerm) -> fx.Node:
     """An additive term times its coefficient."""
-    return t.value if t.coeff == 1.0 else b.call(aten.mul.Tensor, t.value, t.coeff)
+    v = _laid_out(b, t)
+    return v if t.coeff == 1.0 else b.call(aten.mul.Tensor, v, t.coeff)
 
 
 def _allowed(b: _Builder, terms: Sequence[KeepTerm]) -> fx.Node | None:
@@ -59,7 +75,8 @@ def _allowed(b: _Builder, terms: Sequence[KeepTerm]) -> fx.Node | None:
     parts: list[fx.Node] = []
     for t in terms:
         if t.kind is MaskKind.BOOL:
-            parts.append(t.value if t.attend_when else b.call(aten.logical_not.default, t.value))
+            v = _laid_out(b, t)
+            parts.append(v if t.attend_when else b.call(aten.logical_not.default, v))
         else:
             parts.append(b.call(aten.gt.Scalar, _term(b, t), semantics.MASKED_BELOW))
     if not parts:
@@ -179,19 +196,24 @@ def fuse(gm: fx.GraphModule, report: Report | None = None) -> tuple[fx.GraphModu
 SSMAX_MODULE = "attnpass_ssmax"
 
 
-def _ssmax_params(gm: fx.GraphModule, site: AttentionSite, s: float, b: float | None, device: torch.device) -> tuple[fx.Node, fx.Node | None]:
+def _ssmax_params(gm: fx.GraphModule, site: AttentionSite, s: Param, b: Param | None,
+                  device: torch.device) -> tuple[fx.Node, fx.Node | None]:
+    """``s`` (and ``b``) as trainable ``[H]`` parameters: a scalar repeated, or one value per head
+    (``spec.per_head``); rank-3 scores fold the heads into the batch, so they take one value."""
     holder = getattr(gm, SSMAX_MODULE, None)
     if holder is None:
         holder = torch.nn.Module()
         gm.add_submodule(SSMAX_MODULE, holder)
-    heads = site.heads if isinstance(site.heads, int) and site.q.rank == 4 else 1
-    holder.register_parameter(f"s_{site.index}", torch.nn.Parameter(torch.full((heads,), float(s), device=device)))
-    s_node = gm.graph.get_attr(f"{SSMAX_MODULE}.s_{site.index}")
-    b_node = None
-    if b is not None:
-        holder.register_parameter(f"b_{site.index}", torch.nn.Parameter(torch.full((heads,), float(b), device=device)))
-        b_node = gm.graph.get_attr(f"{SSMAX_MODULE}.b_{site.index}")
-    return s_node, b_node
+    heads = site.heads if isinstance(site.heads, int) and site.q.rank == 4 else None
+    nodes: list[fx.Node | None] = []
+    for what, x in (("s", s), ("b", b)):
+        if x is None:
+            nodes.append(None)
+            continue
+        vals = torch.tensor(per_head(x, heads, what, site.name), dtype=torch.float32, device=device)
+        holder.register_parameter(f"{what}_{site.index}", torch.nn.Parameter(vals))
+        nodes.append(gm.graph.get_attr(f"{SSMAX_MODULE}.{what}_{site.index}"))
+    return nodes[0], nodes[1]  # type: ignore[return-value]
 
 
 def _ssmax_site(gm: fx.GraphModule, plan: Plan, params: tuple[fx.Node, fx.Node | None]) -> None:

@@ -131,9 +131,38 @@ def mask_inputs(ed: Editor, terms: Sequence[KeepTerm], before: Any, prefix: str)
     for i, term in enumerate(terms):
         v: _Val = term.value
         elem = builtin_elem(v.dtype or "f32")
-        ins.append(MaskIn(term, f"%{prefix}{i}", tuple(v.shape or ()), elem))
-        vals.append(ed.builtin(v, before))
+        val, shape = ed.builtin(v, before), tuple(v.shape or ())
+        if term.view is not None:  # fairseq / MBart: added in a [B, H, S_q, S_k] view of the [B*H, S_q, S_k] scores
+            val, shape = _lay_out(ed, val, shape, elem, term.view, before)
+        ins.append(MaskIn(term, f"%{prefix}{i}", shape, elem))
+        vals.append(val)
     return ins, vals
+
+
+def _lay_out(ed: Editor, val: Any, shape: tuple, elem: str, view: tuple[int, ...], before: Any) -> tuple[Any, tuple]:
+    """A head-view mask on the scores (``plan.laid_out_shape``): broadcast over the view's batch and heads where it
+    varies there, then ``[B, H]`` collapsed into the scores' batch, by a generated function."""
+    from attnpass.passes.plan import laid_out_shape
+    from attnpass.rewrite.mlir.builders import PAR, Operand, Ssa, bcast_map, dims_of, empty, generic
+
+    out = tuple(laid_out_shape(shape, view))
+    dom = (*(view[:2] if out[0] != 1 else (1, 1)), out[1], out[2])
+    t, dims = Ssa(), ["d0", "d1", "d2", "d3"]
+    name = ed.fresh_symbol("attnpass_head_view")
+    t.emit(f"func.func private @{name}(%m: {tensor_type(shape, elem)}) -> {tensor_type(out, elem)} {{", 1)
+    src = Operand("%m", shape, bcast_map(shape, dom, dims), elem)
+    wide = generic(t, dims, [src], Operand(empty(t, dom, 2, elem), dom, dims_of(dims), elem), [PAR] * 4,
+                   lambda a, i: a[0], 2, "bcast")
+    folded = t.op("folded", f"tensor.collapse_shape {wide} [[0, 1], [2], [3]] : {tensor_type(dom, elem)} into "
+                            f"{tensor_type(out, elem)}", 2)
+    t.emit(f"return {folded} : {tensor_type(out, elem)}")
+    t.emit("}", 1)
+    ed.add_func(t.text(), "head-view mask layout")
+    ir = ed.ir
+    call = ir.Operation.create("func.call", results=[ir.Type.parse(tensor_type(out, elem), ed.ctx)], operands=[val],
+                               attributes={"callee": ir.FlatSymbolRefAttr.get(name, ed.ctx)},
+                               loc=ir.Location.unknown(ed.ctx), ip=ir.InsertionPoint(before))
+    return call.result, out
 
 
 def to_builtin_raw(ed: Editor, v: Any, ty: str, before: Any) -> Any:

@@ -16,6 +16,7 @@ from attnpass.passes.match import Report
 from attnpass.passes.mlir import MlirAdapter, MlirReport, _gqa_groups, _Node, _Val, find, public_funcs
 from attnpass.passes.mlir_attention_op import is_attention_op, window
 from attnpass.passes.plan import Action, Capabilities, FactorClass, KeepTerm, Plan, RewriteSpec, plan_for
+from attnpass.rewrite.mlir.attention_op import with_cache, with_qk_output
 from attnpass.rewrite.mlir.builders import HALF, builtin_elem, permuted, unpermuted
 from attnpass.rewrite.mlir.editor import Editor, erase_dead, mask_inputs, to_builtin_raw
 from attnpass.rewrite.mlir.fused import DEFAULT_TILE, FusedSpec, fused_func, tile_for
@@ -28,7 +29,7 @@ from attnpass.rewrite.mlir.topk import emit_topk
 #: generated code from the plan's key factors (``Plan.keys``).
 CAPS = Capabilities(refuse_fused_ops=True, softcap=True, ssmax_softcap_fused=True, is_causal=True,
                     scores_rank3=True, any_rank=True, static_heads=False, empty_rows_zero=True,
-                    factor_on_q=False, count_keys=True)
+                    factor_on_q=False, count_keys=True, head_views=True)
 
 
 def _heads(x_shape: tuple[int, ...]) -> int:
@@ -247,6 +248,10 @@ def _fuse_site(ed: Editor, plan: Plan, tile: int, ssmax: tuple | None = None) ->
     spec = _spec(plan, tile)
     out: _Val = site.out
     before = out.producer.op
+    op = site.softmax if is_attention_op(site.softmax) else None
+    kv = None
+    if op is not None:  # the ONNX op's KV cache: present = concat(past, new), attended over
+        spec, kv = with_cache(ed, op, spec, tile, before)
     # everything the call reads is defined before the op that produces the site's output
     terms = [plan.op_mask] if plan.op_mask is not None else [*plan.op_mask_additive, *plan.op_mask_bool]
     masks, mvals = mask_inputs(ed, terms, before, "m")
@@ -261,11 +266,15 @@ def _fuse_site(ed: Editor, plan: Plan, tile: int, ssmax: tuple | None = None) ->
         spec.ssmax, pvals = _ssmax_params(ed, func, spec.batch[-1] if spec.batch else 1, s, b, params, before)
         pvals = keys[1] + pvals
     q, k, v = (ed.builtin(o.value, before) for o in (site.q, site.k, site.v))
+    if kv is not None:
+        k, v = kv
     name = ed.fresh_symbol(f"attnpass_fused_{site.index}")
     ed.add_func(fused_func(name, spec), f"fused attention for {site.name}")
+    if op is not None:  # the op's qk_matmul_output, computed beside the loop nest
+        with_qk_output(ed, op, spec, [q, k, *mvals, *pvals], before)
     new = ed.call(name, [q, k, v, *mvals, *pvals], [out.type], before)[0]
     out.value.replace_all_uses_with(new)
-    if is_attention_op(site.softmax):
+    if op is not None:
         site.softmax.op.erase()  # not a pure op for erase_dead, and torch-mlir cannot lower it
     ed.notes.add(site, f"fused via @{name} (tile {spec.tile})" + (" with SSMax" if ssmax is not None else ""))
 

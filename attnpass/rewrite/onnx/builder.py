@@ -9,6 +9,7 @@ import numpy as np
 import onnx_ir as ir
 
 from attnpass.passes.site import AttentionSite, Dim
+from attnpass.spec import Param, per_head
 
 
 class _Builder:
@@ -75,10 +76,13 @@ def _expand_heads(b: _Builder, f: ir.Value) -> ir.Value:
     return b.op("Expand", [f, b.ints(1, 1, 1, 1)])
 
 
-def _per_head(model: ir.Model, anchor: ir.Node, b: _Builder, name: str, value: float, heads: Dim) -> ir.Value:
-    """``s`` or ``b`` as a named ``[H]`` float32 initializer (a Constant inside model-local functions)."""
-    h = heads if isinstance(heads, int) and heads > 0 else 1
-    data = np.full((h,), value, dtype=np.float32)
+def _per_head(model: ir.Model, anchor: ir.Node, b: _Builder, name: str, value: Param, heads: Dim) -> ir.Value:
+    """``s`` or ``b`` as a named ``[H]`` float32 initializer (a Constant inside model-local functions): a scalar
+    repeated, or one value per head (``spec.per_head``)."""
+    what = "b" if ".b_" in name else "s"
+    data = np.asarray(per_head(value, heads if isinstance(heads, int) and heads > 0 else None, what, anchor.name or ""),
+                      dtype=np.float32)
+    h = len(data)
     if any(anchor.graph is f.graph for f in model.functions.values()):
         return b.const(data)
     init = ir.Value(name=name, shape=ir.Shape([h]), type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.tensor(data, name=name))
@@ -86,7 +90,7 @@ def _per_head(model: ir.Model, anchor: ir.Node, b: _Builder, name: str, value: f
     return init
 
 
-def _factor(model: ir.Model, b: _Builder, site: AttentionSite, n: ir.Value, s: float, bias: float | None, rank: int) -> ir.Value:
+def _factor(model: ir.Model, b: _Builder, site: AttentionSite, n: ir.Value, s: Param, bias: Param | None, rank: int) -> ir.Value:
     """``s_h * log(max(n, 1)) + b_h`` in float32; ``n`` is ``[..., H, S_q, 1]`` float32."""
     heads = site.heads if rank >= 3 else None
     s_v = _per_head(model, b.anchor, b, f"attnpass.ssmax.s_{site.index}", s, heads)
@@ -148,3 +152,21 @@ def _replace_keeping_name(old: ir.Value, new: ir.Value) -> None:
         old.name = f"{name}__replaced"
         new.name = name
     ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+
+
+def lay_out(b: _Builder, v: ir.Value, view: tuple[int, ...] | None) -> ir.Value:
+    """A mask added in a ``[B, H, S_q, S_k]`` view of ``[B*H, S_q, S_k]`` scores, on the scores: made rank 4,
+    broadcast over the view's batch and heads, folded as the scores are; its own ``S_q``/``S_k`` sizes stay."""
+    if view is None:
+        return v
+    rank = len(v.shape) if v.shape is not None else 4
+    if rank < 4:
+        v = b.op("Unsqueeze", [v, b.ints(*range(4 - rank))])
+    v = b.op("Expand", [v, b.ints(view[0], view[1], 1, 1)])
+    return b.op("Reshape", [v, b.op("Concat", [b.ints(view[0] * view[1]), b.op("Shape", [v], {"start": 2})], {"axis": 0})])
+
+
+def to_view(b: _Builder, f: ir.Value, view: tuple[int, ...]) -> ir.Value:
+    """A per-row value of the ``[B*H, S_q, 1]`` scores (the SSMax factor) in their ``[B, H, S_q, 1]`` head view."""
+    f = b.op("Expand", [f, b.ints(view[0] * view[1], 1, 1)])
+    return b.op("Reshape", [f, b.ints(view[0], view[1], -1, 1)])

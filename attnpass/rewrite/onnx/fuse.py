@@ -30,6 +30,7 @@ from attnpass.rewrite.onnx.builder import (
     _scores_shape,
     _size,
     _to_float,
+    lay_out,
 )
 
 
@@ -44,7 +45,8 @@ def _op_bias(b: _Builder, plan: Plan, q4: ir.Value, k4: ir.Value, factor: ir.Val
     add: ir.Value | None = None
     for term in plan.op_mask_additive:
         m = term.term
-        t = m.value if m.coeff == 1.0 else b.op("Mul", [m.value, b.scalar_like(m.coeff, m.value)])
+        v = lay_out(b, m.value, m.view)
+        t = v if m.coeff == 1.0 else b.op("Mul", [v, b.scalar_like(m.coeff, v)])
         t = _lift(b, t, rank)  # laid out on the op's 4-D scores before the factor (already 4-D) meets it
         if factor is not None and id(m) in bias_terms:
             keep = b.op("Greater", [t, b.scalar_like(semantics.MASKED_BELOW, t)])

@@ -15,7 +15,7 @@ import onnx_ir as ir
 from attnpass import semantics
 from attnpass.passes.plan import FactorClass, KeepTerm, KeyPlan
 from attnpass.passes.site import MaskKind
-from attnpass.rewrite.onnx.builder import _and_all, _Builder
+from attnpass.rewrite.onnx.builder import _and_all, _Builder, lay_out
 
 #: What the note says for each ``KeyPlan.method``.
 HOW = {"length": "key length (no mask)", "keys": "key-only mask factor", "causal": "causal structure (Range)",
@@ -26,11 +26,12 @@ HOW = {"length": "key length (no mask)", "keys": "key-only mask factor", "causal
 def keep(b: _Builder, t: KeepTerm) -> ir.Value:
     """Bool, True where ``t`` leaves a key attendable."""
     if t.kind is MaskKind.BOOL:
-        v = t.value
+        v = lay_out(b, t.value, t.view)
         if v.dtype not in (None, ir.DataType.BOOL):
             v = b.op("Cast", [v], {"to": ir.DataType.BOOL})
         return v if t.attend_when else b.op("Not", [v])
-    x = t.value if t.coeff == 1.0 else b.op("Mul", [t.value, b.scalar_like(t.coeff, t.value)])
+    v = lay_out(b, t.value, t.view)
+    x = v if t.coeff == 1.0 else b.op("Mul", [v, b.scalar_like(t.coeff, v)])
     return b.op("Greater", [x, b.scalar_like(semantics.MASKED_BELOW, x)])
 
 

@@ -15,7 +15,7 @@ from attnpass.passes.plan import KeepTerm, Plan
 from attnpass.passes.site import MaskKind, Notes
 from attnpass.rewrite.onnx import keys as K
 from attnpass.rewrite.onnx import kvcache
-from attnpass.rewrite.onnx.builder import _Builder, _expand_heads, _factor, _float_min, _scores_shape, _size, _to_float
+from attnpass.rewrite.onnx.builder import _Builder, _expand_heads, _factor, _float_min, _scores_shape, _size, _to_float, to_view
 
 
 def ssmax_explicit(model: ir.Model, ad: OnnxAdapter, plan: Plan, notes: Notes) -> None:
@@ -46,7 +46,8 @@ def ssmax_explicit(model: ir.Model, ad: OnnxAdapter, plan: Plan, notes: Notes) -
     for m in plan.bias_terms:
         t = m.value if m.coeff == 1.0 else bld.op("Mul", [m.value, bld.scalar_like(m.coeff, m.value)])
         keep = bld.op("Greater", [t, bld.scalar_like(semantics.MASKED_BELOW, t)])
-        scaled = bld.op("CastLike", [bld.op("Mul", [_to_float(bld, m.value), f]), m.value])
+        fm = f if m.view is None else to_view(bld, f, m.view)  # the term stays where it is added: in the head view
+        scaled = bld.op("CastLike", [bld.op("Mul", [_to_float(bld, m.value), fm]), m.value])
         scaled_terms.append((m, bld.op("Where", [keep, scaled, m.value])))
     bld.commit()
     qk.replace_input_with(0, new_q)
