@@ -78,3 +78,18 @@ def test_mlir_lays_the_padding_out_per_head_not_per_query() -> None:
     ssmax = am.rewrite(am.import_(module, args), to="ssmax", s=0.43)
     ref = attnpass.to_ssmax(module, args, s=0.43)(*args).detach().numpy()
     np.testing.assert_allclose(np.asarray(am.compile(ssmax)(*args)), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fx_fused_serves_another_batch_size(kind: str) -> None:
+    """Exported with the default dynamic batch, the view's batch is a symbol: the mask is laid out with no size
+    written into the graph, so the fused module answers for a batch it was not traced with."""
+    module = G.Bmm3DView4DMask().eval()
+    fused = attnpass.fuse(module, _inputs(kind))
+    assert fused.attnpass_result.rewritten == [0], fused.attnpass_result.left
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(B + 2, H, T, D, generator=g) for _ in range(3))
+    mask = {"batch_query_bias": 0.3 * torch.randn(B + 2, 1, T, T, generator=g),
+            "shared_bias": 0.3 * torch.randn(T, T, generator=g),
+            "per_head_padding": torch.where(torch.rand(B + 2, H, 1, T, generator=g) > 0.3, 0.0, -1e9)}[kind]
+    torch.testing.assert_close(fused(q, k, v, mask), module(q, k, v, mask), rtol=1e-5, atol=1e-5)

@@ -295,16 +295,27 @@ class Matcher(MaskProofs, OperandFinder, ProbsWalker):
             raise NoMatch(f"softmax input comes from {kind.value} node {a.name(node)}, not from Q K^T")
         raise NoMatch("too many ops between Q K^T and the softmax")
 
-    def _head_view(self, x: Any, term: Any) -> tuple[int, ...] | None:
+    def _head_view(self, x: Any, term: Any) -> tuple[Any, ...] | None:
         """fairseq / MBart: ``x`` is a ``[B, H, S_q, S_k]`` view of ``[B*H, S_q, S_k]`` scores and ``term`` broadcasts
-        to it without growing it: the view's static shape, by which emitters lay the mask out on the scores."""
+        to it without growing it: the view's shape, by which emitters lay the mask out on the scores.  The head
+        count must be a number; a symbolic batch or length (dynamic shapes) is kept when the sizes agree symbol for
+        symbol, unless the mask varies per head but not per batch (laying it out would need the batch size)."""
         xs, ts, ss = self.a.shape(x), self.a.shape(term), self.a.shape(self._walk_input)
         if xs is None or ts is None or ss is None or len(xs) != 4 or len(ss) != 3 or len(ts) > 4:
             return None
-        if not all(isinstance(d, int) for d in xs) or xs[0] * xs[1] != ss[0] or tuple(xs[2:]) != tuple(ss[1:]):
+        if not isinstance(xs[1], int) or xs[1] <= 0 or not all(_same_size(a, b) for a, b in zip(xs[2:], ss[1:])):
             return None
+        static = isinstance(xs[0], int)
+        if static and (not isinstance(ss[0], int) or xs[0] * xs[1] != ss[0]):
+            return None
+        if not static and str(ss[0]) not in (f"{xs[1]}*{xs[0]}", f"{xs[0]}*{xs[1]}"):
+            return None  # a symbolic batch: the scores' first size must be the product, written out
         pad = (1,) * (4 - len(ts)) + tuple(ts)
-        return tuple(xs) if all(t == 1 or t == d for t, d in zip(pad, xs)) else None
+        if not all(_unit(t) or _same_size(t, d) for t, d in zip(pad, xs)):
+            return None
+        if not static and _unit(pad[0]) and not _unit(pad[1]):
+            return None
+        return tuple(xs)
 
     def _views_back(self, v: Any) -> bool:
         """True if ``v`` is a view of the scores that a further view brings back to the softmax's rank."""
@@ -520,3 +531,15 @@ def find_sites(adapter: Adapter) -> Report:
 
 __all__ = ["Kind", "Adapter", "Dim", "Matcher", "NoMatch", "find_sites", "AttentionSite", "Operand", "MaskTerm",
            "MaskKind", "MaskRole", "Form", "Guard", "GuardKind", "FusedOpInfo", "Report", "Skipped"]
+
+
+def _unit(d: Any) -> bool:
+    """A size known to be 1 (a symbolic size is not)."""
+    return isinstance(d, int) and d == 1
+
+
+def _same_size(a: Any, b: Any) -> bool:
+    """Equal numbers, or the same symbolic expression."""
+    if isinstance(a, int) or isinstance(b, int):
+        return isinstance(a, int) and isinstance(b, int) and a == b
+    return a is b or str(a) == str(b)

@@ -50,6 +50,7 @@ class Capabilities:
     count_keys: bool = True  # the emitter counts n itself from the plan's factors (fx: semantics does it)
     grouped_kv: bool = True  # the fused op takes fewer K/V heads than query heads (GQA, multi-query)
     head_views: bool = False  # lays out a mask added in a [B, H, S_q, S_k] view of [B*H, S_q, S_k] scores
+    dynamic_head_views: bool = False  # ... also where the view's batch or lengths are symbolic (dynamic shapes)
 
 
 class FactorClass(enum.StrEnum):
@@ -319,13 +320,25 @@ def laid_out_shape(shape: Any, view: tuple[int, ...] | None) -> Any:
     if view is None or shape is None:
         return shape
     pad = (1,) * (4 - len(shape)) + tuple(shape)
-    return (1 if pad[:2] == (1, 1) else view[0] * view[1], pad[2], pad[3])
+    folded = view[0] * view[1] if isinstance(view[0], int) else f"{view[1]}*{view[0]}"
+    return (1 if _unit(pad[0]) and _unit(pad[1]) else folded, pad[2], pad[3])
+
+
+def _unit(d: Any) -> bool:
+    """A size known to be 1 (a symbolic size is not)."""
+    return isinstance(d, int) and d == 1
 
 
 def _view_blocker(site: AttentionSite, caps: Capabilities) -> str | None:
     """A mask added in a head view of 3-D scores, on an emitter that cannot lay it out (None: none, or it can)."""
-    if caps.head_views or not any(m.view for m in site.masks):
+    views = [m.view for m in site.masks if m.view]
+    if not views:
         return None
+    if caps.head_views and (caps.dynamic_head_views or all(isinstance(d, int) for v in views for d in v)):
+        return None
+    if caps.head_views:
+        return ("a mask added in a [B, H, S_q, S_k] view of [B*H, S_q, S_k] scores with dynamic sizes is not laid out on "
+                "the scores by this rewrite yet (export with static shapes)")
     return "a mask added in a [B, H, S_q, S_k] view of [B*H, S_q, S_k] scores is not laid out on the scores by this rewrite yet"
 
 

@@ -26,7 +26,8 @@ aten = torch.ops.aten
 #: What ``attnpass::attention`` and ``semantics`` express: everything the matcher finds, n counted at run time.
 CAPS = Capabilities(refuse_fused_ops=True, softcap=True, ssmax_softcap_fused=True, is_causal=True,
                     scores_rank3=True, any_rank=True, static_heads=False, empty_rows_zero=False,
-                    factor_on_q=False, count_keys=False, head_views=True)
+                    factor_on_q=False, count_keys=False, head_views=True,
+                    dynamic_head_views=True)
 
 
 class _Builder:
@@ -53,15 +54,22 @@ def _prepare(b: _Builder, op: Operand, transpose: bool = True) -> fx.Node:
 def _laid_out(b: _Builder, t: KeepTerm) -> fx.Node:
     """The term's value on the scores: a mask added in a ``[B, H, S_q, S_k]`` view of ``[B*H, S_q, S_k]`` scores
     (``KeepTerm.view``) is broadcast over the view's batch and heads and folded as the scores are; its own
-    ``S_q``/``S_k`` sizes (1 or full) stay, so a padding mask stays ``[B*H, 1, S_k]``."""
+    ``S_q``/``S_k`` sizes (1 or full) stay, so a padding mask stays ``[B*H, 1, S_k]``.  Written with ``-1`` sizes and
+    ``flatten`` so a symbolic batch or length (dynamic shapes) needs no size in the graph; the matcher only records
+    a view with a symbolic batch when the mask varies over the batch itself or over neither batch nor heads."""
     if t.view is None:
         return t.value
     shape = tuple(t.value.meta["val"].shape)
+    v = t.value
+    for _ in range(4 - len(shape)):
+        v = b.call(aten.unsqueeze.default, v, 0)
     pad = (1,) * (4 - len(shape)) + shape
-    v = b.call(aten.reshape.default, t.value, list(pad))
-    if pad[:2] != (1, 1):
-        v = b.call(aten.expand.default, v, [t.view[0], t.view[1], pad[2], pad[3]])
-    return b.call(aten.reshape.default, v, [t.view[0] * t.view[1] if pad[:2] != (1, 1) else 1, pad[2], pad[3]])
+    one = [isinstance(d, int) and d == 1 for d in pad[:2]]
+    if one[1] and not one[0]:
+        v = b.call(aten.expand.default, v, [-1, t.view[1], -1, -1])
+    elif one[0] and not one[1]:
+        v = b.call(aten.expand.default, v, [t.view[0], -1, -1, -1])
+    return b.call(aten.flatten.using_ints, v, 0, 1)
 
 
 def _term(b: _Builder, t: KeepTerm) -> fx.Node:
