@@ -29,7 +29,7 @@ from attnpass.passes import topk_ir
 from attnpass.passes.aten import ATEN_KINDS
 from attnpass.passes.match import AttentionSite, Dim, Kind, Report, find_sites
 from attnpass.passes.mlir_broadcasts import is_broadcast_tile, materialized_expand
-from attnpass.passes.mlir_values import Evaluator
+from attnpass.passes.mlir_values import Evaluator, splat
 
 # ------------------------------------------------------------------ op tables
 
@@ -306,7 +306,7 @@ class MlirAdapter:
         if p.opname in ("torch.constant.float", "torch.constant.int", "torch.constant.bool"):
             return float(attrs["value"].value)
         if p.opname == "torch.vtensor.literal":
-            return _splat(attrs["value"])
+            return splat(attrs["value"])
         if p.aten is not None and ATEN_KINDS.get(p.aten) is Kind.IDENTITY and p.operands:
             return self.constant(p.operands[0])  # clone / lift_fresh_copy of a literal
         if p.aten in _SCALAR_FOLDS and len(p.results[0].shape or ()) == 0:
@@ -391,7 +391,7 @@ class MlirAdapter:
             return self._int(ops[0]) if node.overload in ("start", "start_step") else 0
         if name == "fill":
             if node.opname == "torch.vtensor.literal":
-                return _splat(node.op.attributes["value"])
+                return splat(node.op.attributes["value"])
             if op in _FILLS:
                 return _FILLS[op]
             if op in ("full", "new_full", "full_like"):
@@ -448,26 +448,6 @@ class MlirAdapter:
 
 def _first(xs: list[int] | None) -> int | None:
     return xs[0] if xs and len(xs) == 1 else None
-
-
-def _splat(attr: Any) -> float | None:
-    """The value of a splat (or single-element) dense literal; None for anything else."""
-    from torch_mlir import ir
-
-    try:
-        dense = ir.DenseElementsAttr(attr)
-    except Exception:
-        return None
-    if not dense.is_splat and len(dense) != 1:
-        return None
-    v = dense.get_splat_value() if dense.is_splat else dense[0]
-    try:
-        return float(v.value)
-    except (AttributeError, TypeError):
-        try:
-            return float(v)
-        except (TypeError, ValueError):
-            return None
 
 
 # ------------------------------------------------------------------ finding

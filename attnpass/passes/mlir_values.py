@@ -179,3 +179,23 @@ class Evaluator:
 
 
 __all__ = ["Evaluator", "literal_array"]
+
+
+def splat(attr: Any) -> float | None:
+    """The value of a splat (or single-element) dense literal; None for anything else."""
+    from torch_mlir import ir
+
+    try:
+        dense = ir.DenseElementsAttr(attr)
+    except Exception:
+        return None
+    if not dense.is_splat and len(dense) != 1:
+        return None
+    v = dense.get_splat_value() if dense.is_splat else dense[0]
+    try:
+        return float(v.value)
+    except (AttributeError, TypeError):
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return None
