@@ -45,6 +45,17 @@ class _Attn(torch.nn.Module):
         return (out, p) if self.return_probs else out
 
 
+class _Plain(torch.nn.Module):
+    """No attention at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.lin(x))
+
+
 def _export(m: torch.nn.Module, path: Path, seq: int = 6, dynamic: bool = True) -> Path:
     torch.onnx.export(m, (torch.randn(2, seq, 16),), str(path), dynamo=False, opset_version=17, input_names=["x"],
                       dynamic_axes={"x": {0: "batch", 1: "seq"}} if dynamic else None)
@@ -71,6 +82,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
         "external": external,
         "probs": _export(_Attn(return_probs=True).eval(), d / "probs.onnx"),
         "one_key": _export(_Attn().eval(), d / "one_key.onnx", seq=1, dynamic=False),
+        "plain": _export(_Plain().eval(), d / "plain.onnx"),
     }
 
 
@@ -129,6 +141,25 @@ def test_debug_and_json_after_the_sub_command(models, tmp_path, capsys) -> None:
     capsys.readouterr()
     assert main(["inspect", str(models["good"]), "--json"]) == 0
     assert len(_strict(capsys.readouterr().out)["sites"]) == 1
+    assert main(["--json", "inspect", str(models["good"])]) == 0
+    assert len(_strict(capsys.readouterr().out)["sites"]) == 1
+
+
+#: The fewest arguments each sub-command parses with (paths are not opened by the parser).
+MINIMAL_ARGV = {"inspect": ["m.onnx"], "rewrite": ["m.onnx", "-o", "o.onnx", "--to", "fused"], "validate": ["a.onnx", "b.onnx"],
+                "export": ["pkg.mod:make", "-o", "o.onnx"], "demo": [], "mlir": ["m.onnx"]}
+
+
+def test_json_before_or_after_every_sub_command_that_has_it() -> None:
+    parser = build_parser()
+    with_json = [n for n, p in _subparsers(parser).items() if any("--json" in a.option_strings for a in p._actions)]
+    assert with_json and set(with_json) <= set(MINIMAL_ARGV), "add the new sub-command to MINIMAL_ARGV"
+    for name in with_json:
+        argv = MINIMAL_ARGV[name]
+        assert build_parser().parse_args([name, *argv]).json is False, name
+        assert build_parser().parse_args(["--json", name, *argv]).json is True, name
+        assert build_parser().parse_args([name, *argv, "--json"]).json is True, name
+        assert build_parser().parse_args(["--json", "--debug", name, *argv]).debug is True, name
 
 
 def test_tables_keep_full_names_when_piped(models) -> None:
@@ -161,7 +192,8 @@ def test_outputs_get_the_same_permissions(models, tmp_path, capsys) -> None:
     old = os.umask(0o022)
     try:
         assert main(["rewrite", str(models["good"]), "-o", str(tmp_path / "o.onnx"), "--to", "fused"]) == 0
-        assert main(["mlir", str(models["good"]), "--to", "fused", "-o", str(tmp_path / "o.mlir")]) == 0
+        # SSMax: the MLIR fused rewrite needs static sizes, and a run that fuses nothing writes nothing
+        assert main(["mlir", str(models["good"]), "--to", "ssmax", "-o", str(tmp_path / "o.mlir")]) == 0
     finally:
         os.umask(old)
     assert _mode(tmp_path / "o.onnx") == _mode(tmp_path / "o.mlir") == 0o644
@@ -186,6 +218,31 @@ def test_nothing_fused_is_like_nothing_found(models, tmp_path, capsys) -> None:
     assert _strict(capsys.readouterr().out)["written"] is None and not out.exists()
     assert main(["rewrite", str(models["probs"]), "-o", str(out), "--to", "fused", "--force"]) == 0
     assert out.exists()
+
+
+def test_mlir_nothing_rewritten_is_like_nothing_found(models, tmp_path, capsys) -> None:
+    """``mlir`` as ``rewrite``: nothing fusable, or no attention at all, says why, exits 0, writes nothing (not even
+    MLIR text on stdout) unless ``--force``; ``--to none`` (just import and lower) writes as before."""
+    pytest.importorskip("torch_mlir", reason="the mlir command needs torch-mlir")
+    out = tmp_path / "out.mlir"
+    assert main(["mlir", str(models["probs"]), "--to", "fused", "-o", str(out)]) == 0
+    res = capsys.readouterr()
+    assert "none could be rewritten to fused" in res.err and "nothing written" in res.err and not out.exists()
+    assert main(["mlir", str(models["probs"]), "--to", "fused"]) == 0
+    res = capsys.readouterr()
+    assert res.out == "" and "nothing written" in res.err
+    assert main(["mlir", str(models["plain"]), "--to", "ssmax", "-o", str(out)]) == 0
+    assert "no attention found" in capsys.readouterr().err and not out.exists()
+    assert main(["--json", "mlir", str(models["probs"]), "--to", "fused", "-o", str(out)]) == 0
+    data = _strict(capsys.readouterr().out)
+    assert data["written"] is None and "none could be rewritten" in data["message"] and not out.exists()
+    assert main(["mlir", str(models["probs"]), "--to", "fused", "-o", str(out), "--force"]) == 0
+    assert out.is_file() and "func.func" in out.read_text()
+    out.unlink()
+    assert main(["mlir", str(models["plain"]), "--to", "none", "-o", str(out)]) == 0
+    assert out.is_file()
+    assert main(["mlir", str(models["probs"]), "--to", "ssmax", "-o", str(out)]) == 0  # SSMax rewrites it: written
+    assert "wrote" in capsys.readouterr().err
 
 
 def test_ssmax_deviation_has_no_ok_and_json_is_strict(models, tmp_path, capsys) -> None:
