@@ -100,18 +100,40 @@ def test_version_and_python_m() -> None:
     assert res.returncode == 0 and "rewrite" in res.stdout and "--version" in res.stdout
 
 
+HEAVY = ("torch", "onnx", "onnxruntime", "onnx_ir", "onnxscript", "transformers", "torch_mlir", "triton", "numpy", "sympy")
+
+#: The attnpass modules ``--help`` may load: the parser and what it needs to describe the flags.  A module outside
+#: this list (a pass, an emitter, the HF parameter table, the relatives, the KV feeds, softmax_topk, ...) means an
+#: eager import crept into the start-up path; import it inside the handler that uses it instead.
+STARTUP = {"attnpass", "attnpass.cli", "attnpass.errors", "attnpass.hf_hook", "attnpass.torch_hook", "attnpass.commands",
+           "attnpass.commands.demo", "attnpass.commands.flags", "attnpass.commands.mlir", "attnpass.commands.onnx",
+           "attnpass.progress", "attnpass.result", "attnpass.spec"}
+
+
 def test_help_loads_no_heavy_dependency() -> None:
-    """``--help`` builds every sub-command's parser without torch, onnx, onnxruntime or transformers."""
-    code = ("import sys, contextlib, io\n"
-            "from attnpass.cli import main\n"
-            "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
-            "    main(['--help'])\n"
-            "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'onnx', 'onnxruntime', 'transformers', "
-            "'torch_mlir', 'numpy'})\n"
-            "print(heavy)\n")
+    """``import attnpass.cli``, ``--help`` and every sub-command's ``--help`` load none of torch, onnx, onnxruntime,
+    transformers, torch-mlir, numpy, and of attnpass only the start-up modules (a fresh interpreter, so nothing
+    loaded by other tests hides an eager import)."""
+    code = ("import sys, contextlib, io, json\n"
+            "import attnpass.cli\n"
+            "loaded = {'import attnpass.cli': sorted(sys.modules)}\n"
+            "from attnpass.cli import build_parser, main\n"
+            "names = [n for a in build_parser()._actions if hasattr(a, 'choices') and isinstance(a.choices, dict) "
+            "for n in a.choices]\n"
+            "for argv in [['--help'], *([n, '--help'] for n in names)]:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "        main(argv)\n"
+            "    loaded[' '.join(argv)] = sorted(sys.modules)\n"
+            "print(json.dumps(loaded))\n")
     res = _python("-c", code)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.strip() == "[]"
+    loaded = json.loads(res.stdout)
+    assert "import attnpass.cli" in loaded and "mlir --help" in loaded and "rewrite --help" in loaded
+    for step, modules in loaded.items():
+        heavy = sorted({m.split(".")[0] for m in modules} & set(HEAVY))
+        assert heavy == [], f"{step} loads {heavy}"
+        ours = sorted(m for m in modules if m.split(".")[0] == "attnpass")
+        assert set(ours) <= STARTUP, f"{step} loads {sorted(set(ours) - STARTUP)}"
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
