@@ -319,3 +319,28 @@ def test_generated_inputs_keep_every_logit_row(tmp_path) -> None:
     assert feeds["logits_to_keep"].shape == () and int(feeds["logits_to_keep"]) == 0
     np.testing.assert_array_equal(feeds["position_ids"], np.tile(np.arange(5), (2, 1)))
     np.testing.assert_array_equal(feeds["cache_position"], np.arange(5))
+
+
+BOX = set("─│┃━┏┓┗┛┡┩╇╋┳┻┼┬┴┌┐└┘")
+
+
+def _tsv(text: str) -> list[list[str]]:
+    """The tab-separated lines of ``--plain`` output (title lines and free text left out)."""
+    return [ln.split("\t") for ln in text.splitlines() if "\t" in ln]
+
+
+def test_plain_tables_are_tab_separated_and_whole(models, tmp_path, capsys) -> None:
+    assert main(["inspect", str(models["long"]), "--plain"]) == 0
+    out = capsys.readouterr().out
+    assert not BOX & set(out)
+    assert out.splitlines()[0] == f"# {models['long']}: 1 attention site(s)"
+    header, *rows = _tsv(out)
+    assert header[:2] == ["index", "node"] and len(rows) == 1 and all(len(r) == len(header) for r in rows)
+    assert rows[0][1] == LONG and rows[0][header.index("fusable / why not")] == "yes"
+    dst = tmp_path / "plain.onnx"
+    assert main(["rewrite", str(models["probs"]), "-o", str(dst), "--to", "ssmax", "--plain"]) == 0
+    out = capsys.readouterr().out
+    assert not BOX & set(out) and f"wrote {dst}" in out
+    header, *rows = _tsv(out)
+    assert header[0] == "index" and len(rows) == 1 and len(rows[0]) == len(header)
+    assert rows[0][header.index("fusable / why not")].startswith("no: the attention probabilities are also used")
