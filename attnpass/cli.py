@@ -80,7 +80,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"{args.command} has no --json output")
     try:
         with contextlib.nullcontext() if args.debug else _quiet():
-            return int(args.func(args) or 0)
+            code = int(args.func(args) or 0)
+            sys.stdout.flush()  # a reader gone (``| head``) shows here, where it is handled, not at interpreter exit
+            return code
+    except BrokenPipeError:  # not a bug of ours, and nobody is left to read a message on stdout
+        _drop_stdout()
+        return 141  # as a command killed by SIGPIPE
     except AttnpassError as e:
         if args.debug:
             raise
@@ -96,6 +101,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"attnpass {args.command}: internal error: {type(e).__name__}: {text} (rerun with --debug for the "
               "traceback, and please report it)", file=sys.stderr)
         return 3
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not raise BrokenPipeError again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout replaced by an object without a file descriptor
+        pass
 
 
 @contextlib.contextmanager

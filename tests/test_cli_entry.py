@@ -344,3 +344,15 @@ def test_plain_tables_are_tab_separated_and_whole(models, tmp_path, capsys) -> N
     header, *rows = _tsv(out)
     assert header[0] == "index" and len(rows) == 1 and len(rows[0]) == len(header)
     assert rows[0][header.index("fusable / why not")].startswith("no: the attention probabilities are also used")
+
+
+def test_a_reader_that_stops_early_is_not_an_internal_error(models) -> None:
+    """``attnpass inspect --json m.onnx | head -1``: the pipe closes before the output is written; that is neither
+    an internal error nor a traceback at exit, just the exit status of a command stopped by SIGPIPE."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "attnpass", "inspect", "--json", str(models["good"])], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone long before the model is read
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=600) == 141, err[-2000:]
+    assert "internal error" not in err and "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
