@@ -13,7 +13,7 @@ import torch
 from torch import fx
 
 from attnpass.errors import AttnpassError
-from attnpass.export_inputs import cache_hint, default_dynamic_shapes, prepare_hf_export
+from attnpass.export_inputs import cache_hint, default_dynamic_shapes, prepare_hf_export, quiet_auto_specialization
 from attnpass.passes import fx as fx_pass
 from attnpass.passes.match import Report
 from attnpass.passes.site import Emitted
@@ -44,7 +44,8 @@ def _as_graph(model: Any, args: tuple | None, kwargs: dict | None, dynamic_shape
         auto = default_dynamic_shapes(model, args, kwargs)
         if auto is not None:
             try:
-                return torch.export.export(model, args, kwargs, dynamic_shapes=auto, strict=False).module()
+                with quiet_auto_specialization():
+                    return torch.export.export(model, args, kwargs, dynamic_shapes=auto, strict=False).module()
             except Exception as e:  # noqa: BLE001  (retried below at fixed shapes; that error is the one reported)
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
                 warnings.warn(f"attnpass: {type(model).__name__} could not be exported with dynamic batch/sequence axes "

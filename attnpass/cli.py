@@ -31,6 +31,7 @@ class _Formatter(argparse.HelpFormatter):
 
 
 DEBUG_HELP = "show tracebacks instead of one-line errors"
+JSON_HELP = "print JSON instead of tables, for the sub-commands that have --json (also accepted after the sub-command)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    parser.add_argument("--json", action="store_true", help=JSON_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -56,7 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
         command.formatter_class = _Formatter
         # after the sub-command too (``attnpass rewrite ... --debug``); SUPPRESS keeps a --debug given before it
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+        for action in command._actions:
+            if "--json" in action.option_strings:  # as --debug: a --json given before the sub-command is kept
+                action.default = argparse.SUPPRESS
     return parser
+
+
+def _has_json(parser: argparse.ArgumentParser, command: str) -> bool:
+    """Whether sub-command ``command`` takes ``--json`` (a ``--json`` before one that does not is a usage error)."""
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return any("--json" in a.option_strings for a in sub.choices[command]._actions)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -65,9 +76,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    if args.json and not _has_json(parser, args.command):
+        parser.error(f"{args.command} has no --json output")
     try:
         with contextlib.nullcontext() if args.debug else _quiet():
-            return int(args.func(args) or 0)
+            code = int(args.func(args) or 0)
+            sys.stdout.flush()  # a reader gone (``| head``) shows here, where it is handled, not at interpreter exit
+            return code
+    except BrokenPipeError:  # not a bug of ours, and nobody is left to read a message on stdout
+        _drop_stdout()
+        return 141  # as a command killed by SIGPIPE
     except AttnpassError as e:
         if args.debug:
             raise
@@ -83,6 +101,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"attnpass {args.command}: internal error: {type(e).__name__}: {text} (rerun with --debug for the "
               "traceback, and please report it)", file=sys.stderr)
         return 3
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not raise BrokenPipeError again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout replaced by an object without a file descriptor
+        pass
 
 
 @contextlib.contextmanager

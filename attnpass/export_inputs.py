@@ -10,8 +10,11 @@ it does not, never an error).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -86,4 +89,30 @@ def default_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) ->
     return shapes
 
 
-__all__ = ["cache_hint", "default_dynamic_shapes", "no_cache_kwargs", "prepare_hf_export"]
+#: torch's warning when an example input of batch 1 fixes an axis our default asked as ``Dim.AUTO``, and its logger.
+SPECIALIZED = "0/1 specialized; Dim.AUTO was specified"
+SPECIALIZED_LOGGER = "torch._export.non_strict_utils"
+
+
+class _DropSpecialized(logging.Filter):
+    """Drops that one message: ``Dim.AUTO`` is our default, not the user's request, and an axis it leaves static is
+    what ``Dim.AUTO`` promises (dynamic where the model allows), so the line would only alarm someone calling ``fuse``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return SPECIALIZED not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_auto_specialization() -> Iterator[None]:
+    """While our default ``dynamic_shapes`` are exported: torch's 0/1-specialization warning is dropped, every
+    other record of that logger (and every other logger) is kept; the filter is removed on exit."""
+    logger = logging.getLogger(SPECIALIZED_LOGGER)
+    drop = _DropSpecialized()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+__all__ = ["cache_hint", "default_dynamic_shapes", "no_cache_kwargs", "prepare_hf_export", "quiet_auto_specialization"]

@@ -45,6 +45,17 @@ class _Attn(torch.nn.Module):
         return (out, p) if self.return_probs else out
 
 
+class _Plain(torch.nn.Module):
+    """No attention at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.lin(x))
+
+
 def _export(m: torch.nn.Module, path: Path, seq: int = 6, dynamic: bool = True) -> Path:
     torch.onnx.export(m, (torch.randn(2, seq, 16),), str(path), dynamo=False, opset_version=17, input_names=["x"],
                       dynamic_axes={"x": {0: "batch", 1: "seq"}} if dynamic else None)
@@ -71,6 +82,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
         "external": external,
         "probs": _export(_Attn(return_probs=True).eval(), d / "probs.onnx"),
         "one_key": _export(_Attn().eval(), d / "one_key.onnx", seq=1, dynamic=False),
+        "plain": _export(_Plain().eval(), d / "plain.onnx"),
     }
 
 
@@ -88,18 +100,40 @@ def test_version_and_python_m() -> None:
     assert res.returncode == 0 and "rewrite" in res.stdout and "--version" in res.stdout
 
 
+HEAVY = ("torch", "onnx", "onnxruntime", "onnx_ir", "onnxscript", "transformers", "torch_mlir", "triton", "numpy", "sympy")
+
+#: The attnpass modules ``--help`` may load: the parser and what it needs to describe the flags.  A module outside
+#: this list (a pass, an emitter, the HF parameter table, the relatives, the KV feeds, softmax_topk, ...) means an
+#: eager import crept into the start-up path; import it inside the handler that uses it instead.
+STARTUP = {"attnpass", "attnpass.cli", "attnpass.errors", "attnpass.hf_hook", "attnpass.torch_hook", "attnpass.commands",
+           "attnpass.commands.demo", "attnpass.commands.flags", "attnpass.commands.mlir", "attnpass.commands.onnx",
+           "attnpass.progress", "attnpass.result", "attnpass.spec"}
+
+
 def test_help_loads_no_heavy_dependency() -> None:
-    """``--help`` builds every sub-command's parser without torch, onnx, onnxruntime or transformers."""
-    code = ("import sys, contextlib, io\n"
-            "from attnpass.cli import main\n"
-            "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
-            "    main(['--help'])\n"
-            "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'onnx', 'onnxruntime', 'transformers', "
-            "'torch_mlir', 'numpy'})\n"
-            "print(heavy)\n")
+    """``import attnpass.cli``, ``--help`` and every sub-command's ``--help`` load none of torch, onnx, onnxruntime,
+    transformers, torch-mlir, numpy, and of attnpass only the start-up modules (a fresh interpreter, so nothing
+    loaded by other tests hides an eager import)."""
+    code = ("import sys, contextlib, io, json\n"
+            "import attnpass.cli\n"
+            "loaded = {'import attnpass.cli': sorted(sys.modules)}\n"
+            "from attnpass.cli import build_parser, main\n"
+            "names = [n for a in build_parser()._actions if hasattr(a, 'choices') and isinstance(a.choices, dict) "
+            "for n in a.choices]\n"
+            "for argv in [['--help'], *([n, '--help'] for n in names)]:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "        main(argv)\n"
+            "    loaded[' '.join(argv)] = sorted(sys.modules)\n"
+            "print(json.dumps(loaded))\n")
     res = _python("-c", code)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.strip() == "[]"
+    loaded = json.loads(res.stdout)
+    assert "import attnpass.cli" in loaded and "mlir --help" in loaded and "rewrite --help" in loaded
+    for step, modules in loaded.items():
+        heavy = sorted({m.split(".")[0] for m in modules} & set(HEAVY))
+        assert heavy == [], f"{step} loads {heavy}"
+        ours = sorted(m for m in modules if m.split(".")[0] == "attnpass")
+        assert set(ours) <= STARTUP, f"{step} loads {sorted(set(ours) - STARTUP)}"
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -129,6 +163,25 @@ def test_debug_and_json_after_the_sub_command(models, tmp_path, capsys) -> None:
     capsys.readouterr()
     assert main(["inspect", str(models["good"]), "--json"]) == 0
     assert len(_strict(capsys.readouterr().out)["sites"]) == 1
+    assert main(["--json", "inspect", str(models["good"])]) == 0
+    assert len(_strict(capsys.readouterr().out)["sites"]) == 1
+
+
+#: The fewest arguments each sub-command parses with (paths are not opened by the parser).
+MINIMAL_ARGV = {"inspect": ["m.onnx"], "rewrite": ["m.onnx", "-o", "o.onnx", "--to", "fused"], "validate": ["a.onnx", "b.onnx"],
+                "export": ["pkg.mod:make", "-o", "o.onnx"], "demo": [], "mlir": ["m.onnx"]}
+
+
+def test_json_before_or_after_every_sub_command_that_has_it() -> None:
+    parser = build_parser()
+    with_json = [n for n, p in _subparsers(parser).items() if any("--json" in a.option_strings for a in p._actions)]
+    assert with_json and set(with_json) <= set(MINIMAL_ARGV), "add the new sub-command to MINIMAL_ARGV"
+    for name in with_json:
+        argv = MINIMAL_ARGV[name]
+        assert build_parser().parse_args([name, *argv]).json is False, name
+        assert build_parser().parse_args(["--json", name, *argv]).json is True, name
+        assert build_parser().parse_args([name, *argv, "--json"]).json is True, name
+        assert build_parser().parse_args(["--json", "--debug", name, *argv]).debug is True, name
 
 
 def test_tables_keep_full_names_when_piped(models) -> None:
@@ -161,7 +214,8 @@ def test_outputs_get_the_same_permissions(models, tmp_path, capsys) -> None:
     old = os.umask(0o022)
     try:
         assert main(["rewrite", str(models["good"]), "-o", str(tmp_path / "o.onnx"), "--to", "fused"]) == 0
-        assert main(["mlir", str(models["good"]), "--to", "fused", "-o", str(tmp_path / "o.mlir")]) == 0
+        # SSMax: the MLIR fused rewrite needs static sizes, and a run that fuses nothing writes nothing
+        assert main(["mlir", str(models["good"]), "--to", "ssmax", "-o", str(tmp_path / "o.mlir")]) == 0
     finally:
         os.umask(old)
     assert _mode(tmp_path / "o.onnx") == _mode(tmp_path / "o.mlir") == 0o644
@@ -186,6 +240,31 @@ def test_nothing_fused_is_like_nothing_found(models, tmp_path, capsys) -> None:
     assert _strict(capsys.readouterr().out)["written"] is None and not out.exists()
     assert main(["rewrite", str(models["probs"]), "-o", str(out), "--to", "fused", "--force"]) == 0
     assert out.exists()
+
+
+def test_mlir_nothing_rewritten_is_like_nothing_found(models, tmp_path, capsys) -> None:
+    """``mlir`` as ``rewrite``: nothing fusable, or no attention at all, says why, exits 0, writes nothing (not even
+    MLIR text on stdout) unless ``--force``; ``--to none`` (just import and lower) writes as before."""
+    pytest.importorskip("torch_mlir", reason="the mlir command needs torch-mlir")
+    out = tmp_path / "out.mlir"
+    assert main(["mlir", str(models["probs"]), "--to", "fused", "-o", str(out)]) == 0
+    res = capsys.readouterr()
+    assert "none could be rewritten to fused" in res.err and "nothing written" in res.err and not out.exists()
+    assert main(["mlir", str(models["probs"]), "--to", "fused"]) == 0
+    res = capsys.readouterr()
+    assert res.out == "" and "nothing written" in res.err
+    assert main(["mlir", str(models["plain"]), "--to", "ssmax", "-o", str(out)]) == 0
+    assert "no attention found" in capsys.readouterr().err and not out.exists()
+    assert main(["--json", "mlir", str(models["probs"]), "--to", "fused", "-o", str(out)]) == 0
+    data = _strict(capsys.readouterr().out)
+    assert data["written"] is None and "none could be rewritten" in data["message"] and not out.exists()
+    assert main(["mlir", str(models["probs"]), "--to", "fused", "-o", str(out), "--force"]) == 0
+    assert out.is_file() and "func.func" in out.read_text()
+    out.unlink()
+    assert main(["mlir", str(models["plain"]), "--to", "none", "-o", str(out)]) == 0
+    assert out.is_file()
+    assert main(["mlir", str(models["probs"]), "--to", "ssmax", "-o", str(out)]) == 0  # SSMax rewrites it: written
+    assert "wrote" in capsys.readouterr().err
 
 
 def test_ssmax_deviation_has_no_ok_and_json_is_strict(models, tmp_path, capsys) -> None:
@@ -240,3 +319,40 @@ def test_generated_inputs_keep_every_logit_row(tmp_path) -> None:
     assert feeds["logits_to_keep"].shape == () and int(feeds["logits_to_keep"]) == 0
     np.testing.assert_array_equal(feeds["position_ids"], np.tile(np.arange(5), (2, 1)))
     np.testing.assert_array_equal(feeds["cache_position"], np.arange(5))
+
+
+BOX = set("─│┃━┏┓┗┛┡┩╇╋┳┻┼┬┴┌┐└┘")
+
+
+def _tsv(text: str) -> list[list[str]]:
+    """The tab-separated lines of ``--plain`` output (title lines and free text left out)."""
+    return [ln.split("\t") for ln in text.splitlines() if "\t" in ln]
+
+
+def test_plain_tables_are_tab_separated_and_whole(models, tmp_path, capsys) -> None:
+    assert main(["inspect", str(models["long"]), "--plain"]) == 0
+    out = capsys.readouterr().out
+    assert not BOX & set(out)
+    assert out.splitlines()[0] == f"# {models['long']}: 1 attention site(s)"
+    header, *rows = _tsv(out)
+    assert header[:2] == ["index", "node"] and len(rows) == 1 and all(len(r) == len(header) for r in rows)
+    assert rows[0][1] == LONG and rows[0][header.index("fusable / why not")] == "yes"
+    dst = tmp_path / "plain.onnx"
+    assert main(["rewrite", str(models["probs"]), "-o", str(dst), "--to", "ssmax", "--plain"]) == 0
+    out = capsys.readouterr().out
+    assert not BOX & set(out) and f"wrote {dst}" in out
+    header, *rows = _tsv(out)
+    assert header[0] == "index" and len(rows) == 1 and len(rows[0]) == len(header)
+    assert rows[0][header.index("fusable / why not")].startswith("no: the attention probabilities are also used")
+
+
+def test_a_reader_that_stops_early_is_not_an_internal_error(models) -> None:
+    """``attnpass inspect --json m.onnx | head -1``: the pipe closes before the output is written; that is neither
+    an internal error nor a traceback at exit, just the exit status of a command stopped by SIGPIPE."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "attnpass", "inspect", "--json", str(models["good"])], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone long before the model is read
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=600) == 141, err[-2000:]
+    assert "internal error" not in err and "Traceback" not in err and "Exception ignored" not in err, err[-2000:]

@@ -3,12 +3,16 @@ through find / fuse / to_ssmax / export, and what comes back serves other batch 
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
+
 import pytest
 import torch
 import transformers as T
 
 import attnpass
-from attnpass.export_inputs import cache_hint
+from attnpass.export_inputs import SPECIALIZED, SPECIALIZED_LOGGER, cache_hint, quiet_auto_specialization
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +66,46 @@ def test_a_cache_export_error_says_what_to_pass() -> None:
                      "If this type holds tensors, you need to register a pytree for it.")
     assert "use_cache=False" in cache_hint(err)
     assert cache_hint(ValueError("some other failure")) == ""
+
+
+@contextlib.contextmanager
+def _torch_log(name: str = SPECIALIZED_LOGGER) -> Iterator[list[str]]:
+    """The messages that logger prints while the block runs.  torch prints them through its own handler, bound to
+    the stderr of import time (pytest's, not the test's), so a handler on the logger is what sees them reliably."""
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_batch_one_fuse_prints_no_specialization_warning(llama, capfd) -> None:
+    """Batch 1 fixes the batch axis our ``Dim.AUTO`` default asked for; a user calling ``fuse`` should not read
+    torch's warning about our default, and the module still serves other sequence lengths."""
+    model, _ = llama
+    one = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(2))
+    capfd.readouterr()
+    with _torch_log() as seen:
+        fused = attnpass.fuse(model, (one,))
+    err = capfd.readouterr().err
+    assert not any(SPECIALIZED in m for m in seen), seen
+    assert SPECIALIZED not in err, err[-2000:]
+    longer = torch.randint(0, 100, (1, 19), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(longer).logits, model(longer).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_only_the_specialization_message_is_dropped() -> None:
+    """The filter is exact (other records of torch's logger pass) and lasts only as long as our export."""
+    message = f"dimension inputs['x'].shape[0] {SPECIALIZED} along with a sample input with hint = 1."
+    logger = logging.getLogger(SPECIALIZED_LOGGER)
+    with _torch_log() as seen:
+        with quiet_auto_specialization():
+            logger.warning(message)
+            logger.warning("something else went wrong")
+        logger.warning(message)
+    assert seen == ["something else went wrong", message]

@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="IR level to write, or so: a native shared library (needs -o and a C compiler)")
     p.add_argument("-o", "--output", help="output .mlir (or .so) path (default: stdout)")
     p.add_argument("--tile", type=int, default=None, help="keys per loop iteration of the fused lowering")
+    p.add_argument("--force", action="store_true",
+                   help="write the output even if no attention is found or none could be rewritten to the requested --to")
     p.add_argument("--json", action="store_true", help="print the site report as JSON (needs -o: stdout is free then)")
     p.set_defaults(func=run)
 
@@ -94,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
                 report = result.report
             except AttnpassError as e:
                 raise AttnpassError(f"{args.model}: {e}") from e
+            why = None if args.force else _nothing_rewritten(result)
+            if why is not None:
+                return _nothing_written(args, why)
         step(f"lowering to {args.emit}")
         try:
             if args.emit == "so":
@@ -135,6 +140,32 @@ def run(args: argparse.Namespace) -> int:
 
         data = report_dict(report) if result is None else result.as_dict()
         print(dumps({**data, "written": args.output, "to": label, "emit": args.emit}))
+    return 0
+
+
+def _nothing_rewritten(result) -> str | None:
+    """Why the rewrite changed nothing (as ``attnpass rewrite`` decides it), or ``None`` when it changed something:
+    an unchanged copy is no more use than one of a model without attention."""
+    spec, report = result.spec, result.report
+    topk_done = spec.to == "fused" and not spec.fused_ssmax and any(t.fusable for t in getattr(report, "topk", ()))
+    if topk_done or result.rewritten:
+        return None
+    if not report.sites:
+        return "no attention found"
+    why = "; ".join(f"site {i}: {r}" for i, r in sorted(result.left.items()))
+    return f"{len(report.sites)} attention site(s) found but none could be rewritten to {spec.label} ({why})"
+
+
+def _nothing_written(args: argparse.Namespace, why: str) -> int:
+    """Say so, write nothing (not even to stdout, where the MLIR text would go), exit 0.  The line goes to stderr
+    with this command's other messages; ``--json`` prints ``written: null`` as ``rewrite`` does."""
+    if args.json:
+        from attnpass.result import dumps
+
+        print(dumps({"written": None, "sites": [], "message": why}, indent=None))
+    else:
+        where = f"{why} in {args.model}" if why == "no attention found" else f"{args.model}: {why}"
+        print(f"{where}; nothing written (use --force to write it anyway)", file=sys.stderr)
     return 0
 
 

@@ -18,6 +18,7 @@ from attnpass.progress import steps
 from attnpass.result import dumps
 
 JSON_HELP = "print JSON instead of tables (strict JSON: NaN/inf as strings)"
+PLAIN_HELP = "tables as plain text for scripts: tab-separated cells, full names, no box drawing or colour (a '# ' title line first)"
 RTOL_HELP = "relative tolerance of the comparison in onnxruntime"
 ATOL_HELP = "absolute tolerance of the comparison in onnxruntime"
 
@@ -27,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "(softmax -> top-k / max / argmax) and the softmaxes left alone")
     p.add_argument("model", help="path to an .onnx file")
     p.add_argument("--json", action="store_true", help=JSON_HELP)
+    p.add_argument("--plain", action="store_true", help=PLAIN_HELP)
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("rewrite", help="rewrite an .onnx model's attention to SSMax or fused ops, validated in onnxruntime")
@@ -42,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true",
                    help="write the output even if no attention is found or (--to fused) nothing could be fused")
     p.add_argument("--json", action="store_true", help=JSON_HELP)
+    p.add_argument("--plain", action="store_true", help=PLAIN_HELP)
     p.set_defaults(func=_rewrite)
 
     p = sub.add_parser("validate", help="compare two .onnx models' outputs in onnxruntime")
@@ -67,11 +70,36 @@ def register(sub: argparse._SubParsersAction) -> None:
 PIPE_WIDTH = 100_000
 
 
-def _console():
+def _console(plain: bool = False):
     from rich.console import Console
 
+    if plain:  # lines as written: no colour, no highlighting of numbers and paths, no wrapping
+        return Console(width=PIPE_WIDTH, no_color=True, highlight=False, markup=False, emoji=False, soft_wrap=True)
     con = Console()
     return con if con.is_terminal else Console(width=PIPE_WIDTH)
+
+
+def _cell_text(cell: Any) -> str:
+    """A cell as one field: rich ``Text`` without its styling, tabs and line breaks folded to spaces."""
+    return " ".join(str(getattr(cell, "plain", cell)).split())
+
+
+def plain_table(table: Any) -> str:
+    """A rich ``Table`` as tab-separated lines: ``# title``, the header, one line per row, every cell whole.  The
+    ``#`` column is headed ``index`` here, so that only the title line starts with ``#`` (scripts skip it)."""
+    columns = list(table.columns)
+    lines = [f"# {_cell_text(table.title)}"] if table.title else []
+    lines.append("\t".join("index" if _cell_text(c.header) == "#" else _cell_text(c.header) for c in columns))
+    cells = [list(c.cells) for c in columns]
+    lines += ["\t".join(_cell_text(col[i]) for col in cells) for i in range(table.row_count)]
+    return "\n".join(lines)
+
+
+def _show(con: Any, table: Any, plain: bool) -> None:
+    if plain:  # not through rich, which expands tabs to spaces
+        print(plain_table(table), file=con.file, flush=True)
+    else:
+        con.print(table)
 
 
 def _table(rows: list[dict[str, Any]], skipped: list[dict[str, str]], title: str):
@@ -97,14 +125,15 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(dumps(data))
         return 0
-    con = _console()
+    con = _console(args.plain)
     if not rep.sites:
         con.print("no attention found")
-    con.print(_table(data["sites"], data["skipped"], f"{args.model}: {len(rep.sites)} attention site(s)"))
+    _show(con, _table(data["sites"], data["skipped"], f"{args.model}: {len(rep.sites)} attention site(s)"), args.plain)
     if rep.report.topk:
         from attnpass.report import topk_table
 
-        con.print(topk_table(rep.report, f"{args.model}: {len(rep.report.topk)} softmax -> top-k / max / argmax site(s)"))
+        _show(con, topk_table(rep.report, f"{args.model}: {len(rep.report.topk)} softmax -> top-k / max / argmax site(s)"),
+              args.plain)
     return 0
 
 
@@ -128,10 +157,10 @@ def _rewrite(args: argparse.Namespace) -> int:
     if args.json:
         print(dumps(data))
         return 0
-    con = _console()
+    con = _console(args.plain)
     if not res.report.sites:
         con.print("no attention found")
-    con.print(_table(data["sites"], data["skipped"], f"{args.model} -> {args.output}: {res.headline()}"))
+    _show(con, _table(data["sites"], data["skipped"], f"{args.model} -> {args.output}: {res.headline()}"), args.plain)
     against = "unfused SSMax" if res.to == "fused+ssmax" else "original"
     for label, rep in (("self-test (s=0, b=1) vs original", res.self_test), (f"rewritten vs {against}", res.validation)):
         if rep is not None:

@@ -110,7 +110,7 @@ def _onnx_export(target: Any, args: tuple, kwargs: dict, opset: int, table: Any,
     cannot be exported so is exported at the example's shapes, with a warning)."""
     import warnings
 
-    from attnpass.export_inputs import default_dynamic_shapes
+    from attnpass.export_inputs import default_dynamic_shapes, quiet_auto_specialization
 
     def once(shapes: Any) -> Any:
         # the exporter's optimizer applies onnxscript's opset-23 fusions; its RotaryEmbedding fusion gives
@@ -124,7 +124,8 @@ def _onnx_export(target: Any, args: tuple, kwargs: dict, opset: int, table: Any,
     if auto is None:
         return once(dynamic_shapes)
     try:
-        return once(auto)
+        with quiet_auto_specialization():
+            return once(auto)
     except Exception as e:  # noqa: BLE001  (retried at fixed shapes; that attempt's error is the one reported)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         warnings.warn(f"attnpass.export: {type(target).__name__} could not be exported with dynamic batch/sequence "
