@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from attnpass.errors import AttnpassError
+from attnpass.lowering import omp
 
 
 def require_torch_mlir() -> Any:
@@ -54,11 +55,13 @@ LINALG_TO_LLVM: tuple[str, ...] = (
     "refback-mlprogram-bufferize",
     "inline",
     "refback-munge-calling-conventions",
+    "func.func(scf-forall-to-parallel)",
     "buffer-deallocation-pipeline",
     "func.func(tm-tensor-to-loops)",
     "func.func(refback-munge-memref-copy)",
     "func.func(convert-linalg-to-loops)",
     "func.func(lower-affine)",
+    "convert-scf-to-openmp",
     "convert-scf-to-cf",
     "func.func(refback-expand-ops-for-llvm)",
     "func.func(arith-expand)",
@@ -73,6 +76,7 @@ LINALG_TO_LLVM: tuple[str, ...] = (
     "convert-func-to-llvm",
     "convert-cf-to-llvm",
     "convert-complex-to-llvm",
+    "convert-openmp-to-llvm",
     "reconcile-unrealized-casts",
 )
 
@@ -151,9 +155,48 @@ def to_linalg(module: Any) -> Any:
 
 
 def to_llvm(module: Any, from_linalg: bool = False) -> Any:
-    """torch dialect (or linalg-on-tensors if ``from_linalg``) -> LLVM dialect, ready to JIT."""
+    """torch dialect (or linalg-on-tensors if ``from_linalg``) -> LLVM dialect, ready to JIT.
+
+    The pipeline stops once after ``convert-scf-to-openmp`` to drop the ``memref.alloca_scope`` it wraps each
+    parallel body in (see ``inline_alloca_scopes``).
+    """
     lin = module if from_linalg else to_linalg(module)
-    return run_passes(lin, LINALG_TO_LLVM, "linalg -> LLVM")
+    cut = LINALG_TO_LLVM.index("convert-scf-to-openmp") + 1
+    mid = run_passes(lin, LINALG_TO_LLVM[:cut], "linalg -> OpenMP")
+    inline_alloca_scopes(mid)
+    return run_passes(mid, LINALG_TO_LLVM[cut:], "OpenMP -> LLVM")
+
+
+def inline_alloca_scopes(module: Any) -> int:
+    """Inline every result-less ``memref.alloca_scope`` that holds no ``memref.alloca``; returns how many.
+
+    ``convert-scf-to-openmp`` puts the body of a parallel loop in such a scope, and ``convert-scf-to-cf`` then
+    leaves it with several blocks, which its verifier refuses.  Without a stack allocation inside, the scope
+    (a stack save / restore) does nothing, so its body moves out in front of it.  Our loop nests allocate on
+    the heap (bufferization's ``memref.alloc``), so every scope they produce goes.
+    """
+    scopes: list[Any] = []
+
+    def visit(op: Any) -> None:
+        for region in op.regions:
+            for block in region.blocks:
+                for inner in block.operations:
+                    if inner.operation.name == "memref.alloca_scope":
+                        scopes.append(inner.operation)
+                    visit(inner.operation)
+
+    with module.context:
+        visit(module.operation)
+        done = 0
+        for scope in scopes:
+            if len(scope.results) or "memref.alloca " in str(scope) or len(scope.regions[0].blocks) != 1:
+                continue
+            body = list(scope.regions[0].blocks[0].operations)
+            for op in body[:-1]:  # the last one is memref.alloca_scope.return
+                op.operation.move_before(scope)
+            scope.erase()
+            done += 1
+    return done
 
 
 # ------------------------------------------------------------------ runtime
@@ -254,8 +297,15 @@ def _consume_symbols(llvm_text: str) -> list[tuple[str, list[str]]]:
 def compile_module(module: Any, from_linalg: bool = False, func_name: str = "main", opt_level: int = 3) -> JitFunction:
     """torch dialect (or linalg-on-tensors) -> a Python-callable native function."""
     llvm = to_llvm(module, from_linalg=from_linalg)
-    # calls that convert-math-to-libm leaves resolve against the host process, which has libm loaded
-    return JitFunction(llvm, func_name=func_name, opt_level=opt_level)
+    # calls that convert-math-to-libm leaves resolve against the host process, which has libm loaded; the
+    # __kmpc_* calls of a parallel loop against our own runtime (``lowering.omp``), loaded with the thread count
+    libs = [omp.load_runtime()] if uses_openmp(llvm) else []
+    return JitFunction(llvm, func_name=func_name, opt_level=opt_level, shared_libs=libs)
+
+
+def uses_openmp(module: Any) -> bool:
+    """Whether the LLVM-dialect module has a parallel region (then it calls the OpenMP runtime)."""
+    return "omp.parallel" in _text(module)
 
 
 Runner = Callable[..., Any]

@@ -222,15 +222,39 @@ def _block_keys(t: Ssa, sp: FusedSpec, q0: str, qb: int, ind: int) -> tuple[str,
     return lo, hi, 0
 
 
+def _block_start(t: Ssa, sp: FusedSpec, k: str, qb: int, nblocks: int, ind: int) -> str:
+    """The first row of the block the ``k``-th parallel iteration runs.
+
+    Causal and window blocks cost what their key range costs, so a static schedule of contiguous iterations
+    would give one thread the cheap top blocks and another the expensive bottom ones: the iterations pair
+    them instead (0, n-1, 1, n-2, ...), and any even run of consecutive iterations is balanced.
+    """
+    def c(v: int) -> str:
+        return t.op("c", f"arith.constant {v} : index", ind)
+
+    block = k
+    if sp.causal or sp.window is not None:
+        half = t.op("kh", f"arith.divui {k}, {c(2)} : index", ind)
+        odd = t.op("ko", f"arith.cmpi ne, {t.op('kr', f'arith.remui {k}, {c(2)} : index', ind)}, {c(0)} : index", ind)
+        top = t.op("kt", f"arith.subi {c(nblocks - 1)}, {half} : index", ind)
+        block = t.op("kb", f"arith.select {odd}, {top}, {half} : index", ind)
+    return t.op("q0", f"arith.muli {block}, {c(qb)} : index", ind)
+
+
 def _query_blocks(t: Ssa, sp: FusedSpec, qb: int, factor: str | None) -> str:
-    """``scf.for`` over blocks of ``qb`` query rows, each an online softmax over its own key range; the block
-    outputs are inserted into the ``[batch..., S_q, D_v]`` result carried by the loop."""
+    """``scf.forall`` over blocks of ``qb`` query rows, each an online softmax over its own key range; each block's
+    output is inserted in parallel into the ``[batch..., S_q, D_v]`` result.
+
+    The blocks are independent (each reads Q rows, all of K / V and writes its own rows), so the loop is a
+    parallel one: lowered to ``scf.parallel`` and then OpenMP (``lowering.mlir``), it runs on all cores.
+    """
     out_shape = (*sp.batch, sp.s_q, sp.dv)
     oty = tensor_type(out_shape, "f32")
     blk = dataclasses.replace(sp, s_q=qb, q_shape=(*sp.q_shape[:-2], qb, sp.q_shape[-1]))
-    c0, end, step = (t.op("c", f"arith.constant {v} : index", 2) for v in (0, sp.s_q, qb))
-    res, q0, acc = t.fresh("blocks"), t.fresh("q0"), t.fresh("o")
-    t.emit(f"{res} = scf.for {q0} = {c0} to {end} step {step} iter_args({acc} = {empty(t, out_shape, 2)}) -> ({oty}) {{")
+    nblocks = sp.s_q // qb
+    res, k, acc = t.fresh("blocks"), t.fresh("k"), t.fresh("o")
+    t.emit(f"{res} = scf.forall ({k}) in ({nblocks}) shared_outs({acc} = {empty(t, out_shape, 2)}) -> ({oty}) {{")
+    q0 = _block_start(t, sp, k, qb, nblocks, 3)
     q, _ = extract_keys(t, "%q", sp.q_shape, "f32", len(sp.q_shape) - 2, q0, qb, 3)
     masks = []
     for mk in sp.masks:  # a mask with a query axis of S_q is read at the block's rows
@@ -246,9 +270,10 @@ def _query_blocks(t: Ssa, sp: FusedSpec, qb: int, factor: str | None) -> str:
     offs = ", ".join(["0"] * sp.nb + [q0, "0"])
     sizes = ", ".join(map(str, (*sp.batch, qb, sp.dv)))
     ones = ", ".join(["1"] * (sp.nb + 2))
-    new = t.op("ins", f"tensor.insert_slice {out} into {acc}[{offs}] [{sizes}] [{ones}] : "
-                      f"{tensor_type((*sp.batch, qb, sp.dv), 'f32')} into {oty}", 3)
-    t.emit(f"scf.yield {new} : {oty}", 3)
+    t.emit("scf.forall.in_parallel {", 3)
+    t.emit(f"tensor.parallel_insert_slice {out} into {acc}[{offs}] [{sizes}] [{ones}] : "
+           f"{tensor_type((*sp.batch, qb, sp.dv), 'f32')} into {oty}", 4)
+    t.emit("}", 3)
     t.emit("}", 2)
     return res
 
