@@ -57,14 +57,16 @@ LINALG_TO_LLVM: tuple[str, ...] = (
     "refback-munge-calling-conventions",
     "func.func(scf-forall-to-parallel)",
     "buffer-deallocation-pipeline",
+    "convert-scf-to-openmp",  # our scf.forall only: before the loops of tm_tensor / linalg (parallel reductions)
     "func.func(tm-tensor-to-loops)",
     "func.func(refback-munge-memref-copy)",
     "func.func(convert-linalg-to-loops)",
+    "func.func(convert-vector-to-scf{full-unroll=true})",
     "func.func(lower-affine)",
-    "convert-scf-to-openmp",
     "convert-scf-to-cf",
     "func.func(refback-expand-ops-for-llvm)",
     "func.func(arith-expand)",
+    "convert-vector-to-llvm{vector-contract-lowering=outerproduct}",
     "func.func(convert-math-to-llvm)",
     "convert-math-to-libm",
     "expand-strided-metadata",
@@ -80,6 +82,7 @@ LINALG_TO_LLVM: tuple[str, ...] = (
     "reconcile-unrealized-casts",
 )
 
+BUFFERIZE = next(p for p in LINALG_TO_LLVM if p.startswith("one-shot-bufferize"))
 ORIGIN_ATTR = "attnpass.origin"  # "fx" or "onnx": which torch-backend pipeline the module needs
 
 
@@ -161,10 +164,33 @@ def to_llvm(module: Any, from_linalg: bool = False) -> Any:
     parallel body in (see ``inline_alloca_scopes``).
     """
     lin = module if from_linalg else to_linalg(module)
-    cut = LINALG_TO_LLVM.index("convert-scf-to-openmp") + 1
-    mid = run_passes(lin, LINALG_TO_LLVM[:cut], "linalg -> OpenMP")
+    from attnpass.rewrite.mlir import microkernel
+
+    passes = list(LINALG_TO_LLVM)
+    if microkernel.MARK_NAME in _text(lin):  # the register-block matmuls: vector code, past the backend contract
+        lin = parse(_text(lin), "linalg module")
+        microkernel.define_all(lin)
+        passes[passes.index(BUFFERIZE)] = analysed_bufferize(lin)
+    cut = passes.index("convert-scf-to-openmp") + 1
+    mid = run_passes(lin, passes[:cut], "linalg -> OpenMP")
     inline_alloca_scopes(mid)
-    return run_passes(mid, LINALG_TO_LLVM[cut:], "OpenMP -> LLVM")
+    return run_passes(mid, passes[cut:], "OpenMP -> LLVM")
+
+
+def analysed_bufferize(module: Any) -> str:
+    """One-shot bufferization that analyses the register-block functions and copies before every write elsewhere.
+
+    ``copy-before-write`` (what the rest of the pipeline is built on: ``tm-tensor-bufferize`` leaves
+    ``to_tensor`` ops the analysis refuses) would copy the whole accumulator at each register block's write; the
+    analysis keeps those writes in place.
+    """
+    from attnpass.rewrite.mlir import microkernel
+
+    names = [op.operation.attributes["sym_name"].value for op in module.body.operations
+             if op.operation.name == "func.func"]
+    others = ",".join(n for n in names if not n.startswith(microkernel.PREFIX))
+    opts = "allow-return-allocs-from-loops bufferize-function-boundaries function-boundary-type-conversion=identity-layout-map"
+    return f"one-shot-bufferize{{{opts} no-analysis-func-filter={others}}}" if others else f"one-shot-bufferize{{{opts}}}"
 
 
 def inline_alloca_scopes(module: Any) -> int:
