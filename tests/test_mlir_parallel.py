@@ -166,3 +166,16 @@ def test_native_library_runs_its_parallel_loop_standalone(fused, tmp_path: Path)
         run = subprocess.run([str(exe), *names, str(out), str(want.nbytes)], capture_output=True, text=True, env=env)
         assert run.returncode == 0, run.stderr
         np.testing.assert_array_equal(np.fromfile(out, dtype=np.float32).reshape(want.shape), want)
+
+
+def test_without_a_c_compiler_the_parallel_loop_runs_in_order(fused, monkeypatch, tmp_path: Path) -> None:
+    """No cc to build the runtime: a warning, no OpenMP in the module, the same bits."""
+    module, args = fused
+    want = am.compile(module, opt_level=0)(*args).numpy()
+    monkeypatch.setenv("ATTNPASS_CACHE", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.warns(RuntimeWarning, match="one thread"):
+        fn = am.compile(module, opt_level=0)
+    assert not lowering.uses_openmp(fn.llvm_text)
+    np.testing.assert_array_equal(fn(*args).numpy(), want)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -157,11 +158,12 @@ def to_linalg(module: Any) -> Any:
     return run_passes(backend, BACKEND_TO_LINALG, "torch backend -> linalg")
 
 
-def to_llvm(module: Any, from_linalg: bool = False) -> Any:
+def to_llvm(module: Any, from_linalg: bool = False, parallel: bool = True) -> Any:
     """torch dialect (or linalg-on-tensors if ``from_linalg``) -> LLVM dialect, ready to JIT.
 
     The pipeline stops once after ``convert-scf-to-openmp`` to drop the ``memref.alloca_scope`` it wraps each
-    parallel body in (see ``inline_alloca_scopes``).
+    parallel body in (see ``inline_alloca_scopes``).  ``parallel=False``: no OpenMP, parallel loops run in order
+    (for a host without a C compiler to build the runtime).
     """
     lin = module if from_linalg else to_linalg(module)
     from attnpass.rewrite.mlir import microkernel
@@ -171,6 +173,9 @@ def to_llvm(module: Any, from_linalg: bool = False) -> Any:
         lin = parse(_text(lin), "linalg module")
         microkernel.define_all(lin)
         passes[passes.index(BUFFERIZE)] = analysed_bufferize(lin)
+    if not parallel:
+        passes.remove("convert-scf-to-openmp")
+        return run_passes(lin, passes, "linalg -> LLVM")
     cut = passes.index("convert-scf-to-openmp") + 1
     mid = run_passes(lin, passes[:cut], "linalg -> OpenMP")
     inline_alloca_scopes(mid)
@@ -322,10 +327,16 @@ def _consume_symbols(llvm_text: str) -> list[tuple[str, list[str]]]:
 
 def compile_module(module: Any, from_linalg: bool = False, func_name: str = "main", opt_level: int = 3) -> JitFunction:
     """torch dialect (or linalg-on-tensors) -> a Python-callable native function."""
-    llvm = to_llvm(module, from_linalg=from_linalg)
     # calls that convert-math-to-libm leaves resolve against the host process, which has libm loaded; the
-    # __kmpc_* calls of a parallel loop against our own runtime (``lowering.omp``), loaded with the thread count
-    libs = [omp.load_runtime()] if uses_openmp(llvm) else []
+    # __kmpc_* calls of a parallel loop against our own runtime (``lowering.omp``), loaded with the thread count.
+    # Without a C compiler to build that runtime the parallel loops run in order, with a warning.
+    try:
+        runtime = omp.load_runtime()
+    except AttnpassError as e:
+        warnings.warn(f"attnpass: parallel loops run on one thread: {e}", RuntimeWarning, stacklevel=2)
+        runtime = None
+    llvm = to_llvm(module, from_linalg=from_linalg, parallel=runtime is not None)
+    libs = [runtime] if runtime is not None and uses_openmp(llvm) else []
     return JitFunction(llvm, func_name=func_name, opt_level=opt_level, shared_libs=libs)
 
 

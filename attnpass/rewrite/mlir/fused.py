@@ -312,7 +312,10 @@ def fused_func(name: str, sp: FusedSpec) -> str:
             unpack(t, f"%{n}_raw", {"q": sp.q_shape, "k": sp.k_shape, "v": sp.v_shape}[n], 2, result=f"%{n}")
         elif n in sp.perms:
             transpose(t, f"%{n}_raw", shape, sp.perms[n], 2, result=f"%{n}")
-    if sp.microkernel and not sp.k_transposed:  # K^T once (S_k x D), so every Q K^T block reads rows of both
+    rows = query_block(sp) or sp.s_q
+    # K^T once (S_k x D), so every Q K^T block reads rows of both; not where Q K^T stays a generic, which reads
+    # K's rows along its innermost (head) dim
+    if sp.microkernel and not sp.k_transposed and microkernel.fits(rows, sp.tile, sp.d):
         perm = (*range(len(sp.k_shape) - 2), len(sp.k_shape) - 1, len(sp.k_shape) - 2)
         transpose(t, "%k", sp.k_shape, perm, 2, result="%k_t")
         sp = dataclasses.replace(sp, k_shape=permuted(sp.k_shape, perm), k_transposed=True, k_value="%k_t")
