@@ -24,14 +24,14 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _ops(op, depth=0, out=None):
-    """Every op under ``op`` as (name, loop depth in scf.for, the op)."""
+    """Every op under ``op`` as (name, loop depth in scf.for / scf.forall, the op)."""
     out = [] if out is None else out
     for region in op.regions:
         for block in region.blocks:
             for inner in block.operations:
                 o = inner.operation
                 out.append((o.name, depth, o))
-                _ops(o, depth + (o.name == "scf.for"), out)
+                _ops(o, depth + (o.name in ("scf.for", "scf.forall")), out)
     return out
 
 

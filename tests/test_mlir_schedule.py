@@ -40,17 +40,18 @@ _ALIVE: list = []  # parsed modules the returned ops point into (freed modules w
 def _loops(text: str) -> list[tuple[int, object]]:
     mod, f = _func(text, "attn")
     _ALIVE.append(mod)
-    return [(depth, o) for name, depth, o in _ops(f) if name == "scf.for"]
+    return [(depth, o) for name, depth, o in _ops(f) if name in ("scf.for", "scf.forall")]
 
 
 def test_causal_blocks_bound_the_key_loop_by_the_diagonal() -> None:
     text = fused_func("attn", _spec(causal=True))
     (d0, blocks), (d1, keys) = _loops(text)
     assert (d0, d1) == (0, 1) and query_block(_spec()) == 64
+    assert blocks.name == "scf.forall" and keys.name == "scf.for", "query blocks in parallel, key tiles in order"
     assert [str(r.type) for r in keys.results] == ["tensor<1x2x64xf32>", "tensor<1x2x64xf32>", "tensor<1x2x64x8xf32>"]
     upper = keys.operands[1].owner
     assert upper.name == "arith.minsi", "the key loop ends at min(S_k, tile-rounded q0 + block), not at S_k"
-    assert "tensor.insert_slice" in text and "x256x256x" not in text  # no S_q x S_k tensor
+    assert "tensor.parallel_insert_slice" in text and "x256x256x" not in text  # no S_q x S_k tensor
 
 
 def test_non_causal_blocks_visit_every_key_tile_with_constant_bounds() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from attnpass.errors import AttnpassError
+from attnpass.lowering import omp
 
 
 def require_torch_mlir() -> Any:
@@ -54,14 +56,18 @@ LINALG_TO_LLVM: tuple[str, ...] = (
     "refback-mlprogram-bufferize",
     "inline",
     "refback-munge-calling-conventions",
+    "func.func(scf-forall-to-parallel)",
     "buffer-deallocation-pipeline",
+    "convert-scf-to-openmp",  # our scf.forall only: before the loops of tm_tensor / linalg (parallel reductions)
     "func.func(tm-tensor-to-loops)",
     "func.func(refback-munge-memref-copy)",
     "func.func(convert-linalg-to-loops)",
+    "func.func(convert-vector-to-scf{full-unroll=true})",
     "func.func(lower-affine)",
     "convert-scf-to-cf",
     "func.func(refback-expand-ops-for-llvm)",
     "func.func(arith-expand)",
+    "convert-vector-to-llvm{vector-contract-lowering=outerproduct}",
     "func.func(convert-math-to-llvm)",
     "convert-math-to-libm",
     "expand-strided-metadata",
@@ -73,9 +79,11 @@ LINALG_TO_LLVM: tuple[str, ...] = (
     "convert-func-to-llvm",
     "convert-cf-to-llvm",
     "convert-complex-to-llvm",
+    "convert-openmp-to-llvm",
     "reconcile-unrealized-casts",
 )
 
+BUFFERIZE = next(p for p in LINALG_TO_LLVM if p.startswith("one-shot-bufferize"))
 ORIGIN_ATTR = "attnpass.origin"  # "fx" or "onnx": which torch-backend pipeline the module needs
 
 
@@ -150,10 +158,76 @@ def to_linalg(module: Any) -> Any:
     return run_passes(backend, BACKEND_TO_LINALG, "torch backend -> linalg")
 
 
-def to_llvm(module: Any, from_linalg: bool = False) -> Any:
-    """torch dialect (or linalg-on-tensors if ``from_linalg``) -> LLVM dialect, ready to JIT."""
+def to_llvm(module: Any, from_linalg: bool = False, parallel: bool = True) -> Any:
+    """torch dialect (or linalg-on-tensors if ``from_linalg``) -> LLVM dialect, ready to JIT.
+
+    The pipeline stops once after ``convert-scf-to-openmp`` to drop the ``memref.alloca_scope`` it wraps each
+    parallel body in (see ``inline_alloca_scopes``).  ``parallel=False``: no OpenMP, parallel loops run in order
+    (for a host without a C compiler to build the runtime).
+    """
     lin = module if from_linalg else to_linalg(module)
-    return run_passes(lin, LINALG_TO_LLVM, "linalg -> LLVM")
+    from attnpass.rewrite.mlir import microkernel
+
+    passes = list(LINALG_TO_LLVM)
+    if microkernel.MARK_NAME in _text(lin):  # the register-block matmuls: vector code, past the backend contract
+        lin = parse(_text(lin), "linalg module")
+        microkernel.define_all(lin)
+        passes[passes.index(BUFFERIZE)] = analysed_bufferize(lin)
+    if not parallel:
+        passes.remove("convert-scf-to-openmp")
+        return run_passes(lin, passes, "linalg -> LLVM")
+    cut = passes.index("convert-scf-to-openmp") + 1
+    mid = run_passes(lin, passes[:cut], "linalg -> OpenMP")
+    inline_alloca_scopes(mid)
+    return run_passes(mid, passes[cut:], "OpenMP -> LLVM")
+
+
+def analysed_bufferize(module: Any) -> str:
+    """One-shot bufferization that analyses the register-block functions and copies before every write elsewhere.
+
+    ``copy-before-write`` (what the rest of the pipeline is built on: ``tm-tensor-bufferize`` leaves
+    ``to_tensor`` ops the analysis refuses) would copy the whole accumulator at each register block's write; the
+    analysis keeps those writes in place.
+    """
+    from attnpass.rewrite.mlir import microkernel
+
+    names = [op.operation.attributes["sym_name"].value for op in module.body.operations
+             if op.operation.name == "func.func"]
+    others = ",".join(n for n in names if not n.startswith(microkernel.PREFIX))
+    opts = "allow-return-allocs-from-loops bufferize-function-boundaries function-boundary-type-conversion=identity-layout-map"
+    return f"one-shot-bufferize{{{opts} no-analysis-func-filter={others}}}" if others else f"one-shot-bufferize{{{opts}}}"
+
+
+def inline_alloca_scopes(module: Any) -> int:
+    """Inline every result-less ``memref.alloca_scope`` that holds no ``memref.alloca``; returns how many.
+
+    ``convert-scf-to-openmp`` puts the body of a parallel loop in such a scope, and ``convert-scf-to-cf`` then
+    leaves it with several blocks, which its verifier refuses.  Without a stack allocation inside, the scope
+    (a stack save / restore) does nothing, so its body moves out in front of it.  Our loop nests allocate on
+    the heap (bufferization's ``memref.alloc``), so every scope they produce goes.
+    """
+    scopes: list[Any] = []
+
+    def visit(op: Any) -> None:
+        for region in op.regions:
+            for block in region.blocks:
+                for inner in block.operations:
+                    if inner.operation.name == "memref.alloca_scope":
+                        scopes.append(inner.operation)
+                    visit(inner.operation)
+
+    with module.context:
+        visit(module.operation)
+        done = 0
+        for scope in scopes:
+            if len(scope.results) or "memref.alloca " in str(scope) or len(scope.regions[0].blocks) != 1:
+                continue
+            body = list(scope.regions[0].blocks[0].operations)
+            for op in body[:-1]:  # the last one is memref.alloca_scope.return
+                op.operation.move_before(scope)
+            scope.erase()
+            done += 1
+    return done
 
 
 # ------------------------------------------------------------------ runtime
@@ -253,9 +327,22 @@ def _consume_symbols(llvm_text: str) -> list[tuple[str, list[str]]]:
 
 def compile_module(module: Any, from_linalg: bool = False, func_name: str = "main", opt_level: int = 3) -> JitFunction:
     """torch dialect (or linalg-on-tensors) -> a Python-callable native function."""
-    llvm = to_llvm(module, from_linalg=from_linalg)
-    # calls that convert-math-to-libm leaves resolve against the host process, which has libm loaded
-    return JitFunction(llvm, func_name=func_name, opt_level=opt_level)
+    # calls that convert-math-to-libm leaves resolve against the host process, which has libm loaded; the
+    # __kmpc_* calls of a parallel loop against our own runtime (``lowering.omp``), loaded with the thread count.
+    # Without a C compiler to build that runtime the parallel loops run in order, with a warning.
+    try:
+        runtime = omp.load_runtime()
+    except AttnpassError as e:
+        warnings.warn(f"attnpass: parallel loops run on one thread: {e}", RuntimeWarning, stacklevel=2)
+        runtime = None
+    llvm = to_llvm(module, from_linalg=from_linalg, parallel=runtime is not None)
+    libs = [runtime] if runtime is not None and uses_openmp(llvm) else []
+    return JitFunction(llvm, func_name=func_name, opt_level=opt_level, shared_libs=libs)
+
+
+def uses_openmp(module: Any) -> bool:
+    """Whether the LLVM-dialect module has a parallel region (then it calls the OpenMP runtime)."""
+    return "omp.parallel" in _text(module)
 
 
 Runner = Callable[..., Any]

@@ -1,9 +1,9 @@
 """A compiled MLIR module as a native shared library: the JIT's object code, a small C shim, the system linker.
 
 The library is what ``compile_module`` runs in process, written out: the same LLVM module (so the same
-numbers), dumped by the ExecutionEngine as an object file and linked with ``cc -shared`` against libc and
-libm only.  The generated code hands each result to a ``refbackend_consume_func_return_*`` callback (the
-calling convention of the lowering pipeline); the shim defines those callbacks to copy the result into
+numbers), dumped by the ExecutionEngine as an object file and linked with ``cc -shared`` against libc,
+libm and libpthread only (parallel loops call the small OpenMP runtime of ``lowering.omp``, compiled in).
+The generated code hands each result to a ``refbackend_consume_func_return_*`` callback (the calling convention of the lowering pipeline); the shim defines those callbacks to copy the result into
 the caller's buffer, and exports the documented entry point (``docs/native_library.md``)::
 
     int attnpass_run(void *const *inputs, void *const *outputs);   /* 0 on success */
@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from attnpass.errors import AttnpassError
+from attnpass.lowering import omp
 
 ENTRY = "attnpass_model"  # the public function's symbol inside the library (``main`` would clash with programs)
 
@@ -175,13 +176,16 @@ def link(engine: Any, sig: Signature, path: str) -> None:
     cc = compiler()
     target = os.path.abspath(path)
     with tempfile.TemporaryDirectory(prefix="attnpass-so-") as tmp:
-        obj, shim, out = (os.path.join(tmp, n) for n in ("model.o", "shim.c", "model.so"))
+        obj, shim, rt, out = (os.path.join(tmp, n) for n in ("model.o", "shim.c", "omp.c", "model.so"))
         engine.dump_to_object_file(obj)
         if not os.path.isfile(obj) or os.path.getsize(obj) == 0:
             raise AttnpassError("the MLIR ExecutionEngine wrote no object code (was the entry point compiled?)")
         with open(shim, "w", encoding="utf-8") as f:
             f.write(shim_source(sig))
-        cmd = [cc, "-shared", "-fPIC", "-O2", "-o", out, shim, obj, "-lm"]
+        with open(rt, "w", encoding="utf-8") as f:  # the __kmpc_* calls of parallel loops (lowering.omp)
+            f.write(omp.SOURCE)
+        # -Bsymbolic: the library's parallel loops use its own runtime even in a process with another OpenMP loaded
+        cmd = [cc, "-shared", "-fPIC", "-O2", "-Wl,-Bsymbolic", "-o", out, shim, rt, obj, "-lm", "-lpthread"]
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode != 0:
             raise AttnpassError(f"linking the native library failed ({cc}): {(run.stderr or run.stdout).strip()[:500]}")

@@ -117,14 +117,17 @@ Body = Callable[[list[str], int], str]
 
 
 def generic(t: Ssa, dims: Sequence[str], ins: Sequence[Operand], out: Operand, iterators: Sequence[str],
-            body: Body, ind: int, hint: str = "g") -> str:
-    """One ``linalg.generic`` over ``dims``: the general form every named builder below fills in."""
+            body: Body, ind: int, hint: str = "g", attrs: str = "") -> str:
+    """One ``linalg.generic`` over ``dims``: the general form every named builder below fills in.
+
+    ``attrs``: extra (discardable) attributes, ``, name`` each, a mark later passes look for.
+    """
     dl = dims_of(dims)
     maps = ", ".join(f"affine_map<{dl} -> {o.index}>" for o in (*ins, out))
     iters = ", ".join(f'"{it}"' for it in iterators)
     ins_txt = f" ins({', '.join(o.name for o in ins)} : {', '.join(o.type for o in ins)})" if ins else ""
     res = t.fresh(hint)
-    t.emit(f"{res} = linalg.generic {{indexing_maps = [{maps}], iterator_types = [{iters}]}}{ins_txt} "
+    t.emit(f"{res} = linalg.generic {{indexing_maps = [{maps}], iterator_types = [{iters}]{attrs}}}{ins_txt} "
            f"outs({out.name} : {out.type}) {{", ind)
     args = [t.fresh("a") for _ in (*ins, out)]
     t.emit("^bb0(" + ", ".join(f"{a}: {o.elem}" for a, o in zip(args, (*ins, out))) + "):", ind + 1)
@@ -250,7 +253,7 @@ def mask_body(t: Ssa, masks: Sequence[MaskIn], scalars: Sequence[str], ind: int)
 # ------------------------------------------------------------------ named tensor builders
 
 def matmul_tile(t: Ssa, dims: Sequence[str], a: Operand, b: Operand, acc: Operand, reduce: str, ind: int,
-                hint: str = "mm") -> str:
+                hint: str = "mm", attrs: str = "") -> str:
     """``acc[out] += a[..] * b[..]`` summed over the dim ``reduce``: ``Q K^T`` over ``e``, ``P V`` over ``j``."""
     iters = [RED if d == reduce else PAR for d in dims]
 
@@ -258,7 +261,7 @@ def matmul_tile(t: Ssa, dims: Sequence[str], a: Operand, b: Operand, acc: Operan
         p = t.op("p", f"arith.mulf {x[0]}, {x[1]} {FASTMATH} : f32", i)
         return t.op("r", f"arith.addf {x[2]}, {p} {FASTMATH} : f32", i)
 
-    return generic(t, dims, [a, b], acc, iters, body, ind, hint)
+    return generic(t, dims, [a, b], acc, iters, body, ind, hint, attrs)
 
 
 def reduce_max(t: Ssa, dims: Sequence[str], x: Operand, init: Operand, ind: int, hint: str = "mnew") -> str:

@@ -19,8 +19,9 @@ recurrence per block (state of ``block`` rows, not ``S_q``), and each block's ke
 the keys its rows may attend (top-left causal: up to the block's diagonal; a window: from its first
 row minus ``left``), so those tiles are skipped, not masked.  The SSMax factor is computed once, before
 the blocks, and sliced per block.  f16 / bf16 operands are widened to f32 once on entry and the output
-narrowed on exit.  Not yet: threads (the torch-mlir wheel ships no OpenMP / async runtime its
-ExecutionEngine can load) and register-tiled matmul micro-kernels (LLVM vectorises the generic loops).
+narrowed on exit.  The loop over query blocks is an ``scf.forall`` (independent blocks), which the lowering
+turns into OpenMP on all cores (``lowering/omp.py``); the two matmuls of a key tile are marked for register
+blocks of ``vector.contract`` (``microkernel.py``) where their dims divide, K transposed once up front for them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from attnpass.rewrite.mlir import microkernel
 from attnpass.rewrite.mlir.builders import (
     PAR,
     MaskIn,
@@ -100,6 +102,8 @@ class FusedSpec:
     # (left, right): key j attendable from query i when i - left <= j <= i + right (-1: that side open)
     window: tuple[int, int] | None = None
     elem: str = "f32"  # of q, k, v and the output: f16 / bf16 are widened to f32 inside and the output narrowed
+    microkernel: bool = True  # the tile matmuls as vector.contract register blocks (``microkernel``) where they divide
+    k_value: str = "%k"  # the SSA name K tiles are cut from (``%k_t``: K transposed once for the register blocks)
 
     def key_end(self) -> int:
         """One past the last key any query row may attend: key tiles from there on are skipped, not masked.
@@ -222,15 +226,39 @@ def _block_keys(t: Ssa, sp: FusedSpec, q0: str, qb: int, ind: int) -> tuple[str,
     return lo, hi, 0
 
 
+def _block_start(t: Ssa, sp: FusedSpec, k: str, qb: int, nblocks: int, ind: int) -> str:
+    """The first row of the block the ``k``-th parallel iteration runs.
+
+    Causal and window blocks cost what their key range costs, so a static schedule of contiguous iterations
+    would give one thread the cheap top blocks and another the expensive bottom ones: the iterations pair
+    them instead (0, n-1, 1, n-2, ...), and any even run of consecutive iterations is balanced.
+    """
+    def c(v: int) -> str:
+        return t.op("c", f"arith.constant {v} : index", ind)
+
+    block = k
+    if sp.causal or sp.window is not None:
+        half = t.op("kh", f"arith.divui {k}, {c(2)} : index", ind)
+        odd = t.op("ko", f"arith.cmpi ne, {t.op('kr', f'arith.remui {k}, {c(2)} : index', ind)}, {c(0)} : index", ind)
+        top = t.op("kt", f"arith.subi {c(nblocks - 1)}, {half} : index", ind)
+        block = t.op("kb", f"arith.select {odd}, {top}, {half} : index", ind)
+    return t.op("q0", f"arith.muli {block}, {c(qb)} : index", ind)
+
+
 def _query_blocks(t: Ssa, sp: FusedSpec, qb: int, factor: str | None) -> str:
-    """``scf.for`` over blocks of ``qb`` query rows, each an online softmax over its own key range; the block
-    outputs are inserted into the ``[batch..., S_q, D_v]`` result carried by the loop."""
+    """``scf.forall`` over blocks of ``qb`` query rows, each an online softmax over its own key range; each block's
+    output is inserted in parallel into the ``[batch..., S_q, D_v]`` result.
+
+    The blocks are independent (each reads Q rows, all of K / V and writes its own rows), so the loop is a
+    parallel one: lowered to ``scf.parallel`` and then OpenMP (``lowering.mlir``), it runs on all cores.
+    """
     out_shape = (*sp.batch, sp.s_q, sp.dv)
     oty = tensor_type(out_shape, "f32")
     blk = dataclasses.replace(sp, s_q=qb, q_shape=(*sp.q_shape[:-2], qb, sp.q_shape[-1]))
-    c0, end, step = (t.op("c", f"arith.constant {v} : index", 2) for v in (0, sp.s_q, qb))
-    res, q0, acc = t.fresh("blocks"), t.fresh("q0"), t.fresh("o")
-    t.emit(f"{res} = scf.for {q0} = {c0} to {end} step {step} iter_args({acc} = {empty(t, out_shape, 2)}) -> ({oty}) {{")
+    nblocks = sp.s_q // qb
+    res, k, acc = t.fresh("blocks"), t.fresh("k"), t.fresh("o")
+    t.emit(f"{res} = scf.forall ({k}) in ({nblocks}) shared_outs({acc} = {empty(t, out_shape, 2)}) -> ({oty}) {{")
+    q0 = _block_start(t, sp, k, qb, nblocks, 3)
     q, _ = extract_keys(t, "%q", sp.q_shape, "f32", len(sp.q_shape) - 2, q0, qb, 3)
     masks = []
     for mk in sp.masks:  # a mask with a query axis of S_q is read at the block's rows
@@ -246,9 +274,10 @@ def _query_blocks(t: Ssa, sp: FusedSpec, qb: int, factor: str | None) -> str:
     offs = ", ".join(["0"] * sp.nb + [q0, "0"])
     sizes = ", ".join(map(str, (*sp.batch, qb, sp.dv)))
     ones = ", ".join(["1"] * (sp.nb + 2))
-    new = t.op("ins", f"tensor.insert_slice {out} into {acc}[{offs}] [{sizes}] [{ones}] : "
-                      f"{tensor_type((*sp.batch, qb, sp.dv), 'f32')} into {oty}", 3)
-    t.emit(f"scf.yield {new} : {oty}", 3)
+    t.emit("scf.forall.in_parallel {", 3)
+    t.emit(f"tensor.parallel_insert_slice {out} into {acc}[{offs}] [{sizes}] [{ones}] : "
+           f"{tensor_type((*sp.batch, qb, sp.dv), 'f32')} into {oty}", 4)
+    t.emit("}", 3)
     t.emit("}", 2)
     return res
 
@@ -283,6 +312,13 @@ def fused_func(name: str, sp: FusedSpec) -> str:
             unpack(t, f"%{n}_raw", {"q": sp.q_shape, "k": sp.k_shape, "v": sp.v_shape}[n], 2, result=f"%{n}")
         elif n in sp.perms:
             transpose(t, f"%{n}_raw", shape, sp.perms[n], 2, result=f"%{n}")
+    rows = query_block(sp) or sp.s_q
+    # K^T once (S_k x D), so every Q K^T block reads rows of both; not where Q K^T stays a generic, which reads
+    # K's rows along its innermost (head) dim
+    if sp.microkernel and not sp.k_transposed and microkernel.fits(rows, sp.tile, sp.d):
+        perm = (*range(len(sp.k_shape) - 2), len(sp.k_shape) - 1, len(sp.k_shape) - 2)
+        transpose(t, "%k", sp.k_shape, perm, 2, result="%k_t")
+        sp = dataclasses.replace(sp, k_shape=permuted(sp.k_shape, perm), k_transposed=True, k_value="%k_t")
     domain = (*sp.batch, sp.s_q, sp.s_k)
     sp = dataclasses.replace(sp, masks=[settle_mask(t, m, domain) for m in sp.masks])
     factor = None
@@ -354,7 +390,7 @@ def fused_tile(t: Ssa, sp: FusedSpec, j0: str, tile: int, state: tuple[str, str,
     out_shape = (*sp.batch, sp.s_q, sp.dv)
     dims5 = [*bdims, "i", "j", "e"]  # e: head dim (QK) or value dim (PV)
     dims4, dims3, dimso = [*bdims, "i", "j"], [*bdims, "i"], [*bdims, "i", "e"]
-    kt, kt_shape = extract_keys(t, "%k", sp.k_shape, "f32", len(sp.k_shape) - (1 if sp.k_transposed else 2), j0, tile, ind)
+    kt, kt_shape = extract_keys(t, sp.k_value, sp.k_shape, "f32", len(sp.k_shape) - (1 if sp.k_transposed else 2), j0, tile, ind)
     vt, vt_shape = extract_keys(t, "%v", sp.v_shape, "f32", len(sp.v_shape) - 2, j0, tile, ind)
     mask_tiles: list[tuple[str, tuple[int, ...], MaskIn]] = []
     for mk in sp.masks:
@@ -369,7 +405,8 @@ def fused_tile(t: Ssa, sp: FusedSpec, j0: str, tile: int, state: tuple[str, str,
     kb = bcast_map(kt_shape[:-2], batch_dom, bdims, sp.k_groups, sp.group_dim)
     k = Operand(kt, kt_shape, _tuple(kb, "e", "j") if sp.k_transposed else _tuple(kb, "j", "e"))
     s0 = Operand(fill(t, tile_shape, "0.0", ind), tile_shape, dims_of(dims4))
-    s = matmul_tile(t, dims5, q, k, s0, "e", ind, "s")
+    blocks = sp.microkernel and sp.k_transposed and microkernel.fits(sp.s_q, tile, sp.d)
+    s = matmul_tile(t, dims5, q, k, s0, "e", ind, "s", microkernel.MARK if blocks else "")
     # z = masked, scaled, capped logits of the tile
     z = logits_tile(t, sp, Operand(s, tile_shape, dims_of(dims4)), mask_tiles, factor, j0, ind, rows.i0)
     zt = Operand(z, tile_shape, dims_of(dims4))
@@ -387,6 +424,8 @@ def fused_tile(t: Ssa, sp: FusedSpec, j0: str, tile: int, state: tuple[str, str,
     acc_scaled = rescale(t, dimso, Operand(acc_old, out_shape, dims_of(dimso)), Operand(alpha, row_shape, rows),
                          out_shape, ind, "accs")
     vb = bcast_map(vt_shape[:-2], batch_dom, bdims, sp.v_groups, sp.group_dim)
+    blocks = sp.microkernel and microkernel.fits(sp.s_q, sp.dv, tile)
     acc_new = matmul_tile(t, dims5, pt, Operand(vt, vt_shape, _tuple(vb, "j", "e")),
-                          Operand(acc_scaled, out_shape, dims_of(dimso)), "j", ind, "accnew")
+                          Operand(acc_scaled, out_shape, dims_of(dimso)), "j", ind, "accnew",
+                          microkernel.MARK if blocks else "")
     return m_new, l_new, acc_new

@@ -1,0 +1,88 @@
+"""The key tile's two matmuls as register blocks (``rewrite/mlir/microkernel.py``).
+
+Structure: with dims the blocks divide, both matmuls of the fused loop nest are marked generics, replaced past
+the backend contract by ``vector.contract`` register blocks and K is transposed once up front; with a head dim
+they do not divide the generics stay.  Numerics: the blocks (GQA, a mask, causal, several query blocks, a partial
+last key tile that falls back to the generic) against the reference and against the generic loop nest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+import torch
+import torch_mlir  # noqa: F401  (required: a missing torch-mlir must fail, not skip)
+
+import attnpass.mlir as am
+from attnpass.kernels import reference
+from attnpass.lowering import mlir as lowering
+from attnpass.rewrite.mlir import microkernel
+from attnpass.rewrite.mlir.fused import FusedSpec, fused_func
+
+warnings.filterwarnings("ignore")
+F = torch.nn.functional
+
+
+def _spec(d: int, **kw) -> FusedSpec:
+    base = FusedSpec(batch=(1, 4), s_q=128, s_k=128, d=d, dv=d, q_shape=(1, 4, 128, d), k_shape=(1, 2, 128, d),
+                     v_shape=(1, 2, 128, d), k_transposed=False, k_groups=2, v_groups=2, scale=0.25, softcap=None,
+                     causal=True, masks=[], tile=32)
+    return dataclasses.replace(base, **kw)
+
+
+def _module(body: str) -> str:
+    """The fused function behind a public wrapper, as linalg-on-tensors text."""
+    sp = _spec(16)
+    ty = {n: f"tensor<{'x'.join(map(str, s))}xf32>" for n, s in (("q", sp.q_shape), ("k", sp.k_shape), ("o", sp.q_shape))}
+    wrapper = (f"  func.func @f(%q: {ty['q']}, %k: {ty['k']}, %v: {ty['k']}) -> {ty['o']} {{\n"
+               f"    %o = func.call @attn(%q, %k, %v) : ({ty['q']}, {ty['k']}, {ty['k']}) -> {ty['o']}\n"
+               f"    return %o : {ty['o']}\n  }}")
+    return "module {\n" + wrapper + "\n" + body + "\n}"
+
+
+def test_both_matmuls_become_register_blocks_where_the_dims_divide() -> None:
+    text = fused_func("attn", _spec(16))
+    assert text.count(microkernel.MARK_NAME) == 2 and "linalg.transpose" in text, "Q K^T and P V marked, K^T once"
+    mod = lowering.parse(_module(text))
+    assert microkernel.define_all(mod) == 2
+    lin = str(mod)
+    assert lin.count("vector.contract") == 2 and microkernel.MARK_NAME not in lin
+    assert "vector<4x8xf32>, vector<8x16xf32> into vector<4x16xf32>" in lin
+    assert "arith.divui" in lin, "GQA: the K / V head read as h floordiv groups"
+    # a head dim of 12 is no whole number of 8-wide reduction steps: Q K^T stays a generic (P V too: 12 columns)
+    odd = fused_func("attn", _spec(12, q_shape=(1, 4, 128, 12), k_shape=(1, 2, 128, 12), v_shape=(1, 2, 128, 12)))
+    assert microkernel.MARK_NAME not in odd and "linalg.transpose" not in odd, "K kept row-major for the generic"
+
+
+def _unmark(op) -> None:
+    """Drop every register-block mark: the same loop nest with generic matmuls."""
+    for region in op.regions:
+        for block in region.blocks:
+            for inner in block.operations:
+                if microkernel.MARK_NAME in inner.operation.attributes:
+                    del inner.operation.attributes[microkernel.MARK_NAME]
+                _unmark(inner.operation)
+
+
+def test_register_blocks_equal_the_generic_loop_nest_and_the_reference() -> None:
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 4, 128, 16, generator=g)
+    k, v = (torch.randn(1, 2, 120, 16, generator=g) for _ in range(2))  # 120 keys: a partial last tile of 24
+    mask = torch.randn(1, 1, 128, 120, generator=g)
+
+    class Sdpa(torch.nn.Module):
+        def forward(self, q, k, v, m):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+
+    fused = am.rewrite(am.import_(Sdpa(), (q, k, v, mask)), to="fused", tile=32)
+    assert str(am.lower(fused, "linalg")).count(microkernel.MARK_NAME) >= 2
+    got = am.compile(fused, opt_level=0)(q, k, v, mask).numpy()
+    want, _ = reference.attention_forward(q, k, v, attn_mask=mask, enable_gqa=True)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=2e-6)
+    plain = lowering.parse(str(am.lower(fused, "linalg")))
+    _unmark(plain.operation)
+    assert microkernel.MARK_NAME not in str(plain)
+    ref = lowering.compile_module(plain, from_linalg=True, opt_level=0)(q, k, v, mask).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
