@@ -69,6 +69,8 @@ def test_masked_logits_and_ties() -> None:
     x[:, :7] = float("-inf")
     x[1, 10:14] = 5.0  # a four-way tie for the top
     x[2] = torch.arange(40.0) % 3  # many ties everywhere
+    # 11 at 8 then 10: the 12 at 11 pushes both down, and the one at 8 must stay ahead of its equal at 10
+    x[3, 7:13] = torch.tensor([10.0, 11.0, 10.5, 11.0, 12.0, 10.75])
     m = ClassHead().eval()
     out, _ = _rewrite(am.import_(m, (x,)))
     probs, idx = _outputs(am.compile(out)(x))
@@ -77,6 +79,7 @@ def test_masked_logits_and_ties() -> None:
     torch.testing.assert_close(probs, want.topk(5, dim=-1).values, rtol=1e-6, atol=1e-6)
     assert idx[1, :4].tolist() == [10, 11, 12, 13]
     assert idx[2].tolist() == [2, 5, 8, 11, 14]
+    assert idx[3].tolist() == [11, 8, 10, 12, 9]
 
 
 EXPORTERS = ("dynamo", "torchscript")

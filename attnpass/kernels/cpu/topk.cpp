@@ -199,46 +199,152 @@ const float* as_float(const T* src, int64_t len, float* buf) {
   }
 }
 
+// The outputs of one row from its selection: p_j = exp(x_j - lse), or renormalised over the k.
+template <typename T>
+void write_row(const float* val, const int64_t* idx, int k, bool renormalize, float lse, T* pr, int64_t* ir) {
+  if (renormalize) {
+    const float top_v = val[0];
+    float w[kMaxK];
+    float total = 0.f;
+    for (int j = 0; j < k; ++j) total += (w[j] = std::exp(val[j] - top_v));
+    for (int j = 0; j < k; ++j) pr[j] = static_cast<T>(w[j] / total);
+  } else {
+    for (int j = 0; j < k; ++j) pr[j] = static_cast<T>(std::exp(val[j] - lse));
+  }
+  for (int j = 0; j < k; ++j) ir[j] = idx[j];
+}
+
+// One row: the online normaliser block by block, the running buffer (or select_small for short rows).
+template <typename T>
+void forward_row(const T* xr, int64_t n, int k, bool renormalize, T* pr, int64_t* ir, float* buf, float* work, TopK& top) {
+  const bool small = n > Vec::size() && n <= kSmallN && k <= kSmallK;  // one vector or less: the buffer is cheaper
+  Normaliser norm;
+  top.k = k;
+  top.size = 0;
+  if (small) {
+    const float* xb = as_float(xr, n, buf);
+    norm.add_block(xb, n, block_max(xb, n));
+    select_small(xb, n, k, work, top);
+  }
+  for (int64_t b0 = 0; b0 < n && !small; b0 += kBlock) {
+    const int64_t len = std::min(kBlock, n - b0);
+    const float* xb = as_float(xr + b0, len, buf);
+    const float bmax = block_max(xb, len);
+    norm.add_block(xb, len, bmax);
+    int64_t j = 0;
+    for (; top.size < k && j < len; ++j) top.insert(xb[j], b0 + j);  // the first k enter unconditionally
+    if (j < len) top.scan(xb, j, len, b0, bmax);
+  }
+  write_row(top.val, top.idx, k, renormalize, norm.lse(), pr, ir);
+}
+
+// Router rows (short, k <= kTileK): Vec::size() rows at once, one row per lane.  The tile is transposed
+// into `tb` (column j of the tile is one vector), then per column: a lane-wise maximum, a lane-wise
+// sum of exp (skipped when renormalising: the weights need only the selected logits), and a
+// branch-free insertion into K sorted slots per lane (compare, then blend value and index down the
+// slots, each slot's update independent of the others).  No per-row reductions, no data-dependent branches.  A slot is entered only by a value
+// strictly greater, so equal values keep the lower index, as in TopK::insert.  A tile holding a NaN,
+// or a row with fewer than k entries above -inf, is redone row by row (their order rules need the
+// general path); these are rare and the result is the same either way.
+constexpr int kTileK = 8;
+constexpr int64_t kTileN = 1024;
+
+template <int K, typename T>
+bool forward_tile(const T* x, int64_t rows_here, int64_t n, int k, bool renormalize, float* tb, T* probs, int64_t* indices) {
+  constexpr int V = Vec::size();
+  constexpr float ninf = -std::numeric_limits<float>::infinity();
+  if (rows_here == V) {
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t l = 0; l < V; ++l) tb[j * V + l] = static_cast<float>(x[l * n + j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j)  // a partial tile's spare lanes: finite, ignored
+      for (int64_t l = 0; l < V; ++l) tb[j * V + l] = l < rows_here ? static_cast<float>(x[l * n + j]) : 0.f;
+  }
+  Vec vm(ninf);
+  for (int64_t j = 0; j < n; ++j) vm = at::vec::maximum(vm, Vec::loadu(tb + j * V));
+  float m[V];
+  vm.store(m);
+  for (int l = 0; l < V; ++l)
+    if (m[l] != m[l]) return false;
+  float lse[V];
+  if (!renormalize) {
+    Vec acc(0.f);
+    for (int64_t j = 0; j < n; ++j) acc = acc + (Vec::loadu(tb + j * V) - vm).exp_u20();
+    float s[V];
+    acc.store(s);
+    for (int l = 0; l < V; ++l)
+      lse[l] = m[l] == -ninf ? m[l] : m[l] == ninf ? std::numeric_limits<float>::quiet_NaN() : m[l] + std::log(s[l]);
+  }
+  Vec val[K], idx[K];
+  for (int p = 0; p < K; ++p) {
+    val[p] = Vec(ninf);
+    idx[p] = Vec(-1.f);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    // The slots are sorted, so x beats slot p exactly when it beats it directly (it then beats every later
+    // slot too): slot p takes x if x beats p but not p - 1, else slot p - 1's entry if x beat p - 1.  Every
+    // slot's update reads only the old slots: no chain from slot to slot within a column.
+    const Vec x = Vec::loadu(tb + j * V), xi(static_cast<float>(j));
+    Vec win_prev(0.f), v_prev = x, i_prev = xi;
+    for (int p = 0; p < K; ++p) {
+      const Vec win = x > val[p];
+      const Vec v = val[p], i = idx[p];
+      val[p] = Vec::blendv(v, Vec::blendv(x, v_prev, win_prev), win);
+      idx[p] = Vec::blendv(i, Vec::blendv(xi, i_prev, win_prev), win);
+      win_prev = win;
+      v_prev = v;
+      i_prev = i;
+    }
+  }
+  float sv[K][V], si[K][V];
+  for (int p = 0; p < K; ++p) {
+    val[p].store(sv[p]);
+    idx[p].store(si[p]);
+  }
+  for (int l = 0; l < rows_here; ++l)
+    if (si[k - 1][l] < 0.f) return false;
+  for (int l = 0; l < rows_here; ++l) {
+    float v[kTileK];
+    int64_t i[kTileK];
+    for (int p = 0; p < k; ++p) {
+      v[p] = sv[p][l];
+      i[p] = static_cast<int64_t>(si[p][l]);
+    }
+    write_row(v, i, k, renormalize, renormalize ? 0.f : lse[l], probs + l * k, indices + l * k);
+  }
+  return true;
+}
+
+template <typename T>
+bool forward_tile_k(const T* x, int64_t rows_here, int64_t n, int k, bool renormalize, float* tb, T* probs, int64_t* indices) {
+  switch (k) {  // K slots kept in registers: one instantiation per k (unused slots would cost a blend each)
+    case 1: return forward_tile<1>(x, rows_here, n, k, renormalize, tb, probs, indices);
+    case 2: return forward_tile<2>(x, rows_here, n, k, renormalize, tb, probs, indices);
+    case 3: return forward_tile<3>(x, rows_here, n, k, renormalize, tb, probs, indices);
+    case 4: return forward_tile<4>(x, rows_here, n, k, renormalize, tb, probs, indices);
+    case 5: return forward_tile<5>(x, rows_here, n, k, renormalize, tb, probs, indices);
+    case 6: return forward_tile<6>(x, rows_here, n, k, renormalize, tb, probs, indices);
+    case 7: return forward_tile<7>(x, rows_here, n, k, renormalize, tb, probs, indices);
+    default: return forward_tile<8>(x, rows_here, n, k, renormalize, tb, probs, indices);
+  }
+}
+
 template <typename T>
 void forward_rows(const T* x, int64_t rows, int64_t n, int k, bool renormalize, T* probs, int64_t* indices) {
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<float> buf(std::is_same_v<T, float> ? 0 : kBlock);
+  constexpr int64_t V = Vec::size();
+  const bool tiled = n <= kTileN && k <= kTileK && rows >= V;
+  const int64_t unit = tiled ? V : 1;  // parallel over tiles of V rows, or over rows
+  const int64_t units = (rows + unit - 1) / unit;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(n * unit, 1));
+  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    std::vector<float> buf(std::is_same_v<T, float> ? 0 : kBlock), work(n <= kSmallN ? n : 0);
+    std::vector<float> tb(tiled ? n * V : 0);
     TopK top;
-    top.k = k;
-    const bool small = n > Vec::size() && n <= kSmallN && k <= kSmallK;  // one vector or less: the buffer is cheaper
-    std::vector<float> work(small ? n : 0);
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* xr = x + r * n;
-      Normaliser norm;
-      top.size = 0;
-      if (small) {
-        const float* xb = as_float(xr, n, buf.data());
-        norm.add_block(xb, n, block_max(xb, n));
-        select_small(xb, n, k, work.data(), top);
-      }
-      for (int64_t b0 = 0; b0 < n && !small; b0 += kBlock) {
-        const int64_t len = std::min(kBlock, n - b0);
-        const float* xb = as_float(xr + b0, len, buf.data());
-        const float bmax = block_max(xb, len);
-        norm.add_block(xb, len, bmax);
-        int64_t j = 0;
-        for (; top.size < k && j < len; ++j) top.insert(xb[j], b0 + j);  // the first k enter unconditionally
-        if (j < len) top.scan(xb, j, len, b0, bmax);
-      }
-      T* pr = probs + r * k;
-      int64_t* ir = indices + r * k;
-      if (renormalize) {
-        const float top_v = top.val[0];
-        float w[kMaxK];
-        float total = 0.f;
-        for (int j = 0; j < k; ++j) total += (w[j] = std::exp(top.val[j] - top_v));
-        for (int j = 0; j < k; ++j) pr[j] = static_cast<T>(w[j] / total);
-      } else {
-        const float lse = norm.lse();
-        for (int j = 0; j < k; ++j) pr[j] = static_cast<T>(std::exp(top.val[j] - lse));
-      }
-      for (int j = 0; j < k; ++j) ir[j] = top.idx[j];
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t r0 = u * unit, here = std::min(unit, rows - r0);
+      if (tiled && forward_tile_k(x + r0 * n, here, n, k, renormalize, tb.data(), probs + r0 * k, indices + r0 * k)) continue;
+      for (int64_t r = r0; r < r0 + here; ++r)
+        forward_row(x + r * n, n, k, renormalize, probs + r * k, indices + r * k, buf.data(), work.data(), top);
     }
   });
 }

@@ -44,15 +44,21 @@ def insert_best(t: Ssa, vals: list[str], idx: list[str], x: str, j: str, ind: in
     """Insert ``(x, j)`` into the descending slots ``vals`` / ``idx`` (index ``-1``: empty), branch-free.
 
     The carried entry displaces a slot when the slot is empty, or when it is larger (a NaN counts as the
-    largest) and the slot holds no NaN; an equal value never displaces, so ties keep the lower index.
+    largest) and the slot holds no NaN; an equal value never displaces, so ties keep the lower index.  Once
+    the new entry has displaced a slot, every later slot shifts down: the entry carried on came from an
+    earlier slot, so it ranks ahead of the next one even when their values are equal.
     """
     cv, ci = x, j
     out_v, out_i = [], []
+    won: str | None = None
     for v, i in zip(vals, idx):
         gt = t.op("gt", f"arith.cmpf ugt, {cv}, {v} : f32", ind)
         ordered = t.op("o", f"arith.cmpf ord, {v}, {v} : f32", ind)
         free = t.op("f", f"arith.cmpi eq, {i}, %cm1 : i64", ind)
         win = t.op("w", f"arith.ori {t.op('w', f'arith.andi {gt}, {ordered} : i1', ind)}, {free} : i1", ind)
+        if won is not None:
+            win = t.op("w", f"arith.ori {win}, {won} : i1", ind)
+        won = win
         out_v.append(t.op("v", f"arith.select {win}, {cv}, {v} : f32", ind))
         out_i.append(t.op("i", f"arith.select {win}, {ci}, {i} : i64", ind))
         cv, ci = t.op("cv", f"arith.select {win}, {v}, {cv} : f32", ind), t.op("ci", f"arith.select {win}, {i}, {ci} : i64", ind)
