@@ -112,10 +112,11 @@ def test_many_short_rows_ties_nan_and_infinities(target):
     one; and tiles holding a NaN, +inf, an all -inf row or fewer entries above -inf than k (redone row by row)."""
     rows = 83 if target.big else 21
     g = torch.Generator().manual_seed(7)
-    coarse = torch.randn(rows, 24, generator=g).to(torch.bfloat16).to(target.device)
-    for k in (1, 2, 5, 8):
-        _check(target, coarse, k, k == 2)
-        _check(target, coarse, k, k != 2)
+    for dtype in (torch.bfloat16, torch.float16):
+        coarse = torch.randn(rows, 24, generator=g).to(dtype).to(target.device)
+        for k in (1, 2, 5, 8):
+            _check(target, coarse, k, k == 2)
+            _check(target, coarse, k, k != 2)
     nan, inf = float("nan"), float("inf")
     x = torch.randn(rows, 8, generator=g)
     x[rows // 2] = torch.tensor([1.0, nan, 3.0, nan, 0.5, -0.0, 0.0, 2.0])

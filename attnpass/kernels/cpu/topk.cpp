@@ -16,6 +16,10 @@
 // The outputs are p_j = exp(x_j - lse) with lse = m + log(s) (renormalised: exp(x_j - x_top) over
 // the sum of the k of them), written for k entries per row only.
 //
+// Router rows (n <= 1024, k <= 8, at least one vector's worth of rows) take another path,
+// forward_tile: one row per vector lane, so that the per-row costs above (horizontal reductions,
+// scalar exp and log, mispredicted inserts) are paid once per Vec::size() rows; see its comment.
+//
 // Order and ties, matching attnpass.kernels.reference.softmax_topk: the buffer is ordered by value,
 // descending; an element enters only if it is strictly greater than the k-th, and is placed after
 // every equal value already there, so among equal values the lower index wins (torch.topk's own
@@ -246,6 +250,18 @@ void forward_row(const T* xr, int64_t n, int k, bool renormalize, T* pr, int64_t
 // strictly greater, so equal values keep the lower index, as in TopK::insert.  A tile holding a NaN,
 // or a row with fewer than k entries above -inf, is redone row by row (their order rules need the
 // general path); these are rare and the result is the same either way.
+#if defined(CPU_CAPABILITY_AVX512)
+// AVX512 compares into a mask register and blends from it; at::vec's Vectorized<float> compare and
+// blendv round-trip through an all-ones vector (two instructions each, on one port).
+using Mask = __mmask16;
+inline Mask gt(const Vec& a, const Vec& b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+inline Vec pick(Mask m, const Vec& a, const Vec& b) { return _mm512_mask_blend_ps(m, a, b); }  // m ? b : a
+#else
+using Mask = Vec;
+inline Mask gt(const Vec& a, const Vec& b) { return a > b; }
+inline Vec pick(const Mask& m, const Vec& a, const Vec& b) { return Vec::blendv(a, b, m); }  // m ? b : a
+#endif
+
 constexpr int kTileK = 8;
 constexpr int64_t kTileN = 1024;
 
@@ -253,13 +269,18 @@ template <int K, typename T>
 bool forward_tile(const T* x, int64_t rows_here, int64_t n, int k, bool renormalize, float* tb, T* probs, int64_t* indices) {
   constexpr int V = Vec::size();
   constexpr float ninf = -std::numeric_limits<float>::infinity();
-  if (rows_here == V) {
-    for (int64_t j = 0; j < n; ++j)
-      for (int64_t l = 0; l < V; ++l) tb[j * V + l] = static_cast<float>(x[l * n + j]);
+  // rows -> columns with at::vec's blocked transpose (16 x 16 in registers on AVX512); reduced precision
+  // is widened row by row first, into the second half of `tb`
+  const float* src;
+  if constexpr (std::is_same_v<T, float>) {
+    src = x;
   } else {
-    for (int64_t j = 0; j < n; ++j)  // a partial tile's spare lanes: finite, ignored
-      for (int64_t l = 0; l < V; ++l) tb[j * V + l] = l < rows_here ? static_cast<float>(x[l * n + j]) : 0.f;
+    float* wide = tb + n * V;
+    for (int64_t e = 0; e < rows_here * n; ++e) wide[e] = static_cast<float>(x[e]);
+    src = wide;
   }
+  if (rows_here < V) std::fill(tb, tb + n * V, 0.f);  // a partial tile's spare lanes: finite, ignored
+  at::vec::transpose_mxn<float>(src, n, tb, V, static_cast<int>(rows_here), static_cast<int>(n));
   Vec vm(ninf);
   for (int64_t j = 0; j < n; ++j) vm = at::vec::maximum(vm, Vec::loadu(tb + j * V));
   float m[V];
@@ -285,32 +306,39 @@ bool forward_tile(const T* x, int64_t rows_here, int64_t n, int k, bool renormal
     // slot too): slot p takes x if x beats p but not p - 1, else slot p - 1's entry if x beat p - 1.  Every
     // slot's update reads only the old slots: no chain from slot to slot within a column.
     const Vec x = Vec::loadu(tb + j * V), xi(static_cast<float>(j));
-    Vec win_prev(0.f), v_prev = x, i_prev = xi;
-    for (int p = 0; p < K; ++p) {
-      const Vec win = x > val[p];
+    Mask win_prev = gt(x, val[0]);
+    Vec v_prev = val[0], i_prev = idx[0];
+    val[0] = pick(win_prev, val[0], x);
+    idx[0] = pick(win_prev, idx[0], xi);
+    for (int p = 1; p < K; ++p) {
+      const Mask win = gt(x, val[p]);
       const Vec v = val[p], i = idx[p];
-      val[p] = Vec::blendv(v, Vec::blendv(x, v_prev, win_prev), win);
-      idx[p] = Vec::blendv(i, Vec::blendv(xi, i_prev, win_prev), win);
+      val[p] = pick(win, v, pick(win_prev, x, v_prev));
+      idx[p] = pick(win, i, pick(win_prev, xi, i_prev));
       win_prev = win;
       v_prev = v;
       i_prev = i;
     }
   }
-  float sv[K][V], si[K][V];
-  for (int p = 0; p < K; ++p) {
-    val[p].store(sv[p]);
-    idx[p].store(si[p]);
-  }
+  float si[K][V];
+  for (int p = 0; p < K; ++p) idx[p].store(si[p]);
   for (int l = 0; l < rows_here; ++l)
     if (si[k - 1][l] < 0.f) return false;
+  // the probabilities lane-wise too: K vector exps per tile instead of K scalar exps per row
+  float pv[K][V];
+  if (renormalize) {
+    Vec w[K], total(0.f);
+    for (int p = 0; p < K; ++p) total = total + (w[p] = (val[p] - val[0]).exp());
+    for (int p = 0; p < K; ++p) (w[p] / total).store(pv[p]);
+  } else {
+    const Vec vlse = Vec::loadu(lse);
+    for (int p = 0; p < K; ++p) (val[p] - vlse).exp().store(pv[p]);
+  }
   for (int l = 0; l < rows_here; ++l) {
-    float v[kTileK];
-    int64_t i[kTileK];
-    for (int p = 0; p < k; ++p) {
-      v[p] = sv[p][l];
-      i[p] = static_cast<int64_t>(si[p][l]);
+    for (int p = 0; p < K; ++p) {
+      probs[l * K + p] = static_cast<T>(pv[p][l]);
+      indices[l * K + p] = static_cast<int64_t>(si[p][l]);
     }
-    write_row(v, i, k, renormalize, renormalize ? 0.f : lse[l], probs + l * k, indices + l * k);
   }
   return true;
 }
@@ -338,7 +366,7 @@ void forward_rows(const T* x, int64_t rows, int64_t n, int k, bool renormalize, 
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(n * unit, 1));
   at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
     std::vector<float> buf(std::is_same_v<T, float> ? 0 : kBlock), work(n <= kSmallN ? n : 0);
-    std::vector<float> tb(tiled ? n * V : 0);
+    std::vector<float> tb(tiled ? 2 * n * V : 0);
     TopK top;
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t r0 = u * unit, here = std::min(unit, rows - r0);
