@@ -256,10 +256,18 @@ void forward_row(const T* xr, int64_t n, int k, bool renormalize, T* pr, int64_t
 using Mask = __mmask16;
 inline Mask gt(const Vec& a, const Vec& b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
 inline Vec pick(Mask m, const Vec& a, const Vec& b) { return _mm512_mask_blend_ps(m, a, b); }  // m ? b : a
+inline Mask no_lanes() { return 0; }
+inline Mask unordered(const Vec& a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
+inline Mask either(Mask a, Mask b) { return a | b; }
+inline bool any_lane(Mask m) { return m != 0; }
 #else
 using Mask = Vec;
 inline Mask gt(const Vec& a, const Vec& b) { return a > b; }
 inline Vec pick(const Mask& m, const Vec& a, const Vec& b) { return Vec::blendv(a, b, m); }  // m ? b : a
+inline Mask no_lanes() { return Vec(0.f); }
+inline Mask unordered(const Vec& a) { return a != a; }
+inline Mask either(const Mask& a, const Mask& b) { return a | b; }
+inline bool any_lane(const Mask& m) { return (~static_cast<unsigned>(m.zero_mask()) & kLanes) != 0; }
 #endif
 
 constexpr int kTileK = 8;
@@ -281,44 +289,44 @@ bool forward_tile(const T* x, int64_t rows_here, int64_t n, int k, bool renormal
   }
   if (rows_here < V) std::fill(tb, tb + n * V, 0.f);  // a partial tile's spare lanes: finite, ignored
   at::vec::transpose_mxn<float>(src, n, tb, V, static_cast<int>(rows_here), static_cast<int>(n));
-  Vec vm(ninf);
-  for (int64_t j = 0; j < n; ++j) vm = at::vec::maximum(vm, Vec::loadu(tb + j * V));
-  float m[V];
-  vm.store(m);
-  for (int l = 0; l < V; ++l)
-    if (m[l] != m[l]) return false;
-  float lse[V];
-  if (!renormalize) {
-    Vec acc(0.f);
-    for (int64_t j = 0; j < n; ++j) acc = acc + (Vec::loadu(tb + j * V) - vm).exp_u20();
-    float s[V];
-    acc.store(s);
-    for (int l = 0; l < V; ++l)
-      lse[l] = m[l] == -ninf ? m[l] : m[l] == ninf ? std::numeric_limits<float>::quiet_NaN() : m[l] + std::log(s[l]);
-  }
   Vec val[K], idx[K];
   for (int p = 0; p < K; ++p) {
     val[p] = Vec(ninf);
     idx[p] = Vec(-1.f);
   }
+  Mask nan = no_lanes();
   for (int64_t j = 0; j < n; ++j) {
-    // The slots are sorted, so x beats slot p exactly when it beats it directly (it then beats every later
-    // slot too): slot p takes x if x beats p but not p - 1, else slot p - 1's entry if x beat p - 1.  Every
-    // slot's update reads only the old slots: no chain from slot to slot within a column.
-    const Vec x = Vec::loadu(tb + j * V), xi(static_cast<float>(j));
-    Mask win_prev = gt(x, val[0]);
+    // The slots are sorted, so c beats slot p exactly when it beats it directly (it then beats every later
+    // slot too): slot p takes c if c beats p but not p - 1, else slot p - 1's entry if c beat p - 1.  Every
+    // slot's update reads only the old slots: no chain from slot to slot within a column.  A NaN beats
+    // nothing here; it is only noted, and its tile redone row by row.
+    const Vec c = Vec::loadu(tb + j * V), ci(static_cast<float>(j));
+    nan = either(nan, unordered(c));
+    Mask win_prev = gt(c, val[0]);
     Vec v_prev = val[0], i_prev = idx[0];
-    val[0] = pick(win_prev, val[0], x);
-    idx[0] = pick(win_prev, idx[0], xi);
+    val[0] = pick(win_prev, val[0], c);
+    idx[0] = pick(win_prev, idx[0], ci);
     for (int p = 1; p < K; ++p) {
-      const Mask win = gt(x, val[p]);
+      const Mask win = gt(c, val[p]);
       const Vec v = val[p], i = idx[p];
-      val[p] = pick(win, v, pick(win_prev, x, v_prev));
-      idx[p] = pick(win, i, pick(win_prev, xi, i_prev));
+      val[p] = pick(win, v, pick(win_prev, c, v_prev));
+      idx[p] = pick(win, i, pick(win_prev, ci, i_prev));
       win_prev = win;
       v_prev = v;
       i_prev = i;
     }
+  }
+  if (any_lane(nan)) return false;
+  float lse[V];
+  if (!renormalize) {  // slot 0 holds each row's maximum: one more pass, over the tile in L1, for the normaliser
+    const Vec vm = val[0];
+    float m[V], s[V];
+    vm.store(m);
+    Vec acc(0.f);
+    for (int64_t j = 0; j < n; ++j) acc = acc + (Vec::loadu(tb + j * V) - vm).exp_u20();
+    acc.store(s);
+    for (int l = 0; l < V; ++l)
+      lse[l] = m[l] == -ninf ? m[l] : m[l] == ninf ? std::numeric_limits<float>::quiet_NaN() : m[l] + std::log(s[l]);
   }
   float si[K][V];
   for (int p = 0; p < K; ++p) idx[p].store(si[p]);
