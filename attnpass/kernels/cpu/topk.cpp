@@ -243,13 +243,14 @@ void forward_row(const T* xr, int64_t n, int k, bool renormalize, T* pr, int64_t
 }
 
 // Router rows (short, k <= kTileK): Vec::size() rows at once, one row per lane.  The tile is transposed
-// into `tb` (column j of the tile is one vector), then per column: a lane-wise maximum, a lane-wise
-// sum of exp (skipped when renormalising: the weights need only the selected logits), and a
-// branch-free insertion into K sorted slots per lane (compare, then blend value and index down the
-// slots, each slot's update independent of the others).  No per-row reductions, no data-dependent branches.  A slot is entered only by a value
-// strictly greater, so equal values keep the lower index, as in TopK::insert.  A tile holding a NaN,
-// or a row with fewer than k entries above -inf, is redone row by row (their order rules need the
-// general path); these are rare and the result is the same either way.
+// into `tb` (column j of the tile is one vector); one loop over the columns keeps K sorted slots per
+// lane (value and index), updated branch-free: compare, then blend, each slot's update independent of
+// the others.  Slot 0 ends as the row's maximum, so the normaliser needs one more pass over the tile
+// (in L1) only without renormalisation.  The probabilities are computed lane-wise too (one vector exp
+// per slot).  So no per-row reductions, no scalar exp, no data-dependent branches.  A slot is entered
+// only by a value strictly greater, so equal values keep the lower index, as in TopK::insert.  A tile
+// holding a NaN, or a row with fewer than k entries above -inf, is redone row by row (their order
+// rules need the general path); these are rare and the result is the same either way.
 #if defined(CPU_CAPABILITY_AVX512)
 // AVX512 compares into a mask register and blends from it; at::vec's Vectorized<float> compare and
 // blendv round-trip through an all-ones vector (two instructions each, on one port).
