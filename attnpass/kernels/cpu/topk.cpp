@@ -372,7 +372,7 @@ void forward_rows(const T* x, int64_t rows, int64_t n, int k, bool renormalize, 
   const bool tiled = n <= kTileN && k <= kTileK && rows >= V;
   const int64_t unit = tiled ? V : 1;  // parallel over tiles of V rows, or over rows
   const int64_t units = (rows + unit - 1) / unit;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(n * unit, 1));
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n * unit, 1));  // elements per task, as before
   at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
     std::vector<float> buf(std::is_same_v<T, float> ? 0 : kBlock), work(n <= kSmallN ? n : 0);
     std::vector<float> tb(tiled ? 2 * n * V : 0);
