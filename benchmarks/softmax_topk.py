@@ -11,6 +11,9 @@ per round in alternating rounds and the best round is kept, because this host's 
 between runs: only ratios taken in the same rounds are meaningful.  Ratios are peer time over
 attnpass time (> 1: attnpass is faster).  "peak MiB" is the allocator's peak during one call
 above what the input already holds (torch's CPU allocator via the profiler, or CUDA's).
+
+After the table, one whole-model line (CPU only, skipped with ``--no-model``): a tiny Mixtral-style model's
+forward with its routers fused vs kept, from ``benchmarks/moe_routers.py`` (the same measurement, not a copy).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as attention_cpu.py: eager
 
 import argparse  # noqa: E402
 import math  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
@@ -171,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--budget", type=float, default=3.0, help="seconds per shape after the third round")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--no-model", action="store_true", help="skip the whole-model line (a tiny Mixtral-style forward)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default); 1 is steadier on a loaded host")
     args = p.parse_args(argv)
@@ -180,6 +185,20 @@ def main(argv: list[str] | None = None) -> None:
         args.rounds = min(args.rounds, 5)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     render(run(args))
+    if args.device == "cpu" and not args.no_model:
+        print_whole_model(args.quick)
+
+
+def print_whole_model(quick: bool) -> None:
+    """The routers in their model: ``moe_routers.whole_model`` (kept vs fused routers, same rounds)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import moe_routers
+
+    print()
+    print("| case | routers fused | kept ms | fused ms | kept / fused | same output |")
+    print("|---|---|---|---|---|---|")
+    tokens, hidden, experts, k = (64, 64, 8, 2) if quick else (512, 128, 8, 2)
+    print(moe_routers.whole_model(tokens, hidden, experts, k, 3 if quick else 20), flush=True)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,29 @@ def test_ties_nan_and_infinities(target):
     _check(target, coarse, 16, False)
 
 
+def test_many_short_rows_ties_nan_and_infinities(target):
+    """Router-shaped problems (many short rows: the C++ kernel's tiles, one row per vector lane, and a partial last
+    tile): bf16 ties everywhere, where an entry pushed down the slots must keep its place ahead of an equal later
+    one; and tiles holding a NaN, +inf, an all -inf row or fewer entries above -inf than k (redone row by row)."""
+    rows = 83 if target.big else 21
+    g = torch.Generator().manual_seed(7)
+    for dtype in (torch.bfloat16, torch.float16):
+        coarse = torch.randn(rows, 24, generator=g).to(dtype).to(target.device)
+        for k in (1, 2, 5, 8):
+            _check(target, coarse, k, k == 2)
+            _check(target, coarse, k, k != 2)
+    nan, inf = float("nan"), float("inf")
+    x = torch.randn(rows, 8, generator=g)
+    x[rows // 2] = torch.tensor([1.0, nan, 3.0, nan, 0.5, -0.0, 0.0, 2.0])
+    x[3] = torch.tensor([inf, 1.0, 2.0, 3.0, 4.0, inf, 0.0, -1.0])
+    x[-1] = -inf
+    x[-2] = torch.tensor([-inf, -inf, 1.0, -inf, 0.0, -inf, -inf, -inf])
+    x[1, 2:6] = 0.75  # a tie in an ordinary row
+    for k in (2, 3, 8):
+        for renorm in (False, True):
+            _check(target, x.to(target.device), k, renorm)
+
+
 def test_rows_longer_than_a_tile(target):
     n = 70000 if target.big else 9000
     x = _x(target, 3, n, seed=4)

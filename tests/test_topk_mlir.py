@@ -69,6 +69,8 @@ def test_masked_logits_and_ties() -> None:
     x[:, :7] = float("-inf")
     x[1, 10:14] = 5.0  # a four-way tie for the top
     x[2] = torch.arange(40.0) % 3  # many ties everywhere
+    # 11 at 8 then 10: the 12 at 11 pushes both down, and the one at 8 must stay ahead of its equal at 10
+    x[3, 7:13] = torch.tensor([10.0, 11.0, 10.5, 11.0, 12.0, 10.75])
     m = ClassHead().eval()
     out, _ = _rewrite(am.import_(m, (x,)))
     probs, idx = _outputs(am.compile(out)(x))
@@ -77,6 +79,7 @@ def test_masked_logits_and_ties() -> None:
     torch.testing.assert_close(probs, want.topk(5, dim=-1).values, rtol=1e-6, atol=1e-6)
     assert idx[1, :4].tolist() == [10, 11, 12, 13]
     assert idx[2].tolist() == [2, 5, 8, 11, 14]
+    assert idx[3].tolist() == [11, 8, 10, 12, 9]
 
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -137,3 +140,79 @@ def test_hf_moe_routers_fused_and_jit_equal(family: str) -> None:
     got = am.compile(out, opt_level=0)(*args, *kwargs.values())
     got = torch.as_tensor(np.asarray(got[0] if isinstance(got, tuple) else got))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+
+
+class HalfHead(torch.nn.Module):
+    """softmax + top-k over ``dim`` of the logits rounded to ``dt`` (f32 in and out: the JIT takes no bf16 arrays)."""
+
+    def __init__(self, dt: torch.dtype, dim: int, k: int = 3, renorm: bool = False, sm_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.dt, self.dim, self.k, self.renorm, self.sm_dtype = dt, dim, k, renorm, sm_dtype
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = torch.softmax(x.to(self.dt), dim=self.dim, dtype=self.sm_dtype)
+        w, i = p.topk(self.k, dim=self.dim)
+        if self.renorm:
+            w = w / w.sum(dim=self.dim, keepdim=True)
+        return w.float(), i
+
+
+class MaxAndArgmax(torch.nn.Module):
+    """Two selections from one softmax over a middle axis: the largest probability and its index (no keepdim)."""
+
+    def __init__(self, dt: torch.dtype, dim: int):
+        super().__init__()
+        self.dt, self.dim = dt, dim
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = torch.softmax(x.to(self.dt), dim=self.dim)
+        return p.amax(dim=self.dim).float(), p.argmax(dim=self.dim)
+
+
+# name -> (module, the softmax output's dtype, sites); every case's rows are untied in bf16 (see _untied)
+DTYPE_AXIS = {
+    "bf16_last": (lambda: HalfHead(torch.bfloat16, -1), torch.bfloat16, 1),
+    "f16_last_renorm": (lambda: HalfHead(torch.float16, -1, k=2, renorm=True), torch.float16, 1),
+    "f32_axis0": (lambda: HalfHead(torch.float32, 0), torch.float32, 1),
+    "f32_axis1_renorm": (lambda: HalfHead(torch.float32, 1, k=2, renorm=True), torch.float32, 1),
+    "bf16_in_f32_softmax_axis1": (lambda: HalfHead(torch.bfloat16, 1, sm_dtype=torch.float32), torch.float32, 1),
+    "f16_max_argmax_axis1": (lambda: MaxAndArgmax(torch.float16, 1), torch.float16, 2),
+}
+
+
+def _untied(shape: tuple[int, ...], dim: int) -> torch.Tensor:
+    """Logits whose rows along ``dim`` are a permutation of ``j / 8 - 2``: exact in bf16 and f16, no two equal, and
+    no two probabilities equal once rounded (neighbours differ by a factor ``exp(1/8)``), so indices are unambiguous."""
+    g = torch.Generator().manual_seed(5)
+    return torch.argsort(torch.rand(shape, generator=g), dim=dim).float() / 8 - 2
+
+
+@pytest.mark.parametrize("name", sorted(DTYPE_AXIS))
+def test_half_types_and_other_axes_equal_eager(name: str) -> None:
+    """f16 / bf16 logits or probabilities and selections over a non-last axis: one single-pass function per site,
+    f32 inside, the probabilities rounded once to the softmax's type; indices identical to eager."""
+    make, sm_dt, n_sites = DTYPE_AXIS[name]
+    m = make().eval()
+    x = _untied((4, 24, 5), m.dim)
+    out, rep = _rewrite(am.import_(m, (x,)))
+    assert len(rep.topk) == n_sites
+    assert all(s.blocker is None and any(n.startswith("single pass via") for n in s.notes) for s in rep.topk)
+    text = str(out)
+    assert "aten.softmax" not in text and "aten._softmax" not in text and "aten.topk" not in text
+    got, want = _outputs(am.compile(out)(x)), _outputs(m(x))
+    (gp, gi), (wp, wi) = got, want
+    assert gi.shape == wi.shape and torch.equal(gi, wi)
+    assert gp.shape == wp.shape and torch.equal(gp, gp.to(sm_dt).float()), "rounded to the softmax's type"
+    # eager rounds the probabilities, then (renormalising) the sum and the quotient: two roundings apart at most
+    step = {torch.float32: 1e-6, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[sm_dt]
+    torch.testing.assert_close(gp, wp, rtol=2 * step, atol=1e-6)
+
+
+def test_f64_logits_left_with_the_reason() -> None:
+    """f64 softmax stays f64 in eager; the f32 single pass would lose precision, so the site keeps its softmax."""
+    m = HalfHead(torch.float64, -1).eval()
+    x = _untied((4, 24), -1)
+    out, rep = _rewrite(am.import_(m, (x,)))
+    (site,) = rep.topk
+    assert site.blocker is not None and "MLIR: logits of element type f64" in site.blocker
+    assert "attnpass_topk" not in str(out)

@@ -16,6 +16,10 @@
 // The outputs are p_j = exp(x_j - lse) with lse = m + log(s) (renormalised: exp(x_j - x_top) over
 // the sum of the k of them), written for k entries per row only.
 //
+// Router rows (n <= 1024, k <= 8, at least one vector's worth of rows) take another path,
+// forward_tile: one row per vector lane, so that the per-row costs above (horizontal reductions,
+// scalar exp and log, mispredicted inserts) are paid once per Vec::size() rows; see its comment.
+//
 // Order and ties, matching attnpass.kernels.reference.softmax_topk: the buffer is ordered by value,
 // descending; an element enters only if it is strictly greater than the k-th, and is placed after
 // every equal value already there, so among equal values the lower index wins (torch.topk's own
@@ -199,46 +203,185 @@ const float* as_float(const T* src, int64_t len, float* buf) {
   }
 }
 
+// The outputs of one row from its selection: p_j = exp(x_j - lse), or renormalised over the k.
+template <typename T>
+void write_row(const float* val, const int64_t* idx, int k, bool renormalize, float lse, T* pr, int64_t* ir) {
+  if (renormalize) {
+    const float top_v = val[0];
+    float w[kMaxK];
+    float total = 0.f;
+    for (int j = 0; j < k; ++j) total += (w[j] = std::exp(val[j] - top_v));
+    for (int j = 0; j < k; ++j) pr[j] = static_cast<T>(w[j] / total);
+  } else {
+    for (int j = 0; j < k; ++j) pr[j] = static_cast<T>(std::exp(val[j] - lse));
+  }
+  for (int j = 0; j < k; ++j) ir[j] = idx[j];
+}
+
+// One row: the online normaliser block by block, the running buffer (or select_small for short rows).
+template <typename T>
+void forward_row(const T* xr, int64_t n, int k, bool renormalize, T* pr, int64_t* ir, float* buf, float* work, TopK& top) {
+  const bool small = n > Vec::size() && n <= kSmallN && k <= kSmallK;  // one vector or less: the buffer is cheaper
+  Normaliser norm;
+  top.k = k;
+  top.size = 0;
+  if (small) {
+    const float* xb = as_float(xr, n, buf);
+    norm.add_block(xb, n, block_max(xb, n));
+    select_small(xb, n, k, work, top);
+  }
+  for (int64_t b0 = 0; b0 < n && !small; b0 += kBlock) {
+    const int64_t len = std::min(kBlock, n - b0);
+    const float* xb = as_float(xr + b0, len, buf);
+    const float bmax = block_max(xb, len);
+    norm.add_block(xb, len, bmax);
+    int64_t j = 0;
+    for (; top.size < k && j < len; ++j) top.insert(xb[j], b0 + j);  // the first k enter unconditionally
+    if (j < len) top.scan(xb, j, len, b0, bmax);
+  }
+  write_row(top.val, top.idx, k, renormalize, norm.lse(), pr, ir);
+}
+
+// Router rows (short, k <= kTileK): Vec::size() rows at once, one row per lane.  The tile is transposed
+// into `tb` (column j of the tile is one vector); one loop over the columns keeps K sorted slots per
+// lane (value and index), updated branch-free: compare, then blend, each slot's update independent of
+// the others.  Slot 0 ends as the row's maximum, so the normaliser needs one more pass over the tile
+// (in L1) only without renormalisation.  The probabilities are computed lane-wise too (one vector exp
+// per slot).  So no per-row reductions, no scalar exp, no data-dependent branches.  A slot is entered
+// only by a value strictly greater, so equal values keep the lower index, as in TopK::insert.  A tile
+// holding a NaN, or a row with fewer than k entries above -inf, is redone row by row (their order
+// rules need the general path); these are rare and the result is the same either way.
+#if defined(CPU_CAPABILITY_AVX512)
+// AVX512 compares into a mask register and blends from it; at::vec's Vectorized<float> compare and
+// blendv round-trip through an all-ones vector (two instructions each, on one port).
+using Mask = __mmask16;
+inline Mask gt(const Vec& a, const Vec& b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+inline Vec pick(Mask m, const Vec& a, const Vec& b) { return _mm512_mask_blend_ps(m, a, b); }  // m ? b : a
+inline Mask no_lanes() { return 0; }
+inline Mask unordered(const Vec& a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
+inline Mask either(Mask a, Mask b) { return a | b; }
+inline bool any_lane(Mask m) { return m != 0; }
+#else
+using Mask = Vec;
+inline Mask gt(const Vec& a, const Vec& b) { return a > b; }
+inline Vec pick(const Mask& m, const Vec& a, const Vec& b) { return Vec::blendv(a, b, m); }  // m ? b : a
+inline Mask no_lanes() { return Vec(0.f); }
+inline Mask unordered(const Vec& a) { return a != a; }
+inline Mask either(const Mask& a, const Mask& b) { return a | b; }
+inline bool any_lane(const Mask& m) { return (~static_cast<unsigned>(m.zero_mask()) & kLanes) != 0; }
+#endif
+
+constexpr int kTileK = 8;
+constexpr int64_t kTileN = 1024;
+
+template <int K, typename T>
+bool forward_tile(const T* x, int64_t rows_here, int64_t n, int k, bool renormalize, float* tb, T* probs, int64_t* indices) {
+  constexpr int V = Vec::size();
+  constexpr float ninf = -std::numeric_limits<float>::infinity();
+  // rows -> columns with at::vec's blocked transpose (16 x 16 in registers on AVX512); reduced precision
+  // is widened row by row first, into the second half of `tb`
+  const float* src;
+  if constexpr (std::is_same_v<T, float>) {
+    src = x;
+  } else {
+    float* wide = tb + n * V;
+    for (int64_t e = 0; e < rows_here * n; ++e) wide[e] = static_cast<float>(x[e]);
+    src = wide;
+  }
+  if (rows_here < V) std::fill(tb, tb + n * V, 0.f);  // a partial tile's spare lanes: finite, ignored
+  at::vec::transpose_mxn<float>(src, n, tb, V, static_cast<int>(rows_here), static_cast<int>(n));
+  Vec val[K], idx[K];
+  for (int p = 0; p < K; ++p) {
+    val[p] = Vec(ninf);
+    idx[p] = Vec(-1.f);
+  }
+  Mask nan = no_lanes();
+  for (int64_t j = 0; j < n; ++j) {
+    // The slots are sorted, so c beats slot p exactly when it beats it directly (it then beats every later
+    // slot too): slot p takes c if c beats p but not p - 1, else slot p - 1's entry if c beat p - 1.  Every
+    // slot's update reads only the old slots: no chain from slot to slot within a column.  A NaN beats
+    // nothing here; it is only noted, and its tile redone row by row.
+    const Vec c = Vec::loadu(tb + j * V), ci(static_cast<float>(j));
+    nan = either(nan, unordered(c));
+    Mask win_prev = gt(c, val[0]);
+    Vec v_prev = val[0], i_prev = idx[0];
+    val[0] = pick(win_prev, val[0], c);
+    idx[0] = pick(win_prev, idx[0], ci);
+    for (int p = 1; p < K; ++p) {
+      const Mask win = gt(c, val[p]);
+      const Vec v = val[p], i = idx[p];
+      val[p] = pick(win, v, pick(win_prev, c, v_prev));
+      idx[p] = pick(win, i, pick(win_prev, ci, i_prev));
+      win_prev = win;
+      v_prev = v;
+      i_prev = i;
+    }
+  }
+  if (any_lane(nan)) return false;
+  float lse[V];
+  if (!renormalize) {  // slot 0 holds each row's maximum: one more pass, over the tile in L1, for the normaliser
+    const Vec vm = val[0];
+    float m[V], s[V];
+    vm.store(m);
+    Vec acc(0.f);
+    for (int64_t j = 0; j < n; ++j) acc = acc + (Vec::loadu(tb + j * V) - vm).exp_u20();
+    acc.store(s);
+    for (int l = 0; l < V; ++l)
+      lse[l] = m[l] == -ninf ? m[l] : m[l] == ninf ? std::numeric_limits<float>::quiet_NaN() : m[l] + std::log(s[l]);
+  }
+  float si[K][V];
+  for (int p = 0; p < K; ++p) idx[p].store(si[p]);
+  for (int l = 0; l < rows_here; ++l)
+    if (si[k - 1][l] < 0.f) return false;
+  // the probabilities lane-wise too: K vector exps per tile instead of K scalar exps per row
+  float pv[K][V];
+  if (renormalize) {
+    Vec w[K], total(0.f);
+    for (int p = 0; p < K; ++p) total = total + (w[p] = (val[p] - val[0]).exp());
+    for (int p = 0; p < K; ++p) (w[p] / total).store(pv[p]);
+  } else {
+    const Vec vlse = Vec::loadu(lse);
+    for (int p = 0; p < K; ++p) (val[p] - vlse).exp().store(pv[p]);
+  }
+  for (int l = 0; l < rows_here; ++l) {
+    for (int p = 0; p < K; ++p) {
+      probs[l * K + p] = static_cast<T>(pv[p][l]);
+      indices[l * K + p] = static_cast<int64_t>(si[p][l]);
+    }
+  }
+  return true;
+}
+
+template <typename T>
+bool forward_tile_k(const T* x, int64_t rows_here, int64_t n, int k, bool renormalize, float* tb, T* probs, int64_t* indices) {
+  switch (k) {  // K slots kept in registers: one instantiation per k (unused slots would cost a blend each)
+    case 1: return forward_tile<1>(x, rows_here, n, k, renormalize, tb, probs, indices);
+    case 2: return forward_tile<2>(x, rows_here, n, k, renormalize, tb, probs, indices);
+    case 3: return forward_tile<3>(x, rows_here, n, k, renormalize, tb, probs, indices);
+    case 4: return forward_tile<4>(x, rows_here, n, k, renormalize, tb, probs, indices);
+    case 5: return forward_tile<5>(x, rows_here, n, k, renormalize, tb, probs, indices);
+    case 6: return forward_tile<6>(x, rows_here, n, k, renormalize, tb, probs, indices);
+    case 7: return forward_tile<7>(x, rows_here, n, k, renormalize, tb, probs, indices);
+    default: return forward_tile<8>(x, rows_here, n, k, renormalize, tb, probs, indices);
+  }
+}
+
 template <typename T>
 void forward_rows(const T* x, int64_t rows, int64_t n, int k, bool renormalize, T* probs, int64_t* indices) {
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<float> buf(std::is_same_v<T, float> ? 0 : kBlock);
+  constexpr int64_t V = Vec::size();
+  const bool tiled = n <= kTileN && k <= kTileK && rows >= V;
+  const int64_t unit = tiled ? V : 1;  // parallel over tiles of V rows, or over rows
+  const int64_t units = (rows + unit - 1) / unit;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n * unit, 1));  // elements per task, as before
+  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    std::vector<float> buf(std::is_same_v<T, float> ? 0 : kBlock), work(n <= kSmallN ? n : 0);
+    std::vector<float> tb(tiled ? 2 * n * V : 0);
     TopK top;
-    top.k = k;
-    const bool small = n > Vec::size() && n <= kSmallN && k <= kSmallK;  // one vector or less: the buffer is cheaper
-    std::vector<float> work(small ? n : 0);
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* xr = x + r * n;
-      Normaliser norm;
-      top.size = 0;
-      if (small) {
-        const float* xb = as_float(xr, n, buf.data());
-        norm.add_block(xb, n, block_max(xb, n));
-        select_small(xb, n, k, work.data(), top);
-      }
-      for (int64_t b0 = 0; b0 < n && !small; b0 += kBlock) {
-        const int64_t len = std::min(kBlock, n - b0);
-        const float* xb = as_float(xr + b0, len, buf.data());
-        const float bmax = block_max(xb, len);
-        norm.add_block(xb, len, bmax);
-        int64_t j = 0;
-        for (; top.size < k && j < len; ++j) top.insert(xb[j], b0 + j);  // the first k enter unconditionally
-        if (j < len) top.scan(xb, j, len, b0, bmax);
-      }
-      T* pr = probs + r * k;
-      int64_t* ir = indices + r * k;
-      if (renormalize) {
-        const float top_v = top.val[0];
-        float w[kMaxK];
-        float total = 0.f;
-        for (int j = 0; j < k; ++j) total += (w[j] = std::exp(top.val[j] - top_v));
-        for (int j = 0; j < k; ++j) pr[j] = static_cast<T>(w[j] / total);
-      } else {
-        const float lse = norm.lse();
-        for (int j = 0; j < k; ++j) pr[j] = static_cast<T>(std::exp(top.val[j] - lse));
-      }
-      for (int j = 0; j < k; ++j) ir[j] = top.idx[j];
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t r0 = u * unit, here = std::min(unit, rows - r0);
+      if (tiled && forward_tile_k(x + r0 * n, here, n, k, renormalize, tb.data(), probs + r0 * k, indices + r0 * k)) continue;
+      for (int64_t r = r0; r < r0 + here; ++r)
+        forward_row(x + r * n, n, k, renormalize, probs + r * k, indices + r * k, buf.data(), work.data(), top);
     }
   });
 }

@@ -44,15 +44,21 @@ def insert_best(t: Ssa, vals: list[str], idx: list[str], x: str, j: str, ind: in
     """Insert ``(x, j)`` into the descending slots ``vals`` / ``idx`` (index ``-1``: empty), branch-free.
 
     The carried entry displaces a slot when the slot is empty, or when it is larger (a NaN counts as the
-    largest) and the slot holds no NaN; an equal value never displaces, so ties keep the lower index.
+    largest) and the slot holds no NaN; an equal value never displaces, so ties keep the lower index.  Once
+    the new entry has displaced a slot, every later slot shifts down: the entry carried on came from an
+    earlier slot, so it ranks ahead of the next one even when their values are equal.
     """
     cv, ci = x, j
     out_v, out_i = [], []
+    won: str | None = None
     for v, i in zip(vals, idx):
         gt = t.op("gt", f"arith.cmpf ugt, {cv}, {v} : f32", ind)
         ordered = t.op("o", f"arith.cmpf ord, {v}, {v} : f32", ind)
         free = t.op("f", f"arith.cmpi eq, {i}, %cm1 : i64", ind)
         win = t.op("w", f"arith.ori {t.op('w', f'arith.andi {gt}, {ordered} : i1', ind)}, {free} : i1", ind)
+        if won is not None:
+            win = t.op("w", f"arith.ori {win}, {won} : i1", ind)
+        won = win
         out_v.append(t.op("v", f"arith.select {win}, {cv}, {v} : f32", ind))
         out_i.append(t.op("i", f"arith.select {win}, {ci}, {i} : i64", ind))
         cv, ci = t.op("cv", f"arith.select {win}, {v}, {cv} : f32", ind), t.op("ci", f"arith.select {win}, {i}, {ci} : i64", ind)
@@ -74,17 +80,39 @@ def selected_probs(t: Ssa, vals: list[str], m: str, norm: str, renormalize: bool
     return [t.op("q", f"arith.divf {e}, {s} : f32", ind) for e in es]
 
 
-def topk_func(name: str, shape: tuple[int | None, ...], k: int, renormalize: bool, keep_k: bool) -> str:
-    """``func.func private @name(x) -> (probs, indices)`` over the last axis of ``x`` (f32).
+#: Element types the generated pass reads and writes (arithmetic is f32 whatever they are).
+ELEMS = ("f32", "f16", "bf16")
 
-    The results have ``x``'s leading dims plus ``k`` along the last axis (``keep_k``), or the leading dims
-    only (a max / argmax without ``keepdim``).
+
+def to_elem(t: Ssa, v: str, src: str, dst: str, ind: int) -> str:
+    """A scalar converted between ``ELEMS`` (exact widening to f32, one rounding when narrowing)."""
+    if src == dst:
+        return v
+    if src != "f32":
+        v = t.op("cv", f"arith.extf {v} : {src} to f32", ind)
+    return v if dst == "f32" else t.op("cv", f"arith.truncf {v} : f32 to {dst}", ind)
+
+
+def out_shape(shape: tuple[int | None, ...], axis: int, k: int, keep_k: bool) -> tuple[int | None, ...]:
+    """The results' shape: ``k`` along ``axis`` (``keep_k``), or ``axis`` dropped (a max / argmax without keepdim)."""
+    return tuple(k if a == axis else d for a, d in enumerate(shape) if keep_k or a != axis)
+
+
+def topk_func(name: str, shape: tuple[int | None, ...], k: int, renormalize: bool, keep_k: bool, axis: int = -1,
+              elems: tuple[str, str, str] = ("f32", "f32", "f32")) -> str:
+    """``func.func private @name(x) -> (probs, indices)``: the selection over ``axis`` of ``x``.
+
+    ``elems`` are the logits', the softmax output's and the probabilities result's element types: logits are
+    widened to f32 on reading, the selected probabilities computed in f32, rounded once to the softmax's type
+    (what eager's softmax output holds), then converted to the result's type (a cast before the selection).
+    A non-last ``axis`` needs no transpose: the row loop indexes ``x`` along it, the outer loops run over the rest.
     """
     rank = len(shape)
-    lead = shape[:-1]
-    out_shape = (*lead, k) if keep_k else lead
-    xt = tensor_type(shape, "f32")
-    pt, it = tensor_type(out_shape, "f32"), tensor_type(out_shape, "i64")
+    axis %= rank
+    x_el, sm_el, p_el = elems
+    oshape = out_shape(shape, axis, k, keep_k)
+    xt = tensor_type(shape, x_el)
+    pt, it = tensor_type(oshape, p_el), tensor_type(oshape, "i64")
     t = Ssa()
     t.emit(f"func.func private @{name}(%x: {xt}) -> ({pt}, {it}) {{", 0)
     t.emit("%c0 = arith.constant 0 : index", 1)
@@ -94,27 +122,25 @@ def topk_func(name: str, shape: tuple[int | None, ...], k: int, renormalize: boo
     t.emit(f"%ninf = arith.constant {NEG_INF} : f32", 1)
     t.emit("%one = arith.constant 1.0 : f32", 1)
     t.emit("%zero = arith.constant 0.0 : f32", 1)
-    sizes = []
     for a in range(rank):
         t.emit(f"%ca{a} = arith.constant {a} : index", 1)
         t.emit(f"%n{a} = tensor.dim %x, %ca{a} : {xt}", 1)
-        sizes.append(f"%n{a}")
-    dyn = [sizes[a] for a, d in enumerate(lead) if d is None]
+    outer = [a for a in range(rank) if a != axis]
+    dyn = [f"%n{a}" for a in outer if shape[a] is None]
     t.emit(f"%P0 = tensor.empty({', '.join(dyn)}) : {pt}", 1)
     t.emit(f"%I0 = tensor.empty({', '.join(dyn)}) : {it}", 1)
     for p in range(k):
         t.emit(f"%cp{p} = arith.constant {p} : index", 1)
-    # one scf.for per leading dim, the outputs carried through
+    # one scf.for per dim other than the axis, the outputs carried through
     ind, P, I_ = 1, "%P0", "%I0"
-    ivs = []
+    ivs: dict[int, str] = {}
     results = []
-    for a in range(rank - 1):
-        iv = f"%i{a}"
-        ivs.append(iv)
+    for a in outer:
+        ivs[a] = f"%i{a}"
         res = t.fresh("r")
         results.append((res, ind))
         pa, ia = t.fresh("P"), t.fresh("I")
-        t.emit(f"{res}:2 = scf.for {iv} = %c0 to %n{a} step %c1 iter_args({pa} = {P}, {ia} = {I_}) -> ({pt}, {it}) {{", ind)
+        t.emit(f"{res}:2 = scf.for {ivs[a]} = %c0 to %n{a} step %c1 iter_args({pa} = {P}, {ia} = {I_}) -> ({pt}, {it}) {{", ind)
         P, I_, ind = pa, ia, ind + 1
     # the single pass over the row
     m0, l0 = "%ninf", "%zero"
@@ -125,10 +151,11 @@ def topk_func(name: str, shape: tuple[int | None, ...], k: int, renormalize: boo
     carried = [m, norm, *slots_v, *slots_i]
     init = [m0, l0, *["%ninf"] * k, *["%cm1"] * k]
     types = ["f32", "f32", *["f32"] * k, *["i64"] * k]
-    t.emit(f"{row}:{len(carried)} = scf.for %j = %c0 to %n{rank - 1} step %c1 iter_args("
+    t.emit(f"{row}:{len(carried)} = scf.for %j = %c0 to %n{axis} step %c1 iter_args("
            + ", ".join(f"{a} = {b}" for a, b in zip(carried, init)) + f") -> ({', '.join(types)}) {{", ind)
     body = ind + 1
-    x = t.op("x", f"tensor.extract %x[{', '.join([*ivs, '%j'])}] : {xt}", body)
+    at_x = ", ".join("%j" if a == axis else ivs[a] for a in range(rank))
+    x = to_elem(t, t.op("x", f"tensor.extract %x[{at_x}] : {xt}", body), x_el, "f32", body)
     mn, ln = online_step(t, m, norm, x, c, body)
     j = t.op("j", "arith.index_cast %j : index to i64", body)
     nv, ni = insert_best(t, slots_v, slots_i, x, j, body)
@@ -138,8 +165,9 @@ def topk_func(name: str, shape: tuple[int | None, ...], k: int, renormalize: boo
     ri = [f"{row}#{2 + k + p}" for p in range(k)]
     probs = selected_probs(t, rv, f"{row}#0", f"{row}#1", renormalize, ind)
     for p in range(k):
-        at = ", ".join([*ivs, f"%cp{p}"] if keep_k else ivs)
-        P = t.op("P", f"tensor.insert {probs[p]} into {P}[{at}] : {pt}", ind)
+        at = ", ".join(f"%cp{p}" if a == axis else ivs[a] for a in range(rank) if keep_k or a != axis)
+        q = to_elem(t, to_elem(t, probs[p], "f32", sm_el, ind), sm_el, p_el, ind)
+        P = t.op("P", f"tensor.insert {q} into {P}[{at}] : {pt}", ind)
         I_ = t.op("I", f"tensor.insert {ri[p]} into {I_}[{at}] : {it}", ind)
     for res, lvl in reversed(results):
         t.emit(f"scf.yield {P}, {I_} : {pt}, {it}", lvl + 1)
@@ -153,16 +181,24 @@ def topk_func(name: str, shape: tuple[int | None, ...], k: int, renormalize: boo
 # ------------------------------------------------------------------ sites
 
 
+def _elems(site: TopkSite) -> tuple[str | None, str | None, str | None]:
+    """The logits', the softmax output's and the replaced probabilities' element types (see ``topk_func``)."""
+    x: _Val = site.x
+    sm = site.softmax.results[0].dtype if getattr(site.softmax, "results", None) else x.dtype
+    target = site.renorm_out if site.renormalize else site.values
+    out = target.dtype if isinstance(target, _Val) and site.form is not TopkForm.ARGMAX else sm
+    return x.dtype, sm, out
+
+
 def _blocker(site: TopkSite) -> str | None:
     """What the generated loop does not express (yet): the reason the site keeps its softmax."""
     x: _Val = site.x
-    if site.axis != site.rank - 1:
-        return "MLIR: the selection is not over the last axis"
-    if x.dtype != "f32" or x.shape is None:
-        return f"MLIR: logits of type {x.type} (f32 with a known rank only)"
-    for v in (site.values, site.renorm_out):
-        if isinstance(v, _Val) and v.dtype != "f32":
-            return f"MLIR: selected probabilities of type {v.type} (f32 only)"
+    if x.shape is None:
+        return f"MLIR: logits of type {x.type} (a known rank only)"
+    names = ("logits", "softmax output", "selected probabilities")
+    for what, el in zip(names, _elems(site)):
+        if el not in ELEMS:
+            return f"MLIR: {what} of element type {el} (f32, f16 or bf16 only)"
     if site.form is not TopkForm.TOPK and site.keepdim is False and site.rank == 1:
         return "MLIR: a max over a vector (0-d result)"
     return None
@@ -172,13 +208,14 @@ def _emit_one(ed: Editor, site: TopkSite) -> str:
     x: _Val = site.x
     k = int(site.k) if site.form is TopkForm.TOPK else 1
     keep_k = site.form is TopkForm.TOPK or site.keepdim
+    elems = _elems(site)
     name = ed.fresh_symbol(f"attnpass_topk_{site.index}")
-    ed.add_func(topk_func(name, tuple(x.shape or ()), k, site.renormalize, keep_k), f"softmax + {site.form} for {site.name}")
+    shape = tuple(x.shape or ())
+    ed.add_func(topk_func(name, shape, k, site.renormalize, keep_k, site.axis, elems),  # type: ignore[arg-type]
+                f"softmax + {site.form} for {site.name}")
     before = site.reduce.op
-    lead = tuple(x.shape or ())[:-1]
-    out_dims = (*lead, k) if keep_k else lead
-    dims = ",".join("?" if d is None else str(d) for d in out_dims)
-    types = [f"!torch.vtensor<[{dims}],f32>", f"!torch.vtensor<[{dims}],si64>"]
+    dims = ",".join("?" if d is None else str(d) for d in out_shape(shape, site.axis % len(shape), k, keep_k))
+    types = [f"!torch.vtensor<[{dims}],{elems[2]}>", f"!torch.vtensor<[{dims}],si64>"]
     probs, idx = ed.call(name, [ed.builtin(x, before)], types, before)
     target = site.renorm_out if site.renormalize else site.values
     if site.form is not TopkForm.ARGMAX and isinstance(target, _Val):
@@ -204,4 +241,4 @@ def emit_topk(ed: Editor, module: Any, report: MlirReport) -> MlirReport:
     return replace(report, topk=tuple(done))
 
 
-__all__ = ["emit_topk", "insert_best", "online_step", "selected_probs", "topk_func"]
+__all__ = ["ELEMS", "emit_topk", "insert_best", "online_step", "out_shape", "selected_probs", "to_elem", "topk_func"]
