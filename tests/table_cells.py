@@ -322,6 +322,15 @@ def _onnx_cell(t: Table, v: Variant, exporter: str) -> dict[str, Callable[[], No
     out = t.root / f"{v.name}_{exporter}"
 
     def fused() -> None:
+        if v.n_fused == 0:  # nothing fusable: said with each site's reason, nothing written (like no attention)
+            from attnpass.errors import NothingRewritten
+
+            try:
+                aonnx.rewrite(t.onnx(v, exporter), f"{out}_fused.onnx", to="fused", target=v.onnx_target, inputs=feeds)
+            except NothingRewritten as e:
+                assert (v.blocker or "") in str(e) and not Path(f"{out}_fused.onnx").exists(), str(e)
+                return
+            raise AssertionError("a model with nothing fusable was rewritten to fused")
         res = aonnx.rewrite(t.onnx(v, exporter), f"{out}_fused.onnx", to="fused", target=v.onnx_target, inputs=feeds)
         assert len(res.rewritten) == v.n_fused, f"{len(res.rewritten)} fused, want {v.n_fused}: {res.left}"
         assert all((v.blocker or "") in why for why in res.left.values()), res.left

@@ -17,6 +17,7 @@ import attnpass
 import attnpass.mlir as am
 import attnpass.onnx as aonnx
 from attnpass.cli import main
+from attnpass.errors import NothingRewritten
 from attnpass.passes import relatives
 from tests import relative_models as R
 from tests.attention_modules import CausalTril
@@ -134,8 +135,9 @@ def test_fx_refuses_to_stack_then_replaces(models) -> None:
 
 def test_onnx_refuses_to_stack_then_replaces(models, onnx_files, tmp_path) -> None:
     src, ids = onnx_files["l4"], models["l4"][1][0]
-    refused = aonnx.rewrite(src, tmp_path / "refused.onnx", s=S)
-    assert refused.rewritten == [] and all("already scaled" in why for why in refused.left.values())
+    with pytest.raises(NothingRewritten, match="already scaled"):  # refused at every site: nothing written
+        aonnx.rewrite(src, tmp_path / "refused.onnx", s=S)
+    assert not (tmp_path / "refused.onnx").exists()
     out = tmp_path / "replaced.onnx"
     res = aonnx.rewrite(src, out, s=S, replace_existing=True)
     assert res.rewritten == [0, 1] and all(any(n.startswith("replaced Llama 4") for n in s.notes) for s in res.report.sites)
@@ -196,8 +198,8 @@ def test_an_existing_ssmax_is_named_in_every_ir(tmp_path) -> None:
     aonnx.rewrite(src, once, s=S)
     rep = aonnx.find(once)
     assert [s.relative.family for s in rep.sites] == ["ssmax"]
-    refused = aonnx.rewrite(once, twice, s=S)
-    assert refused.rewritten == [] and "SSMax (attnpass)" in refused.left[0]
+    with pytest.raises(NothingRewritten, match=r"SSMax \(attnpass\)"):
+        aonnx.rewrite(once, twice, s=S)
     res = aonnx.rewrite(once, twice, s=0.5, replace_existing=True)
     sess = ort.InferenceSession(str(twice))
     got = sess.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()})[0]
@@ -208,7 +210,9 @@ def test_an_existing_ssmax_is_named_in_every_ir(tmp_path) -> None:
 
 def test_cli_flags(onnx_files, tmp_path, capsys) -> None:
     assert main(["rewrite", onnx_files["l4"], "-o", str(tmp_path / "a.onnx"), "--to", "ssmax", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["rewritten"] == []
+    refused = json.loads(capsys.readouterr().out)  # every site refused: said, like "nothing found", nothing written
+    assert refused["written"] is None and "already scaled" in refused["message"]
+    assert not (tmp_path / "a.onnx").exists()
     assert main(["rewrite", onnx_files["l4"], "-o", str(tmp_path / "b.onnx"), "--to", "ssmax", "--fit-existing", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["rewritten"] == [0, 1] and data["spec"]["fit_existing"]

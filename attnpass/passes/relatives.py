@@ -144,6 +144,15 @@ def _start(a: Adapter, node: Any) -> float | None:
     return 0.0
 
 
+def _whole_slice(a: Adapter, node: Any) -> bool:
+    """A slice that keeps every element (start 0, step 1, end past any size), as exporters write ``x[:]``."""
+    args = getattr(node, "args", ())
+    if len(args) < 4 or not all(isinstance(x, int) for x in args[2:4]):
+        return False
+    step = args[4] if len(args) > 4 else 1
+    return args[2] == 0 and args[3] >= (1 << 62) and step == 1
+
+
 def parse(a: Adapter, v: Any, depth: int = 0) -> Expr | None:
     """``v`` as an expression of the position, or None when it depends on anything else."""
     c = a.constant(v)
@@ -156,6 +165,8 @@ def parse(a: Adapter, v: Any, depth: int = 0) -> Expr | None:
     ins = a.inputs(node)
     if kind in _LAYOUT and ins:
         return parse(a, ins[0], depth + 1)
+    if kind is Kind.SLICE and ins and _whole_slice(a, node):
+        return parse(a, ins[0], depth + 1)  # ``x[:, :, :]`` under dynamic shapes: every position kept
     if kind is Kind.ARANGE:
         start = _start(a, node)
         return None if start is None else Expr("p", value=start)
