@@ -32,10 +32,12 @@ REWRITTEN = ["attention", "attention_causal", "attention_attn_mask", "attention_
              # out, computed in float32 inside
              "attention_local_window", "attention_bidirectional_window", "attention_causal_fp16",
              # a KV cache: present = concat(past, new) emitted beside the loop nest, which attends over both
-             "attention_with_past_and_present", "attention_gqa_with_past_and_present"]
-#: Left with the reason in the report: a causal mask offset by a KV cache, and (fused only) an op whose
-#: probabilities are an output.
-LEFT = {"attention_4d_causal_with_past_and_present": "causal offset", "attention_with_qk_matmul_softmax": "probabilities"}
+             "attention_with_past_and_present", "attention_gqa_with_past_and_present",
+             # causal (and a causal window) over a KV cache: query row i sits at position past_len + i
+             "attention_4d_causal_with_past_and_present", "attention_with_past_and_present_qk_matmul_bias_3d_mask_causal",
+             "attention_with_past_and_present_qk_matmul_bias_4d_mask_causal", "attention_local_window_with_past"]
+#: Left with the reason in the report: (fused only) an op whose probabilities are an output.
+LEFT = {"attention_with_qk_matmul_softmax": "probabilities"}
 
 
 def _op_model(name: str, tmp_path: Path, every_output: bool = False) -> tuple[Path, list[np.ndarray], Any]:
@@ -217,3 +219,75 @@ def test_expanded_body_with_probabilities_output_left_with_the_onnx_reason(tmp_p
     assert isinstance(got, list | tuple) and len(got) == len(want) == 2
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_op_causal_kv_cache_ssmax_counts_past_and_earlier_keys(tmp_path: Path) -> None:
+    """Causal over a KV cache of P keys: query row i sits at position P + i, so SSMax's ``n_i = P + i + 1``
+    (not ``i + 1``, not every key), in the loop nest and in the key count alike."""
+    path, ins, want = _op_model("attention_4d_causal_with_past_and_present", tmp_path)
+    q, k, v, pk, pv = ins
+    s, p_len = 0.7, pk.shape[2]
+    keys, vals = np.concatenate([pk, k], 2), np.concatenate([pv, v], 2)
+    rows, n_keys = q.shape[2], keys.shape[2]
+    i, j = np.arange(rows)[:, None], np.arange(n_keys)[None, :]
+    scores = q @ keys.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1])
+
+    def ssmax(n: np.ndarray) -> np.ndarray:
+        logits = np.where(j <= p_len + i, scores * (s * np.log(n))[:, None], -np.inf)
+        w = np.exp(logits - logits.max(-1, keepdims=True))
+        return (w / w.sum(-1, keepdims=True)) @ vals
+
+    n = p_len + np.arange(rows) + 1.0
+    got = _run(am.rewrite(am.import_(path), to="ssmax", s=s, b=0.0), ins)
+    np.testing.assert_allclose(got, ssmax(n), rtol=1e-5, atol=1e-5)
+    assert np.abs(got - ssmax(np.arange(rows) + 1.0)).max() > 1e-3  # the offset really counted
+    assert np.abs(got - want).max() > 1e-3  # the factor really applied
+
+
+def _cached_causal_model(path: Path, rows: int, new: int, past: int) -> list[np.ndarray]:
+    """An opset-23 causal ``Attention`` over a KV cache (``[1, 2, ., 8]``), saved at ``path``; its inputs."""
+    shapes = {"Q": rows, "K": new, "V": new, "past_key": past, "past_value": past}
+    outs = {"Y": rows, "present_key": past + new, "present_value": past + new}  # onnxruntime wants the presents
+    node = onnx.helper.make_node("Attention", ["Q", "K", "V", "", "past_key", "past_value"], list(outs), is_causal=1)
+    f32 = onnx.TensorProto.FLOAT
+    graph = onnx.helper.make_graph(
+        [node], "cached_causal", [onnx.helper.make_tensor_value_info(n, f32, [1, 2, s, 8]) for n, s in shapes.items()],
+        [onnx.helper.make_tensor_value_info(n, f32, [1, 2, s, 8]) for n, s in outs.items()])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 23)]), path)
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal((1, 2, s, 8)).astype(np.float32) for s in shapes.values()]
+
+
+@pytest.mark.parametrize(("rows", "new", "past", "tile"), [(2, 6, 4, 1), (128, 128, 16, 16)])
+def test_attention_op_causal_kv_cache_key_loop_bounds(rows: int, new: int, past: int, tile: int, tmp_path: Path) -> None:
+    """The causal key loop ends at ``P + S_q`` (2 queries after 4 cached keys read keys [0, 6) of 10), and the
+    query blocks' key ranges (128 queries in blocks of 64) end at ``P + q0 + 64``: equal to onnxruntime."""
+    path = tmp_path / "cached.onnx"
+    ins = _cached_causal_model(path, rows, new, past)
+    want = ort.InferenceSession(str(path)).run(None, dict(zip(["Q", "K", "V", "past_key", "past_value"], ins)))[0]
+    for kw in ({"to": "fused"}, {"to": "ssmax", "s": 0.0, "b": 1.0}):
+        out = am.rewrite(am.import_(path), tile=tile, **kw)
+        if rows == 2:
+            (loop,) = re.findall(r"scf\.for %\w+ = %c0 to %(\w+) step %c1 ", str(out))
+            assert loop == f"c{past + rows}"
+        np.testing.assert_allclose(_run(out, ins), want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_op_causal_kv_cache_masked_scores_follow_the_onnx_reference(tmp_path: Path) -> None:
+    """``qk_matmul_output`` mode 2 of a causal op over a KV cache carries the offset causal mask as the onnx
+    reference computes it (onnxruntime's mode 2 leaves the causal mask out); ``Y`` and the presents equal both."""
+    name = "attention_with_past_and_present_qk_matmul_bias_4d_mask_causal"
+    case = next(c for c in _build(Spec(name)) if not c.name.endswith("_expanded"))
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(case.model, path)
+    ins, reference = list(case.data_sets[0][0]), case.data_sets[0][1]
+    want = ort.InferenceSession(str(path)).run(None, {vi.name: x for vi, x in zip(case.model.graph.input, ins)})
+    got = am.compile(am.rewrite(am.import_(path), to="fused"))(*ins)
+    assert isinstance(got, list | tuple) and len(got) == len(want) == len(reference) == 4
+    for g, w in zip(got[:3], want[:3]):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-5)
+    qk = np.asarray(got[3])
+    np.testing.assert_allclose(qk, reference[3], rtol=1e-5, atol=1e-5)
+    # row i keeps keys j <= P + i of P + S_new: S_new - 1 - i of them masked
+    masked = [ins[1].shape[2] - 1 - i for i in range(ins[0].shape[2])]
+    assert np.isinf(qk).sum(-1).tolist() == [[masked] * qk.shape[1]] * qk.shape[0]

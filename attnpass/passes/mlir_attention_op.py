@@ -88,7 +88,8 @@ def qk_output(node: Any) -> tuple[Any, int] | None:
 
 def _cache_blocker(node: Any) -> str | None:
     """What the loop nest cannot take around a KV cache: ``present = concat(past, new)`` is emitted, then
-    attention runs over every key; an offset causal mask and a mask narrower than the keys are not."""
+    attention runs over every key (causal and window masks offset by the past length); a mask narrower than the
+    keys is not."""
     if len(node.operands) > 6 and any(_present(o) for o in node.operands[6:]):
         return "nonpad_kv_seqlen of onnx.Attention is not rewritten in MLIR"
     past = past_kv(node)
@@ -98,8 +99,6 @@ def _cache_blocker(node: Any) -> str | None:
     shapes = [k.shape, *(p.shape for p in past)]
     if any(s is None or any(not isinstance(d, int) for d in s) for s in shapes) or any(len(p.shape) != 4 for p in past):
         return "KV cache of onnx.Attention with dynamic or non 4-D past_key/past_value is not rewritten in MLIR"
-    if attr(node, "is_causal"):
-        return "causal onnx.Attention over a KV cache (causal offset = past length) is not rewritten in MLIR"
     total = past[0].shape[2] + (k.shape[1] if len(k.shape) == 3 else k.shape[2])
     if mask is not None and (mask.shape is None or mask.shape[-1] != total):
         return "onnx.Attention with an attn_mask narrower than past + new keys (padded with -inf) is not rewritten in MLIR"

@@ -2,8 +2,9 @@
 
 ``present_key`` / ``present_value``: ``concat(past, new)`` along the sequence axis (``[B, H_kv, P + S, D]``;
 a 3-D op's new K/V are unpacked to that layout first), and the loop nest then attends over every key, so
-``S_k`` (and SSMax's ``n``) counts past and new keys.  ``qk_matmul_output``: a second, unfused function
-computes the scores the op's mode asks for (0: ``scale Q K^T``; 1: soft-capped; 2: with the masks; 3: the
+``S_k`` (and SSMax's ``n``) counts past and new keys; query row ``i`` sits at position ``P + i``
+(``FusedSpec.q_offset``), where the op's causal and window masks are aligned.
+``qk_matmul_output``: a second, unfused function computes the scores the op's mode asks for (0: ``scale Q K^T``; 1: soft-capped; 2: with the masks; 3: the
 probabilities, with the SSMax factor when SSMax replaces the op), from the same ``FusedSpec`` as the loop nest.
 The planner leaves a mode-3 op unfused (the probabilities escape); only SSMax computes them here.
 """
@@ -149,8 +150,10 @@ def with_cache(ed: Editor, node: Any, sp: FusedSpec, tile: int, before: Any) -> 
     (kb, ks), (vb, vs) = outs
     if ks[-3] != kv_heads:
         raise AttnpassError(f"internal error: KV cache of {node} has {ks[-3]} heads, K {kv_heads}")
+    # ONNX aligns causal and window masks to the cache: query row i sits at position P + i
+    offset = past[0].shape[2] if past is not None else 0
     sp = dataclasses.replace(sp, k_shape=ks, v_shape=vs, s_k=ks[2], tile=tile_for(ks[2], tile),
-                             k_transposed=False, packed=sp.packed - {"k", "v"})
+                             k_transposed=False, packed=sp.packed - {"k", "v"}, q_offset=offset)
     return sp, [kb, vb]
 
 

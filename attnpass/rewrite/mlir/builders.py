@@ -172,6 +172,15 @@ def causal_test(t: Ssa, i_dim: int, j_dim: int, j0: str | None, ind: int, i0: st
     return t.op("causal", f"arith.cmpi ule, {jj}, {ii} : index", ind)
 
 
+def row_offset(t: Ssa, i0: str | None, offset: int, ind: int) -> str | None:
+    """The position of a block's first row: ``i0 + offset`` (None: row 0 at position 0).  A KV cache of ``offset``
+    past keys puts query row ``i`` at position ``offset + i``, where ONNX aligns its causal and window masks."""
+    if not offset:
+        return i0
+    c = t.op("c", f"arith.constant {offset} : index", ind)
+    return c if i0 is None else t.op("i0", f"arith.addi {i0}, {c} : index", ind)
+
+
 def _row_index(t: Ssa, i_dim: int, i0: str | None, ind: int) -> str:
     """The query row of the iteration: ``linalg.index`` plus the query block's first row."""
     ii = t.op("i", f"linalg.index {i_dim} : index", ind)

@@ -55,6 +55,7 @@ from attnpass.rewrite.mlir.builders import (
     reduce_max,
     reduce_sum,
     rescale,
+    row_offset,
     settle_mask,
     tensor_type,
     transpose,
@@ -104,17 +105,19 @@ class FusedSpec:
     elem: str = "f32"  # of q, k, v and the output: f16 / bf16 are widened to f32 inside and the output narrowed
     microkernel: bool = True  # the tile matmuls as vector.contract register blocks (``microkernel``) where they divide
     k_value: str = "%k"  # the SSA name K tiles are cut from (``%k_t``: K transposed once for the register blocks)
+    # query row i sits at position ``q_offset + i`` for the causal and window tests (a KV cache of ``P`` past keys)
+    q_offset: int = 0
 
     def key_end(self) -> int:
         """One past the last key any query row may attend: key tiles from there on are skipped, not masked.
 
-        Top-left causal ends at ``S_q``, a right window at ``S_q - 1 + right + 1``.
+        Top-left causal ends at ``S_q``, a right window at ``S_q - 1 + right + 1`` (both later by ``q_offset``).
         """
         end = self.s_k
         if self.causal:
-            end = min(end, self.s_q)
+            end = min(end, self.s_q + self.q_offset)
         if self.window is not None and self.window[1] >= 0:
-            end = min(end, self.s_q + self.window[1])
+            end = min(end, self.s_q + self.q_offset + self.window[1])
         return max(end, 1)
 
     @property
@@ -200,7 +203,8 @@ def _row_block(t: Ssa, sp: FusedSpec, rows: Rows, ind: int, keys: tuple[int, int
 
 def _block_keys(t: Ssa, sp: FusedSpec, q0: str, qb: int, ind: int) -> tuple[str, str, int] | tuple[int, int]:
     """The key range of the query block at ``q0``, rounded out to whole tiles: from ``q0 - left`` (window) to
-    ``q0 + qb`` (causal) or ``q0 + qb + right`` (window).  Static ``[0, key_end)`` when ``S_k`` is not whole tiles."""
+    ``q0 + qb`` (causal) or ``q0 + qb + right`` (window), each later by ``q_offset``.  Static ``[0, key_end)`` when
+    ``S_k`` is not whole tiles."""
     skips = sp.causal or (sp.window is not None and max(sp.window) >= 0)
     if not skips or sp.s_k % sp.tile:
         return _static_keys(sp) if sp.s_k % sp.tile else (sp.s_k, 0)
@@ -211,16 +215,17 @@ def _block_keys(t: Ssa, sp: FusedSpec, q0: str, qb: int, ind: int) -> tuple[str,
     hi = c(sp.s_k)
     top = None
     if sp.causal:
-        top = t.op("top", f"arith.addi {q0}, {c(qb)} : index", ind)
+        top = t.op("top", f"arith.addi {q0}, {c(qb + sp.q_offset)} : index", ind)
     if sp.window is not None and sp.window[1] >= 0:
-        right = t.op("top", f"arith.addi {q0}, {c(qb + sp.window[1])} : index", ind)
+        right = t.op("top", f"arith.addi {q0}, {c(qb + sp.q_offset + sp.window[1])} : index", ind)
         top = right if top is None else t.op("top", f"arith.minsi {top}, {right} : index", ind)
     if top is not None:  # rounded up to a whole tile, at most S_k
         up = t.op("up", f"arith.ceildivsi {top}, {c(sp.tile)} : index", ind)
         hi = t.op("hi", f"arith.minsi {t.op('up', f'arith.muli {up}, {c(sp.tile)} : index', ind)}, {hi} : index", ind)
     lo = c(0)
     if sp.window is not None and sp.window[0] >= 0:
-        first = t.op("lo", f"arith.maxsi {t.op('lo', f'arith.subi {q0}, {c(sp.window[0])} : index', ind)}, {lo} : index", ind)
+        start = t.op("lo", f"arith.subi {q0}, {c(sp.window[0] - sp.q_offset)} : index", ind)
+        first = t.op("lo", f"arith.maxsi {start}, {lo} : index", ind)
         down = t.op("lo", f"arith.divsi {first}, {c(sp.tile)} : index", ind)
         lo = t.op("lo", f"arith.muli {down}, {c(sp.tile)} : index", ind)
     return lo, hi, 0
@@ -365,9 +370,10 @@ def logits_tile(t: Ssa, sp: FusedSpec, s: Operand, masks: list[tuple[str, tuple[
             x = t.op("x", f"arith.addf {x}, {add} : f32", i)
         if factor is not None:
             x = t.op("x", f"arith.mulf {x}, {a[1 + len(masks)]} : f32", i)
+        r0 = row_offset(t, i0, sp.q_offset, i)
         if sp.causal:
-            ok = both(t, ok, causal_test(t, sp.nb, sp.nb + 1, j0, i, i0), i)
-        win = window_test(t, sp.nb, sp.nb + 1, j0, sp.window, i, i0) if sp.window is not None else None
+            ok = both(t, ok, causal_test(t, sp.nb, sp.nb + 1, j0, i, r0), i)
+        win = window_test(t, sp.nb, sp.nb + 1, j0, sp.window, i, r0) if sp.window is not None else None
         if win is not None:
             ok = both(t, ok, win, i)
         if ok is not None:

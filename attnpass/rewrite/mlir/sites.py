@@ -262,7 +262,7 @@ def _fuse_site(ed: Editor, plan: Plan, tile: int, ssmax: tuple | None = None) ->
         keys = _key_masks(ed, plan, before)
         if keys is None:
             raise AttnpassError(f"internal error: {site.name} planned fused with a mask the loop nest cannot read")
-        spec.keys = keys[0]
+        spec.keys = replace(keys[0], q_offset=spec.q_offset)  # a KV cache's past keys (with_cache)
         spec.ssmax, pvals = _ssmax_params(ed, func, spec.batch[-1] if spec.batch else 1, s, b, params, before)
         pvals = keys[1] + pvals
     q, k, v = (ed.builtin(o.value, before) for o in (site.q, site.k, site.v))

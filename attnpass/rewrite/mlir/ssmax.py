@@ -28,6 +28,7 @@ from attnpass.rewrite.mlir.builders import (
     fill,
     generic,
     mask_body,
+    row_offset,
     settle_mask,
     tensor_type,
     window_test,
@@ -71,6 +72,7 @@ class KeyMasks:
     rows: tuple[MaskIn, ...] = ()
     causal: bool = False
     window: tuple[int, int] | None = None  # a fused op's own window (``FusedSpec.window``): an index test too
+    q_offset: int = 0  # ``FusedSpec.q_offset``: row i at position ``q_offset + i`` for the causal and window tests
 
     @property
     def masks(self) -> tuple[MaskIn, ...]:
@@ -82,19 +84,20 @@ class KeyMasks:
     def settled(self, t: Ssa, domain: Sequence[int | None]) -> KeyMasks:
         """The factors at the static sizes of ``domain`` (see ``settle_mask``)."""
         return KeyMasks(tuple(settle_mask(t, m, domain) for m in self.counted),
-                        tuple(settle_mask(t, m, (*domain[:-1], 1)) for m in self.rows), self.causal, self.window)
+                        tuple(settle_mask(t, m, (*domain[:-1], 1)) for m in self.rows), self.causal, self.window,
+                        self.q_offset)
 
 
 def count_keys(t: Ssa, row_shape: tuple[int | None, ...], s_k: int | None, keys: KeyMasks,
                sizes: Sequence[str] = (), s_k_size: str | None = None) -> str:
     """``n_i``, the attendable keys of each row, as f32 ``[..., S_q]``, translated from ``keys``.
 
-    No factor: ``S_k``.  Causal alone: ``min(i + 1, S_k)`` (an index range).  Otherwise one reduction
+    No factor: ``S_k``.  Causal alone: ``min(q_offset + i + 1, S_k)`` (an index range).  Otherwise one reduction
     over the key axis of ``allowed ? 1 : 0``, reading each counted factor through its broadcast map
-    (at its own shape) and testing causal as ``j <= i``.  Row flags then zero the rows they remove.
+    (at its own shape) and testing causal as ``j <= q_offset + i``.  Row flags then zero the rows they remove.
     ``sizes`` are the unknown sizes of the rows and ``s_k_size`` the key count when ``s_k`` is unknown.
     """
-    n = _count(t, row_shape, s_k, keys.counted, keys.causal, sizes, s_k_size, keys.window)
+    n = _count(t, row_shape, s_k, keys.counted, keys.causal, sizes, s_k_size, keys.window, keys.q_offset)
     if not keys.rows:
         return n
     rdims = [f"d{i}" for i in range(len(row_shape))]
@@ -117,17 +120,17 @@ def _row_map(shape: tuple[int | None, ...], row_shape: tuple[int | None, ...], r
 
 
 def _count(t: Ssa, row_shape: tuple[int | None, ...], s_k: int | None, masks: Sequence[MaskIn], causal: bool,
-           sizes: Sequence[str], s_k_size: str | None, window: tuple[int, int] | None = None) -> str:
+           sizes: Sequence[str], s_k_size: str | None, window: tuple[int, int] | None = None, offset: int = 0) -> str:
     rank = len(row_shape) + 1
     dims = [f"d{i}" for i in range(rank)]
     rows = dims_of(dims[:-1])
     n0 = Operand(fill(t, row_shape, "0.0", 2, sizes), row_shape, rows)
     if window is not None and not masks and s_k is not None:
-        return _count_range(t, dims[:-1], n0, s_k, causal, window)
+        return _count_range(t, dims[:-1], n0, s_k, causal, window, offset)
     if causal and not masks:
         def upto_diagonal(a: list[str], i: int) -> str:
             ii = t.op("i", f"linalg.index {rank - 2} : index", i)
-            one = t.op("one", "arith.constant 1 : index", i)
+            one = t.op("one", f"arith.constant {1 + offset} : index", i)
             top = s_k_size if s_k is None else t.op("top", f"arith.constant {s_k} : index", i)
             r = t.op("n", f"arith.minui {t.op('cnt', f'arith.addi {ii}, {one} : index', i)}, {top} : index", i)
             return t.op("nf", f"arith.uitofp {t.op('ri', f'arith.index_cast {r} : index to i64', i)} : i64 to f32", i)
@@ -143,9 +146,10 @@ def _count(t: Ssa, row_shape: tuple[int | None, ...], s_k: int | None, masks: Se
 
     def count(a: list[str], i: int) -> str:
         _, ok = mask_body(t, masks, a[:-1], i)
+        r0 = row_offset(t, None, offset, i)
         if causal:
-            ok = both(t, ok, causal_test(t, rank - 2, rank - 1, None, i), i)
-        win = window_test(t, rank - 2, rank - 1, None, window, i) if window is not None else None
+            ok = both(t, ok, causal_test(t, rank - 2, rank - 1, None, i, r0), i)
+        win = window_test(t, rank - 2, rank - 1, None, window, i, r0) if window is not None else None
         if win is not None:
             ok = both(t, ok, win, i)
         if ok is None:
@@ -158,12 +162,16 @@ def _count(t: Ssa, row_shape: tuple[int | None, ...], s_k: int | None, masks: Se
     return generic(t, dims, ins, n0, [PAR] * (rank - 1) + [RED], count, 2, "n")
 
 
-def _count_range(t: Ssa, rdims: list[str], n0: Operand, s_k: int, causal: bool, window: tuple[int, int]) -> str:
-    """``n_i = max(0, hi_i - lo_i + 1)`` for the key range ``[max(0, i - left), min(S_k - 1, i + right[, i])]``."""
+def _count_range(t: Ssa, rdims: list[str], n0: Operand, s_k: int, causal: bool, window: tuple[int, int],
+                 offset: int = 0) -> str:
+    """``n_i = max(0, hi_i - lo_i + 1)`` for the key range ``[max(0, p - left), min(S_k - 1, p + right[, p])]`` of
+    the row at position ``p = offset + i``."""
     left, right = window
 
     def body(a: list[str], ind: int) -> str:
         ii = t.op("i", f"linalg.index {len(rdims) - 1} : index", ind)
+        if offset:
+            ii = t.op("ig", f"arith.addi {ii}, {t.op('c', f'arith.constant {offset} : index', ind)} : index", ind)
 
         def c(v: int) -> str:
             return t.op("c", f"arith.constant {v} : index", ind)
