@@ -291,3 +291,22 @@ def test_attention_op_causal_kv_cache_masked_scores_follow_the_onnx_reference(tm
     # row i keeps keys j <= P + i of P + S_new: S_new - 1 - i of them masked
     masked = [ins[1].shape[2] - 1 - i for i in range(ins[0].shape[2])]
     assert np.isinf(qk).sum(-1).tolist() == [[masked] * qk.shape[1]] * qk.shape[0]
+
+
+def test_attention_op_window_over_kv_cache_ssmax_counts_the_offset_window(tmp_path: Path) -> None:
+    """A causal left window of 2 over a KV cache of 8 keys (10 in all): row i at position p = 8 + i keeps keys
+    [p - 2, p], so ``n = 3, 3, 2, 1`` (the window clipped by the last key): equal to ``semantics`` with that mask."""
+    import torch
+
+    from attnpass import semantics
+
+    path, ins, _ = _op_model("attention_local_window_with_past", tmp_path)
+    q, k, v, pk, pv = (torch.from_numpy(x) for x in ins)
+    keys, vals = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+    p = pk.shape[2] + torch.arange(q.shape[-2])[:, None]
+    j = torch.arange(keys.shape[-2])[None, :]
+    keep = (j >= p - 2) & (j <= p)
+    assert keep.sum(-1).tolist() == [3, 3, 2, 1]
+    want = semantics.ssmax_attention(q, keys, vals, attn_mask=keep, s=0.7).numpy()
+    got = _run(am.rewrite(am.import_(path), to="ssmax", s=0.7), ins)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
