@@ -35,7 +35,7 @@ import attnpass.onnx as aonnx
 from attnpass.cli import main
 from attnpass.errors import AttnpassError
 
-FUZZ_EXAMPLES = int(os.environ.get("ATTNPASS_FUZZ_EXAMPLES", "150"))
+FUZZ_EXAMPLES = int(os.environ.get("ATTNPASS_FUZZ_EXAMPLES", "60"))
 
 
 class _Attn(torch.nn.Module):
