@@ -60,11 +60,12 @@ def ssmax_factor(n: torch.Tensor, s: torch.Tensor | float, b: torch.Tensor | flo
     return out
 
 
-def causal_allowed(s_q: int, s_k: int, device: torch.device | None = None) -> torch.Tensor:
-    """Bool ``[S_q, S_k]``: key j visible to query i under a bottom-right causal mask."""
+def causal_allowed(s_q: int, s_k: int, device: torch.device | None = None, top_left: bool = False) -> torch.Tensor:
+    """Bool ``[S_q, S_k]``: key j visible to query i under a bottom-right causal mask (SDPA's top-left with
+    ``top_left``; the two agree when ``S_q == S_k``)."""
     i = torch.arange(s_q, device=device).unsqueeze(-1)
     j = torch.arange(s_k, device=device)
-    return j <= i + (s_k - s_q)
+    return j <= i + (0 if top_left else s_k - s_q)
 
 
 def sdpa_causal_mask(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -73,9 +74,7 @@ def sdpa_causal_mask(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     A rewrite of an SDPA call whose ``S_q`` and ``S_k`` may differ passes this mask instead of the
     bottom-right ``is_causal`` of ``attnpass::attention``; the two agree only when ``S_q == S_k``.
     """
-    s_q, s_k = q.shape[-2], k.shape[-2]
-    i = torch.arange(s_q, device=q.device).unsqueeze(-1)
-    return torch.arange(s_k, device=q.device) <= i
+    return causal_allowed(q.shape[-2], k.shape[-2], q.device, top_left=True)
 
 
 def allowed_keys(

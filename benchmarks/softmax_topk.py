@@ -113,24 +113,10 @@ def peak_bytes(fn: Callable[[], object], device: str) -> float:
         fn()
         sync(device)
         return float(torch.cuda.max_memory_allocated() - base)
-    from torch.profiler import ProfilerActivity, profile
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from attention_cpu import peak_bytes as cpu_peak_bytes  # one reader of the profiler's allocator records
 
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)  # kineto logs every start/stop on fd 2; keep the table readable
-    try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-    # raw allocation records in time order (the per-op view nets an op's temporaries away)
-    records = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in records:
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return float(peak)
+    return cpu_peak_bytes(fn)
 
 
 def run(args: argparse.Namespace) -> list[list[str]]:

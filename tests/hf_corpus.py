@@ -204,3 +204,14 @@ def output_tensor(out) -> torch.Tensor:
         if t is not None:
             return t
     raise TypeError(type(out))
+
+
+class TextModel(torch.nn.Module):
+    """``(input_ids, attention_mask) -> last_hidden_state``: plain tensors in and out for the exporters."""
+
+    def __init__(self, m: torch.nn.Module):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.m(input_ids, attention_mask=attention_mask).last_hidden_state

@@ -16,7 +16,7 @@ import torch_mlir  # noqa: F401  (required: a missing torch-mlir must fail, not 
 import transformers
 
 import attnpass.mlir as am
-from tests.hf_corpus import CORPUS, output_tensor
+from tests.hf_corpus import CORPUS, TextModel, output_tensor
 
 warnings.filterwarnings("ignore")
 transformers.logging.set_verbosity_error()
@@ -87,15 +87,7 @@ def test_decomposed_sdpa_is_found_and_its_guard_is_implied():
 
 # ------------------------------------------------------------------ ONNX imports
 
-class _Text(torch.nn.Module):
-    """``(input_ids, attention_mask) -> last_hidden_state``: plain tensors in and out for the exporters."""
-
-    def __init__(self, m: torch.nn.Module):
-        super().__init__()
-        self.m = m
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.m(input_ids, attention_mask=attention_mask).last_hidden_state
+_Text = TextModel
 
 
 @pytest.fixture(scope="module")

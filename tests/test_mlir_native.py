@@ -27,13 +27,7 @@ from tests import hf_corpus
 warnings.filterwarnings("ignore")
 
 
-class _Text(torch.nn.Module):
-    def __init__(self, m: torch.nn.Module):
-        super().__init__()
-        self.m = m
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.m(input_ids, attention_mask=attention_mask).last_hidden_state
+_Text = hf_corpus.TextModel
 
 
 @pytest.fixture(scope="module")
