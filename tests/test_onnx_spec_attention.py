@@ -68,7 +68,7 @@ SPECS = [
     Spec("attention_with_qk_matmul"),
     Spec("attention_with_qk_matmul_softmax", expanded_blocker="(a graph output)", mlir_op_left=("probabilities",)),
     Spec("attention_24_qk_matmul_output_mode3_softmax_precision", expanded_blocker="(a graph output)",
-         mlir_op_left=("probabilities", "not f32")),  # float16: the loop nest computes in f32
+         mlir_op_left=("probabilities",)),
     Spec("attention_local_window"),
     Spec("attention_bidirectional_window"),
     # a window makes the op count its own keys; its qk_matmul_output is a graph output SSMax would change

@@ -22,7 +22,9 @@ from attnpass.rewrite.mlir.builders import (
     Operand,
     Ssa,
     bcast_map,
+    builtin_elem,
     constant,
+    convert,
     dims_of,
     divide_rows,
     empty,
@@ -48,41 +50,47 @@ def _row(prefix: str, *tail: str) -> str:
     return "(" + ", ".join(([inner] if inner else []) + list(tail)) + ")"
 
 
-def kv_concat_func(name: str, past: tuple[int, ...], new: tuple[int, ...], packed: bool) -> str:
+def kv_concat_func(name: str, past: tuple[int, ...], new: tuple[int, ...], packed: bool, elem: str = "f32") -> str:
     """``present = concat(past, new)`` on the sequence axis (2) of ``[B, H, S, D]``; a packed ``new``
-    (``[B, S, H*D]``) is unpacked first.  ``past`` may have no keys (``P = 0``: ``present`` is ``new``)."""
+    (``[B, S, H*D]``) is unpacked first.  ``past`` may have no keys (``P = 0``: ``present`` is ``new``).
+    The cache keeps the op's element type (``elem``: a float16 cache is copied, never widened)."""
     t = Ssa()
     b, h, p, d = past
     canon_new = new if not packed else (new[0], h, new[1], new[2] // h)
     total = (b, h, p + canon_new[2], d)
-    src_ty = tensor_type(packed_shape(canon_new) if packed else canon_new, "f32")
-    args = ([f"%past: {tensor_type(past, 'f32')}"] if p else []) + [f"%new_raw: {src_ty}"]
-    t.emit(f"func.func private @{name}({', '.join(args)}) -> {tensor_type(total, 'f32')} {{", 1)
-    cur = unpack(t, "%new_raw", canon_new, 2, result="%new") if packed else "%new_raw"
+    src_ty = tensor_type(packed_shape(canon_new) if packed else canon_new, elem)
+    args = ([f"%past: {tensor_type(past, elem)}"] if p else []) + [f"%new_raw: {src_ty}"]
+    t.emit(f"func.func private @{name}({', '.join(args)}) -> {tensor_type(total, elem)} {{", 1)
+    cur = unpack(t, "%new_raw", canon_new, 2, result="%new", elem=elem) if packed else "%new_raw"
     if p:
-        e = empty(t, total, 2)
+        e = empty(t, total, 2, elem)
         ones = ", ".join(["1"] * 4)
         a = t.op("cat", f"tensor.insert_slice %past into {e}[0, 0, 0, 0] [{', '.join(map(str, past))}] [{ones}] : "
-                        f"{tensor_type(past, 'f32')} into {tensor_type(total, 'f32')}", 2)
+                        f"{tensor_type(past, elem)} into {tensor_type(total, elem)}", 2)
         cur = t.op("cat", f"tensor.insert_slice {cur} into {a}[0, 0, {p}, 0] [{', '.join(map(str, canon_new))}] [{ones}] : "
-                          f"{tensor_type(canon_new, 'f32')} into {tensor_type(total, 'f32')}", 2)
-    t.emit(f"return {cur} : {tensor_type(total, 'f32')}")
+                          f"{tensor_type(canon_new, elem)} into {tensor_type(total, elem)}", 2)
+    t.emit(f"return {cur} : {tensor_type(total, elem)}")
     t.emit("}", 1)
     return t.text()
 
 
-def qk_output_func(name: str, sp: FusedSpec, mode: int) -> str:
+def qk_output_func(name: str, sp: FusedSpec, mode: int, out_elem: str = "f32") -> str:
     """The op's ``qk_matmul_output`` ``[batch..., S_q, S_k]`` for ``mode``, unfused (the whole score matrix):
-    the arguments are the loop nest's, less V."""
+    the arguments are the loop nest's, less V.  Half-precision Q and K (``sp.elem``) are widened as the loop nest
+    widens them, and the scores are computed in f32 and rounded once to the output's type (``out_elem``)."""
     t = Ssa()
     row_shape, tile_shape = (*sp.batch, sp.s_q), (*sp.batch, sp.s_q, sp.s_k)
     raw = {"q": sp.q_shape, "k": sp.k_shape}
-    args = [f"%{n}{'_raw' if n in sp.packed else ''}: {tensor_type(packed_shape(s) if n in sp.packed else s, 'f32')}"
-            for n, s in raw.items()]
+    wide = "_in" if sp.elem != "f32" else ""
+    shapes = {n: packed_shape(s) if n in sp.packed else s for n, s in raw.items()}
+    args = [f"%{n}{'_raw' if n in sp.packed else ''}{wide}: {tensor_type(shapes[n], sp.elem)}" for n in raw]
     args += [f"{m.arg}: {tensor_type(m.shape, m.elem)}" for m in sp.masks]
     args += (sp.keys.args() + sp.ssmax.args()) if sp.ssmax else []
-    out_ty = tensor_type(tile_shape, "f32")
+    out_ty = tensor_type(tile_shape, out_elem)
     t.emit(f"func.func private @{name}({', '.join(args)}) -> {out_ty} {{", 1)
+    for n in raw if wide else ():
+        base = f"%{n}{'_raw' if n in sp.packed else ''}"
+        convert(t, base + wide, shapes[n], sp.elem, "f32", 2, result=base)
     for n, s in raw.items():
         if n in sp.packed:
             unpack(t, f"%{n}_raw", s, 2, result=f"%{n}")
@@ -119,6 +127,7 @@ def qk_output_func(name: str, sp: FusedSpec, mode: int) -> str:
             den = reduce_sum(t, dims4, Operand(p, tile_shape, dims_of(dims4)),
                              Operand(fill(t, row_shape, "0.0", 2), row_shape, rows), 2)
             out = divide_rows(t, dims4, Operand(p, tile_shape, dims_of(dims4)), Operand(den, row_shape, rows), tile_shape, 2)
+    out = convert(t, out, tile_shape, "f32", out_elem, 2)
     t.emit(f"return {out} : {out_ty}")
     t.emit("}", 1)
     return t.text()
@@ -139,14 +148,14 @@ def with_cache(ed: Editor, node: Any, sp: FusedSpec, tile: int, before: Any) -> 
         b, h, _, d = canon
         p_shape = tuple(past[i].shape) if past is not None else (b, h, 0, d)
         name = ed.fresh_symbol(f"attnpass_present_{'kv'[i]}")
-        ed.add_func(kv_concat_func(name, p_shape, tuple(new.shape), packed), "KV cache concat")
+        ed.add_func(kv_concat_func(name, p_shape, tuple(new.shape), packed, sp.elem), "KV cache concat")
         total = (b, h, p_shape[2] + canon[2], d)
-        vty = f"!torch.vtensor<[{','.join(map(str, total))}],f32>"
+        vty = f"!torch.vtensor<[{','.join(map(str, total))}],{sp.elem}>"
         args = ([ed.builtin(past[i], before)] if past is not None else []) + [ed.builtin(new, before)]
         val = ed.call(name, args, [vty], before)[0]
         if pres is not None and used(pres[i]):
             pres[i].value.replace_all_uses_with(val)
-        outs.append((to_builtin_raw(ed, val, tensor_type(total, "f32"), before), total))
+        outs.append((to_builtin_raw(ed, val, tensor_type(total, sp.elem), before), total))
     (kb, ks), (vb, vs) = outs
     if ks[-3] != kv_heads:
         raise AttnpassError(f"internal error: KV cache of {node} has {ks[-3]} heads, K {kv_heads}")
@@ -167,7 +176,7 @@ def with_qk_output(ed: Editor, node: Any, sp: FusedSpec, args: list[Any], before
     if mode == 3 and sp.ssmax is None:
         raise AttnpassError(f"internal error: {node} planned fused with its probabilities as an output")
     name = ed.fresh_symbol("attnpass_qk_output")
-    ed.add_func(qk_output_func(name, sp, mode), f"qk_matmul_output (mode {mode})")
+    ed.add_func(qk_output_func(name, sp, mode, builtin_elem(value.dtype or "f32")), f"qk_matmul_output (mode {mode})")
     new = ed.call(name, args, [value.type], before)[0]
     value.value.replace_all_uses_with(new)
 

@@ -251,7 +251,7 @@ def mask_body(t: Ssa, masks: Sequence[MaskIn], scalars: Sequence[str], ind: int)
             val = s if m.elem == "f32" else t.op("wide", f"arith.extf {s} : {m.elem} to f32", ind)
             if m.term.coeff != 1.0:
                 cc = t.op("coeff", f"arith.constant {f32(m.term.coeff)} : f32", ind)
-                val = t.op("bias", f"arith.mulf {s}, {cc} : f32", ind)
+                val = t.op("bias", f"arith.mulf {val}, {cc} : f32", ind)
             lim = t.op("lim", f"arith.constant {f32(semantics.MASKED_BELOW)} : f32", ind)
             cond = t.op("keep", f"arith.cmpf ugt, {val}, {lim} : f32", ind)
             adds.append(val)
@@ -440,16 +440,17 @@ def unpermuted(shape: Sequence[int], perm: Sequence[int] | None) -> tuple[int, .
     return tuple(out)
 
 
-def transpose(t: Ssa, src: str, shape: tuple[int, ...], perm: Sequence[int], ind: int, result: str | None = None) -> str:
+def transpose(t: Ssa, src: str, shape: tuple[int, ...], perm: Sequence[int], ind: int, result: str | None = None,
+              elem: str = "f32") -> str:
     """``x.permute(perm)`` as ``linalg.transpose``: result dim ``c`` is source dim ``perm[c]``.
 
     Einsum layouts (``bqhd``...) are brought to ``[batch..., S, D]`` this way before the loop nest, a
     copy of ``S x D`` per head, never of the scores.
     """
     dst = permuted(shape, perm)
-    init = empty(t, dst, ind)
+    init = empty(t, dst, ind, elem)
     name = result or t.fresh("tr")
-    t.emit(f"{name} = linalg.transpose ins({src} : {tensor_type(shape, 'f32')}) outs({init} : {tensor_type(dst, 'f32')}) "
+    t.emit(f"{name} = linalg.transpose ins({src} : {tensor_type(shape, elem)}) outs({init} : {tensor_type(dst, elem)}) "
            f"permutation = [{', '.join(map(str, perm))}]", ind)
     return name
 

@@ -19,14 +19,14 @@ def packed_shape(canonical: tuple[int, ...]) -> tuple[int, ...]:
     return (b, s, h * d)
 
 
-def unpack(t: Ssa, src: str, canonical: tuple[int, ...], ind: int, result: str) -> str:
+def unpack(t: Ssa, src: str, canonical: tuple[int, ...], ind: int, result: str, elem: str = "f32") -> str:
     """``src : [B, S, H*D]`` as ``[B, H, S, D]`` (``result``): heads split off the last axis, then moved before S."""
     b, h, s, d = canonical
     split = (b, s, h, d)
     e = t.fresh("split")
     t.emit(f"{e} = tensor.expand_shape {src} [[0], [1], [2, 3]] output_shape [{', '.join(map(str, split))}] : "
-           f"{tensor_type(packed_shape(canonical), 'f32')} into {tensor_type(split, 'f32')}", ind)
-    return transpose(t, e, split, SWAP_SH, ind, result=result)
+           f"{tensor_type(packed_shape(canonical), elem)} into {tensor_type(split, elem)}", ind)
+    return transpose(t, e, split, SWAP_SH, ind, result=result, elem=elem)
 
 
 def pack(t: Ssa, src: str, canonical: tuple[int, ...], ind: int) -> str:

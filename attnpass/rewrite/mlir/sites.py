@@ -158,8 +158,8 @@ def _ssmax_explicit_site(ed: Editor, adapter: MlirAdapter, plan: Plan, s: Any, b
     sm: _Node = site.softmax
     x: _Val = adapter.inputs(sm)[0]
     x_shape = x.shape
-    if x_shape is None or x.dtype != "f32":
-        ed.notes.add(site, "left alone: SSMax in MLIR needs f32 scores of known rank")
+    if x_shape is None or x.dtype not in ("f32", "f64", *HALF):
+        ed.notes.add(site, "left alone: SSMax in MLIR needs float scores (f32, f64, f16, bf16) of known rank")
         return
     first = sm.softmax_parts[0].op if sm.softmax_parts else sm.op
     keys = _key_masks(ed, plan, first) if _readable(plan.keep_terms) else None
@@ -170,7 +170,7 @@ def _ssmax_explicit_site(ed: Editor, adapter: MlirAdapter, plan: Plan, s: Any, b
     xb = ed.builtin(x, first)
     ss, pvals = _ssmax_params(ed, adapter.func, _heads(tuple(x_shape)), s, b, params, first)
     name = ed.fresh_symbol(f"attnpass_ssmax_{site.index}")
-    ed.add_func(ssmax_func(name, tuple(x_shape), masks, keys[0], ss), f"SSMax for {site.name}")
+    ed.add_func(ssmax_func(name, tuple(x_shape), masks, keys[0], ss, x.dtype), f"SSMax for {site.name}")
     z = ed.call(name, [xb, *mvals, *keys[1], *pvals], [x.type], first)[0]
     targets = [p.op for p in sm.softmax_parts[:2]] if sm.softmax_parts else [sm.op]
     for t in targets:

@@ -34,6 +34,9 @@ from attnpass.rewrite.mlir.builders import (
     window_test,
 )
 
+#: ``torch.finfo(dtype).min`` as an MLIR literal of that type (bit patterns for the half types: exact)
+FINFO_MIN = {"f32": f32(F32_MIN), "f16": "0xFBFF", "bf16": "0xFF7F", "f64": "0xFFEFFFFFFFFFFFFF"}
+
 
 @dataclass
 class SsmaxParams:
@@ -214,16 +217,20 @@ def emit_factor(t: Ssa, row_shape: tuple[int | None, ...], s_k: int | None, keys
     return log_factor(t, row_shape, count_keys(t, row_shape, s_k, keys, sizes, s_k_size), ss, sizes)
 
 
-def ssmax_func(name: str, x_shape: tuple[int | None, ...], masks: list[MaskIn], keys: KeyMasks, ss: SsmaxParams) -> str:
+def ssmax_func(name: str, x_shape: tuple[int | None, ...], masks: list[MaskIn], keys: KeyMasks, ss: SsmaxParams,
+               elem: str = "f32") -> str:
     """``z = allowed ? (s_h log max(n_i, 1) + b_h) * x : finfo.min``; ``allowed`` from the plan's keep terms
     (``masks``), ``n_i`` from its key factors (``keys``).
 
-    Unknown sizes of ``x`` are read with ``tensor.dim`` and size every tensor built here.
+    Unknown sizes of ``x`` are read with ``tensor.dim`` and size every tensor built here.  Half-precision scores
+    (``elem`` f16 / bf16) are multiplied in f32 and rounded once back to their type, and a removed key gets that
+    type's ``finfo.min``: the ONNX emitter's ``Cast(Mul(Cast(x, f32), f), x.dtype)``, so both IRs agree.  f64
+    scores (ONNX ``softmax_precision`` double) take the f32 factor widened, so nothing is rounded to f32.
     """
     t = Ssa()
     rank = len(x_shape)
     dims = [f"d{i}" for i in range(rank)]
-    xty = tensor_type(x_shape, "f32")
+    xty = tensor_type(x_shape, elem)
     args = [f"%x: {xty}"] + [f"{m.arg}: {tensor_type(m.shape, m.elem)}" for m in masks] + keys.args() + ss.args()
     t.emit(f"func.func private @{name}({', '.join(args)}) -> {xty} {{", 1)
     masks = [settle_mask(t, m, x_shape) for m in masks]
@@ -232,19 +239,25 @@ def ssmax_func(name: str, x_shape: tuple[int | None, ...], masks: list[MaskIn], 
     row_sizes = [sizes[a] for a in sorted(sizes) if a < rank - 1]
     ss.emit_constants(t)
     fac = emit_factor(t, x_shape[:-1], x_shape[-1], keys, ss, row_sizes, sizes.get(rank - 1))
-    ins = [Operand("%x", x_shape, dims_of(dims)), Operand(fac, x_shape[:-1], dims_of(dims[:-1]))]
+    ins = [Operand("%x", x_shape, dims_of(dims), elem), Operand(fac, x_shape[:-1], dims_of(dims[:-1]))]
     ins += [Operand(m.arg, m.shape, bcast_map(m.shape, x_shape, dims), m.elem) for m in masks]
 
     def body(a: list[str], i: int) -> str:
-        prod = t.op("p", f"arith.mulf {a[0]}, {a[1]} : f32", i)
+        if elem == "f64":  # double scores (ONNX softmax_precision): the factor widened, the product in f64
+            prod = t.op("p", f"arith.mulf {a[0]}, {t.op('fw', f'arith.extf {a[1]} : f32 to f64', i)} : f64", i)
+        else:
+            x = a[0] if elem == "f32" else t.op("xw", f"arith.extf {a[0]} : {elem} to f32", i)
+            prod = t.op("p", f"arith.mulf {x}, {a[1]} : f32", i)
+            if elem != "f32":
+                prod = t.op("pn", f"arith.truncf {prod} : f32 to {elem}", i)
         _, ok = mask_body(t, masks, a[2:2 + len(masks)], i)
         if ok is None:
             return prod
-        lo = t.op("min", f"arith.constant {f32(F32_MIN)} : f32", i)
-        return t.op("sel", f"arith.select {ok}, {prod}, {lo} : f32", i)
+        lo = t.op("min", f"arith.constant {FINFO_MIN[elem]} : {elem}", i)
+        return t.op("sel", f"arith.select {ok}, {prod}, {lo} : {elem}", i)
 
-    z0 = empty(t, x_shape, 2, sizes=[sizes[a] for a in sorted(sizes)])
-    z = generic(t, dims, ins, Operand(z0, x_shape, dims_of(dims)), [PAR] * rank, body, 2, "z")
+    z0 = empty(t, x_shape, 2, elem, sizes=[sizes[a] for a in sorted(sizes)])
+    z = generic(t, dims, ins, Operand(z0, x_shape, dims_of(dims), elem), [PAR] * rank, body, 2, "z")
     t.emit(f"return {z} : {xty}")
     t.emit("}", 1)
     return t.text()
