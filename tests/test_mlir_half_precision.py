@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 import torch_mlir  # noqa: F401  (required: a missing torch-mlir must fail, not skip)
 
 import attnpass.mlir as am
@@ -155,3 +156,41 @@ def test_expanded_ssmax_on_non_f32_scores_agrees_with_onnx_and_semantics(name: s
         op_path, _ = _spec_model(name, False, tmp_path)
         sem, _ = _op_reference(onnx.load(str(op_path)), feeds, 0.7, 0.0)
         np.testing.assert_allclose(got[0], sem, rtol=5e-3, atol=5e-3)  # f16 scores, probabilities and output
+
+
+class Bf16Causal(torch.nn.Module):
+    """Causal attention computed in bfloat16 from torch (f32 in and out: the JIT takes no bf16 arrays)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+        s = q @ k.transpose(-1, -2) * 0.25
+        keep = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool).tril()
+        return (s.masked_fill(~keep, float("-inf")).softmax(-1) @ v).float()
+
+
+def test_bf16_scores_from_torch_take_ssmax_as_fx_does() -> None:
+    """bf16 softmax input: SSMax(s=0, b=1) leaves the module's result as it was (``x * 1`` rounds back to ``x``);
+    SSMax(s=0.7) equals the fx rewrite of the same module and moves the output."""
+    import attnpass
+
+    g = torch.Generator().manual_seed(0)
+    args = tuple(torch.randn(1, 2, 6, 16, generator=g) for _ in range(3))
+    m = Bf16Causal()
+    report = am.find(am.import_(m, args))
+    (site,) = report.sites
+    assert report.adapters[site.index].inputs(site.softmax)[0].dtype == "bf16"
+
+    def run_mlir(module) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(am.compile(module, opt_level=0)(*[a.numpy() for a in args])))
+
+    before = run_mlir(am.import_(m, args))
+    for s, b in ((0.0, 1.0), (0.7, None)):
+        out, res = am.rewrite(am.import_(m, args), to="ssmax", s=s, b=b, with_report=True)
+        assert len(res.rewritten) == 1 and "SSMax via" in " ".join(res.report.sites[0].notes), res.left
+        got = run_mlir(out)
+        if s == 0.0:
+            torch.testing.assert_close(got, before, rtol=0, atol=0)
+        else:
+            want = attnpass.to_ssmax(torch.export.export(m, args, strict=False), s=s)(*args)
+            torch.testing.assert_close(got, want, rtol=2 ** -7, atol=2 ** -7)  # one bf16 rounding
+            assert (got - before).abs().max() > 0.1
