@@ -187,8 +187,8 @@ def _ssmax_sdpa_site(ed: Editor, adapter: MlirAdapter, plan: Plan, s: Any, b: An
     q: _Val = call.operands[0]
     bias_t: list[KeepTerm] = [plan.op_mask] if plan.fused_mask_bias and plan.op_mask is not None else []
     qs = q.shape
-    if qs is None or any(d is None for d in qs) or q.dtype != "f32" or site.seq_k is None or not isinstance(site.seq_k, int):
-        ed.notes.add(site, "left alone: SSMax in MLIR needs static f32 inputs")
+    if qs is None or any(d is None for d in qs) or q.dtype not in ("f32", *HALF) or not isinstance(site.seq_k, int):
+        ed.notes.add(site, "left alone: SSMax in MLIR needs static f32, f16 or bf16 inputs")
         return
     keys = _key_masks(ed, plan, call.op) if _readable(bias_t) else None
     if keys is None:
@@ -205,10 +205,10 @@ def _ssmax_sdpa_site(ed: Editor, adapter: MlirAdapter, plan: Plan, s: Any, b: An
     if has_scale and isinstance(qs[-1], int):
         q_mult = float(site.scale) * math.sqrt(qs[-1])
     name = ed.fresh_symbol(f"attnpass_ssmax_{site.index}")
-    func = ssmax_sdpa_func(name, qs, site.seq_k, bias[0] if bias else None, keys[0], ss, q_mult)
+    func = ssmax_sdpa_func(name, qs, site.seq_k, bias[0] if bias else None, keys[0], ss, q_mult, q.dtype)
     ed.add_func(func, f"SSMax for {site.name}")
     additive = bool(bias)
-    types = [q.type] + ([f"!torch.vtensor<[{','.join(map(str, (*qs[:-1], site.seq_k)))}],f32>"] if additive else [])
+    types = [q.type] + ([f"!torch.vtensor<[{','.join(map(str, (*qs[:-1], site.seq_k)))}],{bias[0].elem}>"] if additive else [])
     new = ed.call(name, [ed.builtin(q, call.op), *bvals, *keys[1], *pvals], types, call.op)
     call.op.operands[0] = new[0]
     if additive:

@@ -264,16 +264,18 @@ def ssmax_func(name: str, x_shape: tuple[int | None, ...], masks: list[MaskIn], 
 
 
 def ssmax_sdpa_func(name: str, q_shape: tuple[int, ...], s_k: int, bias: MaskIn | None, keys: KeyMasks,
-                    ss: SsmaxParams, q_mult: float = 1.0) -> str:
+                    ss: SsmaxParams, q_mult: float = 1.0, elem: str = "f32") -> str:
     """SSMax for an SDPA call, as ``semantics.ssmax_sdpa``: returns ``q * f * q_mult`` and, when the op's
     additive mask holds logits bias (``bias``), that mask with its attendable entries times ``f``
     (``[..., S_q, S_k]``); masked entries keep their value, which SDPA adds after the product, so no
-    factor can unmask a key.  ``n`` comes from the plan's key factors (``keys``)."""
+    factor can unmask a key.  ``n`` comes from the plan's key factors (``keys``).  A half-precision ``q``
+    (``elem``) or mask is multiplied in f32 and rounded once back to its type, as the ONNX emitter does."""
     t = Ssa()
     rank = len(q_shape)
     row_shape = q_shape[:-1]
     mask_shape = (*row_shape, s_k)
-    qty, mty = tensor_type(q_shape, "f32"), tensor_type(mask_shape, "f32")
+    melem = bias.elem if bias is not None else "f32"
+    qty, mty = tensor_type(q_shape, elem), tensor_type(mask_shape, melem)
     results = [qty] + ([mty] if bias is not None else [])
     args = [f"%q: {qty}"] + ([f"{bias.arg}: {tensor_type(bias.shape, bias.elem)}"] if bias is not None else [])
     args += keys.args() + ss.args()
@@ -289,23 +291,34 @@ def ssmax_sdpa_func(name: str, q_shape: tuple[int, ...], s_k: int, bias: MaskIn 
         f = a[1]
         if q_mult != 1.0:
             f = t.op("f", f"arith.mulf {f}, {t.op('qmult', f'arith.constant {f32(q_mult)} : f32', i)} : f32", i)
-        return t.op("r", f"arith.mulf {a[0]}, {f} : f32", i)
+        return _narrow(t, t.op("r", f"arith.mulf {_widen(t, a[0], elem, i)}, {f} : f32", i), elem, i)
 
-    q2 = generic(t, dims, [Operand("%q", q_shape, ident), Operand(fac, row_shape, row)],
-                 Operand(empty(t, q_shape, 2), q_shape, ident), [PAR] * rank, scale_q, 2, "qs")
+    q2 = generic(t, dims, [Operand("%q", q_shape, ident, elem), Operand(fac, row_shape, row)],
+                 Operand(empty(t, q_shape, 2, elem), q_shape, ident, elem), [PAR] * rank, scale_q, 2, "qs")
     outs = [q2]
     if bias is not None:
         m = bias
 
         def scale_mask(a: list[str], i: int) -> str:
+            x = _widen(t, a[0], melem, i)
             lim = t.op("lim", f"arith.constant {f32(semantics.MASKED_BELOW)} : f32", i)
-            keep = t.op("keep", f"arith.cmpf ogt, {a[0]}, {lim} : f32", i)
-            p = t.op("p", f"arith.mulf {a[0]}, {a[1]} : f32", i)
-            return t.op("sel", f"arith.select {keep}, {p}, {a[0]} : f32", i)
+            keep = t.op("keep", f"arith.cmpf ogt, {x}, {lim} : f32", i)
+            p = t.op("p", f"arith.mulf {x}, {a[1]} : f32", i)
+            return _narrow(t, t.op("sel", f"arith.select {keep}, {p}, {x} : f32", i), melem, i)
 
-        ins = [Operand(m.arg, m.shape, bcast_map(m.shape, mask_shape, dims)), Operand(fac, row_shape, row)]
-        outs.append(generic(t, dims, ins, Operand(empty(t, mask_shape, 2), mask_shape, ident), [PAR] * rank,
+        ins = [Operand(m.arg, m.shape, bcast_map(m.shape, mask_shape, dims), melem), Operand(fac, row_shape, row)]
+        outs.append(generic(t, dims, ins, Operand(empty(t, mask_shape, 2, melem), mask_shape, ident, melem), [PAR] * rank,
                             scale_mask, 2, "mask"))
     t.emit(f"return {', '.join(outs)} : {', '.join(results)}")
     t.emit("}", 1)
     return t.text()
+
+
+def _widen(t: Ssa, x: str, elem: str, ind: int) -> str:
+    """An f16 / bf16 scalar as f32 (f32 as it is)."""
+    return x if elem == "f32" else t.op("xw", f"arith.extf {x} : {elem} to f32", ind)
+
+
+def _narrow(t: Ssa, x: str, elem: str, ind: int) -> str:
+    """An f32 scalar rounded once to ``elem``."""
+    return x if elem == "f32" else t.op("xn", f"arith.truncf {x} : f32 to {elem}", ind)
