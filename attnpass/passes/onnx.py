@@ -30,7 +30,18 @@ import onnx_ir as ir
 
 from attnpass.passes import onnx_kv, onnx_static, topk_ir
 from attnpass.passes.match import Dim, Kind, Report, find_sites
-from attnpass.passes.onnx_shapes import _at, _broadcast, _concat, _dim_equal, _ir_shape, _matmul, _reshape, _slice, _unsqueeze
+from attnpass.passes.onnx_shapes import (
+    _at,
+    _broadcast,
+    _concat,
+    _dim_equal,
+    _ir_shape,
+    _matmul,
+    _reshape,
+    _slice,
+    _unsqueeze,
+    sym_mul,
+)
 from attnpass.passes.site import FusedOpInfo
 
 MS = "com.microsoft"
@@ -359,8 +370,8 @@ class OnnxAdapter:
                 if isinstance(x, int) and isinstance(y, int):
                     res.append({"Mul": x * y, "Add": x + y, "Sub": x - y, "Div": x // y if y else None,
                                 "Mod": x % y if y else None}[op])
-                else:
-                    res.append(None)
+                else:  # a symbolic batch times the head count (TorchScript's ``view(b * h, ...)``)
+                    res.append(sym_mul(x, y) if op == "Mul" else None)
             return res
         return None
 
