@@ -140,3 +140,24 @@ def test_onnx_dynamic_batch_fused_and_ssmax_at_two_batch_sizes(exporter: str, ki
         got = list(run(tmp_path / "ssmax.onnx", ins).values())[0]
         want = semantics.attention(q, k, v, attn_mask=mask, ssmax_s=0.43).numpy()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["batch_query_bias", "per_head_padding"])
+def test_mlir_dynamic_batch_ssmax_at_two_batch_sizes(kind: str) -> None:
+    """torch.export with a dynamic batch: MLIR types print the batch as ``?``; the view is proved from the sizes the
+    ``aten.view``s were given (``B`` and ``B*H``), the mask laid out by a function sized with ``tensor.dim``.  The
+    fused loop nest still needs static sizes and says so."""
+    module, args = G.Bmm3DView4DMask().eval(), _inputs(kind)
+    dim = torch.export.Dim("batch", min=1, max=64)
+    ep = torch.export.export(module, args, dynamic_shapes=({0: dim},) * 4, strict=False)
+    imported = am.import_(ep)
+    _, fused = am.rewrite(imported, to="fused", with_report=True)
+    assert fused.rewritten == [] and "dynamic shapes" in fused.left[0], fused.left
+    out, res = am.rewrite(imported, to="ssmax", s=0.43, with_report=True)
+    text = str(out)
+    assert res.rewritten == [0] and "attnpass_head_view" in text and "tensor.dim" in text and "None" not in text
+    fn = am.compile(out)
+    for batch in (1, B + 2):
+        q, k, v, mask = batch_args = _batch(kind, batch, seed=20 + batch)
+        want = semantics.attention(q, k, v, attn_mask=mask, ssmax_s=0.43)
+        np.testing.assert_allclose(np.asarray(fn(*batch_args)), want.numpy(), rtol=1e-5, atol=1e-5)

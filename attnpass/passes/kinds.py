@@ -87,4 +87,19 @@ class Adapter(Protocol):
         ...
 
 
-__all__ = ["Kind", "Adapter", "Dim"]
+__all__ = ["Kind", "Adapter", "Dim", "canonical_product"]
+
+
+def canonical_product(*parts: str | int) -> str:
+    """A symbolic size ``a*b*...`` with the numbers multiplied first and the symbols sorted, so equal products
+    compare equal (an IR's named sizes, e.g. MLIR's ``3*%arg3[0]``)."""
+    num, syms = 1, []
+    for part in parts:
+        for f in str(part).split("*"):
+            if f.lstrip("-").isdigit():
+                num *= int(f)
+            else:
+                syms.append(f)
+    if not syms:
+        return str(num)
+    return "*".join(([str(num)] if num != 1 else []) + sorted(syms))
