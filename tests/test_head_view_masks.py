@@ -142,15 +142,19 @@ def test_onnx_dynamic_batch_fused_and_ssmax_at_two_batch_sizes(exporter: str, ki
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["batch_query_bias", "per_head_padding"])
-def test_mlir_dynamic_batch_ssmax_at_two_batch_sizes(kind: str) -> None:
-    """torch.export with a dynamic batch: MLIR types print the batch as ``?``; the view is proved from the sizes the
-    ``aten.view``s were given (``B`` and ``B*H``), the mask laid out by a function sized with ``tensor.dim``.  The
-    fused loop nest still needs static sizes and says so."""
+@pytest.mark.parametrize("source,kind", [("torch", "batch_query_bias"), ("torch", "per_head_padding"),
+                                         ("onnx", "per_head_padding")])
+def test_mlir_dynamic_batch_ssmax_at_two_batch_sizes(source: str, kind: str, tmp_path: Path) -> None:
+    """A dynamic batch (torch.export, or the TorchScript ONNX export imported): MLIR types print it as ``?``; the
+    view is proved from the sizes the views were given (``B``, ``B*H``, a ``-1`` solved from its source), the mask
+    laid out by a function sized with ``tensor.dim``.  The fused loop nest still needs static sizes and says so."""
     module, args = G.Bmm3DView4DMask().eval(), _inputs(kind)
-    dim = torch.export.Dim("batch", min=1, max=64)
-    ep = torch.export.export(module, args, dynamic_shapes=({0: dim},) * 4, strict=False)
-    imported = am.import_(ep)
+    if source == "torch":
+        dim = torch.export.Dim("batch", min=1, max=64)
+        imported = am.import_(torch.export.export(module, args, dynamic_shapes=({0: dim},) * 4, strict=False))
+    else:
+        _export_dynamic_batch(kind, "torchscript", tmp_path / "m.onnx")
+        imported = am.import_(str(tmp_path / "m.onnx"))
     _, fused = am.rewrite(imported, to="fused", with_report=True)
     assert fused.rewritten == [] and "dynamic shapes" in fused.left[0], fused.left
     out, res = am.rewrite(imported, to="ssmax", s=0.43, with_report=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from attnpass.passes.kinds import canonical_product
+from attnpass.passes.kinds import canonical_product, divide_product
 
 _DTYPES = {"f32": np.float32, "f64": np.float64, "f16": np.float16, "bf16": np.float32, "si64": np.int64,
            "si32": np.int32, "si16": np.int16, "si8": np.int8, "ui8": np.uint8, "i1": np.bool_}
@@ -229,7 +229,16 @@ def size_expr(v: Any, axis: int, depth: int = 0) -> str | None:
         lst = p.operands[1].producer
         if lst is None or lst.opname != "torch.prim.ListConstruct" or len(lst.operands) != len(shape):
             return None
-        return _int_expr(lst.operands[axis], depth + 1)
+        got = _int_expr(lst.operands[axis], depth + 1)
+        if got != "-1":
+            return got
+        # ``-1``: the source's volume over the other sizes, when they divide it (``[b, 3, 5, 5] -> [3*b, 5, -1]``)
+        src_shape = getattr(p.operands[0], "shape", None)
+        if src_shape is None:
+            return None
+        whole = [size_expr(p.operands[0], a, depth + 1) for a in range(len(src_shape))]
+        rest = [_int_expr(x, depth + 1) for i, x in enumerate(lst.operands) if i != axis]
+        return None if None in whole or None in rest else divide_product(whole, rest)  # type: ignore[arg-type]
     if p.aten in _SIZE_ELEMENTWISE:
         for x in p.operands:
             xs = getattr(x, "shape", None)
