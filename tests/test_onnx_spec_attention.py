@@ -11,6 +11,7 @@ must equal ``semantics`` on the whole cache (``test_kv_cache_op_ssmax_equals_sem
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +50,9 @@ SPECS = [
     Spec("attention_attn_mask_bool"),
     Spec("attention_attn_mask_bool_4d"),
     Spec("attention_gqa_attn_mask"),
-    Spec("attention_softcap", target="onnx23"),
-    Spec("attention_3d_softcap", target="onnx23"),
+    # SSMax multiplies the capped scores: the op's Q cannot carry the factor (``test_softcap_op_is_left_by_ssmax``)
+    Spec("attention_softcap", target="onnx23", op_ssmax_left="softcap"),
+    Spec("attention_3d_softcap", target="onnx23", op_ssmax_left="softcap"),
     Spec("attention_with_past_and_present"),
     Spec("attention_gqa_with_past_and_present"),
     Spec("attention_4d_causal_with_past_and_present"),
@@ -235,3 +237,16 @@ def test_windowed_op_with_read_qk_output_takes_ssmax(tmp_path: Path) -> None:
     v = np.repeat(feeds["V"], probs.shape[1] // feeds["V"].shape[1], axis=1)
     np.testing.assert_allclose(probs @ v, y, atol=1e-5, rtol=1e-4)  # the output is the probabilities Y is made of
     assert not np.allclose(probs, run(path, feeds)[model.graph.output[1].name], atol=1e-3)  # and they changed
+
+
+def test_softcap_op_is_left_by_ssmax(tmp_path: Path) -> None:
+    """A soft-capping ``Attention`` op: SSMax multiplies the capped scores (``semantics.attention``), a factor on its Q
+    would be capped with them, so SSMax leaves the op with that reason rather than change its meaning."""
+    spec = next(s for s in SPECS if s.export == "attention_softcap")
+    path, feeds, _ = _case(spec, False, tmp_path)
+    model = onnx.load(str(path))
+    q, k, v = (torch.from_numpy(feeds[n]) for n in model.graph.node[0].input[:3])
+    on_q = semantics.attention(q * 1.5, k, v, softcap=2.0)  # what a factor of 1.5 on Q would compute
+    assert not torch.allclose(on_q, semantics.attention(q, k, v, softcap=2.0, ssmax_s=1.5 / math.log(k.shape[-2])), atol=1e-3)
+    res = aonnx.rewrite(path, tmp_path / "ssmax.onnx", to="ssmax", s=0.7, bias=0.3, inputs=feeds, force=True)
+    assert res.rewritten == [] and "softcap" in res.left[0], res.left

@@ -113,10 +113,16 @@ def attention_kv_blocker(ad: Any, node: ir.Node) -> str | None:
     (mode 1, a logits bias scaled with them) or the SSMax probabilities (mode 3).  Soft-capping blocks: the op caps
     ``f * scores`` where SSMax multiplies the capped scores.
     """
+    return softcap_blocker(ad, node)
+
+
+def softcap_blocker(ad: Any, node: ir.Node) -> str | None:
+    """A soft-capping ``Attention`` (with or without a KV cache): SSMax multiplies the capped scores, a factor on Q
+    would be capped with them (``semantics.attention``), so the op cannot take it from outside."""
     if float(ad._attr_raw(node, "softcap", 0.0) or 0.0) > 0:
-        return "Attention with softcap and a KV cache or a window (the factor on Q would be capped with the scores)"
+        return "Attention with softcap (the factor on Q would be capped with the scores)"
     return None
 
 
 __all__ = ["is_gqa", "is_ms_attention", "gqa_packed", "attention_kv", "window", "gqa_blocker", "ms_attention_blocker",
-           "attention_kv_blocker"]
+           "attention_kv_blocker", "softcap_blocker"]
