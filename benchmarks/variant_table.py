@@ -2,7 +2,8 @@
 
 Each cell reads ``found/sites fused/sites SSMax``: e.g. ``1/1 1/1 ✓``.  A check that fails prints ``✗`` and its
 message goes to the notes under the table (the test, ``tests/test_variant_table.py``, holds each such cell as an
-expected exception with that reason).  ``—``: the IR is not run for that row (MLIR from ONNX: hand-written only).
+expected exception with that reason).  ``—``: the IR is not run for that row (MLIR from ONNX: hand-written only);
+``n/a (why)``: the IR cannot take the model for a reason outside attnpass (``Variant.not_applicable``).
 
 With ``--spec``, a second table: the ONNX spec's own ``Attention`` test cases, the op and its expanded function body,
 in ONNX and imported into MLIR (found / fused / SSMax(s=0, b=1) against onnxruntime on the case's own inputs).
@@ -136,8 +137,9 @@ def main() -> None:
                 row.append("—")
                 continue
             got = tc.run_cell(table, v, ir)
-            row.append(cell_text(v, got))
-            for check, why in got.items():
+            na = tc.not_applicable_text(v, ir, got)
+            row.append(na or cell_text(v, got))
+            for check, why in got.items() if na is None else ():
                 if why is not None:
                     notes.append(f"- {v.name} / {ir} / {check}: {why[:160]}")
         print(f"| {v.name} | " + " | ".join(row) + " |", flush=True)

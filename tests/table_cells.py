@@ -53,6 +53,9 @@ class Variant:
     irs: tuple[str, ...] = IRS[:4]
     facts: dict[str, Any] = field(default_factory=dict)  # site attribute -> value, on every site in every IR
     onnx_target: str = "ort"  # the fused ONNX op: onnxruntime's MultiHeadAttention has no softcap, opset 23 does
+    # IR -> (what every check's failure holds, why the cell is "n/a"): the IR cannot take the model at all for a
+    # reason outside attnpass (an exporter without the op); the test holds every check to that failure
+    not_applicable: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def n_fused(self) -> int:
@@ -174,9 +177,23 @@ HF_FACTS = {"gemma2": dict(softcap=50.0, **_GQA), "gpt2": dict(causal=True), "ll
             "falcon": dict(kv_heads=1), "bert": dict(kv_heads=4)}
 
 
+#: family -> IR -> (failure, why n/a): Whisper's own code calls ``torch.diff``, which the TorchScript exporter lacks
+HF_NOT_APPLICABLE = {"whisper": {"onnx-ts": ("Exporting the operator 'aten::diff'",
+                                             "the torchscript exporter cannot export aten::diff")}}
+
+
 def hf_families() -> list[Variant]:
     return [Variant(f"hf_{name}", _hf_builder(name), sites=n, facts=HF_FACTS.get(name, {}),
-                    onnx_target="onnx23" if name == "gemma2" else "ort") for name, n in HF_SITES.items()]
+                    onnx_target="onnx23" if name == "gemma2" else "ort", not_applicable=HF_NOT_APPLICABLE.get(name, {}))
+            for name, n in HF_SITES.items()]
+
+
+def not_applicable_text(v: Variant, ir: str, got: dict[str, str | None]) -> str | None:
+    """``n/a (why)`` for a cell the IR cannot take, when every check failed for that reason; else None."""
+    na = v.not_applicable.get(ir)
+    if na is None or not all(msg is not None and na[0] in msg for msg in got.values()):
+        return None
+    return f"n/a ({na[1]})"
 
 
 def variants() -> list[Variant]:

@@ -93,3 +93,75 @@ def test_fx_fused_serves_another_batch_size(kind: str) -> None:
             "shared_bias": 0.3 * torch.randn(T, T, generator=g),
             "per_head_padding": torch.where(torch.rand(B + 2, H, 1, T, generator=g) > 0.3, 0.0, -1e9)}[kind]
     torch.testing.assert_close(fused(q, k, v, mask), module(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+def _batch(kind: str, batch: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """``_inputs``' kind of mask at another batch size."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, H, T, D, generator=g) for _ in range(3))
+    mask = {"batch_query_bias": 0.3 * torch.randn(batch, 1, T, T, generator=g),
+            "shared_bias": 0.3 * torch.randn(T, T, generator=g),
+            "per_head_padding": torch.where(torch.rand(batch, H, 1, T, generator=g) > 0.3, 0.0, -1e9)}[kind]
+    return q, k, v, mask
+
+
+def _export_dynamic_batch(kind: str, exporter: str, path: Path) -> None:
+    module, args = G.Bmm3DView4DMask().eval(), _inputs(kind)
+    batched_mask = kind != "shared_bias"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if exporter == "torchscript":
+            axes = {n: {0: "batch"} for n in ("q", "k", "v", "m")[:4 if batched_mask else 3]}
+            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=17, input_names=["q", "k", "v", "m"],
+                              dynamic_axes=axes)
+        else:
+            dim = torch.export.Dim("batch", min=1, max=64)
+            torch.onnx.export(module, args, str(path), dynamo=True, opset_version=18, input_names=["q", "k", "v", "m"],
+                              dynamic_shapes=({0: dim},) * 3 + (({0: dim} if batched_mask else {}),), verbose=False)
+
+
+@pytest.mark.parametrize("exporter,kind", [("torchscript", k) for k in KINDS] + [("dynamo", "batch_query_bias")])
+def test_onnx_dynamic_batch_fused_and_ssmax_at_two_batch_sizes(exporter: str, kind: str, tmp_path: Path) -> None:
+    """Exported with a dynamic batch, the view's batch is a symbol: the mask is laid out with ``Reshape(-1, ..)``
+    and the factor split by ``Reshape(-1, H, ..)``, so the rewritten model answers at batch sizes it never saw."""
+    src = tmp_path / "m.onnx"
+    _export_dynamic_batch(kind, exporter, src)
+    module = G.Bmm3DView4DMask().eval()
+    feeds = dict(zip(["q", "k", "v", "m"], (x.numpy() for x in _inputs(kind))))
+    fused = aonnx.rewrite(src, tmp_path / "fused.onnx", to="fused", inputs=feeds)
+    assert fused.rewritten == [0] and fused.validation.passed, fused.left
+    ssmax = aonnx.rewrite(src, tmp_path / "ssmax.onnx", to="ssmax", s=0.43, inputs=feeds)
+    assert ssmax.rewritten == [0], ssmax.left
+    for batch in (1, B + 2):
+        q, k, v, mask = args = _batch(kind, batch, seed=10 + batch)
+        ins = dict(zip(["q", "k", "v", "m"], (x.numpy() for x in args)))
+        got = list(run(tmp_path / "fused.onnx", ins).values())[0]
+        np.testing.assert_allclose(got, module(*args).detach().numpy(), rtol=1e-4, atol=1e-5)
+        got = list(run(tmp_path / "ssmax.onnx", ins).values())[0]
+        want = semantics.attention(q, k, v, attn_mask=mask, ssmax_s=0.43).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("source,kind", [("torch", "batch_query_bias"), ("torch", "per_head_padding"),
+                                         ("onnx", "per_head_padding")])
+def test_mlir_dynamic_batch_ssmax_at_two_batch_sizes(source: str, kind: str, tmp_path: Path) -> None:
+    """A dynamic batch (torch.export, or the TorchScript ONNX export imported): MLIR types print it as ``?``; the
+    view is proved from the sizes the views were given (``B``, ``B*H``, a ``-1`` solved from its source), the mask
+    laid out by a function sized with ``tensor.dim``.  The fused loop nest still needs static sizes and says so."""
+    module, args = G.Bmm3DView4DMask().eval(), _inputs(kind)
+    if source == "torch":
+        dim = torch.export.Dim("batch", min=1, max=64)
+        imported = am.import_(torch.export.export(module, args, dynamic_shapes=({0: dim},) * 4, strict=False))
+    else:
+        _export_dynamic_batch(kind, "torchscript", tmp_path / "m.onnx")
+        imported = am.import_(str(tmp_path / "m.onnx"))
+    _, fused = am.rewrite(imported, to="fused", with_report=True)
+    assert fused.rewritten == [] and "dynamic shapes" in fused.left[0], fused.left
+    out, res = am.rewrite(imported, to="ssmax", s=0.43, with_report=True)
+    text = str(out)
+    assert res.rewritten == [0] and "attnpass_head_view" in text and "tensor.dim" in text and "None" not in text
+    fn = am.compile(out)
+    for batch in (1, B + 2):
+        q, k, v, mask = batch_args = _batch(kind, batch, seed=20 + batch)
+        want = semantics.attention(q, k, v, attn_mask=mask, ssmax_s=0.43)
+        np.testing.assert_allclose(np.asarray(fn(*batch_args)), want.numpy(), rtol=1e-5, atol=1e-5)

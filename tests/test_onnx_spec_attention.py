@@ -11,6 +11,7 @@ must equal ``semantics`` on the whole cache (``test_kv_cache_op_ssmax_equals_sem
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +50,9 @@ SPECS = [
     Spec("attention_attn_mask_bool"),
     Spec("attention_attn_mask_bool_4d"),
     Spec("attention_gqa_attn_mask"),
-    Spec("attention_softcap", target="onnx23"),
-    Spec("attention_3d_softcap", target="onnx23"),
+    # SSMax multiplies the capped scores: the op's Q cannot carry the factor (``test_softcap_op_is_left_by_ssmax``)
+    Spec("attention_softcap", target="onnx23", op_ssmax_left="softcap"),
+    Spec("attention_3d_softcap", target="onnx23", op_ssmax_left="softcap"),
     Spec("attention_with_past_and_present"),
     Spec("attention_gqa_with_past_and_present"),
     Spec("attention_4d_causal_with_past_and_present"),
@@ -71,8 +73,11 @@ SPECS = [
          mlir_op_left=("probabilities",)),
     Spec("attention_local_window"),
     Spec("attention_bidirectional_window"),
-    # a window makes the op count its own keys; its qk_matmul_output is a graph output SSMax would change
-    Spec("attention_local_window_gqa_rank4_mask", expanded_blocker="(a graph output)", op_ssmax_left="qk_matmul_output is read"),
+    # a window makes the op count its own keys and it soft-caps: the factor on Q would be capped with the scores
+    # (its qk_matmul_output, read, does not block: ``test_windowed_op_with_read_qk_output_takes_ssmax``); MLIR does
+    # not fuse the op, its probabilities being an output (mode 3)
+    Spec("attention_local_window_gqa_rank4_mask", expanded_blocker="(a graph output)", op_ssmax_left="softcap",
+         mlir_op_left=("probabilities",)),
     Spec("attention_causal_fp16"),
     Spec("attention_23_boolmask_fullymasked_row_nan_robustness"),
 ]
@@ -203,3 +208,45 @@ def test_kv_cache_op_ssmax_equals_semantics(spec: Spec, tmp_path: Path) -> None:
     y = run(tmp_path / "ssmax.onnx", feeds)[model.graph.output[0].name]
     want, _ = _op_reference(model, feeds, 0.7, 0.3)
     np.testing.assert_allclose(np.where(rows, y, 0), np.where(rows, want, 0), atol=atol, rtol=tol.get("rtol", 1e-4))
+
+
+def test_windowed_op_with_read_qk_output_takes_ssmax(tmp_path: Path) -> None:
+    """The windowed GQA case without its softcap: SSMax scales the op's Q although its ``qk_matmul_output`` (mode 3,
+    the probabilities) is a graph output; that output is then the SSMax probabilities, the ones ``Y`` is made of."""
+    spec = next(s for s in SPECS if s.export == "attention_local_window_gqa_rank4_mask")
+    path, feeds, _ = _case(spec, False, tmp_path)
+    model = onnx.load(str(path))
+    node = model.graph.node[0]
+    kept = [a for a in node.attribute if a.name != "softcap"]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+    onnx.save(model, path)
+    from attnpass.validate import run
+
+    ref0, rows = _op_reference(model, feeds, 0.0, 1.0)
+    y0 = run(path, feeds)[model.graph.output[0].name]
+    np.testing.assert_allclose(np.where(rows, y0, 0), np.where(rows, ref0, 0), atol=1e-5, rtol=1e-4)
+    ident = aonnx.rewrite(path, tmp_path / "id.onnx", to="ssmax", s=0.0, bias=1.0, inputs=feeds)
+    assert ident.rewritten == [0] and ident.validation.passed, ident.left
+    res = aonnx.rewrite(path, tmp_path / "ssmax.onnx", to="ssmax", s=0.7, bias=0.3, inputs=feeds)
+    assert res.rewritten == [0], res.left
+    got = run(tmp_path / "ssmax.onnx", feeds)
+    y, probs = (got[o.name] for o in model.graph.output)
+    want, _ = _op_reference(model, feeds, 0.7, 0.3)
+    np.testing.assert_allclose(np.where(rows, y, 0), np.where(rows, want, 0), atol=1e-5, rtol=1e-4)
+    v = np.repeat(feeds["V"], probs.shape[1] // feeds["V"].shape[1], axis=1)
+    np.testing.assert_allclose(probs @ v, y, atol=1e-5, rtol=1e-4)  # the output is the probabilities Y is made of
+    assert not np.allclose(probs, run(path, feeds)[model.graph.output[1].name], atol=1e-3)  # and they changed
+
+
+def test_softcap_op_is_left_by_ssmax(tmp_path: Path) -> None:
+    """A soft-capping ``Attention`` op: SSMax multiplies the capped scores (``semantics.attention``), a factor on its Q
+    would be capped with them, so SSMax leaves the op with that reason rather than change its meaning."""
+    spec = next(s for s in SPECS if s.export == "attention_softcap")
+    path, feeds, _ = _case(spec, False, tmp_path)
+    model = onnx.load(str(path))
+    q, k, v = (torch.from_numpy(feeds[n]) for n in model.graph.node[0].input[:3])
+    on_q = semantics.attention(q * 1.5, k, v, softcap=2.0)  # what a factor of 1.5 on Q would compute
+    assert not torch.allclose(on_q, semantics.attention(q, k, v, softcap=2.0, ssmax_s=1.5 / math.log(k.shape[-2])), atol=1e-3)
+    res = aonnx.rewrite(path, tmp_path / "ssmax.onnx", to="ssmax", s=0.7, bias=0.3, inputs=feeds, force=True)
+    assert res.rewritten == [] and "softcap" in res.left[0], res.left

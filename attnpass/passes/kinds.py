@@ -7,7 +7,7 @@ can share it without importing the walker.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from attnpass.passes.site import Dim
@@ -87,4 +87,38 @@ class Adapter(Protocol):
         ...
 
 
-__all__ = ["Kind", "Adapter", "Dim"]
+__all__ = ["Kind", "Adapter", "Dim", "canonical_product", "divide_product"]
+
+
+def canonical_product(*parts: str | int) -> str:
+    """A symbolic size ``a*b*...`` with the numbers multiplied first and the symbols sorted, so equal products
+    compare equal (an IR's named sizes, e.g. MLIR's ``3*%arg3[0]``)."""
+    num, syms = _factors(parts)
+    if not syms:
+        return str(num)
+    return "*".join(([str(num)] if num != 1 else []) + sorted(syms))
+
+
+def _factors(parts: Sequence[str | int]) -> tuple[int, list[str]]:
+    num, syms = 1, []
+    for part in parts:
+        for f in str(part).split("*"):
+            if f.lstrip("-").isdigit():
+                num *= int(f)
+            else:
+                syms.append(f)
+    return num, syms
+
+
+def divide_product(whole: Sequence[str | int], part: Sequence[str | int]) -> str | None:
+    """``prod(whole) / prod(part)`` as a canonical product, when it divides exactly (None otherwise): a view's
+    ``-1`` from its source's sizes."""
+    num, syms = _factors(whole)
+    den, dsyms = _factors(part)
+    for d in dsyms:
+        if d not in syms:
+            return None
+        syms.remove(d)
+    if den <= 0 or num % den:
+        return None
+    return canonical_product(num // den, *syms)

@@ -23,7 +23,7 @@ from typing import Any
 
 from attnpass.passes.draft import Draft, freeze
 from attnpass.passes.einsum import _parse_einsum, _perm_to, _permuted, _same_tail
-from attnpass.passes.kinds import Adapter, Dim, Kind
+from attnpass.passes.kinds import Adapter, Dim, Kind, canonical_product
 from attnpass.passes.masks import _MASK_FILL_LIMIT, MaskProofs
 from attnpass.passes.operands import OperandFinder
 from attnpass.passes.probs import ProbsWalker
@@ -283,7 +283,7 @@ class Matcher(MaskProofs, OperandFinder, ProbsWalker):
                 # fairseq / MBart: [B*H, S, S] scores viewed to [B, H, S, S] for the mask and back
                 src = self._in(node)
                 _, src_kind = self._producer_kind(src)
-                if _same_tail(a.shape(src), a.shape(x)) and (
+                if _same_tail(self._named_shape(src), self._named_shape(x)) and (
                         src_kind in (Kind.MATMUL, Kind.BADDBMM) or self._rank(src) == self._walk_rank
                         or self._views_back(src)):
                     chain.append(node)
@@ -300,9 +300,16 @@ class Matcher(MaskProofs, OperandFinder, ProbsWalker):
         to it without growing it: the view's shape, by which emitters lay the mask out on the scores.  The head
         count must be a number; a symbolic batch or length (dynamic shapes) is kept when the sizes agree symbol for
         symbol, unless the mask varies per head but not per batch (laying it out would need the batch size)."""
-        xs, ts, ss = self.a.shape(x), self.a.shape(term), self.a.shape(self._walk_input)
+        xs, ts, ss = self._named_shape(x), self.a.shape(term), self._named_shape(self._walk_input)
         if xs is None or ts is None or ss is None or len(xs) != 4 or len(ss) != 3 or len(ts) > 4:
             return None
+        ask = getattr(self.a, "size_expr", None)  # an IR whose types print no symbol (MLIR's ``?``) names the sizes
+        named = xs[0] is None and ss[0] is None and ask is not None
+        if named and isinstance(xs[1], int):
+            batch, folded = ask(x, 0), ask(self._walk_input, 0)
+            if batch is None or folded is None or canonical_product(xs[1], batch) != canonical_product(folded):
+                return None
+            xs, ss = (batch, *xs[1:]), (folded, *ss[1:])
         if not isinstance(xs[1], int) or xs[1] <= 0 or not all(_same_size(a, b) for a, b in zip(xs[2:], ss[1:])):
             return None
         static = isinstance(xs[0], int)
@@ -311,11 +318,22 @@ class Matcher(MaskProofs, OperandFinder, ProbsWalker):
         if not static and str(ss[0]) not in (f"{xs[1]}*{xs[0]}", f"{xs[0]}*{xs[1]}"):
             return None  # a symbolic batch: the scores' first size must be the product, written out
         pad = (1,) * (4 - len(ts)) + tuple(ts)
+        if named:  # the mask's own ``?`` is the view's size (not an implicit broadcast: torch-mlir's assumption)
+            pad = tuple(d if t is None else t for t, d in zip(pad, xs))
         if not all(_unit(t) or _same_size(t, d) for t, d in zip(pad, xs)):
             return None
         if not static and _unit(pad[0]) and not _unit(pad[1]):
             return None
         return tuple(xs)
+
+    def _named_shape(self, v: Any) -> tuple[Any, ...] | None:
+        """``v``'s shape with each unknown size that the adapter's ``size_expr`` reads as a number filled in (MLIR's
+        ``?`` from a view's ``-1``); the shape as the adapter gives it otherwise."""
+        shape, ask = self.a.shape(v), getattr(self.a, "size_expr", None)
+        if shape is None or ask is None or all(d is not None for d in shape):
+            return shape
+        named = [ask(v, i) if d is None else d for i, d in enumerate(shape)]
+        return tuple(int(n) if isinstance(n, str) and n.isdigit() else d for n, d in zip(named, shape))
 
     def _views_back(self, v: Any) -> bool:
         """True if ``v`` is a view of the scores that a further view brings back to the softmax's rank."""

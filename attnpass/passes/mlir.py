@@ -29,7 +29,7 @@ from attnpass.passes import topk_ir
 from attnpass.passes.aten import ATEN_KINDS
 from attnpass.passes.match import AttentionSite, Dim, Kind, Report, find_sites
 from attnpass.passes.mlir_broadcasts import is_broadcast_tile, materialized_expand
-from attnpass.passes.mlir_values import Evaluator, splat
+from attnpass.passes.mlir_values import Evaluator, size_expr, splat
 
 # ------------------------------------------------------------------ op tables
 
@@ -402,6 +402,10 @@ class MlirAdapter:
 
     def shape(self, value: Any) -> tuple[Dim, ...] | None:
         return value.shape if isinstance(value, _Val) else None
+
+    def size_expr(self, value: Any, axis: int) -> str | None:
+        """An unknown size as a product of the sizes torch.export computed it from (``mlir_values.size_expr``)."""
+        return size_expr(value, axis) if isinstance(value, _Val) else None
 
     def is_static(self, value: Any) -> bool:
         """True if ``value`` is computed from literals/constants only (never from the function's arguments)."""

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from attnpass.passes.kinds import canonical_product, divide_product
+
 _DTYPES = {"f32": np.float32, "f64": np.float64, "f16": np.float16, "bf16": np.float32, "si64": np.int64,
            "si32": np.int32, "si16": np.int16, "si8": np.int8, "ui8": np.uint8, "i1": np.bool_}
 
@@ -199,3 +201,72 @@ def splat(attr: Any) -> float | None:
             return float(v)
         except (TypeError, ValueError):
             return None
+
+
+# ------------------------------------------------------------------ symbolic sizes
+
+_SIZE_ELEMENTWISE = ("add", "sub", "mul", "div", "where", "masked_fill", *_CASTS)
+
+
+def size_expr(v: Any, axis: int, depth: int = 0) -> str | None:
+    """A dynamic size as a canonical product (``3*%arg3[0]``), read from the ``aten.view`` size lists torch.export
+    leaves (``torch.aten.size.int`` / ``torch.aten.mul.int``); None where it cannot be read.
+
+    The types print an unknown size as ``?`` only, so two ``?`` cannot be compared; the sizes a view was given can.
+    Elementwise ops take the size from the first operand that has it (a ``?`` is not an implicit broadcast, as
+    torch-mlir assumes).  Values are the adapter's ``_Val``s; a function argument is named by its position.
+    """
+    shape = getattr(v, "shape", None)
+    if shape is None or depth > 32 or not -len(shape) <= axis < len(shape):
+        return None
+    axis %= len(shape)
+    if isinstance(shape[axis], int):
+        return str(shape[axis])
+    p = v.producer
+    if p is None:
+        return f"%arg{_arg_number(v.value)}[{axis}]"
+    if p.aten in ("view", "reshape", "_unsafe_view") and len(p.operands) > 1:
+        lst = p.operands[1].producer
+        if lst is None or lst.opname != "torch.prim.ListConstruct" or len(lst.operands) != len(shape):
+            return None
+        got = _int_expr(lst.operands[axis], depth + 1)
+        if got != "-1":
+            return got
+        # ``-1``: the source's volume over the other sizes, when they divide it (``[b, 3, 5, 5] -> [3*b, 5, -1]``)
+        src_shape = getattr(p.operands[0], "shape", None)
+        if src_shape is None:
+            return None
+        whole = [size_expr(p.operands[0], a, depth + 1) for a in range(len(src_shape))]
+        rest = [_int_expr(x, depth + 1) for i, x in enumerate(lst.operands) if i != axis]
+        return None if None in whole or None in rest else divide_product(whole, rest)  # type: ignore[arg-type]
+    if p.aten in _SIZE_ELEMENTWISE:
+        for x in p.operands:
+            xs = getattr(x, "shape", None)
+            if xs is not None and len(xs) == len(shape) and xs[axis] != 1:
+                return size_expr(x, axis, depth + 1)
+    return None
+
+
+def _arg_number(value: Any) -> str:
+    from torch_mlir import ir
+
+    try:
+        return str(ir.BlockArgument(value).arg_number)
+    except (TypeError, ValueError):
+        return f"v{id(value):x}"
+
+
+def _int_expr(iv: Any, depth: int) -> str | None:
+    """A ``!torch.int`` as a canonical product: a constant, a ``size.int`` of a tensor, or a product of those."""
+    p = iv.producer
+    if p is None or depth > 32:
+        return None
+    if p.opname == "torch.constant.int":
+        return str(p.op.attributes["value"].value)
+    if p.aten == "size" and len(p.operands) == 2:
+        axis = _int_expr(p.operands[1], depth + 1)
+        return None if axis is None or not axis.lstrip("-").isdigit() else size_expr(p.operands[0], int(axis), depth + 1)
+    if p.aten == "mul" and len(p.operands) == 2:
+        parts = [_int_expr(x, depth + 1) for x in p.operands]
+        return None if None in parts else canonical_product(*parts)  # type: ignore[arg-type]
+    return None

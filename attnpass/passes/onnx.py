@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from attnpass.passes import onnx_kv, onnx_static, topk_ir
+from attnpass.passes import onnx_kv, onnx_shapes, onnx_static, topk_ir
 from attnpass.passes.match import Dim, Kind, Report, find_sites
 from attnpass.passes.onnx_shapes import _at, _broadcast, _concat, _dim_equal, _ir_shape, _matmul, _reshape, _slice, _unsqueeze
 from attnpass.passes.site import FusedOpInfo
@@ -359,8 +359,8 @@ class OnnxAdapter:
                 if isinstance(x, int) and isinstance(y, int):
                     res.append({"Mul": x * y, "Add": x + y, "Sub": x - y, "Div": x // y if y else None,
                                 "Mod": x % y if y else None}[op])
-                else:
-                    res.append(None)
+                else:  # a symbolic batch times the head count (TorchScript's ``view(b * h, ...)``)
+                    res.append(onnx_shapes.sym_mul(x, y) if op == "Mul" else None)
             return res
         return None
 
@@ -573,6 +573,8 @@ def _op_ssmax_blocker(ad: OnnxAdapter, node: ir.Node, heads: Dim) -> str | None:
         return onnx_kv.gqa_blocker(ad, node)
     if onnx_kv.attention_kv(node):
         return onnx_kv.attention_kv_blocker(ad, node)
+    if (dom, op) == ("", "Attention"):
+        return onnx_kv.softcap_blocker(ad, node)
     if (dom, op) == (MS, "MultiHeadAttention"):
         ins = list(node.inputs)
         if any(_at(ins, i) is not None for i in (3, 4, 6, 7)):

@@ -106,14 +106,23 @@ def ms_attention_blocker(ad: Any, node: ir.Node) -> str | None:
 
 
 def attention_kv_blocker(ad: Any, node: ir.Node) -> str | None:
-    """Why SSMax cannot scale the Q of a standard ``Attention`` with a KV cache or a window (None: it can)."""
-    outs = list(node.outputs)
-    if len(outs) > 3 and (outs[3].uses() or outs[3].is_graph_output()):
-        return "Attention whose qk_matmul_output is read"
+    """Why SSMax cannot scale the Q of a standard ``Attention`` with a KV cache or a window (None: it can).
+
+    A read ``qk_matmul_output`` does not block: the op computes it from the scaled Q, so afterwards it is the
+    SSMax model's own intermediate, as in MLIR's rewrite of the op: the SSMax scores (mode 0), those plus the mask
+    (mode 1, a logits bias scaled with them) or the SSMax probabilities (mode 3).  Soft-capping blocks: the op caps
+    ``f * scores`` where SSMax multiplies the capped scores.
+    """
+    return softcap_blocker(ad, node)
+
+
+def softcap_blocker(ad: Any, node: ir.Node) -> str | None:
+    """A soft-capping ``Attention`` (with or without a KV cache): SSMax multiplies the capped scores, a factor on Q
+    would be capped with them (``semantics.attention``), so the op cannot take it from outside."""
     if float(ad._attr_raw(node, "softcap", 0.0) or 0.0) > 0:
-        return "Attention with softcap and a KV cache"
+        return "Attention with softcap (the factor on Q would be capped with the scores)"
     return None
 
 
 __all__ = ["is_gqa", "is_ms_attention", "gqa_packed", "attention_kv", "window", "gqa_blocker", "ms_attention_blocker",
-           "attention_kv_blocker"]
+           "attention_kv_blocker", "softcap_blocker"]

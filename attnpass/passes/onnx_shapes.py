@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import onnx_ir as ir
@@ -65,15 +64,35 @@ def _reshape(src: tuple[Dim, ...] | None, target: list[Dim]) -> tuple[Dim, ...]:
             out.append(t)
     if -1 in out and src is not None:
         # solve -1: the static part of the source volume over the static part of the target, when symbols cancel
-        syms_src = sorted(str(d) for d in src if not isinstance(d, int))
-        syms_dst = sorted(str(d) for d in out if not isinstance(d, int) and d != -1)
+        # (a product such as ``3*b`` counts as its factors, so ``[b, 3, 5, 4] -> [3*b, -1, 4]`` solves to 5)
+        num, syms_src = _volume(src)
+        den, syms_dst = _volume([d for d in out if d != -1])
         if syms_src == syms_dst and "None" not in syms_src:
-            num = math.prod(d for d in src if isinstance(d, int))
-            den = math.prod(d for d in out if isinstance(d, int) and d != -1)
             out[out.index(-1)] = num // den if den and num % den == 0 else None
         else:
             out[out.index(-1)] = None
     return tuple(None if d == -1 else d for d in out)
+
+
+def _volume(dims: Any) -> tuple[int, list[str]]:
+    """The numeric part of a shape's volume and its symbols, a symbolic product (``3*b``) split into its factors."""
+    num, syms = 1, []
+    for d in dims:
+        for part in str(d).split("*") if not isinstance(d, int) else [d]:
+            if isinstance(part, int) or part.strip().isdigit():
+                num *= int(part)
+            else:
+                syms.append(part.strip())
+    return num, sorted(syms)
+
+
+def sym_mul(x: Dim, y: Dim) -> Dim:
+    """A number times a symbolic size, written as the dynamo exporter writes it (``3*b``); None when unknown."""
+    if isinstance(x, str) and isinstance(y, int):
+        x, y = y, x
+    if not (isinstance(x, int) and isinstance(y, str)) or x < 0:
+        return None
+    return y if x == 1 else f"{x}*{y}"
 
 
 def _unsqueeze(s: tuple[Dim, ...], axes: list[int]) -> tuple[Dim, ...]:

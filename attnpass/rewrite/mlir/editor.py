@@ -143,15 +143,25 @@ def _lay_out(ed: Editor, val: Any, shape: tuple, elem: str, view: tuple[int, ...
     """A head-view mask on the scores (``plan.laid_out_shape``): broadcast over the view's batch and heads where it
     varies there, then ``[B, H]`` collapsed into the scores' batch, by a generated function."""
     from attnpass.passes.plan import laid_out_shape
-    from attnpass.rewrite.mlir.builders import PAR, Operand, Ssa, bcast_map, dims_of, empty, generic
+    from attnpass.rewrite.mlir.builders import PAR, Operand, Ssa, bcast_map, dim_size, dims_of, empty, generic
 
-    out = tuple(laid_out_shape(shape, view))
-    dom = (*(view[:2] if out[0] != 1 else (1, 1)), out[1], out[2])
+    def known(dims: Sequence[Any]) -> tuple[int | None, ...]:  # a symbolic size (``3*%arg3[0]``) is ``?`` in a type
+        return tuple(d if isinstance(d, int) else None for d in dims)
+
+    out = known(laid_out_shape(shape, view))
+    dom = known((*(view[:2] if out[0] != 1 else (1, 1)), out[1], out[2]))
     t, dims = Ssa(), ["d0", "d1", "d2", "d3"]
     name = ed.fresh_symbol("attnpass_head_view")
-    t.emit(f"func.func private @{name}(%m: {tensor_type(shape, elem)}) -> {tensor_type(out, elem)} {{", 1)
+    mty = tensor_type(shape, elem)
+    t.emit(f"func.func private @{name}(%m: {mty}) -> {tensor_type(out, elem)} {{", 1)
+    # an unknown size of the broadcast is the mask's own at that axis (a symbolic batch the mask does not carry
+    # is never a view: the matcher refuses it), read with ``tensor.dim``
+    off = 4 - len(shape)
+    if any(d is None and (a < off or shape[a - off] is not None) for a, d in enumerate(dom)):
+        raise AttnpassError(f"internal error: a head-view mask {shape} with no size for the view {view}")
+    sizes = [dim_size(t, "%m", a - off, mty, 2) for a, d in enumerate(dom) if d is None]
     src = Operand("%m", shape, bcast_map(shape, dom, dims), elem)
-    wide = generic(t, dims, [src], Operand(empty(t, dom, 2, elem), dom, dims_of(dims), elem), [PAR] * 4,
+    wide = generic(t, dims, [src], Operand(empty(t, dom, 2, elem, sizes), dom, dims_of(dims), elem), [PAR] * 4,
                    lambda a, i: a[0], 2, "bcast")
     folded = t.op("folded", f"tensor.collapse_shape {wide} [[0, 1], [2], [3]] : {tensor_type(dom, elem)} into "
                             f"{tensor_type(out, elem)}", 2)

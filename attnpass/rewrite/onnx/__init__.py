@@ -21,7 +21,7 @@ from attnpass.rewrite.onnx.topk import emit_topk
 
 _ORT = Capabilities(refuse_fused_ops=False, softcap=False, ssmax_softcap_fused=False, is_causal=False, scores_rank3=True,
                     any_rank=False, static_heads=True, empty_rows_zero=False, factor_on_q=True, count_keys=True, head_views=True,
-                    grouped_kv=False)
+                    grouped_kv=False, dynamic_head_views=True)
 #: What each target's fused op expresses (MultiHeadAttention: no softcap, as many K/V heads as Q heads;
 #: opset-23 Attention: both).  Rank-3 scores reach either as one head over a [B*H] batch.
 CAPS = {"ort": _ORT, "onnx23": Capabilities(**{**_ORT.__dict__, "softcap": True, "grouped_kv": True})}

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from attnpass.errors import AttnpassError
 from attnpass.passes.site import AttentionSite, Dim
 from attnpass.spec import Param, per_head
 
@@ -154,19 +155,36 @@ def _replace_keeping_name(old: ir.Value, new: ir.Value) -> None:
     ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
 
 
-def lay_out(b: _Builder, v: ir.Value, view: tuple[int, ...] | None) -> ir.Value:
-    """A mask added in a ``[B, H, S_q, S_k]`` view of ``[B*H, S_q, S_k]`` scores, on the scores: made rank 4,
-    broadcast over the view's batch and heads, folded as the scores are; its own ``S_q``/``S_k`` sizes stay."""
+def lay_out(b: _Builder, v: ir.Value, view: tuple[Any, ...] | None) -> ir.Value:
+    """A mask added in a ``[B, H, S_q, S_k]`` view of ``[B*H, S_q, S_k]`` scores, on the scores (``plan.laid_out_shape``).
+
+    Made rank 4, broadcast over the heads (and the batch) only where it does not vary there already, then folded
+    by a ``Reshape`` to ``[-1, S_q, S_k]`` whose sizes come from the mask itself: no batch size is written into the
+    graph, so a model exported with a dynamic batch answers for any batch.  A mask with neither a batch nor a head
+    axis stays ``[1, S_q, S_k]``; one with heads but no batch is tiled over a numeric batch (the matcher records
+    no view for such a mask when the batch is symbolic).
+    """
     if view is None:
         return v
-    rank = len(v.shape) if v.shape is not None else 4
-    if rank < 4:
-        v = b.op("Unsqueeze", [v, b.ints(*range(4 - rank))])
-    v = b.op("Expand", [v, b.ints(view[0], view[1], 1, 1)])
-    return b.op("Reshape", [v, b.op("Concat", [b.ints(view[0] * view[1]), b.op("Shape", [v], {"start": 2})], {"axis": 0})])
+    shape = tuple(v.shape) if v.shape is not None else (None,) * 4
+    if len(shape) < 4:
+        v = b.op("Unsqueeze", [v, b.ints(*range(4 - len(shape)))])
+    pad = (1,) * (4 - len(shape)) + shape
+    batch_unit, heads_unit = (isinstance(d, int) and d == 1 for d in pad[:2])
+    if not (batch_unit and heads_unit):
+        grow = (view[0] if batch_unit else 1, view[1] if heads_unit else 1)
+        if not all(isinstance(d, int) for d in grow):
+            raise AttnpassError(f"internal error: a head-view mask to tile over a symbolic batch ({view})")
+        if grow != (1, 1):
+            v = b.op("Expand", [v, b.ints(*grow, 1, 1)])
+    return b.op("Reshape", [v, b.op("Concat", [b.ints(-1), b.op("Shape", [v], {"start": 2})], {"axis": 0})])
 
 
-def to_view(b: _Builder, f: ir.Value, view: tuple[int, ...]) -> ir.Value:
-    """A per-row value of the ``[B*H, S_q, 1]`` scores (the SSMax factor) in their ``[B, H, S_q, 1]`` head view."""
-    f = b.op("Expand", [f, b.ints(view[0] * view[1], 1, 1)])
-    return b.op("Reshape", [f, b.ints(view[0], view[1], -1, 1)])
+def to_view(b: _Builder, f: ir.Value, view: tuple[Any, ...], rows: ir.Value) -> ir.Value:
+    """A per-row value of the ``[B*H, S_q, 1]`` scores (the SSMax factor) in their ``[B, H, S_q, 1]`` head view.
+
+    ``rows`` is any value whose first axis is the scores' ``B*H`` (the 3-D Q): the factor is broadcast to it and
+    split by a ``Reshape`` to ``[-1, H, S_q, 1]``, so only the head count (a number in every view) is written.
+    """
+    f = b.op("Expand", [f, b.op("Concat", [b.op("Shape", [rows], {"start": 0, "end": 1}), b.ints(1, 1)], {"axis": 0})])
+    return b.op("Reshape", [f, b.op("Concat", [b.ints(-1, int(view[1])), b.op("Shape", [f], {"start": 1})], {"axis": 0})])

@@ -46,7 +46,7 @@ def ssmax_explicit(model: ir.Model, ad: OnnxAdapter, plan: Plan, notes: Notes) -
     for m in plan.bias_terms:
         t = m.value if m.coeff == 1.0 else bld.op("Mul", [m.value, bld.scalar_like(m.coeff, m.value)])
         keep = bld.op("Greater", [t, bld.scalar_like(semantics.MASKED_BELOW, t)])
-        fm = f if m.view is None else to_view(bld, f, m.view)  # the term stays where it is added: in the head view
+        fm = f if m.view is None else to_view(bld, f, m.view, q)  # the term stays where it is added: in the head view
         scaled = bld.op("CastLike", [bld.op("Mul", [_to_float(bld, m.value), fm]), m.value])
         scaled_terms.append((m, bld.op("Where", [keep, scaled, m.value])))
     bld.commit()
