@@ -146,5 +146,5 @@ def info(node: Any) -> FusedOpInfo:
     return FusedOpInfo(three_d=three_d, softcap=attr(node, "softcap"), op_name=OP_NAME, ssmax_blocker=blocker, **extra)
 
 
-__all__ = ["OP_NAME", "is_attention_op", "attr", "inputs", "info", "window", "past_kv", "nonpad_kv_seqlen", "presents", "qk_output", "used",
-           "blockers", "PROBS_OUT"]
+__all__ = ["OP_NAME", "is_attention_op", "attr", "inputs", "info", "window", "past_kv", "presents", "qk_output", "used",
+           "blockers", "PROBS_OUT", "nonpad_kv_seqlen"]
