@@ -397,3 +397,28 @@ def test_expanded_nonpad_decode_sizes_folded_static_and_fused(tmp_path: Path) ->
         assert len(result.rewritten) == 1 and "fused via" in " ".join(result.report.sites[0].notes), result.left
         np.testing.assert_allclose(_run(out, ins), expect, rtol=1e-5, atol=1e-5, err_msg=str(kw))
     assert np.abs(ref - want).max() > 1e-3  # SSMax really differs from the original here
+
+
+def test_attention_op_nonpad_probabilities_output_under_ssmax(tmp_path: Path) -> None:
+    """``qk_matmul_output`` mode 3 beside the loop nest takes ``L_b`` too: with SSMax(s=0, b=1) the probabilities and
+    ``Y`` equal the onnx reference (keys ``j >= L_b`` and above the aligned diagonal at exactly 0)."""
+    from onnx.reference import ReferenceEvaluator
+
+    f32 = onnx.TensorProto.FLOAT
+    node = onnx.helper.make_node("Attention", ["Q", "K", "V", "", "", "", "L"], ["Y", "", "", "P"], is_causal=1,
+                                 qk_matmul_output_mode=3)
+    shapes = {"Q": [2, 2, 3, 8], "K": [2, 2, 6, 8], "V": [2, 2, 6, 8]}
+    graph = onnx.helper.make_graph(
+        [node], "nonpad_probs", [onnx.helper.make_tensor_value_info(n, f32, s) for n, s in shapes.items()]
+        + [onnx.helper.make_tensor_value_info("L", onnx.TensorProto.INT64, [2])],
+        [onnx.helper.make_tensor_value_info("Y", f32, [2, 2, 3, 8]), onnx.helper.make_tensor_value_info("P", f32, [2, 2, 3, 6])])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 24)])
+    onnx.save(model, tmp_path / "probs.onnx")
+    rng = np.random.default_rng(0)
+    ins = [rng.standard_normal(s).astype(np.float32) for s in shapes.values()] + [np.array([4, 6], np.int64)]
+    want = ReferenceEvaluator(model).run(None, dict(zip("QKVL", ins)))
+    got = am.compile(am.rewrite(am.import_(tmp_path / "probs.onnx"), to="ssmax", s=0.0, b=1.0))(*ins)
+    assert isinstance(got, list | tuple) and len(got) == 2
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-6)
+    assert (np.asarray(got[1])[0, :, :, 4:] == 0).all()  # batch entry 0 holds 4 keys
