@@ -368,7 +368,8 @@ def logits_tile(t: Ssa, sp: FusedSpec, s: Operand, masks: list[tuple[str, tuple[
 
     Soft-cap is ``c tanh(x / c)``; ``f`` (SSMax) is the ``[..., S_q]`` per-row multiplier, applied
     after the biases and before the masks, the order ``semantics.attention`` defines; ``allowed``
-    ANDs the hard masks, the bias limits and (causal) ``j0 + j <= i``.
+    ANDs the hard masks, the bias limits and (causal) ``j0 + j <= i``; with ``kv_len`` the keys ``j < L_b`` of the
+    row's batch entry and causal / window tests aligned to their end (``kv_len.keep_test``).
     """
     dims4 = [*sp.bdims, "i", "j"]
     ins = [s] + [Operand(name, shp, bcast_map(shp, s.shape, dims4), mk.elem) for name, shp, mk in masks]
