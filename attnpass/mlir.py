@@ -124,6 +124,10 @@ def _import_onnx(path: str) -> Any:
     except Exception as e:
         raise AttnpassError(f"{path}: torch-mlir's ONNX importer failed: {str(e).splitlines()[0][:200]}") from e
     converted = lowering.run_passes(module, ONNX_IMPORT, f"{path} (ONNX -> torch)")
+    from attnpass.rewrite.mlir.fold import fold_static_aranges
+
+    if fold_static_aranges(converted):  # a size torch-mlir left dynamic, fixed by the model: static again
+        converted = lowering.run_passes(converted, _SHAPES + ",func.func(canonicalize)", f"{path} (static sizes)")
     _set_origin(converted, "onnx")
     return converted
 

@@ -22,6 +22,9 @@ from tests.test_onnx_spec_attention import SPECS, Spec, _build  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
+NONPAD = ["attention_4d_causal_nonpad_batch_prefill", "attention_4d_causal_nonpad_continued_prefill",
+          "attention_4d_gqa_causal_nonpad_decode", "attention_4d_causal_nonpad_attn_mask_composition",
+          "attention_4d_causal_nonpad_negative_offset_structural_empty"]
 #: 4-D configurations the loop nest replaces (plain, causal, float / bool masks, GQA, scale, softcap).
 REWRITTEN = ["attention", "attention_causal", "attention_attn_mask", "attention_attn_mask_bool", "attention_gqa",
              "attention_gqa_attn_mask", "attention_scaled", "attention_softcap", "attention_attn_4d_mask_causal",
@@ -35,7 +38,9 @@ REWRITTEN = ["attention", "attention_causal", "attention_attn_mask", "attention_
              "attention_with_past_and_present", "attention_gqa_with_past_and_present",
              # causal (and a causal window) over a KV cache: query row i sits at position past_len + i
              "attention_4d_causal_with_past_and_present", "attention_with_past_and_present_qk_matmul_bias_3d_mask_causal",
-             "attention_with_past_and_present_qk_matmul_bias_4d_mask_causal", "attention_local_window_with_past"]
+             "attention_with_past_and_present_qk_matmul_bias_4d_mask_causal", "attention_local_window_with_past",
+             # nonpad_kv_seqlen (a cache buffer, L_b valid keys per batch entry): keys j < L_b, causal aligned to their end
+             *NONPAD]
 #: Left with the reason in the report: (fused only) an op whose probabilities are an output.
 LEFT = {"attention_with_qk_matmul_softmax": "probabilities"}
 
@@ -310,3 +315,110 @@ def test_attention_op_window_over_kv_cache_ssmax_counts_the_offset_window(tmp_pa
     want = semantics.ssmax_attention(q, keys, vals, attn_mask=keep, s=0.7).numpy()
     got = _run(am.rewrite(am.import_(path), to="ssmax", s=0.7), ins)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_op_nonpad_ssmax_counts_the_valid_keys(tmp_path: Path) -> None:
+    """SSMax over ``nonpad_kv_seqlen``: ``n`` counts the keys ``j < L_b`` that the causal mask (row ``i`` at
+    ``L_b - S_q + i``) and the op's mask keep; equal to ``semantics`` on those keys.  A row with no attendable key
+    (a negative position) is 0, never NaN."""
+    from tests.test_onnx_spec_attention import _op_reference
+
+    for name in (NONPAD[0], NONPAD[3], NONPAD[4]):  # L_b per batch entry; with the op's mask; rows with no key last
+        path, ins, want = _op_model(name, tmp_path)
+        model = onnx.load(str(path))
+        feeds = {vi.name: x for vi, x in zip(model.graph.input, ins)}
+        ref, rows = _op_reference(model, feeds, 0.7, 0.0)
+        got = _run(am.rewrite(am.import_(path), to="ssmax", s=0.7, b=0.0), ins)
+        assert np.isfinite(got).all(), name
+        np.testing.assert_allclose(got, np.where(rows, ref, 0), rtol=1e-5, atol=1e-5, err_msg=name)
+        assert np.abs(got - want).max() > 1e-3, name  # the factor really applied
+    assert not rows.all() and (got[~rows.repeat(got.shape[-1], -1)] == 0).all()  # the structural-empty case's rows
+
+
+def _nonpad_model(path: Path, rows: int, keys: int, lens: list[int], **attrs: int) -> tuple[onnx.ModelProto, dict]:
+    """An opset-25 ``Attention`` over a cache buffer of ``keys`` keys (``[B, 2, ., 8]``) with ``nonpad_kv_seqlen``."""
+    f32, b = onnx.TensorProto.FLOAT, len(lens)
+    node = onnx.helper.make_node("Attention", ["Q", "K", "V", "", "", "", "nonpad_kv_seqlen"], ["Y"], **attrs)
+    shapes = {"Q": rows, "K": keys, "V": keys}
+    graph = onnx.helper.make_graph(
+        [node], "nonpad", [onnx.helper.make_tensor_value_info(n, f32, [b, 2, s, 8]) for n, s in shapes.items()]
+        + [onnx.helper.make_tensor_value_info("nonpad_kv_seqlen", onnx.TensorProto.INT64, [b])],
+        [onnx.helper.make_tensor_value_info("Y", f32, [b, 2, rows, 8])])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 25)])
+    onnx.save(model, path)
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal((b, 2, s, 8)).astype(np.float32) for n, s in shapes.items()}
+    return model, feeds | {"nonpad_kv_seqlen": np.array(lens, np.int64)}
+
+
+@pytest.mark.parametrize(("rows", "keys", "lens", "tile", "attrs"),
+                         [(2, 12, [3, 5], 2, {"is_causal": 1, "left_window_size": 1}), (128, 128, [100, 37], 16, {"is_causal": 1})])
+def test_attention_op_nonpad_key_loop_ends_at_the_longest_entry(rows: int, keys: int, lens: list[int], tile: int,
+                                                                 attrs: dict, tmp_path: Path) -> None:
+    """The batch shares one key loop, which ends at ``max_b L_b`` rounded up to a tile: values past it are never read
+    (NaN there leaves the output finite), each entry's own padding before it is removed by the index test; a window
+    is aligned to the end of the valid keys too.  Equal to onnxruntime on finite values (one query block of 2 rows;
+    two query blocks of 64, each with its own key range)."""
+    from tests.test_onnx_spec_attention import _op_reference
+
+    path = tmp_path / "nonpad.onnx"
+    model, feeds = _nonpad_model(path, rows, keys, lens, **attrs)
+    want = ort.InferenceSession(str(path)).run(None, feeds)[0]
+    end = -(-max(lens) // tile) * tile
+    poisoned = dict(feeds, V=feeds["V"].copy(), K=feeds["K"].copy())
+    poisoned["V"][:, :, end:] = np.nan
+    poisoned["K"][:, :, end:] = np.nan
+    ins = list(poisoned.values())
+    runs = [({"to": "fused"}, want)] + ([({"to": "ssmax", "s": 0.7, "b": 0.0}, _op_reference(model, feeds, 0.7, 0.0)[0])]
+                                        if rows == 2 else [])
+    for kw, ref in runs:
+        got = _run(am.rewrite(am.import_(path), tile=tile, **kw), ins)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5, err_msg=str(kw))
+
+
+def test_expanded_nonpad_decode_sizes_folded_static_and_fused(tmp_path: Path) -> None:
+    """The schema's body for a decode step over ``nonpad_kv_seqlen``: its causal mask's row indices are
+    ``Range(0, Gather(Shape(Q), -2))``, which torch-mlir leaves ``arange`` of a ``?`` length; the import folds that
+    constant length, so the scores are static (no ``?`` anywhere the site reads) and the site fuses.  Fused and
+    SSMax(s=0.7, in the loop nest) equal onnxruntime and ``semantics`` (``n`` counts keys ``j < L_b`` only)."""
+    from tests.test_onnx_spec_attention import _case, _op_reference
+
+    spec = next(s for s in SPECS if s.export == "attention_4d_gqa_causal_nonpad_decode")
+    path, feeds, _ = _case(spec, True, tmp_path)
+    op_path, op_feeds, _ = _case(spec, False, tmp_path)
+    want = ort.InferenceSession(str(path)).run(None, feeds)[0]
+    module = am.import_(path)
+    (softmax,) = [line for line in str(module).splitlines() if "torch.aten.softmax" in line]
+    assert "?" not in softmax and "[2,4,1,8]" in softmax
+    ins = list(feeds.values())
+    ref, _ = _op_reference(onnx.load(str(op_path)), op_feeds, 0.7, 0.0)
+    for kw, expect in (({"to": "fused"}, want), ({"to": "ssmax", "s": 0.7, "b": 0.0, "fused": True}, ref)):
+        out, result = am.rewrite(module, with_report=True, **kw)
+        assert len(result.rewritten) == 1 and "fused via" in " ".join(result.report.sites[0].notes), result.left
+        np.testing.assert_allclose(_run(out, ins), expect, rtol=1e-5, atol=1e-5, err_msg=str(kw))
+    assert np.abs(ref - want).max() > 1e-3  # SSMax really differs from the original here
+
+
+def test_attention_op_nonpad_probabilities_output_under_ssmax(tmp_path: Path) -> None:
+    """``qk_matmul_output`` mode 3 beside the loop nest takes ``L_b`` too: with SSMax(s=0, b=1) the probabilities and
+    ``Y`` equal the onnx reference (keys ``j >= L_b`` and above the aligned diagonal at exactly 0)."""
+    from onnx.reference import ReferenceEvaluator
+
+    f32 = onnx.TensorProto.FLOAT
+    node = onnx.helper.make_node("Attention", ["Q", "K", "V", "", "", "", "L"], ["Y", "", "", "P"], is_causal=1,
+                                 qk_matmul_output_mode=3)
+    shapes = {"Q": [2, 2, 3, 8], "K": [2, 2, 6, 8], "V": [2, 2, 6, 8]}
+    graph = onnx.helper.make_graph(
+        [node], "nonpad_probs", [onnx.helper.make_tensor_value_info(n, f32, s) for n, s in shapes.items()]
+        + [onnx.helper.make_tensor_value_info("L", onnx.TensorProto.INT64, [2])],
+        [onnx.helper.make_tensor_value_info("Y", f32, [2, 2, 3, 8]), onnx.helper.make_tensor_value_info("P", f32, [2, 2, 3, 6])])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 24)])
+    onnx.save(model, tmp_path / "probs.onnx")
+    rng = np.random.default_rng(0)
+    ins = [rng.standard_normal(s).astype(np.float32) for s in shapes.values()] + [np.array([4, 6], np.int64)]
+    want = ReferenceEvaluator(model).run(None, dict(zip("QKVL", ins)))
+    got = am.compile(am.rewrite(am.import_(tmp_path / "probs.onnx"), to="ssmax", s=0.0, b=1.0))(*ins)
+    assert isinstance(got, list | tuple) and len(got) == 2
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-6)
+    assert (np.asarray(got[1])[0, :, :, 4:] == 0).all()  # batch entry 0 holds 4 keys

@@ -67,6 +67,12 @@ def past_kv(node: Any) -> tuple[Any, Any] | None:
     return (ops[0], ops[1]) if len(ops) == 2 and all(_present(o) for o in ops) else None
 
 
+def nonpad_kv_seqlen(node: Any) -> Any:
+    """The ``[B]`` count of valid keys per batch entry (opset 24), or None."""
+    ops = list(node.operands[6:7])
+    return ops[0] if ops and _present(ops[0]) else None
+
+
 def used(v: Any) -> bool:
     """A result somebody reads (the function's return counts)."""
     return _present(v) and (bool(v.users) or v.returned)
@@ -90,9 +96,9 @@ def _cache_blocker(node: Any) -> str | None:
     """What the loop nest cannot take around a KV cache: ``present = concat(past, new)`` is emitted, then
     attention runs over every key (causal and window masks offset by the past length); a mask narrower than the
     keys is not."""
-    if len(node.operands) > 6 and any(_present(o) for o in node.operands[6:]):
-        return "nonpad_kv_seqlen of onnx.Attention is not rewritten in MLIR"
     past = past_kv(node)
+    if nonpad_kv_seqlen(node) is not None:  # a per-batch key limit in the loop nest (``rewrite/mlir/kv_len.py``)
+        return "nonpad_kv_seqlen of onnx.Attention with a KV cache input is not rewritten in MLIR" if past else None
     if past is None:
         return None
     k, mask = node.operands[1], inputs(node)[3]
@@ -141,4 +147,4 @@ def info(node: Any) -> FusedOpInfo:
 
 
 __all__ = ["OP_NAME", "is_attention_op", "attr", "inputs", "info", "window", "past_kv", "presents", "qk_output", "used",
-           "blockers", "PROBS_OUT"]
+           "blockers", "PROBS_OUT", "nonpad_kv_seqlen"]

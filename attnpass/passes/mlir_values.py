@@ -97,6 +97,14 @@ class Evaluator:
             return None
         return out if isinstance(out, np.ndarray) else None
 
+    def scalar(self, v: Any) -> int | float | bool | None:
+        """A constant-only scalar (``!torch.int``...): a size read with ``item`` from a constant shape; None otherwise."""
+        try:
+            out = self._eval(v, 0)
+        except (_Unknown, ValueError, TypeError, IndexError, ArithmeticError):
+            return None
+        return out if isinstance(out, int | float | bool) else None
+
     def _eval(self, v: Any, depth: int) -> Any:
         if id(v) not in self.memo:
             self.memo[id(v)] = self._compute(v, depth)
@@ -116,6 +124,11 @@ class Evaluator:
         if p.opname == "torch.prim.ListConstruct":
             return [self._eval(x, depth + 1) for x in p.operands]
         shape, elt = v.shape, v.dtype
+        if p.aten == "item" and v.type in ("!torch.int", "!torch.float", "!torch.bool"):  # a size read from a tensor
+            x = np.asarray(self._arg(p, 0, depth))
+            if x.size != 1:
+                raise _Unknown("item of a tensor of more than one element")
+            return {"!torch.int": int, "!torch.float": float, "!torch.bool": bool}[v.type](x.reshape(()).item())
         if shape == () and elt is None:
             raise _Unknown(v.type)  # a scalar computed by an op
         if shape is None or any(d is None for d in shape) or math.prod(shape) > self.limit:
@@ -148,6 +161,8 @@ class Evaluator:
             lo, hi, step = (0, arg(0), 1) if p.overload in ("", "default") else (
                 arg(0), arg(1), arg(2) if p.overload == "start_step" else 1)
             return np.arange(lo, hi, step)
+        if name == "index_select":  # ONNX ``Gather`` of a shape: torch-mlir leaves it on the raw import
+            return np.take(arg(0), np.asarray(arg(2)).astype(np.int64), axis=arg(1))
         if name in ("permute", "transpose"):
             x = arg(0)
             return np.transpose(x, arg(1)) if name == "permute" else np.swapaxes(x, arg(1), arg(2))

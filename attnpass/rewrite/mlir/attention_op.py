@@ -84,7 +84,7 @@ def qk_output_func(name: str, sp: FusedSpec, mode: int, out_elem: str = "f32") -
     wide = "_in" if sp.elem != "f32" else ""
     shapes = {n: packed_shape(s) if n in sp.packed else s for n, s in raw.items()}
     args = [f"%{n}{'_raw' if n in sp.packed else ''}{wide}: {tensor_type(shapes[n], sp.elem)}" for n in raw]
-    args += [f"{m.arg}: {tensor_type(m.shape, m.elem)}" for m in sp.masks]
+    args += sp.args()  # masks, then nonpad_kv_seqlen's L_b
     args += (sp.keys.args() + sp.ssmax.args()) if sp.ssmax else []
     out_ty = tensor_type(tile_shape, out_elem)
     t.emit(f"func.func private @{name}({', '.join(args)}) -> {out_ty} {{", 1)
@@ -167,7 +167,7 @@ def with_cache(ed: Editor, node: Any, sp: FusedSpec, tile: int, before: Any) -> 
 
 
 def with_qk_output(ed: Editor, node: Any, sp: FusedSpec, args: list[Any], before: Any) -> None:
-    """Emit the op's ``qk_matmul_output`` (when read) from ``args`` (q, k, masks..., [keys..., s, b]) and
+    """Emit the op's ``qk_matmul_output`` (when read) from ``args`` (q, k, masks..., [L_b], [keys..., s, b]) and
     replace its uses."""
     qk = qk_output(node)
     if qk is None:

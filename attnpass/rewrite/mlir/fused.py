@@ -62,6 +62,7 @@ from attnpass.rewrite.mlir.builders import (
     unpermuted,
     window_test,
 )
+from attnpass.rewrite.mlir.kv_len import KvLen, keep_test, key_bound
 from attnpass.rewrite.mlir.packed_heads import pack, packed_shape, unpack
 from attnpass.rewrite.mlir.ssmax import KeyMasks, SsmaxParams, emit_factor
 
@@ -107,6 +108,13 @@ class FusedSpec:
     k_value: str = "%k"  # the SSA name K tiles are cut from (``%k_t``: K transposed once for the register blocks)
     # query row i sits at position ``q_offset + i`` for the causal and window tests (a KV cache of ``P`` past keys)
     q_offset: int = 0
+    # a per-batch key limit (``nonpad_kv_seqlen``): keys j >= L_b removed, causal / window rows at L_b - S_q + i
+    kv_len: KvLen | None = None
+    key_bound: str | None = None  # with ``kv_len``: an index, the end of the keys any batch entry holds (whole tiles)
+
+    def args(self) -> list[str]:
+        """The arguments after Q, K, V: the masks, then ``L_b`` (with ``kv_len``)."""
+        return [f"{m.arg}: {tensor_type(m.shape, m.elem)}" for m in self.masks] + ([self.kv_len.decl()] if self.kv_len else [])
 
     def key_end(self) -> int:
         """One past the last key any query row may attend: key tiles from there on are skipped, not masked.
@@ -114,6 +122,8 @@ class FusedSpec:
         Top-left causal ends at ``S_q``, a right window at ``S_q - 1 + right + 1`` (both later by ``q_offset``).
         """
         end = self.s_k
+        if self.kv_len is not None:  # the rows' positions are known at run time only
+            return max(end, 1)
         if self.causal:
             end = min(end, self.s_q + self.q_offset)
         if self.window is not None and self.window[1] >= 0:
@@ -192,6 +202,8 @@ def _row_block(t: Ssa, sp: FusedSpec, rows: Rows, ind: int, keys: tuple[int, int
         full, tail = keys
         if full > 0:
             bounds = (t.op("c", "arith.constant 0 : index", ind), t.op("c", f"arith.constant {full} : index", ind))
+            if sp.key_bound is not None:  # a per-batch key limit: tiles past every entry's keys are skipped
+                bounds = (bounds[0], t.op("hi", f"arith.minsi {bounds[1]}, {sp.key_bound} : index", ind))
             state = _key_loop(t, sp, rows, bounds, state, ind)
         if tail:
             jt = t.op("c", f"arith.constant {full} : index", ind)
@@ -205,7 +217,9 @@ def _block_keys(t: Ssa, sp: FusedSpec, q0: str, qb: int, ind: int) -> tuple[str,
     """The key range of the query block at ``q0``, rounded out to whole tiles: from ``q0 - left`` (window) to
     ``q0 + qb`` (causal) or ``q0 + qb + right`` (window), each later by ``q_offset``.  Static ``[0, key_end)`` when
     ``S_k`` is not whole tiles."""
-    skips = sp.causal or (sp.window is not None and max(sp.window) >= 0)
+    if sp.key_bound is not None and not sp.s_k % sp.tile:  # a per-batch key limit: up to the last entry's keys
+        return t.op("c", "arith.constant 0 : index", ind), sp.key_bound, 0
+    skips = (sp.causal or (sp.window is not None and max(sp.window) >= 0)) and sp.kv_len is None
     if not skips or sp.s_k % sp.tile:
         return _static_keys(sp) if sp.s_k % sp.tile else (sp.s_k, 0)
 
@@ -303,7 +317,7 @@ def fused_func(name: str, sp: FusedSpec) -> str:
     moved = set(sp.perms) | set(sp.packed)
     wide = "_in" if sp.elem != "f32" else ""
     args = [f"%{n}{'_raw' if n in moved else ''}{wide}: {tensor_type(shape, sp.elem)}" for n, shape in raw.items()]
-    args += [f"{m.arg}: {tensor_type(m.shape, m.elem)}" for m in sp.masks]
+    args += sp.args()
     args += (sp.keys.args() + sp.ssmax.args()) if sp.ssmax else []
     out_perm = sp.perms.get("out")
     ret_shape = packed_shape(out_shape) if "out" in sp.packed else permuted(out_shape, out_perm)
@@ -331,6 +345,8 @@ def fused_func(name: str, sp: FusedSpec) -> str:
         # n_i needs every key of the row before the first tile: one reduction over the masks up front
         sp.ssmax.emit_constants(t)
         factor = emit_factor(t, row_shape, sp.s_k, sp.keys.settled(t, domain), sp.ssmax)
+    if sp.kv_len is not None:
+        sp = dataclasses.replace(sp, key_bound=key_bound(t, sp.kv_len, sp.s_k, sp.tile, 2))
     qb = query_block(sp)
     if qb is None:
         out = _row_block(t, sp, Rows("%q", None, factor), 2, _static_keys(sp))
@@ -352,12 +368,16 @@ def logits_tile(t: Ssa, sp: FusedSpec, s: Operand, masks: list[tuple[str, tuple[
 
     Soft-cap is ``c tanh(x / c)``; ``f`` (SSMax) is the ``[..., S_q]`` per-row multiplier, applied
     after the biases and before the masks, the order ``semantics.attention`` defines; ``allowed``
-    ANDs the hard masks, the bias limits and (causal) ``j0 + j <= i``.
+    ANDs the hard masks, the bias limits and (causal) ``j0 + j <= i``; with ``kv_len`` the keys ``j < L_b`` of the
+    row's batch entry and causal / window tests aligned to their end (``kv_len.keep_test``).
     """
     dims4 = [*sp.bdims, "i", "j"]
     ins = [s] + [Operand(name, shp, bcast_map(shp, s.shape, dims4), mk.elem) for name, shp, mk in masks]
     if factor is not None:
         ins.append(Operand(factor, s.shape[:-1], dims_of([*sp.bdims, "i"])))
+    kvi = len(ins)  # L_b's block argument
+    if sp.kv_len is not None:
+        ins.append(sp.kv_len.operand())
 
     def body(a: list[str], i: int) -> str:
         x = t.op("x", f"arith.mulf {a[0]}, {constant(t, sp.scale, i)} : f32", i)
@@ -370,18 +390,24 @@ def logits_tile(t: Ssa, sp: FusedSpec, s: Operand, masks: list[tuple[str, tuple[
             x = t.op("x", f"arith.addf {x}, {add} : f32", i)
         if factor is not None:
             x = t.op("x", f"arith.mulf {x}, {a[1 + len(masks)]} : f32", i)
+        if sp.kv_len is not None:  # the causal and window tests aligned to the end of each batch entry's keys
+            ok = both(t, ok, keep_test(t, sp.kv_len, a[kvi], sp.nb, sp.nb + 1, j0, i0, sp.causal, sp.window, i), i)
+            return _select(t, ok, x, i)
         r0 = row_offset(t, i0, sp.q_offset, i)
         if sp.causal:
             ok = both(t, ok, causal_test(t, sp.nb, sp.nb + 1, j0, i, r0), i)
         win = window_test(t, sp.nb, sp.nb + 1, j0, sp.window, i, r0) if sp.window is not None else None
         if win is not None:
             ok = both(t, ok, win, i)
-        if ok is not None:
-            x = t.op("x", f"arith.select {ok}, {x}, {constant(t, -math.inf, i)} : f32", i)
-        return x
+        return _select(t, ok, x, i)
 
     out = Operand(empty(t, s.shape, ind), s.shape, dims_of(dims4))
     return generic(t, dims4, ins, out, [PAR] * len(dims4), body, ind, "z")
+
+
+def _select(t: Ssa, ok: str | None, x: str, ind: int) -> str:
+    """``ok ? x : -inf`` (``x`` where nothing removes a key)."""
+    return x if ok is None else t.op("x", f"arith.select {ok}, {x}, {constant(t, -math.inf, ind)} : f32", ind)
 
 
 def fused_tile(t: Ssa, sp: FusedSpec, j0: str, tile: int, state: tuple[str, str, str], rows: Rows,

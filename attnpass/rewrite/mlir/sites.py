@@ -20,6 +20,7 @@ from attnpass.rewrite.mlir.attention_op import with_cache, with_qk_output
 from attnpass.rewrite.mlir.builders import HALF, builtin_elem, permuted, unpermuted
 from attnpass.rewrite.mlir.editor import Editor, erase_dead, mask_inputs, to_builtin_raw
 from attnpass.rewrite.mlir.fused import DEFAULT_TILE, FusedSpec, fused_func, tile_for
+from attnpass.rewrite.mlir.kv_len import with_kv_len
 from attnpass.rewrite.mlir.ssmax import KeyMasks, SsmaxParams, ssmax_func, ssmax_sdpa_func
 from attnpass.rewrite.mlir.topk import emit_topk
 
@@ -250,9 +251,10 @@ def _fuse_site(ed: Editor, plan: Plan, tile: int, ssmax: tuple | None = None) ->
     out: _Val = site.out
     before = out.producer.op
     op = site.softmax if is_attention_op(site.softmax) else None
-    kv = None
+    kv, lengths = None, []
     if op is not None:  # the ONNX op's KV cache: present = concat(past, new), attended over
         spec, kv = with_cache(ed, op, spec, tile, before)
+        spec, lengths = with_kv_len(ed, op, spec, before)  # nonpad_kv_seqlen: keys j < L_b per batch entry
     # everything the call reads is defined before the op that produces the site's output
     terms = [plan.op_mask] if plan.op_mask is not None else [*plan.op_mask_additive, *plan.op_mask_bool]
     masks, mvals = mask_inputs(ed, terms, before, "m")
@@ -263,7 +265,7 @@ def _fuse_site(ed: Editor, plan: Plan, tile: int, ssmax: tuple | None = None) ->
         keys = _key_masks(ed, plan, before)
         if keys is None:
             raise AttnpassError(f"internal error: {site.name} planned fused with a mask the loop nest cannot read")
-        spec.keys = replace(keys[0], q_offset=spec.q_offset)  # a KV cache's past keys (with_cache)
+        spec.keys = replace(keys[0], q_offset=spec.q_offset, kv_len=spec.kv_len)  # a KV cache's keys (with_cache)
         spec.ssmax, pvals = _ssmax_params(ed, func, spec.batch[-1] if spec.batch else 1, s, b, params, before)
         pvals = keys[1] + pvals
     q, k, v = (ed.builtin(o.value, before) for o in (site.q, site.k, site.v))
@@ -272,8 +274,8 @@ def _fuse_site(ed: Editor, plan: Plan, tile: int, ssmax: tuple | None = None) ->
     name = ed.fresh_symbol(f"attnpass_fused_{site.index}")
     ed.add_func(fused_func(name, spec), f"fused attention for {site.name}")
     if op is not None:  # the op's qk_matmul_output, computed beside the loop nest
-        with_qk_output(ed, op, spec, [q, k, *mvals, *pvals], before)
-    new = ed.call(name, [q, k, v, *mvals, *pvals], [out.type], before)[0]
+        with_qk_output(ed, op, spec, [q, k, *mvals, *lengths, *pvals], before)
+    new = ed.call(name, [q, k, v, *mvals, *lengths, *pvals], [out.type], before)[0]
     out.value.replace_all_uses_with(new)
     if op is not None:
         site.softmax.op.erase()  # not a pure op for erase_dead, and torch-mlir cannot lower it

@@ -33,6 +33,7 @@ from attnpass.rewrite.mlir.builders import (
     tensor_type,
     window_test,
 )
+from attnpass.rewrite.mlir.kv_len import KvLen, keep_test
 
 #: ``torch.finfo(dtype).min`` as an MLIR literal of that type (bit patterns for the half types: exact)
 FINFO_MIN = {"f32": f32(F32_MIN), "f16": "0xFBFF", "bf16": "0xFF7F", "f64": "0xFFEFFFFFFFFFFFFF"}
@@ -76,6 +77,7 @@ class KeyMasks:
     causal: bool = False
     window: tuple[int, int] | None = None  # a fused op's own window (``FusedSpec.window``): an index test too
     q_offset: int = 0  # ``FusedSpec.q_offset``: row i at position ``q_offset + i`` for the causal and window tests
+    kv_len: KvLen | None = None  # ``FusedSpec.kv_len``: keys j < L_b count, causal / window rows at L_b - S_q + i
 
     @property
     def masks(self) -> tuple[MaskIn, ...]:
@@ -88,7 +90,7 @@ class KeyMasks:
         """The factors at the static sizes of ``domain`` (see ``settle_mask``)."""
         return KeyMasks(tuple(settle_mask(t, m, domain) for m in self.counted),
                         tuple(settle_mask(t, m, (*domain[:-1], 1)) for m in self.rows), self.causal, self.window,
-                        self.q_offset)
+                        self.q_offset, self.kv_len)
 
 
 def count_keys(t: Ssa, row_shape: tuple[int | None, ...], s_k: int | None, keys: KeyMasks,
@@ -100,7 +102,7 @@ def count_keys(t: Ssa, row_shape: tuple[int | None, ...], s_k: int | None, keys:
     (at its own shape) and testing causal as ``j <= q_offset + i``.  Row flags then zero the rows they remove.
     ``sizes`` are the unknown sizes of the rows and ``s_k_size`` the key count when ``s_k`` is unknown.
     """
-    n = _count(t, row_shape, s_k, keys.counted, keys.causal, sizes, s_k_size, keys.window, keys.q_offset)
+    n = _count(t, row_shape, s_k, keys.counted, keys.causal, sizes, s_k_size, keys.window, keys.q_offset, keys.kv_len)
     if not keys.rows:
         return n
     rdims = [f"d{i}" for i in range(len(row_shape))]
@@ -123,11 +125,14 @@ def _row_map(shape: tuple[int | None, ...], row_shape: tuple[int | None, ...], r
 
 
 def _count(t: Ssa, row_shape: tuple[int | None, ...], s_k: int | None, masks: Sequence[MaskIn], causal: bool,
-           sizes: Sequence[str], s_k_size: str | None, window: tuple[int, int] | None = None, offset: int = 0) -> str:
+           sizes: Sequence[str], s_k_size: str | None, window: tuple[int, int] | None = None, offset: int = 0,
+           kv_len: KvLen | None = None) -> str:
     rank = len(row_shape) + 1
     dims = [f"d{i}" for i in range(rank)]
     rows = dims_of(dims[:-1])
     n0 = Operand(fill(t, row_shape, "0.0", 2, sizes), row_shape, rows)
+    if kv_len is not None:  # a per-batch key limit: always the reduction
+        return _count_reduce(t, row_shape, s_k, masks, causal, window, offset, kv_len, n0, s_k_size)
     if window is not None and not masks and s_k is not None:
         return _count_range(t, dims[:-1], n0, s_k, causal, window, offset)
     if causal and not masks:
@@ -144,17 +149,34 @@ def _count(t: Ssa, row_shape: tuple[int | None, ...], s_k: int | None, masks: Se
             keys = t.op("keys", f"arith.index_cast {s_k_size} : index to i64", 2)
             return fill(t, row_shape, t.op("keysf", f"arith.uitofp {keys} : i64 to f32", 2), 2, sizes)
         return fill(t, row_shape, f32(float(s_k)), 2, sizes)
+    return _count_reduce(t, row_shape, s_k, masks, causal, window, offset, None, n0)
+
+
+def _count_reduce(t: Ssa, row_shape: tuple[int | None, ...], s_k: int | None, masks: Sequence[MaskIn], causal: bool,
+                  window: tuple[int, int] | None, offset: int, kv_len: KvLen | None, n0: Operand,
+                  s_k_size: str | None = None) -> str:
+    """``n_i = sum_j allowed(i, j)``: one reduction over the key axis reading the masks (and ``L_b``)."""
+    rank = len(row_shape) + 1
+    dims = [f"d{i}" for i in range(rank)]
     domain = (*row_shape, s_k)
     ins = [Operand(m.arg, m.shape, bcast_map(m.shape, domain, dims), m.elem) for m in masks]
+    if kv_len is not None:
+        ins.append(kv_len.operand())
+        if not any(m.shape and m.shape[-1] not in (1,) for m in masks):  # nothing else spans (sizes) the key axis
+            keys = empty(t, (s_k,), 2, sizes=[s_k_size] if s_k is None and s_k_size else [])
+            ins.append(Operand(keys, (s_k,), f"({dims[-1]})"))
 
     def count(a: list[str], i: int) -> str:
-        _, ok = mask_body(t, masks, a[:-1], i)
+        _, ok = mask_body(t, masks, a[:len(masks)], i)
         r0 = row_offset(t, None, offset, i)
-        if causal:
-            ok = both(t, ok, causal_test(t, rank - 2, rank - 1, None, i, r0), i)
-        win = window_test(t, rank - 2, rank - 1, None, window, i, r0) if window is not None else None
-        if win is not None:
-            ok = both(t, ok, win, i)
+        if kv_len is not None:
+            ok = both(t, ok, keep_test(t, kv_len, a[len(masks)], rank - 2, rank - 1, None, None, causal, window, i), i)
+        else:
+            if causal:
+                ok = both(t, ok, causal_test(t, rank - 2, rank - 1, None, i, r0), i)
+            win = window_test(t, rank - 2, rank - 1, None, window, i, r0) if window is not None else None
+            if win is not None:
+                ok = both(t, ok, win, i)
         if ok is None:
             ok = t.op("true", "arith.constant true", i)
         one = t.op("one", "arith.constant 1.0 : f32", i)
