@@ -138,6 +138,24 @@ def test_rows_longer_than_a_tile(target):
     _check(target, x, 5, True)
 
 
+def test_nan_infinities_and_ties_after_the_first_block(target):
+    """Long rows whose specials sit past the first block (the C++ kernel's one-read block pass, which filters
+    against the k-th value per vector and offers a block's NaNs afterwards) and in the last, partial vector."""
+    n = 5000 if target.big else 2100
+    nan, inf = float("nan"), float("inf")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = _x(target, 4, n, seed=6).cpu()
+        x[0, n // 2 + 7] = nan
+        x[0, n - 1] = nan
+        x[1, n - 3] = inf
+        x[2, 2 * n // 3:] = 9.0  # ties past the first block: lowest index first
+        x[3, n // 2 :] = -inf
+        x = x.to(device=target.device, dtype=dtype)
+        for k in (1, 8, 50):
+            _check(target, x, k, False)
+        _check(target, x, 8, True)
+
+
 def test_op_dispatches_cpu_tensors_to_the_cpp_kernel():
     x = torch.randn(4, 100)
     assert topk_dispatch.active_backend(x, 8) == "cpu"

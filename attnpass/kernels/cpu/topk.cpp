@@ -5,14 +5,14 @@
 // variant its own library and op namespace (ATTNPASS_NS).
 //
 // Layout: x [rows, n] contiguous, float / bfloat16 / half; all arithmetic in float.  Rows run in
-// parallel (at::parallel_for).  Each row is walked once, in blocks that fit L1 (a bf16/fp16 block
-// is widened into a per-thread float buffer first).  Per block:
-//   1. the block maximum (vectorised);
-//   2. the running maximum m and normaliser s: s is rescaled by exp(m_old - m_new) only when the
-//      maximum grows, then s += sum exp(x - m) (vectorised exp);
-//   3. the running top-k: a sorted buffer of (value, index), k <= 64.  A block whose maximum does
-//      not beat the k-th value is skipped with no further work (after the first blocks of a long
-//      row almost all are); otherwise a vectorised compare finds the few lanes that beat it.
+// parallel (at::parallel_for).  Each row is read from memory once, in blocks that fit L1.  Per block
+// (block_pass), one vector loop does three things per vector: widen bf16/fp16 to float V lanes at a
+// time (into a per-thread buffer), the running block maximum, and the top-k filter (one compare against
+// the k-th value; the rare lanes above it enter the buffer).  Then, from L1, the running maximum m and
+// normaliser s: s is rescaled by exp(m_old - m_new) only when the maximum grows, then
+// s += sum exp(x - m) (vectorised exp).  The running top-k is a sorted buffer of (value, index),
+// k <= 64; an entry finds its place with vector compares and moves the tail once.  A row's first block
+// fills the buffer with its first k entries and scans the rest of the block against the k-th.
 // The outputs are p_j = exp(x_j - lse) with lse = m + log(s) (renormalised: exp(x_j - x_top) over
 // the sum of the k of them), written for k entries per row only.
 //
@@ -43,6 +43,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -117,8 +118,8 @@ struct Normaliser {
 
 // The k largest (value, index) pairs seen so far, sorted descending, ties in arrival order.
 struct TopK {
-  float val[kMaxK];
-  int64_t idx[kMaxK];
+  float val[kMaxK] = {};  // all kMaxK read by insert_full's vector compares (lanes past k masked off)
+  int64_t idx[kMaxK] = {};
   int k = 0;
   int size = 0;
 
@@ -132,6 +133,22 @@ struct TopK {
     }
     val[p] = v;
     idx[p] = i;
+  }
+
+  // insert for a full buffer and a number v above the threshold: its place is the count of entries v does
+  // not beat (vector compares, entries past k masked off), then one move of the tail; no compare per shift.
+  void insert_full(float v, int64_t i) {
+    const Vec vv(v);
+    int pos = 0;
+    for (int p0 = 0; p0 < k; p0 += Vec::size()) {
+      const int lanes = std::min<int>(Vec::size(), k - p0);
+      const unsigned keep = lanes == Vec::size() ? kLanes : (1u << lanes) - 1u;
+      pos += __builtin_popcount(static_cast<unsigned>((vv > Vec::loadu(val + p0)).zero_mask()) & keep);
+    }
+    std::memmove(val + pos + 1, val + pos, (k - 1 - pos) * sizeof(float));
+    std::memmove(idx + pos + 1, idx + pos, (k - 1 - pos) * sizeof(int64_t));
+    val[pos] = v;
+    idx[pos] = i;
   }
 
   float threshold() const { return val[k - 1]; }
@@ -148,7 +165,7 @@ struct TopK {
         while (above != 0) {
           const int l = __builtin_ctz(above);
           above &= above - 1;
-          if (greater(x[j + l], threshold())) insert(x[j + l], base + j + l);
+          if (x[j + l] > threshold()) insert_full(x[j + l], base + j + l);
         }
       }
     }
@@ -193,14 +210,68 @@ void select_small(const float* x, int64_t n, int k, float* work, TopK& top) {
   }
 }
 
+// V values of x as floats: bf16/fp16 widened V lanes at a time (a shift or F16C), not element by element.
+template <typename T>
+inline Vec load_float(const T* src) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(src);
+  } else {
+    Vec v;
+    at::vec::load_to_float<T>(src, v);
+    return v;
+  }
+}
+
 template <typename T>
 const float* as_float(const T* src, int64_t len, float* buf) {
   if constexpr (std::is_same_v<T, float>) {
     return src;
   } else {
-    for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<float>(src[j]);
+    int64_t j = 0;
+    for (; j + Vec::size() <= len; j += Vec::size()) load_float(src + j).store(buf + j);
+    for (; j < len; ++j) buf[j] = static_cast<float>(src[j]);
     return buf;
   }
+}
+
+// One block of a row once the buffer is full, in a single read of the input: widen (into buf, reduced
+// precision only), the running block maximum, and the top-k filter, all per vector.  A vector with no lane
+// above the k-th value costs one compare; the few that beat it enter the buffer, and the threshold is
+// re-read after each entry.  NaN lanes never compare above: when the block maximum says there is one, the
+// block's NaNs are offered afterwards in index order (the buffer's order does not depend on when an entry
+// arrives, only on value and index).  Returns the block maximum (NaN if any) and the block as floats.
+template <typename T>
+float block_pass(const T* xr, int64_t len, int64_t base, float* buf, TopK& top, const float** out) {
+  constexpr float ninf = -std::numeric_limits<float>::infinity();
+  constexpr bool wide = !std::is_same_v<T, float>;
+  const float* xb = wide ? buf : reinterpret_cast<const float*>(xr);
+  Vec vm(ninf), vt(top.threshold());
+  int64_t j = 0;
+  for (; j + Vec::size() <= len; j += Vec::size()) {
+    const Vec v = load_float(xr + j);
+    if constexpr (wide) v.store(buf + j);
+    vm = at::vec::maximum(vm, v);
+    unsigned above = ~static_cast<unsigned>((v > vt).zero_mask()) & kLanes;
+    if (above != 0) {
+      while (above != 0) {
+        const int l = __builtin_ctz(above);
+        above &= above - 1;
+        if (xb[j + l] > top.threshold()) top.insert_full(xb[j + l], base + j + l);
+      }
+      vt = Vec(top.threshold());
+    }
+  }
+  float bmax = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
+  for (; j < len; ++j) {
+    if constexpr (wide) buf[j] = static_cast<float>(xr[j]);
+    bmax = nan_max(bmax, xb[j]);
+    if (xb[j] > top.threshold()) top.insert_full(xb[j], base + j);
+  }
+  if (bmax != bmax)
+    for (int64_t t = 0; t < len; ++t)
+      if (xb[t] != xb[t] && greater(xb[t], top.threshold())) top.insert(xb[t], base + t);
+  *out = xb;
+  return bmax;
 }
 
 // The outputs of one row from its selection: p_j = exp(x_j - lse), or renormalised over the k.
@@ -232,12 +303,18 @@ void forward_row(const T* xr, int64_t n, int k, bool renormalize, T* pr, int64_t
   }
   for (int64_t b0 = 0; b0 < n && !small; b0 += kBlock) {
     const int64_t len = std::min(kBlock, n - b0);
-    const float* xb = as_float(xr + b0, len, buf);
-    const float bmax = block_max(xb, len);
+    const float* xb;
+    float bmax;
+    if (top.size == k) {
+      bmax = block_pass(xr + b0, len, b0, buf, top, &xb);
+    } else {  // the row's first block: the first k enter unconditionally
+      xb = as_float(xr + b0, len, buf);
+      bmax = block_max(xb, len);
+      int64_t j = 0;
+      for (; top.size < k && j < len; ++j) top.insert(xb[j], b0 + j);
+      if (j < len) top.scan(xb, j, len, b0, bmax);
+    }
     norm.add_block(xb, len, bmax);
-    int64_t j = 0;
-    for (; top.size < k && j < len; ++j) top.insert(xb[j], b0 + j);  // the first k enter unconditionally
-    if (j < len) top.scan(xb, j, len, b0, bmax);
   }
   write_row(top.val, top.idx, k, renormalize, norm.lse(), pr, ir);
 }
@@ -284,9 +361,7 @@ bool forward_tile(const T* x, int64_t rows_here, int64_t n, int k, bool renormal
   if constexpr (std::is_same_v<T, float>) {
     src = x;
   } else {
-    float* wide = tb + n * V;
-    for (int64_t e = 0; e < rows_here * n; ++e) wide[e] = static_cast<float>(x[e]);
-    src = wide;
+    src = as_float(x, rows_here * n, tb + n * V);
   }
   if (rows_here < V) std::fill(tb, tb + n * V, 0.f);  // a partial tile's spare lanes: finite, ignored
   at::vec::transpose_mxn<float>(src, n, tb, V, static_cast<int>(rows_here), static_cast<int>(n));
