@@ -141,6 +141,28 @@ def test_many_short_rows_ties_nan_and_infinities(target):
                     _check(target, xw.to(device=target.device, dtype=dtype), k, renorm)
 
 
+def test_float32_router_values_a_few_ulps_apart(target):
+    """float32 router tiles select on keys that keep only the value's high bits beside the index (the C++ kernel),
+    so values a few ulps apart must still come out by value: ascending and descending runs of neighbouring floats,
+    one run split across the k-th place, exact ties among them, and logits that came from bf16."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(16, 64, generator=g)
+    one = torch.tensor(1.0)
+    run = torch.stack([one := torch.nextafter(one, torch.tensor(2.0)) for _ in range(12)])
+    x[0, :12] = run  # ascending: the lowest index holds the smallest value
+    x[1, :12] = run.flip(0)
+    x[2, 20:32] = run
+    x[2, 3] = run[5]  # an exact tie inside the run, at a lower index
+    x[3, :12] = run
+    x[3, 40] = run[-1] + 1.0  # one clear winner, the run below it crossing the k-th place
+    x[4] = x[4].to(torch.bfloat16).float()
+    x[5, 10:14] = 1.0  # exact ties
+    x = x.to(target.device)
+    for k in (5, 8):
+        for renorm in (False, True):
+            _check(target, x, k, renorm)
+
+
 def test_rows_longer_than_a_tile(target):
     n = 70000 if target.big else 9000
     x = _x(target, 3, n, seed=4)

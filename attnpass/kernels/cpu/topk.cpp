@@ -348,6 +348,42 @@ inline Mask either(const Mask& a, const Mask& b) { return a | b; }
 inline bool any_lane(const Mask& m) { return (~static_cast<unsigned>(m.zero_mask()) & kLanes) != 0; }
 #endif
 
+// Rows -> columns for a tile: dst[j * V + r] = src[r * ld + j].  A full tile whose width is a multiple of 16
+// is transposed 16 x 16 in registers (AVX512); anything else goes through at::vec's general transpose.
+inline void transpose_tile(const float* src, int64_t ld, float* dst, int64_t rows, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (rows == 16 && n % 16 == 0) {
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+      __m512 a[16], b[16];
+      for (int r = 0; r < 16; ++r) a[r] = _mm512_loadu_ps(src + r * ld + j0);
+      for (int r = 0; r < 16; r += 2) {  // pairs of rows interleaved by 32 bits
+        b[r] = _mm512_unpacklo_ps(a[r], a[r + 1]);
+        b[r + 1] = _mm512_unpackhi_ps(a[r], a[r + 1]);
+      }
+      for (int r = 0; r < 16; r += 4) {  // then by 64 bits: 4 x 4 blocks within each 128-bit lane
+        const auto d = [&](int q) { return _mm512_castps_pd(b[r + q]); };
+        a[r] = _mm512_castpd_ps(_mm512_unpacklo_pd(d(0), d(2)));
+        a[r + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(d(0), d(2)));
+        a[r + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(d(1), d(3)));
+        a[r + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(d(1), d(3)));
+      }
+      for (int r = 0; r < 16; r += 8) {  // then whole 128-bit lanes, twice
+        for (int q = 0; q < 4; ++q) {
+          b[r + q] = _mm512_shuffle_f32x4(a[r + q], a[r + q + 4], 0x88);
+          b[r + q + 4] = _mm512_shuffle_f32x4(a[r + q], a[r + q + 4], 0xdd);
+        }
+      }
+      for (int q = 0; q < 8; ++q) {
+        _mm512_storeu_ps(dst + (j0 + q) * 16, _mm512_shuffle_f32x4(b[q], b[q + 8], 0x88));
+        _mm512_storeu_ps(dst + (j0 + q + 8) * 16, _mm512_shuffle_f32x4(b[q], b[q + 8], 0xdd));
+      }
+    }
+    return;
+  }
+#endif
+  at::vec::transpose_mxn<float>(src, ld, dst, Vec::size(), static_cast<int>(rows), static_cast<int>(n));
+}
+
 constexpr int kTileK = 8;
 constexpr int64_t kTileN = 1024;
 
@@ -364,7 +400,7 @@ bool forward_tile(const T* x, int64_t rows_here, int64_t n, int k, bool renormal
     src = as_float(x, rows_here * n, tb + n * V);
   }
   if (rows_here < V) std::fill(tb, tb + n * V, 0.f);  // a partial tile's spare lanes: finite, ignored
-  at::vec::transpose_mxn<float>(src, n, tb, V, static_cast<int>(rows_here), static_cast<int>(n));
+  transpose_tile(src, n, tb, rows_here, n);
   Vec val[K], idx[K];
   for (int p = 0; p < K; ++p) {
     val[p] = Vec(ninf);
@@ -576,17 +612,103 @@ bool forward_tile_keyed(const T* x, int64_t rows_here, int64_t n, int k, bool re
   return true;
 }
 
+// Router tiles in float32 with k >= kKeyedK: the same int32 keys, from a value that no longer fits beside the
+// index: the float's bits made order-preserving, their low 10 bits (a bucket of 2^-13 relative width)
+// replaced by 1023 - index.  Selection on these keys is exact except inside one bucket, where it orders by
+// index instead of by value; a row is handed back to the exact row path (its bit in the returned mask) when
+// that can matter: two selected entries share a bucket with different values, or an unselected entry of the
+// k-th's bucket is above a selected one.  Both are checked exactly (one compare pass over the tile in L1) and
+// are rare, since a bucket is narrow; float32 values that came from bf16 (low bits zero) never hit them.
+// The whole tile is handed back on a NaN or a row whose k-th is -inf, as in forward_tile.
+constexpr int kKeyedK = 5;
+
+template <int K>
+uint32_t forward_tile_f32_keyed(const float* x, int64_t rows_here, int64_t n, int k, bool renormalize, float* tb,
+                                float* probs, int64_t* indices) {
+  constexpr int V = Vec::size();
+  constexpr float ninf = -std::numeric_limits<float>::infinity();
+  const uint32_t all = rows_here >= 32 ? ~0u : (1u << rows_here) - 1u;
+  if (rows_here < V) std::fill(tb, tb + n * V, 0.f);  // a partial tile's spare lanes: finite, ignored
+  transpose_tile(x, n, tb, rows_here, n);
+  const int32_t* bits = reinterpret_cast<const int32_t*>(tb);
+  int32_t* keys = reinterpret_cast<int32_t*>(tb + n * V);
+  int32_t mag_max[V] = {};  // per lane, so that the loop stays vertical
+  for (int64_t j = 0; j < n; ++j) {  // plain integer arithmetic: the compiler vectorises it
+    for (int l = 0; l < V; ++l) {
+      const int32_t v = bits[j * V + l], neg = v >> 31, mag = v & 0x7FFFFFFF;
+      mag_max[l] = std::max(mag_max[l], mag);
+      const int32_t ordered = (v ^ (neg & 0x7FFFFFFF)) - neg;  // -|v| or |v|: -0 and +0 both 0
+      keys[j * V + l] = static_cast<int32_t>((static_cast<uint32_t>(ordered) & ~0x3FFu) | static_cast<uint32_t>(1023 - j));
+    }
+  }
+  if (*std::max_element(mag_max, mag_max + V) > 0x7F800000) return all;  // a NaN
+  IVec slot[K];
+  select_keys<K>(n, slot, [&](int64_t j) { return IVec::loadu(keys + j * V); });
+  int32_t sk[K][V];
+  float sv[K][V], si[K][V], low[V];
+  for (int p = 0; p < K; ++p) slot[p].store(sk[p]);
+  uint32_t redo = 0;
+  for (int l = 0; l < V; ++l) {
+    low[l] = std::numeric_limits<float>::infinity();
+    for (int p = 0; p < K; ++p) {
+      const int32_t i = l < rows_here ? 1023 - (sk[p][l] & 0x3FF) : 0;
+      sv[p][l] = l < rows_here ? x[l * n + i] : 0.f;
+      si[p][l] = static_cast<float>(i);
+      if ((sk[p][l] >> 10) == (sk[K - 1][l] >> 10)) low[l] = std::min(low[l], sv[p][l]);  // the k-th bucket's lowest
+      if (p > 0 && (sk[p][l] >> 10) == (sk[p - 1][l] >> 10) && sv[p][l] != sv[p - 1][l]) redo |= 1u << l;
+    }
+  }
+  for (int l = 0; l < rows_here; ++l)
+    if (sv[k - 1][l] == ninf) return all;
+  int32_t kth[V], flag[V] = {};
+  for (int l = 0; l < V; ++l) kth[l] = sk[K - 1][l];
+  for (int64_t j = 0; j < n; ++j)  // an unselected entry above a selected one: only in the k-th's bucket
+    for (int l = 0; l < V; ++l) flag[l] |= static_cast<int32_t>(keys[j * V + l] < kth[l]) & static_cast<int32_t>(tb[j * V + l] > low[l]);
+  for (int l = 0; l < rows_here; ++l)
+    if (flag[l] != 0) redo |= 1u << l;
+  float pv[K][V];
+  if (renormalize) {
+    Vec w[K], total(0.f);
+    const Vec top = Vec::loadu(sv[0]);
+    for (int p = 0; p < K; ++p) total = total + (w[p] = (Vec::loadu(sv[p]) - top).exp());
+    for (int p = 0; p < K; ++p) (w[p] / total).store(pv[p]);
+  } else {  // slot 0 is each row's maximum (rows not handed back): one more pass over the tile in L1
+    const Vec vm = Vec::loadu(sv[0]);
+    float m[V], sum[V], lse[V];
+    vm.store(m);
+    Vec acc(0.f);
+    for (int64_t j = 0; j < n; ++j) acc = acc + (Vec::loadu(tb + j * V) - vm).exp_u20();
+    acc.store(sum);
+    for (int l = 0; l < V; ++l) lse[l] = m[l] == -ninf ? m[l] : m[l] + std::log(sum[l]);
+    const Vec vlse = Vec::loadu(lse);
+    for (int p = 0; p < K; ++p) (Vec::loadu(sv[p]) - vlse).exp().store(pv[p]);
+  }
+  for (int l = 0; l < rows_here; ++l) {
+    for (int p = 0; p < K; ++p) {
+      probs[l * K + p] = pv[p][l];
+      indices[l * K + p] = static_cast<int64_t>(si[p][l]);
+    }
+  }
+  return redo;
+}
+
+// Which rows of the tile the row path must (re)do: bit l for row l; 0 when the tile path did them all.
 template <int K, typename T>
-bool forward_tile_any(const T* x, int64_t rows_here, int64_t n, int k, bool renormalize, float* tb, T* probs, int64_t* indices) {
-  if constexpr (std::is_same_v<T, float>) {
-    return forward_tile<K>(x, rows_here, n, k, renormalize, tb, probs, indices);
+uint32_t forward_tile_any(const T* x, int64_t rows_here, int64_t n, int k, bool renormalize, float* tb, T* probs,
+                          int64_t* indices) {
+  const uint32_t all = rows_here >= 32 ? ~0u : (1u << rows_here) - 1u;
+  if constexpr (!std::is_same_v<T, float>) {
+    return forward_tile_keyed<K>(x, rows_here, n, k, renormalize, tb, probs, indices) ? 0u : all;
+  } else if constexpr (K >= kKeyedK) {
+    return forward_tile_f32_keyed<K>(x, rows_here, n, k, renormalize, tb, probs, indices);
   } else {
-    return forward_tile_keyed<K>(x, rows_here, n, k, renormalize, tb, probs, indices);
+    return forward_tile<K>(x, rows_here, n, k, renormalize, tb, probs, indices) ? 0u : all;
   }
 }
 
 template <typename T>
-bool forward_tile_k(const T* x, int64_t rows_here, int64_t n, int k, bool renormalize, float* tb, T* probs, int64_t* indices) {
+uint32_t forward_tile_k(const T* x, int64_t rows_here, int64_t n, int k, bool renormalize, float* tb, T* probs,
+                        int64_t* indices) {
   switch (k) {  // K slots kept in registers: one instantiation per k (unused slots would cost work each)
     case 1: return forward_tile_any<1>(x, rows_here, n, k, renormalize, tb, probs, indices);
     case 2: return forward_tile_any<2>(x, rows_here, n, k, renormalize, tb, probs, indices);
@@ -612,9 +734,12 @@ void forward_rows(const T* x, int64_t rows, int64_t n, int k, bool renormalize, 
     TopK top;
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t r0 = u * unit, here = std::min(unit, rows - r0);
-      if (tiled && forward_tile_k(x + r0 * n, here, n, k, renormalize, tb.data(), probs + r0 * k, indices + r0 * k)) continue;
+      const uint32_t redo = tiled ? forward_tile_k(x + r0 * n, here, n, k, renormalize, tb.data(), probs + r0 * k,
+                                                   indices + r0 * k)
+                                  : 1u;
       for (int64_t r = r0; r < r0 + here; ++r)
-        forward_row(x + r * n, n, k, renormalize, probs + r * k, indices + r * k, buf.data(), work.data(), top);
+        if ((redo >> (r - r0)) & 1u)
+          forward_row(x + r * n, n, k, renormalize, probs + r * k, indices + r * k, buf.data(), work.data(), top);
     }
   });
 }
