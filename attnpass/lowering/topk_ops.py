@@ -37,11 +37,15 @@ def _check(x: Tensor, k: int, dim: int) -> int:
 
 def _rows(x: Tensor, dim: int) -> Tensor:
     """``x`` as ``[rows, n]`` contiguous with ``dim`` last (a copy only when ``dim`` is not already last)."""
+    if dim == x.dim() - 1:  # the usual case, in as few tensor ops as possible: a router's whole call is tens of us
+        return x.reshape(-1, x.shape[-1]).contiguous()
     return x.movedim(dim, -1).reshape(-1, x.shape[dim]).contiguous()
 
 
 def _unrows(t: Tensor, x: Tensor, dim: int) -> Tensor:
     """Inverse of ``_rows`` for a ``[rows, m]`` result: back to ``x``'s shape with ``m`` along ``dim``."""
+    if dim == x.dim() - 1:
+        return t.reshape(*x.shape[:-1], t.shape[-1]).contiguous()
     lead = x.movedim(dim, -1).shape[:-1]
     return t.reshape(*lead, t.shape[-1]).movedim(-1, dim).contiguous()
 
