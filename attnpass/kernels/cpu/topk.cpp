@@ -10,7 +10,8 @@
 // time (into a per-thread buffer), the running block maximum, and the top-k filter (one compare against
 // the k-th value; the rare lanes above it enter the buffer).  Then, from L1, the running maximum m and
 // normaliser s: s is rescaled by exp(m_old - m_new) only when the maximum grows, then
-// s += sum exp(x - m) (vectorised exp).  The running top-k is a sorted buffer of (value, index),
+// s += sum exp(x - m) (vectorised exp), which also prefetches the row's next block so that its read overlaps
+// this arithmetic.  The running top-k is a sorted buffer of (value, index),
 // k <= 64; an entry finds its place with vector compares and moves the tail once.  A row's first block
 // fills the buffer with its first k entries and scans the rest of the block against the k-th.
 // The outputs are p_j = exp(x_j - lse) with lse = m + log(s) (renormalised: exp(x_j - x_top) over
@@ -82,12 +83,17 @@ float block_max(const float* x, int64_t len) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
 }
 
-// sum_j exp(x_j - m), vectorised; m finite or NaN.
-float block_sum_exp(const float* x, int64_t len, float m) {
+// sum_j exp(x_j - m), vectorised; m finite or NaN.  While it computes, the next `ahead` bytes of the input
+// from `next` are requested a cache line per vector, so that the next block's read overlaps this arithmetic
+// instead of waiting on memory after it (the input is read once: there is no other reuse to hide it behind).
+float block_sum_exp(const float* x, int64_t len, float m, const char* next = nullptr, int64_t ahead = 0) {
   int64_t j = 0;
   const Vec vm(m);
   Vec acc(0.f);
-  for (; j + Vec::size() <= len; j += Vec::size()) acc = acc + (Vec::loadu(x + j) - vm).exp_u20();
+  for (int64_t line = 0; j + Vec::size() <= len; j += Vec::size(), line += 64) {
+    if (line < ahead) __builtin_prefetch(next + line, 0, 2);
+    acc = acc + (Vec::loadu(x + j) - vm).exp_u20();
+  }
   if (j < len) acc = acc + (load_tail(x + j, len - j, -std::numeric_limits<float>::infinity()) - vm).exp_u20();
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
 }
@@ -97,7 +103,7 @@ struct Normaliser {
   float m = -std::numeric_limits<float>::infinity();
   float s = 0.f;
 
-  void add_block(const float* x, int64_t len, float bmax) {
+  void add_block(const float* x, int64_t len, float bmax, const char* next = nullptr, int64_t ahead = 0) {
     const float m_new = nan_max(m, bmax);
     if (m_new == -std::numeric_limits<float>::infinity()) return;  // only -inf so far: contributes 0
     if (m_new == std::numeric_limits<float>::infinity()) {         // lse is +inf whatever follows
@@ -106,7 +112,7 @@ struct Normaliser {
     }
     if (m_new != m) s = m == -std::numeric_limits<float>::infinity() ? 0.f : s * std::exp(m - m_new);
     m = m_new;
-    s += block_sum_exp(x, len, m);
+    s += block_sum_exp(x, len, m, next, ahead);
   }
 
   float lse() const {
@@ -314,7 +320,8 @@ void forward_row(const T* xr, int64_t n, int k, bool renormalize, T* pr, int64_t
       for (; top.size < k && j < len; ++j) top.insert(xb[j], b0 + j);
       if (j < len) top.scan(xb, j, len, b0, bmax);
     }
-    norm.add_block(xb, len, bmax);
+    const int64_t ahead = std::min(kBlock, n - b0 - len) * static_cast<int64_t>(sizeof(T));  // this row's next block
+    norm.add_block(xb, len, bmax, reinterpret_cast<const char*>(xr + b0 + len), ahead);
   }
   write_row(top.val, top.idx, k, renormalize, norm.lse(), pr, ir);
 }
