@@ -149,3 +149,21 @@ def test_compiled_training_step_matches_eager(router):
         grads.append(router.gate.weight.grad.clone())
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_eager_shortcut_and_every_tracer_still_sees_the_op():
+    """``attnpass.softmax_topk`` skips the op's Python dispatch for a plain tensor needing no gradient (same
+    answer); make_fx, vmap and autograd still go through the op."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x = torch.randn(6, 40, generator=torch.Generator().manual_seed(11))
+    p, i = attnpass.softmax_topk(x, 4, -1, True)
+    wp, wi = torch.ops.attnpass.softmax_topk(x, 4, -1, True)
+    assert torch.equal(i, wi) and torch.equal(p, wp)
+    gm = make_fx(lambda t: attnpass.softmax_topk(t, 4))(x)
+    assert any(n.target is torch.ops.attnpass.softmax_topk.default for n in gm.graph.nodes)
+    vp, vi = torch.vmap(lambda t: attnpass.softmax_topk(t, 4))(x)
+    assert torch.equal(vi, attnpass.softmax_topk(x, 4)[1])
+    xg = x.clone().requires_grad_(True)
+    attnpass.softmax_topk(xg, 4)[0].sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0

@@ -37,17 +37,21 @@ def _check(x: Tensor, k: int, dim: int) -> int:
 
 def _rows(x: Tensor, dim: int) -> Tensor:
     """``x`` as ``[rows, n]`` contiguous with ``dim`` last (a copy only when ``dim`` is not already last)."""
+    if dim == x.dim() - 1:  # the usual case, in as few tensor ops as possible: a router's whole call is tens of us
+        return x.reshape(-1, x.shape[-1]).contiguous()
     return x.movedim(dim, -1).reshape(-1, x.shape[dim]).contiguous()
 
 
 def _unrows(t: Tensor, x: Tensor, dim: int) -> Tensor:
     """Inverse of ``_rows`` for a ``[rows, m]`` result: back to ``x``'s shape with ``m`` along ``dim``."""
+    if dim == x.dim() - 1:
+        return t.reshape(*x.shape[:-1], t.shape[-1]).contiguous()
     lead = x.movedim(dim, -1).shape[:-1]
     return t.reshape(*lead, t.shape[-1]).movedim(-1, dim).contiguous()
 
 
-@torch.library.custom_op("attnpass::softmax_topk", mutates_args=())
-def _softmax_topk(x: Tensor, k: int, dim: int = -1, renormalize: bool = False) -> tuple[Tensor, Tensor]:
+def _softmax_topk_impl(x: Tensor, k: int, dim: int, renormalize: bool) -> tuple[Tensor, Tensor]:
+    """The op's real implementation, shared by the op and by ``softmax_topk``'s eager shortcut."""
     d = _check(x, k, dim)
     if k == 0 or x.numel() == 0:
         shape = list(x.shape)
@@ -55,6 +59,11 @@ def _softmax_topk(x: Tensor, k: int, dim: int = -1, renormalize: bool = False) -
         return x.new_empty(shape), torch.empty(shape, dtype=torch.int64, device=x.device)
     probs, indices = topk_kernels.forward(_rows(x, d), k, renormalize)
     return _unrows(probs, x, d), _unrows(indices, x, d)
+
+
+@torch.library.custom_op("attnpass::softmax_topk", mutates_args=())
+def _softmax_topk(x: Tensor, k: int, dim: int = -1, renormalize: bool = False) -> tuple[Tensor, Tensor]:
+    return _softmax_topk_impl(x, k, dim, renormalize)
 
 
 @_softmax_topk.register_fake
@@ -107,4 +116,22 @@ def softmax_topk(x: Tensor, k: int, dim: int = -1, renormalize: bool = False) ->
     sorted by decreasing probability; ties go to the lower index and NaN ranks first (see
     the module docstring).  Gradients flow to ``x`` through the returned probabilities.
     """
+    if _plain_eager(x):
+        return _softmax_topk_impl(x, k, dim, renormalize)
     return torch.ops.attnpass.softmax_topk(x, k, dim, renormalize)
+
+
+def _plain_eager(x: Tensor) -> bool:
+    """Whether calling the implementation directly is indistinguishable from calling the op.
+
+    The op's Python dispatch (custom op, autograd wrapper) costs tens of microseconds per call, as much as a
+    router-sized kernel; it is skipped only for a plain CPU/CUDA tensor that needs no gradient, outside
+    torch.compile, dispatch or function modes (make_fx, FakeTensorMode) and functorch transforms (vmap), so
+    every tracer and every gradient still sees the op.
+    """
+    return (type(x) is torch.Tensor and x.device.type in ("cpu", "cuda")
+            and not (x.requires_grad and torch.is_grad_enabled())
+            and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._is_torch_function_mode_enabled()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x))

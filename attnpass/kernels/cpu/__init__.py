@@ -72,8 +72,9 @@ def compile_library(source: Path, prefix: str, capability: str) -> object:
     from torch.utils import cpp_extension
 
     flags = ["-O3", "-fopenmp", *_CAPABILITY_FLAGS[capability]]
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # what the sources include
     digest = hashlib.sha256(
-        source.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()
+        source.read_bytes() + headers + " ".join(flags).encode() + torch.__version__.encode()
     ).hexdigest()[:10]
     name = f"{prefix}_{capability.lower()}_{digest}"
     what = "softmax_topk" if "topk" in prefix else "attention"

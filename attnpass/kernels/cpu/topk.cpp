@@ -5,14 +5,15 @@
 // variant its own library and op namespace (ATTNPASS_NS).
 //
 // Layout: x [rows, n] contiguous, float / bfloat16 / half; all arithmetic in float.  Rows run in
-// parallel (at::parallel_for).  Each row is walked once, in blocks that fit L1 (a bf16/fp16 block
-// is widened into a per-thread float buffer first).  Per block:
-//   1. the block maximum (vectorised);
-//   2. the running maximum m and normaliser s: s is rescaled by exp(m_old - m_new) only when the
-//      maximum grows, then s += sum exp(x - m) (vectorised exp);
-//   3. the running top-k: a sorted buffer of (value, index), k <= 64.  A block whose maximum does
-//      not beat the k-th value is skipped with no further work (after the first blocks of a long
-//      row almost all are); otherwise a vectorised compare finds the few lanes that beat it.
+// parallel (at::parallel_for).  Each row is read from memory once, in blocks that fit L1.  Per block
+// (block_pass), one vector loop does three things per vector: widen bf16/fp16 to float V lanes at a
+// time (into a per-thread buffer), the running block maximum, and the top-k filter (one compare against
+// the k-th value; the rare lanes above it enter the buffer).  Then, from L1, the running maximum m and
+// normaliser s: s is rescaled by exp(m_old - m_new) only when the maximum grows, then
+// s += sum exp(x - m) (vectorised exp), which also prefetches the row's next block so that its read overlaps
+// this arithmetic.  The running top-k is a sorted buffer of (value, index),
+// k <= 64; an entry finds its place with vector compares and moves the tail once.  A row's first block
+// fills the buffer with its first k entries and scans the rest of the block against the k-th.
 // The outputs are p_j = exp(x_j - lse) with lse = m + log(s) (renormalised: exp(x_j - x_top) over
 // the sum of the k of them), written for k entries per row only.
 //
@@ -43,6 +44,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -81,12 +83,17 @@ float block_max(const float* x, int64_t len) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
 }
 
-// sum_j exp(x_j - m), vectorised; m finite or NaN.
-float block_sum_exp(const float* x, int64_t len, float m) {
+// sum_j exp(x_j - m), vectorised; m finite or NaN.  While it computes, the next `ahead` bytes of the input
+// from `next` are requested a cache line per vector, so that the next block's read overlaps this arithmetic
+// instead of waiting on memory after it (the input is read once: there is no other reuse to hide it behind).
+float block_sum_exp(const float* x, int64_t len, float m, const char* next = nullptr, int64_t ahead = 0) {
   int64_t j = 0;
   const Vec vm(m);
   Vec acc(0.f);
-  for (; j + Vec::size() <= len; j += Vec::size()) acc = acc + (Vec::loadu(x + j) - vm).exp_u20();
+  for (int64_t line = 0; j + Vec::size() <= len; j += Vec::size(), line += 64) {
+    if (line < ahead) __builtin_prefetch(next + line, 0, 2);
+    acc = acc + (Vec::loadu(x + j) - vm).exp_u20();
+  }
   if (j < len) acc = acc + (load_tail(x + j, len - j, -std::numeric_limits<float>::infinity()) - vm).exp_u20();
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
 }
@@ -96,7 +103,7 @@ struct Normaliser {
   float m = -std::numeric_limits<float>::infinity();
   float s = 0.f;
 
-  void add_block(const float* x, int64_t len, float bmax) {
+  void add_block(const float* x, int64_t len, float bmax, const char* next = nullptr, int64_t ahead = 0) {
     const float m_new = nan_max(m, bmax);
     if (m_new == -std::numeric_limits<float>::infinity()) return;  // only -inf so far: contributes 0
     if (m_new == std::numeric_limits<float>::infinity()) {         // lse is +inf whatever follows
@@ -105,7 +112,7 @@ struct Normaliser {
     }
     if (m_new != m) s = m == -std::numeric_limits<float>::infinity() ? 0.f : s * std::exp(m - m_new);
     m = m_new;
-    s += block_sum_exp(x, len, m);
+    s += block_sum_exp(x, len, m, next, ahead);
   }
 
   float lse() const {
@@ -117,8 +124,8 @@ struct Normaliser {
 
 // The k largest (value, index) pairs seen so far, sorted descending, ties in arrival order.
 struct TopK {
-  float val[kMaxK];
-  int64_t idx[kMaxK];
+  float val[kMaxK] = {};  // all kMaxK read by insert_full's vector compares (lanes past k masked off)
+  int64_t idx[kMaxK] = {};
   int k = 0;
   int size = 0;
 
@@ -132,6 +139,22 @@ struct TopK {
     }
     val[p] = v;
     idx[p] = i;
+  }
+
+  // insert for a full buffer and a number v above the threshold: its place is the count of entries v does
+  // not beat (vector compares, entries past k masked off), then one move of the tail; no compare per shift.
+  void insert_full(float v, int64_t i) {
+    const Vec vv(v);
+    int pos = 0;
+    for (int p0 = 0; p0 < k; p0 += Vec::size()) {
+      const int lanes = std::min<int>(Vec::size(), k - p0);
+      const unsigned keep = lanes == Vec::size() ? kLanes : (1u << lanes) - 1u;
+      pos += __builtin_popcount(static_cast<unsigned>((vv > Vec::loadu(val + p0)).zero_mask()) & keep);
+    }
+    std::memmove(val + pos + 1, val + pos, (k - 1 - pos) * sizeof(float));
+    std::memmove(idx + pos + 1, idx + pos, (k - 1 - pos) * sizeof(int64_t));
+    val[pos] = v;
+    idx[pos] = i;
   }
 
   float threshold() const { return val[k - 1]; }
@@ -148,7 +171,7 @@ struct TopK {
         while (above != 0) {
           const int l = __builtin_ctz(above);
           above &= above - 1;
-          if (greater(x[j + l], threshold())) insert(x[j + l], base + j + l);
+          if (x[j + l] > threshold()) insert_full(x[j + l], base + j + l);
         }
       }
     }
@@ -193,14 +216,68 @@ void select_small(const float* x, int64_t n, int k, float* work, TopK& top) {
   }
 }
 
+// V values of x as floats: bf16/fp16 widened V lanes at a time (a shift or F16C), not element by element.
+template <typename T>
+inline Vec load_float(const T* src) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(src);
+  } else {
+    Vec v;
+    at::vec::load_to_float<T>(src, v);
+    return v;
+  }
+}
+
 template <typename T>
 const float* as_float(const T* src, int64_t len, float* buf) {
   if constexpr (std::is_same_v<T, float>) {
     return src;
   } else {
-    for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<float>(src[j]);
+    int64_t j = 0;
+    for (; j + Vec::size() <= len; j += Vec::size()) load_float(src + j).store(buf + j);
+    for (; j < len; ++j) buf[j] = static_cast<float>(src[j]);
     return buf;
   }
+}
+
+// One block of a row once the buffer is full, in a single read of the input: widen (into buf, reduced
+// precision only), the running block maximum, and the top-k filter, all per vector.  A vector with no lane
+// above the k-th value costs one compare; the few that beat it enter the buffer, and the threshold is
+// re-read after each entry.  NaN lanes never compare above: when the block maximum says there is one, the
+// block's NaNs are offered afterwards in index order (the buffer's order does not depend on when an entry
+// arrives, only on value and index).  Returns the block maximum (NaN if any) and the block as floats.
+template <typename T>
+float block_pass(const T* xr, int64_t len, int64_t base, float* buf, TopK& top, const float** out) {
+  constexpr float ninf = -std::numeric_limits<float>::infinity();
+  constexpr bool wide = !std::is_same_v<T, float>;
+  const float* xb = wide ? buf : reinterpret_cast<const float*>(xr);
+  Vec vm(ninf), vt(top.threshold());
+  int64_t j = 0;
+  for (; j + Vec::size() <= len; j += Vec::size()) {
+    const Vec v = load_float(xr + j);
+    if constexpr (wide) v.store(buf + j);
+    vm = at::vec::maximum(vm, v);
+    unsigned above = ~static_cast<unsigned>((v > vt).zero_mask()) & kLanes;
+    if (above != 0) {
+      while (above != 0) {
+        const int l = __builtin_ctz(above);
+        above &= above - 1;
+        if (xb[j + l] > top.threshold()) top.insert_full(xb[j + l], base + j + l);
+      }
+      vt = Vec(top.threshold());
+    }
+  }
+  float bmax = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
+  for (; j < len; ++j) {
+    if constexpr (wide) buf[j] = static_cast<float>(xr[j]);
+    bmax = nan_max(bmax, xb[j]);
+    if (xb[j] > top.threshold()) top.insert_full(xb[j], base + j);
+  }
+  if (bmax != bmax)
+    for (int64_t t = 0; t < len; ++t)
+      if (xb[t] != xb[t] && greater(xb[t], top.threshold())) top.insert(xb[t], base + t);
+  *out = xb;
+  return bmax;
 }
 
 // The outputs of one row from its selection: p_j = exp(x_j - lse), or renormalised over the k.
@@ -232,139 +309,25 @@ void forward_row(const T* xr, int64_t n, int k, bool renormalize, T* pr, int64_t
   }
   for (int64_t b0 = 0; b0 < n && !small; b0 += kBlock) {
     const int64_t len = std::min(kBlock, n - b0);
-    const float* xb = as_float(xr + b0, len, buf);
-    const float bmax = block_max(xb, len);
-    norm.add_block(xb, len, bmax);
-    int64_t j = 0;
-    for (; top.size < k && j < len; ++j) top.insert(xb[j], b0 + j);  // the first k enter unconditionally
-    if (j < len) top.scan(xb, j, len, b0, bmax);
+    const float* xb;
+    float bmax;
+    if (top.size == k) {
+      bmax = block_pass(xr + b0, len, b0, buf, top, &xb);
+    } else {  // the row's first block: the first k enter unconditionally
+      xb = as_float(xr + b0, len, buf);
+      bmax = block_max(xb, len);
+      int64_t j = 0;
+      for (; top.size < k && j < len; ++j) top.insert(xb[j], b0 + j);
+      if (j < len) top.scan(xb, j, len, b0, bmax);
+    }
+    const int64_t ahead = std::min(kBlock, n - b0 - len) * static_cast<int64_t>(sizeof(T));  // this row's next block
+    norm.add_block(xb, len, bmax, reinterpret_cast<const char*>(xr + b0 + len), ahead);
   }
   write_row(top.val, top.idx, k, renormalize, norm.lse(), pr, ir);
 }
 
-// Router rows (short, k <= kTileK): Vec::size() rows at once, one row per lane.  The tile is transposed
-// into `tb` (column j of the tile is one vector); one loop over the columns keeps K sorted slots per
-// lane (value and index), updated branch-free: compare, then blend, each slot's update independent of
-// the others.  Slot 0 ends as the row's maximum, so the normaliser needs one more pass over the tile
-// (in L1) only without renormalisation.  The probabilities are computed lane-wise too (one vector exp
-// per slot).  So no per-row reductions, no scalar exp, no data-dependent branches.  A slot is entered
-// only by a value strictly greater, so equal values keep the lower index, as in TopK::insert.  A tile
-// holding a NaN, or a row with fewer than k entries above -inf, is redone row by row (their order
-// rules need the general path); these are rare and the result is the same either way.
-#if defined(CPU_CAPABILITY_AVX512)
-// AVX512 compares into a mask register and blends from it; at::vec's Vectorized<float> compare and
-// blendv round-trip through an all-ones vector (two instructions each, on one port).
-using Mask = __mmask16;
-inline Mask gt(const Vec& a, const Vec& b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
-inline Vec pick(Mask m, const Vec& a, const Vec& b) { return _mm512_mask_blend_ps(m, a, b); }  // m ? b : a
-inline Mask no_lanes() { return 0; }
-inline Mask unordered(const Vec& a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
-inline Mask either(Mask a, Mask b) { return a | b; }
-inline bool any_lane(Mask m) { return m != 0; }
-#else
-using Mask = Vec;
-inline Mask gt(const Vec& a, const Vec& b) { return a > b; }
-inline Vec pick(const Mask& m, const Vec& a, const Vec& b) { return Vec::blendv(a, b, m); }  // m ? b : a
-inline Mask no_lanes() { return Vec(0.f); }
-inline Mask unordered(const Vec& a) { return a != a; }
-inline Mask either(const Mask& a, const Mask& b) { return a | b; }
-inline bool any_lane(const Mask& m) { return (~static_cast<unsigned>(m.zero_mask()) & kLanes) != 0; }
-#endif
-
-constexpr int kTileK = 8;
-constexpr int64_t kTileN = 1024;
-
-template <int K, typename T>
-bool forward_tile(const T* x, int64_t rows_here, int64_t n, int k, bool renormalize, float* tb, T* probs, int64_t* indices) {
-  constexpr int V = Vec::size();
-  constexpr float ninf = -std::numeric_limits<float>::infinity();
-  // rows -> columns with at::vec's blocked transpose (16 x 16 in registers on AVX512); reduced precision
-  // is widened row by row first, into the second half of `tb`
-  const float* src;
-  if constexpr (std::is_same_v<T, float>) {
-    src = x;
-  } else {
-    float* wide = tb + n * V;
-    for (int64_t e = 0; e < rows_here * n; ++e) wide[e] = static_cast<float>(x[e]);
-    src = wide;
-  }
-  if (rows_here < V) std::fill(tb, tb + n * V, 0.f);  // a partial tile's spare lanes: finite, ignored
-  at::vec::transpose_mxn<float>(src, n, tb, V, static_cast<int>(rows_here), static_cast<int>(n));
-  Vec val[K], idx[K];
-  for (int p = 0; p < K; ++p) {
-    val[p] = Vec(ninf);
-    idx[p] = Vec(-1.f);
-  }
-  Mask nan = no_lanes();
-  for (int64_t j = 0; j < n; ++j) {
-    // The slots are sorted, so c beats slot p exactly when it beats it directly (it then beats every later
-    // slot too): slot p takes c if c beats p but not p - 1, else slot p - 1's entry if c beat p - 1.  Every
-    // slot's update reads only the old slots: no chain from slot to slot within a column.  A NaN beats
-    // nothing here; it is only noted, and its tile redone row by row.
-    const Vec c = Vec::loadu(tb + j * V), ci(static_cast<float>(j));
-    nan = either(nan, unordered(c));
-    Mask win_prev = gt(c, val[0]);
-    Vec v_prev = val[0], i_prev = idx[0];
-    val[0] = pick(win_prev, val[0], c);
-    idx[0] = pick(win_prev, idx[0], ci);
-    for (int p = 1; p < K; ++p) {
-      const Mask win = gt(c, val[p]);
-      const Vec v = val[p], i = idx[p];
-      val[p] = pick(win, v, pick(win_prev, c, v_prev));
-      idx[p] = pick(win, i, pick(win_prev, ci, i_prev));
-      win_prev = win;
-      v_prev = v;
-      i_prev = i;
-    }
-  }
-  if (any_lane(nan)) return false;
-  float lse[V];
-  if (!renormalize) {  // slot 0 holds each row's maximum: one more pass, over the tile in L1, for the normaliser
-    const Vec vm = val[0];
-    float m[V], s[V];
-    vm.store(m);
-    Vec acc(0.f);
-    for (int64_t j = 0; j < n; ++j) acc = acc + (Vec::loadu(tb + j * V) - vm).exp_u20();
-    acc.store(s);
-    for (int l = 0; l < V; ++l)
-      lse[l] = m[l] == -ninf ? m[l] : m[l] == ninf ? std::numeric_limits<float>::quiet_NaN() : m[l] + std::log(s[l]);
-  }
-  float si[K][V];
-  for (int p = 0; p < K; ++p) idx[p].store(si[p]);
-  for (int l = 0; l < rows_here; ++l)
-    if (si[k - 1][l] < 0.f) return false;
-  // the probabilities lane-wise too: K vector exps per tile instead of K scalar exps per row
-  float pv[K][V];
-  if (renormalize) {
-    Vec w[K], total(0.f);
-    for (int p = 0; p < K; ++p) total = total + (w[p] = (val[p] - val[0]).exp());
-    for (int p = 0; p < K; ++p) (w[p] / total).store(pv[p]);
-  } else {
-    const Vec vlse = Vec::loadu(lse);
-    for (int p = 0; p < K; ++p) (val[p] - vlse).exp().store(pv[p]);
-  }
-  for (int l = 0; l < rows_here; ++l) {
-    for (int p = 0; p < K; ++p) {
-      probs[l * K + p] = static_cast<T>(pv[p][l]);
-      indices[l * K + p] = static_cast<int64_t>(si[p][l]);
-    }
-  }
-  return true;
-}
-
-template <typename T>
-bool forward_tile_k(const T* x, int64_t rows_here, int64_t n, int k, bool renormalize, float* tb, T* probs, int64_t* indices) {
-  switch (k) {  // K slots kept in registers: one instantiation per k (unused slots would cost a blend each)
-    case 1: return forward_tile<1>(x, rows_here, n, k, renormalize, tb, probs, indices);
-    case 2: return forward_tile<2>(x, rows_here, n, k, renormalize, tb, probs, indices);
-    case 3: return forward_tile<3>(x, rows_here, n, k, renormalize, tb, probs, indices);
-    case 4: return forward_tile<4>(x, rows_here, n, k, renormalize, tb, probs, indices);
-    case 5: return forward_tile<5>(x, rows_here, n, k, renormalize, tb, probs, indices);
-    case 6: return forward_tile<6>(x, rows_here, n, k, renormalize, tb, probs, indices);
-    case 7: return forward_tile<7>(x, rows_here, n, k, renormalize, tb, probs, indices);
-    default: return forward_tile<8>(x, rows_here, n, k, renormalize, tb, probs, indices);
-  }
-}
+// Router rows: the tile paths (forward_tile_k), in their own file; see its first comment.
+#include "topk_tiles.h"
 
 template <typename T>
 void forward_rows(const T* x, int64_t rows, int64_t n, int k, bool renormalize, T* probs, int64_t* indices) {
@@ -379,9 +342,12 @@ void forward_rows(const T* x, int64_t rows, int64_t n, int k, bool renormalize, 
     TopK top;
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t r0 = u * unit, here = std::min(unit, rows - r0);
-      if (tiled && forward_tile_k(x + r0 * n, here, n, k, renormalize, tb.data(), probs + r0 * k, indices + r0 * k)) continue;
+      const uint32_t redo = tiled ? forward_tile_k(x + r0 * n, here, n, k, renormalize, tb.data(), probs + r0 * k,
+                                                   indices + r0 * k)
+                                  : 1u;
       for (int64_t r = r0; r < r0 + here; ++r)
-        forward_row(x + r * n, n, k, renormalize, probs + r * k, indices + r * k, buf.data(), work.data(), top);
+        if ((redo >> (r - r0)) & 1u)
+          forward_row(x + r * n, n, k, renormalize, probs + r * k, indices + r * k, buf.data(), work.data(), top);
     }
   });
 }
