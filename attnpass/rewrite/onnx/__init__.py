@@ -39,9 +39,11 @@ def emit(model: ir.Model, report: Report, spec: RewriteSpec) -> Emitted:
     for site in report.sites:
         plan = plan_for(site, spec, caps, ad)
         if plan.action is Action.LEAVE:
-            why = body.ssmax_through_body(model, site, spec, caps, notes) if spec.ssmax and body.expandable(site) else plan.reason
-            if why is not None or spec.to == "fused":  # fused SSMax: the op is SSMax'd unfused, as one that takes it on Q
-                left[site.index] = why or f"{plan.reason.split('; SSMax not applied')[0]} (SSMax applied in its function body)"
+            why = body.ssmax_through_body(model, site, spec, caps, notes) if spec.ssmax and body.expandable(site) else ""
+            if why is None and spec.to == "fused":  # fused SSMax: the op is SSMax'd unfused, as one that takes it on Q
+                left[site.index] = f"{plan.reason.split('; SSMax not applied')[0]} (SSMax applied in its function body)"
+            elif why is not None:
+                left[site.index] = "; ".join(x for x in (plan.reason or "left alone", why) if x)
             continue
         if plan.replaces is not None:
             _bypass(plan.replaces)

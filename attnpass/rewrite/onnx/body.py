@@ -12,6 +12,7 @@ scores or probabilities, as with an op that takes the factor on Q).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -33,7 +34,12 @@ def expandable(site: AttentionSite) -> bool:
 def ssmax_through_body(model: ir.Model, site: AttentionSite, spec: RewriteSpec, caps: Capabilities, notes: Notes) -> str | None:
     """Replace the op of ``site`` by its function body and SSMax the site found there; None when done, else why not
     (and then the model is as it was)."""
-    from attnpass.passes.match import find_sites
+    why = _through_body(model, site, spec, caps, notes)
+    return None if why is None else f"its ONNX function body does not take SSMax either: {why}"
+
+
+def _through_body(model: ir.Model, site: AttentionSite, spec: RewriteSpec, caps: Capabilities, notes: Notes) -> str | None:
+    from attnpass.passes.match import Matcher
     from attnpass.rewrite.onnx.ssmax import ssmax_explicit
 
     node = site.softmax
@@ -43,22 +49,20 @@ def ssmax_through_body(model: ir.Model, site: AttentionSite, spec: RewriteSpec, 
     body = _function_body(model, node)
     if isinstance(body, str):
         return body
-    nodes, outputs = _instantiate(node, *body, f"{node.name or 'Attention'}/body/")
+    nodes, outputs = _instantiate(node, *body, f"attnpass/body_{site.index}/")
+    used = [(old, new) for old, new in zip(node.outputs, outputs) if old.uses() or old.is_graph_output()]
+    if any(new is None for _, new in used):
+        return "it does not compute every output of the op the model reads"
     graph.insert_before(node, nodes)
-    ad = OnnxAdapter(model)
-    version = model.opset_imports[""]
-    _infer_shapes(node, nodes, version)
-    inner = [s for s in find_sites(ad).sites if s.softmax in set(nodes)]
+    _infer_shapes(node, nodes, model.opset_imports[""])
+    ad = _BodyAdapter(model, nodes)
+    inner = Matcher(ad).find().sites
     plan = plan_for(replace(inner[0], index=site.index), replace(spec, to="ssmax", fused_ssmax=False).resolve(), caps, ad) \
         if len(inner) == 1 else None
     if plan is None or plan.action is not Action.SSMAX:
         graph.remove(list(reversed(nodes)), safe=False)
-        why = "no site" if not inner else "more than one site" if len(inner) > 1 else plan.reason  # type: ignore[union-attr]
-        return f"{site.ssmax_blocker}; its function body does not take SSMax either ({why})"
-    used = [(old, new) for old, new in zip(node.outputs, outputs) if old.uses() or old.is_graph_output()]
-    if any(new is None for _, new in used):
-        graph.remove(list(reversed(nodes)), safe=False)
-        return f"{site.ssmax_blocker}; its function body does not compute every output the model reads"
+        return "no attention site found in it" if not inner else "more than one site in it" if len(inner) > 1 \
+            else plan.reason or "left"  # type: ignore[union-attr]
     for old, new in used:
         new.type, new.shape = old.type or new.type, old.shape or new.shape
     ir.convenience.replace_all_uses_with([o for o, _ in used], [n for _, n in used], replace_graph_outputs=True)
@@ -69,6 +73,18 @@ def ssmax_through_body(model: ir.Model, site: AttentionSite, spec: RewriteSpec, 
     notes.add(site, f"{node.op_type} replaced by its ONNX function body, where SSMax scales the scores ({site.ssmax_blocker})")
     ssmax_explicit(model, ad, plan, notes)
     return None
+
+
+class _BodyAdapter(OnnxAdapter):
+    """The adapter with the matcher's search limited to the body's nodes (walks still follow values anywhere): a
+    model with one soft-capping op per layer is then not searched once per layer."""
+
+    def __init__(self, model: ir.Model, nodes: list[ir.Node]):
+        super().__init__(model)
+        self._only = nodes
+
+    def nodes(self) -> Iterable[ir.Node]:
+        return iter(self._only)
 
 
 def _function_body(model: ir.Model, node: ir.Node) -> tuple[ir.Function, dict[str, Any]] | str:
