@@ -97,8 +97,9 @@ def fuse_blocker(site: AttentionSite, target: str, ad: OnnxAdapter | None = None
 
 
 def ssmax_blocker(ad: OnnxAdapter, site: AttentionSite) -> str | None:
-    """Why a site cannot take the SSMax rewrite here (None: it can)."""
-    return site.ssmax_blocker
+    """Why a site cannot take the SSMax rewrite here (None: it can; a standard ``Attention`` op takes it in its function
+    body when that body can be built, see ``body.py``)."""
+    return None if body.expandable(site) else site.ssmax_blocker
 
 
 __all__ = ["CAPS", "TARGETS", "emit", "to_ssmax", "fuse", "fuse_blocker", "ssmax_blocker"]
