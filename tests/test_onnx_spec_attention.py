@@ -286,3 +286,29 @@ def test_softcap_op_takes_ssmax_in_its_body(spec: Spec, tmp_path: Path) -> None:
     fused = aonnx.rewrite(path, tmp_path / "fused.onnx", to="fused", target="onnx23", inputs=feeds, force=True)
     assert fused.rewritten == [] and "already fused" in fused.left[0]
     assert [n.op_type for n in onnx.load(str(tmp_path / "fused.onnx")).graph.node] == ["Attention"]
+
+
+@pytest.mark.parametrize("export", ["attention_gqa_with_past_and_present", "attention_3d_diff_head_sizes_with_past_and_present",
+                                    "attention_4d_gqa_causal_nonpad_decode"])
+def test_softcap_op_with_kv_cache_takes_ssmax_in_its_body(export: str, tmp_path: Path) -> None:
+    """A KV-cache case given a softcap: its body counts ``n`` over the past and new keys (or up to ``nonpad_kv_seqlen``)
+    as the op does, and ``present_key`` / ``present_value`` stay the op's (the past and new keys, unscaled)."""
+    from attnpass.validate import run
+
+    spec = next(s for s in SPECS if s.export == export)
+    path, feeds, _ = _case(spec, False, tmp_path)
+    model = onnx.load(str(path))
+    model.graph.node[0].attribute.append(onnx.helper.make_attribute("softcap", 1.5))
+    onnx.save(model, path)
+    before = run(path, feeds)
+    res = aonnx.rewrite(path, tmp_path / "ssmax.onnx", to="ssmax", s=0.7, bias=0.3, inputs=feeds)
+    assert res.rewritten == [0] and any("function body" in n for n in res.sites[0].notes), res.left
+    got = run(tmp_path / "ssmax.onnx", feeds)
+    want, rows = _op_reference(model, feeds, 0.7, 0.3)
+    y = model.graph.output[0].name
+    np.testing.assert_allclose(np.where(rows, got[y], 0), np.where(rows, want, 0), atol=1e-5, rtol=1e-4)
+    assert not np.allclose(got[y], before[y], atol=1e-4)
+    presents = [o.name for o in model.graph.output[1:]]
+    assert presents == ([] if "nonpad" in export else ["present_key", "present_value"])
+    for name in presents:  # as the op gives them: the past and the new keys / values
+        np.testing.assert_array_equal(got[name], before[name])
