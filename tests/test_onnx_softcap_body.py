@@ -75,3 +75,24 @@ def test_op_whose_body_cannot_be_built_is_kept_with_the_reason() -> None:
     assert "softcap" in done.left[first] and "type or rank of input 'Q'" in done.left[first], done.left
     ops = [n.op_type for n in model.graph]
     assert ops.count("Attention") == 1 and ops.index("Attention") == 0  # the first op kept, the second expanded
+
+
+def test_body_whose_site_is_left_is_removed_again(monkeypatch) -> None:
+    """When the site found in the body does not take SSMax, the body goes and the op stays, reading its inputs alone."""
+    from dataclasses import replace
+
+    from attnpass.modelio import load
+    from attnpass.passes import onnx as onnx_pass
+    from attnpass.passes.plan import Action
+    from attnpass.rewrite import onnx as onnx_rewrite
+    from attnpass.rewrite.onnx import body
+    from attnpass.spec import RewriteSpec
+
+    real = body.plan_for
+    monkeypatch.setattr(body, "plan_for", lambda *a: replace(real(*a), action=Action.LEAVE, reason="a reason of the plan"))
+    model = load(_two_ops())
+    before = [n.op_type for n in model.graph]
+    done = onnx_rewrite.emit(model, onnx_pass.find(model), RewriteSpec("ssmax", 0.7))
+    assert set(done.left) == {0, 1} and all("a reason of the plan" in why for why in done.left.values()), done.left
+    assert [n.op_type for n in model.graph] == before
+    assert all(len(v.uses()) == n for v, n in zip(model.graph.inputs, (1, 2, 2, 1)))  # Q once, K and V twice, M once

@@ -60,7 +60,7 @@ def _through_body(model: ir.Model, site: AttentionSite, spec: RewriteSpec, caps:
     plan = plan_for(replace(inner[0], index=site.index), replace(spec, to="ssmax", fused_ssmax=False).resolve(), caps, ad) \
         if len(inner) == 1 else None
     if plan is None or plan.action is not Action.SSMAX:
-        graph.remove(list(reversed(nodes)), safe=False)
+        graph.remove(nodes, safe=True)  # safe: the body's reads of the op's inputs go with it
         return "no attention site found in it" if not inner else "more than one site in it" if len(inner) > 1 \
             else plan.reason or "left"  # type: ignore[union-attr]
     for old, new in used:
@@ -190,6 +190,10 @@ def _instantiate(node: ir.Node, body: ir.Function, defaults: dict[str, Any], pre
     for i, o in zip(body.meta["positions"], body.outputs):
         if i < len(outputs):
             outputs[i] = values.get(o)
+            if outputs[i] is not None and outputs[i].producer() not in nodes:  # an input passed through: a value of its own
+                nodes.append(ir.Node("", "Identity", [outputs[i]], name=f"{prefix}output_{i}"))
+                outputs[i] = nodes[-1].outputs[0]
+                outputs[i].name = f"{prefix}output_{i}"
     return nodes, outputs
 
 
