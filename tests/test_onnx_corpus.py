@@ -234,6 +234,18 @@ def test_gemma2_softcap(corpus, tmp_path, exporter):
     assert len(attn) == 2 and all(n.attributes["softcap"].value == 50.0 for n in attn)
     res = aonnx.rewrite(src, tmp_path / "ssmax.onnx", to="ssmax")
     assert len(res.rewritten) == 2 and res.self_test.passed and res.validation.passed
+    # the fused model's soft-capping ``Attention`` ops take SSMax in their function bodies (the factor after the
+    # cap): the same model as the SSMax of the original export, and not the original
+    from attnpass import validate as val
+
+    feeds = val.make_inputs(src)
+    on_op = aonnx.rewrite(out, tmp_path / "op_ssmax.onnx", to="ssmax", s=0.43, inputs=feeds)
+    assert on_op.rewritten == [0, 1] and on_op.self_test.passed, on_op.left
+    aonnx.rewrite(src, tmp_path / "ref_ssmax.onnx", to="ssmax", s=0.43, inputs=feeds)
+    got, want, orig = (val.run(p, feeds) for p in (tmp_path / "op_ssmax.onnx", tmp_path / "ref_ssmax.onnx", src))
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], atol=1e-5, rtol=1e-4)
+        assert not np.allclose(got[k], orig[k], atol=1e-4)
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)

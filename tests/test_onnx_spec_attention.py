@@ -50,9 +50,10 @@ SPECS = [
     Spec("attention_attn_mask_bool"),
     Spec("attention_attn_mask_bool_4d"),
     Spec("attention_gqa_attn_mask"),
-    # SSMax multiplies the capped scores: the op's Q cannot carry the factor (``test_softcap_op_is_left_by_ssmax``)
-    Spec("attention_softcap", target="onnx23", op_ssmax_left="softcap"),
-    Spec("attention_3d_softcap", target="onnx23", op_ssmax_left="softcap"),
+    # SSMax multiplies the capped scores: the op's Q cannot carry the factor, its function body takes SSMax instead
+    # (``test_softcap_op_takes_ssmax_in_its_body``)
+    Spec("attention_softcap", target="onnx23"),
+    Spec("attention_3d_softcap", target="onnx23"),
     Spec("attention_with_past_and_present"),
     Spec("attention_gqa_with_past_and_present"),
     Spec("attention_4d_causal_with_past_and_present"),
@@ -73,10 +74,10 @@ SPECS = [
          mlir_op_left=("probabilities",)),
     Spec("attention_local_window"),
     Spec("attention_bidirectional_window"),
-    # a window makes the op count its own keys and it soft-caps: the factor on Q would be capped with the scores
-    # (its qk_matmul_output, read, does not block: ``test_windowed_op_with_read_qk_output_takes_ssmax``); MLIR does
+    # a window makes the op count its own keys and it soft-caps: SSMax goes into its function body (its
+    # qk_matmul_output, read, does not block: ``test_windowed_op_with_read_qk_output_takes_ssmax``); MLIR does
     # not fuse the op, its probabilities being an output (mode 3)
-    Spec("attention_local_window_gqa_rank4_mask", expanded_blocker="(a graph output)", op_ssmax_left="softcap",
+    Spec("attention_local_window_gqa_rank4_mask", expanded_blocker="(a graph output)",
          mlir_op_left=("probabilities",)),
     Spec("attention_causal_fp16"),
     Spec("attention_23_boolmask_fullymasked_row_nan_robustness"),
@@ -181,7 +182,8 @@ def _op_reference(model: onnx.ModelProto, feeds: dict, s: float, b: float) -> tu
         else:
             allowed, bias = allowed & (m.double() > semantics.MASKED_BELOW), m.double()
     mask = torch.where(allowed, bias, torch.tensor(float("-inf"), dtype=torch.float64))
-    out = semantics.ssmax_attention(q, k, v, mask, scale=attrs.get("scale"), s=s, b=b, enable_gqa=True)
+    out = semantics.ssmax_attention(q, k, v, mask, scale=attrs.get("scale"), s=s, b=b, softcap=attrs.get("softcap") or None,
+                                    enable_gqa=True)
     rows = allowed.expand(*out.shape[:3], t).any(-1)
     if three_d:
         out, rows = out.transpose(1, 2).reshape(*out.shape[:1], sq, -1), rows.any(1)[..., None]
@@ -239,14 +241,74 @@ def test_windowed_op_with_read_qk_output_takes_ssmax(tmp_path: Path) -> None:
     assert not np.allclose(probs, run(path, feeds)[model.graph.output[1].name], atol=1e-3)  # and they changed
 
 
-def test_softcap_op_is_left_by_ssmax(tmp_path: Path) -> None:
-    """A soft-capping ``Attention`` op: SSMax multiplies the capped scores (``semantics.attention``), a factor on its Q
-    would be capped with them, so SSMax leaves the op with that reason rather than change its meaning."""
-    spec = next(s for s in SPECS if s.export == "attention_softcap")
-    path, feeds, _ = _case(spec, False, tmp_path)
-    model = onnx.load(str(path))
-    q, k, v = (torch.from_numpy(feeds[n]) for n in model.graph.node[0].input[:3])
+SOFTCAP_SPECS = [s for s in SPECS if any(a.name == "softcap" for a in _build(s)[0].model.graph.node[0].attribute)]
+
+
+def test_softcap_specs_are_the_three_cases() -> None:
+    assert [s.export for s in SOFTCAP_SPECS] == ["attention_softcap", "attention_3d_softcap", "attention_local_window_gqa_rank4_mask"]
+
+
+def test_softcap_factor_on_q_would_be_wrong() -> None:
+    """Why the op is not scaled on Q: SSMax multiplies the capped scores (``semantics.attention``), a factor on Q
+    would be capped with them."""
+    q, k, v = (torch.randn(1, 2, 3, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
     on_q = semantics.attention(q * 1.5, k, v, softcap=2.0)  # what a factor of 1.5 on Q would compute
     assert not torch.allclose(on_q, semantics.attention(q, k, v, softcap=2.0, ssmax_s=1.5 / math.log(k.shape[-2])), atol=1e-3)
-    res = aonnx.rewrite(path, tmp_path / "ssmax.onnx", to="ssmax", s=0.7, bias=0.3, inputs=feeds, force=True)
-    assert res.rewritten == [] and "softcap" in res.left[0], res.left
+
+
+@pytest.mark.parametrize("spec", SOFTCAP_SPECS, ids=lambda s: s.export)
+def test_softcap_op_takes_ssmax_in_its_body(spec: Spec, tmp_path: Path) -> None:
+    """A soft-capping ``Attention`` op is replaced by its schema function body and SSMax'd there: the result equals
+    ``semantics`` (the factor after the cap) and the SSMax of the onnx package's own expanded model; without SSMax
+    (a plain fuse) the op stays."""
+    from attnpass.validate import run
+
+    path, feeds, _ = _case(spec, False, tmp_path)
+    expanded, _, _ = _case(spec, True, tmp_path)
+    model = onnx.load(str(path))
+    res = aonnx.rewrite(path, tmp_path / "ssmax.onnx", to="ssmax", s=0.7, bias=0.3, inputs=feeds)
+    assert res.rewritten == [0], res.left
+    assert any("function body" in n for n in res.sites[0].notes), res.sites[0].notes
+    assert "Attention" not in {n.op_type for n in onnx.load(str(tmp_path / "ssmax.onnx")).graph.node}
+    got = run(tmp_path / "ssmax.onnx", feeds)
+    want, rows = _op_reference(model, feeds, 0.7, 0.3)
+    y = got[model.graph.output[0].name]
+    np.testing.assert_allclose(np.where(rows, y, 0), np.where(rows, want, 0), atol=1e-5, rtol=1e-4)
+    exp = aonnx.rewrite(expanded, tmp_path / "exp_ssmax.onnx", to="ssmax", s=0.7, bias=0.3, inputs=feeds)
+    assert exp.rewritten == [0], exp.left
+    ref = run(tmp_path / "exp_ssmax.onnx", feeds)
+    for o in model.graph.output:  # every output (qk_matmul_output too) as the expanded body's SSMax gives it
+        np.testing.assert_allclose(got[o.name], ref[o.name], atol=1e-6, rtol=1e-5)
+    if len(model.graph.output) > 1:  # mode 3: the probabilities Y is made of, the SSMax ones
+        probs = got[model.graph.output[1].name]
+        v = np.repeat(feeds["V"], probs.shape[1] // feeds["V"].shape[1], axis=1)
+        np.testing.assert_allclose(probs @ v, y, atol=1e-5, rtol=1e-4)
+    fused = aonnx.rewrite(path, tmp_path / "fused.onnx", to="fused", target="onnx23", inputs=feeds, force=True)
+    assert fused.rewritten == [] and "already fused" in fused.left[0]
+    assert [n.op_type for n in onnx.load(str(tmp_path / "fused.onnx")).graph.node] == ["Attention"]
+
+
+@pytest.mark.parametrize("export", ["attention_gqa_with_past_and_present", "attention_3d_diff_head_sizes_with_past_and_present",
+                                    "attention_4d_gqa_causal_nonpad_decode"])
+def test_softcap_op_with_kv_cache_takes_ssmax_in_its_body(export: str, tmp_path: Path) -> None:
+    """A KV-cache case given a softcap: its body counts ``n`` over the past and new keys (or up to ``nonpad_kv_seqlen``)
+    as the op does, and ``present_key`` / ``present_value`` stay the op's (the past and new keys, unscaled)."""
+    from attnpass.validate import run
+
+    spec = next(s for s in SPECS if s.export == export)
+    path, feeds, _ = _case(spec, False, tmp_path)
+    model = onnx.load(str(path))
+    model.graph.node[0].attribute.append(onnx.helper.make_attribute("softcap", 1.5))
+    onnx.save(model, path)
+    before = run(path, feeds)
+    res = aonnx.rewrite(path, tmp_path / "ssmax.onnx", to="ssmax", s=0.7, bias=0.3, inputs=feeds)
+    assert res.rewritten == [0] and any("function body" in n for n in res.sites[0].notes), res.left
+    got = run(tmp_path / "ssmax.onnx", feeds)
+    want, rows = _op_reference(model, feeds, 0.7, 0.3)
+    y = model.graph.output[0].name
+    np.testing.assert_allclose(np.where(rows, got[y], 0), np.where(rows, want, 0), atol=1e-5, rtol=1e-4)
+    assert not np.allclose(got[y], before[y], atol=1e-4)
+    presents = [o.name for o in model.graph.output[1:]]
+    assert presents == ([] if "nonpad" in export else ["present_key", "present_value"])
+    for name in presents:  # as the op gives them: the past and the new keys / values
+        np.testing.assert_array_equal(got[name], before[name])

@@ -15,6 +15,7 @@ from attnpass.errors import AttnpassError
 from attnpass.passes.onnx import MS, OnnxAdapter
 from attnpass.passes.plan import TARGETS, Action, Capabilities, RewriteSpec, plan_for
 from attnpass.passes.site import AttentionSite, Emitted, Form, Notes, Report
+from attnpass.rewrite.onnx import body
 from attnpass.rewrite.onnx.fuse import fuse_site
 from attnpass.rewrite.onnx.ssmax import ssmax_explicit, ssmax_fused_op
 from attnpass.rewrite.onnx.topk import emit_topk
@@ -38,7 +39,11 @@ def emit(model: ir.Model, report: Report, spec: RewriteSpec) -> Emitted:
     for site in report.sites:
         plan = plan_for(site, spec, caps, ad)
         if plan.action is Action.LEAVE:
-            left[site.index] = plan.reason or "left alone"
+            why = body.ssmax_through_body(model, site, spec, caps, notes) if spec.ssmax and body.expandable(site) else ""
+            if why is None and spec.to == "fused":  # fused SSMax: the op is SSMax'd unfused, as one that takes it on Q
+                left[site.index] = f"{plan.reason.split('; SSMax not applied')[0]} (SSMax applied in its function body)"
+            elif why is not None:
+                left[site.index] = "; ".join(x for x in (plan.reason or "left alone", why) if x)
             continue
         if plan.replaces is not None:
             _bypass(plan.replaces)
@@ -92,8 +97,9 @@ def fuse_blocker(site: AttentionSite, target: str, ad: OnnxAdapter | None = None
 
 
 def ssmax_blocker(ad: OnnxAdapter, site: AttentionSite) -> str | None:
-    """Why a site cannot take the SSMax rewrite here (None: it can)."""
-    return site.ssmax_blocker
+    """Why a site cannot take the SSMax rewrite here (None: it can; a standard ``Attention`` op takes it in its function
+    body when that body can be built, see ``body.py``)."""
+    return None if body.expandable(site) else site.ssmax_blocker
 
 
 __all__ = ["CAPS", "TARGETS", "emit", "to_ssmax", "fuse", "fuse_blocker", "ssmax_blocker"]

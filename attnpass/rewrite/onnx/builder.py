@@ -34,7 +34,8 @@ class _Builder:
         return self.const(list(xs), np.int64)
 
     def scalar_like(self, x: float, like: ir.Value) -> ir.Value:
-        return self.op("CastLike", [self.const(x, np.float32), like])
+        # a double's finfo.min does not fit a float32 constant (it would become -inf)
+        return self.op("CastLike", [self.const(x, np.float64 if like.dtype == ir.DataType.DOUBLE else np.float32), like])
 
     def commit(self) -> None:
         graph = self.anchor.graph
