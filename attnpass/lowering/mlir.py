@@ -83,7 +83,6 @@ LINALG_TO_LLVM: tuple[str, ...] = (
     "reconcile-unrealized-casts",
 )
 
-BUFFERIZE = next(p for p in LINALG_TO_LLVM if p.startswith("one-shot-bufferize"))
 ORIGIN_ATTR = "attnpass.origin"  # "fx" or "onnx": which torch-backend pipeline the module needs
 
 
@@ -161,41 +160,29 @@ def to_linalg(module: Any) -> Any:
 def to_llvm(module: Any, from_linalg: bool = False, parallel: bool = True) -> Any:
     """torch dialect (or linalg-on-tensors if ``from_linalg``) -> LLVM dialect, ready to JIT.
 
-    The pipeline stops once after ``convert-scf-to-openmp`` to drop the ``memref.alloca_scope`` it wraps each
-    parallel body in (see ``inline_alloca_scopes``).  ``parallel=False``: no OpenMP, parallel loops run in order
+    The pipeline stops after bufferization to turn the marked matmuls into register blocks over their buffers
+    (``microkernel.define_all``) and after ``convert-scf-to-openmp`` to drop the ``memref.alloca_scope`` it wraps
+    each parallel body in (see ``inline_alloca_scopes``).  ``parallel=False``: no OpenMP, parallel loops run in order
     (for a host without a C compiler to build the runtime).
     """
     lin = module if from_linalg else to_linalg(module)
     from attnpass.rewrite.mlir import microkernel
 
     passes = list(LINALG_TO_LLVM)
-    if microkernel.MARK_NAME in _text(lin):  # the register-block matmuls: vector code, past the backend contract
-        lin = parse(_text(lin), "linalg module")
-        microkernel.define_all(lin)
-        passes[passes.index(BUFFERIZE)] = analysed_bufferize(lin)
     if not parallel:
         passes.remove("convert-scf-to-openmp")
-        return run_passes(lin, passes, "linalg -> LLVM")
-    cut = passes.index("convert-scf-to-openmp") + 1
-    mid = run_passes(lin, passes[:cut], "linalg -> OpenMP")
-    inline_alloca_scopes(mid)
-    return run_passes(mid, passes[cut:], "OpenMP -> LLVM")
-
-
-def analysed_bufferize(module: Any) -> str:
-    """One-shot bufferization that analyses the register-block functions and copies before every write elsewhere.
-
-    ``copy-before-write`` (what the rest of the pipeline is built on: ``tm-tensor-bufferize`` leaves
-    ``to_tensor`` ops the analysis refuses) would copy the whole accumulator at each register block's write; the
-    analysis keeps those writes in place.
-    """
-    from attnpass.rewrite.mlir import microkernel
-
-    names = [op.operation.attributes["sym_name"].value for op in module.body.operations
-             if op.operation.name == "func.func"]
-    others = ",".join(n for n in names if not n.startswith(microkernel.PREFIX))
-    opts = "allow-return-allocs-from-loops bufferize-function-boundaries function-boundary-type-conversion=identity-layout-map"
-    return f"one-shot-bufferize{{{opts} no-analysis-func-filter={others}}}" if others else f"one-shot-bufferize{{{opts}}}"
+    # edits between two passes, each run on the module as the passes before it left it
+    hooks: dict[int, Callable[[Any], object]] = {}
+    if microkernel.MARK_NAME in _text(lin):  # the register-block matmuls: vector code on the bufferized module
+        hooks[passes.index("inline")] = microkernel.define_all
+    if parallel:
+        hooks[passes.index("convert-scf-to-openmp") + 1] = inline_alloca_scopes
+    mod, start = lin, 0
+    for at in sorted(hooks):
+        mod = run_passes(mod, passes[start:at], "linalg -> LLVM")
+        hooks[at](mod)
+        start = at
+    return run_passes(mod, passes[start:], "linalg -> LLVM")
 
 
 def inline_alloca_scopes(module: Any) -> int:
