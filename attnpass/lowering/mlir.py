@@ -67,7 +67,7 @@ LINALG_TO_LLVM: tuple[str, ...] = (
     "convert-scf-to-cf",
     "func.func(refback-expand-ops-for-llvm)",
     "func.func(arith-expand)",
-    "convert-vector-to-llvm{vector-contract-lowering=outerproduct}",
+    "convert-vector-to-llvm{vector-contract-lowering=outerproduct reassociate-fp-reductions=true}",
     "func.func(convert-math-to-llvm)",
     "convert-math-to-libm",
     "expand-strided-metadata",

@@ -520,14 +520,16 @@ def fused_tile(t: Ssa, sp: FusedSpec, j0: str, tile: int, state: tuple[str, str,
     zt = Operand(z, tile_shape, dims_of(dims4))
     rows = dims_of(dims3)  # a per-row value, read from any domain that starts with (batch.., i)
     # m' = max(m, max_j z)
-    m_new = reduce_max(t, dims4, zt, Operand(m_old, row_shape, rows), ind)
+    by_rows = microkernel.row_mark(tile, "max") if sp.microkernel else ""  # vector kernels over whole rows
+    m_new = reduce_max(t, dims4, zt, Operand(m_old, row_shape, rows), ind, attrs=by_rows)
     # p = exp(z - m');  alpha = exp(m - m')
     p = exp_sub(t, dims4, zt, Operand(m_new, row_shape, rows), tile_shape, ind, "p")
     pt = Operand(p, tile_shape, dims_of(dims4))
     alpha = exp_sub(t, dims3, Operand(m_old, row_shape, rows), Operand(m_new, row_shape, rows), row_shape, ind, "alpha")
     # l' = l * alpha + sum_j p
     l_scaled = rescale(t, dims3, Operand(l_old, row_shape, rows), Operand(alpha, row_shape, rows), row_shape, ind, "lsc")
-    l_new = reduce_sum(t, dims4, pt, Operand(l_scaled, row_shape, rows), ind)
+    l_new = reduce_sum(t, dims4, pt, Operand(l_scaled, row_shape, rows), ind,
+                       attrs=microkernel.row_mark(tile, "add") if sp.microkernel else "")
     # acc' = acc * alpha + p @ v_tile   (value dim innermost: contiguous in acc and v)
     acc_scaled = rescale(t, dimso, Operand(acc_old, out_shape, dims_of(dimso)), Operand(alpha, row_shape, rows),
                          out_shape, ind, "accs")

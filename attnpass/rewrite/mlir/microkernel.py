@@ -20,6 +20,7 @@ buffer whose rows are not contiguous, stay a ``linalg.generic`` (``fits``).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 
@@ -29,7 +30,36 @@ PREFIX = "attnpass_contract_"
 MARK_NAME = "attnpass.register_blocks"
 MARK = ", " + MARK_NAME  # on a matmul linalg.generic (``builders.matmul_tile``): lowered as register blocks
 
+# 8 x 16 f32 accumulators: 8 AVX-512 / 16 AVX2 registers; 8 independent FMA chains hide the FMA latency
 RI, RN, RK = 8, 16, 8
+
+ROWS_NAME = "attnpass.row_reduce"  # on a max / sum over the last dim (``builders.reduce_max`` / ``reduce_sum``)
+RW = 16  # the row kernels' vector width
+
+
+def row_mark(n: int, kind: str) -> str:
+    """The mark of a reduction over rows of ``n`` (``kind``: ``max`` or ``add``), empty where ``RW`` does not divide."""
+    return f', {ROWS_NAME} = "{kind}"' if n % RW == 0 else ""
+
+
+def block_width(n: int) -> int:
+    """Columns of a register block: two vectors of ``RN`` where they divide ``n`` and the host has 32 vector
+    registers (AVX-512: 16 accumulators, two rows of the right operand and the broadcasts fit), else one.
+
+    Two vectors halve the loads per multiply-add: each step is ``RI`` broadcasts and ``w / RN`` row loads for
+    ``RI w / RN`` multiply-adds, and at one vector the loads, not the multiply-adds, bound the loop.
+    """
+    return 2 * RN if n % (2 * RN) == 0 and wide_registers() else RN
+
+
+@functools.cache
+def wide_registers() -> bool:
+    """Whether the host CPU has AVX-512 (32 vector registers): the JIT and the native library compile for the host."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False
 
 
 def fits(m: int, n: int, k: int) -> bool:
@@ -83,8 +113,9 @@ def contract(t: Ssa, batch: Sequence[int], a: tuple[str, tuple[int, ...], str], 
     for size in batch:
         ivs.append(loop(size, 1))
     i = loop(m, RI)
-    n0 = loop(n, RN)
-    vty = f"vector<{RI}x{RN}xf32>"
+    rn = block_width(n)
+    n0 = loop(n, rn)
+    vty = f"vector<{RI}x{rn}xf32>"
     a_at = _batch_index(t, ashape[:-2], batch, ivs, groups[0], group_dim, zero, depth)
     b_at = _batch_index(t, bshape[:-2], batch, ivs, groups[1], group_dim, zero, depth)
     inb = "{in_bounds = [true, true]}"
@@ -95,11 +126,11 @@ def contract(t: Ssa, batch: Sequence[int], a: tuple[str, tuple[int, ...], str], 
     va = t.op("va", f"vector.transfer_read {an}[{', '.join([*a_at, i, k0])}], {pad} {inb} : {aty}, "
                     f"vector<{RI}x{RK}xf32>", depth + 1)
     vb = t.op("vb", f"vector.transfer_read {bn}[{', '.join([*b_at, k0, n0])}], {pad} {inb} : {bty}, "
-                    f"vector<{RK}x{RN}xf32>", depth + 1)
+                    f"vector<{RK}x{rn}xf32>", depth + 1)
     maps = "affine_map<(i, j, k) -> (i, k)>, affine_map<(i, j, k) -> (k, j)>, affine_map<(i, j, k) -> (i, j)>"
     out = t.op("vc", f'vector.contract {{indexing_maps = [{maps}], iterator_types = ["parallel", "parallel", '
                      f'"reduction"], kind = #vector.kind<add>}} {va}, {vb}, {v} : vector<{RI}x{RK}xf32>, '
-                     f"vector<{RK}x{RN}xf32> into {vty}", depth + 1)
+                     f"vector<{RK}x{rn}xf32> into {vty}", depth + 1)
     t.emit(f"scf.yield {out} : {vty}", depth + 1)
     t.emit("}", depth)
     t.emit(f"vector.transfer_write {kres}, {accn}[{', '.join([*ivs, i, n0])}] {inb} : {vty}, {cty}", depth)
@@ -140,6 +171,52 @@ def definition(name: str, a: tuple[int, ...], b: tuple[int, ...], acc: tuple[int
     return t.text()
 
 
+def rows_definition(name: str, x: tuple[int, ...], kind: str) -> str:
+    """The body of ``@name``: ``r[row] = r[row] (+ or max) reduce(x[row, :])`` in vectors of ``RW``.
+
+    A ``linalg.generic`` reduction lowers to a scalar chain that stores the running value at every step (LLVM cannot
+    keep it in a register: it cannot tell the two buffers apart); here each row is ``n / RW`` vector loads and ops
+    and one horizontal reduction (reassociated: ``convert-vector-to-llvm{reassociate-fp-reductions}``).
+    """
+    t = Ssa()
+    tx, tr = strided_type(x), strided_type(x[:-1])
+    op = {"add": "arith.addf", "max": "arith.maximumf"}[kind]
+    red = {"add": "add", "max": "maximumf"}[kind]
+    t.emit(f"func.func private @{name}(%x: {tx}, %r: {tr}) {{", 1)
+
+    def c(v: int, i: int) -> str:
+        return t.op("c", f"arith.constant {v} : index", i)
+
+    zero, one = c(0, 2), c(1, 2)
+    pad = t.op("c", "arith.constant 0.0 : f32", 2)
+    ivs, depth = [], 2
+    for size in x[:-1]:
+        iv = t.fresh("iv")
+        t.emit(f"scf.for {iv} = {zero} to {c(size, depth)} step {one} {{", depth)
+        ivs.append(iv)
+        depth += 1
+    vty = f"vector<{RW}xf32>"
+    inb = "{in_bounds = [true]}"
+    v = t.op("v", f"vector.transfer_read %x[{', '.join([*ivs, zero])}], {pad} {inb} : {tx}, {vty}", depth)
+    if x[-1] > RW:
+        res, j0, acc = t.fresh("rows"), t.fresh("j0"), t.fresh("acc")
+        t.emit(f"{res} = scf.for {j0} = {c(RW, depth)} to {c(x[-1], depth)} step {c(RW, depth)} iter_args({acc} = {v}) "
+               f"-> ({vty}) {{", depth)
+        w = t.op("w", f"vector.transfer_read %x[{', '.join([*ivs, j0])}], {pad} {inb} : {tx}, {vty}", depth + 1)
+        t.emit(f"scf.yield {t.op('v', f'{op} {acc}, {w} : {vty}', depth + 1)} : {vty}", depth + 1)
+        t.emit("}", depth)
+        v = res
+    total = t.op("s", f"vector.reduction <{red}>, {v} : {vty} into f32", depth)
+    old = t.op("old", f"memref.load %r[{', '.join(ivs)}] : {tr}", depth)
+    t.emit(f"memref.store {t.op('new', f'{op} {old}, {total} : f32', depth)}, %r[{', '.join(ivs)}] : {tr}", depth)
+    while depth > 2:
+        depth -= 1
+        t.emit("}", depth)
+    t.emit("return", 2)
+    t.emit("}", 1)
+    return t.text()
+
+
 _MEMREF = re.compile(r"memref<((?:\d+x)*)f32(?:, strided<\[([^\]]*)\][^>]*>)?>")
 
 
@@ -153,12 +230,23 @@ def _buffer_shape(ty: object) -> tuple[int, ...] | None:
     return tuple(int(d) for d in m.group(1).split("x") if d)
 
 
+def _call(g: object, name: str, shapes: list) -> None:
+    """Replace the bufferized generic ``g`` by ``call @name`` over its buffers cast to ``strided_type``."""
+    from torch_mlir import ir
+    from torch_mlir.dialects import func as func_d
+
+    here = ir.InsertionPoint(g)
+    args = [ir.Operation.create("memref.cast", results=[ir.Type.parse(strided_type(s))], operands=[v], ip=here).result
+            for v, s in zip(g.operands, shapes)]
+    func_d.CallOp([], ir.FlatSymbolRefAttr.get(name), args, ip=here)
+    g.erase()
+
+
 def define_all(module: object) -> int:
     """Replace every marked matmul ``linalg.generic`` of the bufferized ``module`` (in place) by a call of its
     register-block function over the same buffers, defined once per shape and appended; returns how many were
     replaced.  The pipeline's inliner puts the bodies back in place."""
     from torch_mlir import ir
-    from torch_mlir.dialects import func as func_d
 
     marked: list = []
 
@@ -167,7 +255,7 @@ def define_all(module: object) -> int:
             for block in region.blocks:
                 for inner in block.operations:
                     o = inner.operation
-                    if o.name == "linalg.generic" and MARK_NAME in o.attributes:
+                    if o.name == "linalg.generic" and (MARK_NAME in o.attributes or ROWS_NAME in o.attributes):
                         marked.append(o)
                     visit(o)
 
@@ -177,17 +265,23 @@ def define_all(module: object) -> int:
         done = 0
         for g in marked:
             shapes = [_buffer_shape(v.type) for v in g.operands]
+            if ROWS_NAME in g.attributes:
+                kind = ir.StringAttr(g.attributes[ROWS_NAME]).value
+                if len(shapes) != 2 or None in shapes or len(g.results) or shapes[0][:-1] != shapes[1]:
+                    del g.attributes[ROWS_NAME]
+                    continue
+                name = f"attnpass_rows_{kind}_" + "x".join(map(str, shapes[0]))
+                defined.setdefault(name, rows_definition(name, shapes[0], kind))
+                _call(g, name, shapes)
+                done += 1
+                continue
             if len(shapes) != 3 or any(s is None for s in shapes) or len(g.results):
                 del g.attributes[MARK_NAME]  # not buffers the blocks can read: the generic's loops stay
                 continue
             a, b, acc = shapes
             name = _name(a, b, acc)
             defined.setdefault(name, definition(name, a, b, acc))
-            here = ir.InsertionPoint(g)
-            args = [ir.Operation.create("memref.cast", results=[ir.Type.parse(strided_type(s))], operands=[v],
-                                        ip=here).result for v, s in zip(g.operands, shapes)]
-            func_d.CallOp([], ir.FlatSymbolRefAttr.get(name), args, ip=here)
-            g.erase()
+            _call(g, name, shapes)
             done += 1
         if defined:
             defs = ir.Module.parse("module {\n" + "\n".join(defined.values()) + "\n}")
