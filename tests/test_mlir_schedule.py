@@ -189,3 +189,15 @@ def test_few_query_rows_run_one_iteration_per_head_and_equal_the_reference(monke
     np.testing.assert_array_equal(got[1], got[3])
     want, _ = reference.attention_forward(q, k, v, attn_mask=mask, enable_gqa=True)
     np.testing.assert_allclose(got[1], want.numpy(), rtol=1e-5, atol=2e-6)
+
+
+def test_the_scale_multiplies_q_once_and_plain_tiles_skip_the_logits_pass() -> None:
+    """``scale (q . k) = (scale q) . k``: one multiply per element of Q before the loops, none per logit; with no mask,
+    cap or factor the logits of a tile are its scores (no pass over the tile), a causal tile still masks."""
+    plain, causal = fused_func("attn", _spec()), fused_func("attn", _spec(causal=True))
+    for text in (plain, causal):
+        head, loops = text.split("scf.forall", 1)
+        assert "0.125" in head and "0.125" not in loops
+    assert "arith.cmpi ule" not in plain and "arith.cmpi ule" in causal
+    per_tile = [t.split("scf.for %", 1)[1].count("linalg.generic") for t in (plain, causal)]
+    assert per_tile[1] == per_tile[0] + 1, "the causal tile's logits pass is the only extra one"

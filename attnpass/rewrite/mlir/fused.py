@@ -107,6 +107,7 @@ class FusedSpec:
     elem: str = "f32"  # of q, k, v and the output: f16 / bf16 are widened to f32 inside and the output narrowed
     microkernel: bool = True  # the tile matmuls as vector.contract register blocks (``microkernel``) where they divide
     k_value: str = "%k"  # the SSA name K tiles are cut from (``%k_t``: K transposed once for the register blocks)
+    q_value: str = "%q"  # the SSA name query blocks are cut from (``%qs``: Q times the scale, once)
     v_value: str = "%v"  # the SSA name V tiles are cut from (inside the parallel loop: the iteration's head)
     # K^T packed by key tiles, ``[kbatch..., S_k / tile, D, tile]`` (``pack_keys``): each tile's K^T is one
     # contiguous block
@@ -326,7 +327,7 @@ def _query_blocks(t: Ssa, sp: FusedSpec, qb: int | None, factor: str | None) -> 
             rest = t.op("bh", f"arith.divui {rest}, {c(size)} : index", 3)
     idx.reverse()
     q0 = _block_start(t, sp, kb, rows, nblocks, 3) if nblocks > 1 else c(0)
-    q, q_shape = _batch_slice(t, "%q", sp.q_shape, "f32", sp, idx, (len(sp.q_shape) - 2, q0, rows), 1, 3)
+    q, q_shape = _batch_slice(t, sp.q_value, sp.q_shape, "f32", sp, idx, (len(sp.q_shape) - 2, q0, rows), 1, 3)
     kv, k_shape = _batch_slice(t, sp.k_value, sp.k_shape, "f32", sp, idx, None, sp.k_groups, 3, 3 if sp.k_packed else 2)
     vv, v_shape = _batch_slice(t, "%v", sp.v_shape, "f32", sp, idx, None, sp.v_groups, 3)
     masks = []
@@ -422,6 +423,11 @@ def fused_func(name: str, sp: FusedSpec) -> str:
         perm = (*range(len(sp.k_shape) - 2), len(sp.k_shape) - 1, len(sp.k_shape) - 2)
         transpose(t, "%k", sp.k_shape, perm, 2, result="%k_t")
         sp = dataclasses.replace(sp, k_shape=permuted(sp.k_shape, perm), k_transposed=True, k_value="%k_t")
+    if sp.scale != 1.0:  # scale * (q . k) = (scale * q) . k: once per row of Q, not once per logit
+        qd = [f"d{i}" for i in range(len(sp.q_shape))]
+        qs = generic(t, qd, [Operand("%q", sp.q_shape, dims_of(qd))], Operand(empty(t, sp.q_shape, 2), sp.q_shape, dims_of(qd)),
+                     [PAR] * len(qd), lambda a, i: t.op("x", f"arith.mulf {a[0]}, {constant(t, sp.scale, i)} : f32", i), 2, "qs")
+        sp = dataclasses.replace(sp, scale=1.0, q_value=qs)
     domain = (*sp.batch, sp.s_q, sp.s_k)
     sp = dataclasses.replace(sp, masks=[settle_mask(t, m, domain) for m in sp.masks])
     factor = None
@@ -431,7 +437,7 @@ def fused_func(name: str, sp: FusedSpec) -> str:
         factor = emit_factor(t, row_shape, sp.s_k, sp.keys.settled(t, domain), sp.ssmax)
     qb = query_block(sp)
     if parallel_blocks(sp, qb) == 1:
-        out = _row_block(t, sp, Rows("%q", None, factor), 2, _static_keys(sp))
+        out = _row_block(t, sp, Rows(sp.q_value, None, factor), 2, _static_keys(sp))
     else:
         out = _query_blocks(t, sp, qb, factor)
     if "out" in sp.packed:
@@ -458,7 +464,7 @@ def logits_tile(t: Ssa, sp: FusedSpec, s: Operand, masks: list[tuple[str, tuple[
         ins.append(Operand(factor, s.shape[:-1], dims_of([*sp.bdims, "i"])))
 
     def body(a: list[str], i: int) -> str:
-        x = t.op("x", f"arith.mulf {a[0]}, {constant(t, sp.scale, i)} : f32", i)
+        x = a[0] if sp.scale == 1.0 else t.op("x", f"arith.mulf {a[0]}, {constant(t, sp.scale, i)} : f32", i)
         if sp.softcap is not None:
             cap = constant(t, sp.softcap, i)
             th = t.op("x", f"math.tanh {t.op('x', f'arith.divf {x}, {cap} : f32', i)} : f32", i)
@@ -516,7 +522,8 @@ def fused_tile(t: Ssa, sp: FusedSpec, j0: str, tile: int, state: tuple[str, str,
     blocks = sp.microkernel and sp.k_transposed and microkernel.fits(sp.s_q, tile, sp.d)
     s = matmul_tile(t, dims5, q, k, s0, "e", ind, "s", microkernel.MARK if blocks else "")
     # z = masked, scaled, capped logits of the tile
-    z = logits_tile(t, sp, Operand(s, tile_shape, dims_of(dims4)), mask_tiles, factor, j0, ind, rows.i0)
+    plain = sp.scale == 1.0 and sp.softcap is None and not mask_tiles and factor is None and not sp.causal and sp.window is None
+    z = s if plain else logits_tile(t, sp, Operand(s, tile_shape, dims_of(dims4)), mask_tiles, factor, j0, ind, rows.i0)
     zt = Operand(z, tile_shape, dims_of(dims4))
     rows = dims_of(dims3)  # a per-row value, read from any domain that starts with (batch.., i)
     # m' = max(m, max_j z)
