@@ -12,8 +12,8 @@ fused rewrite vs onnxruntime on the original ONNX vs torch eager).
 bf16: SDPA, eager and the MLIR loop nest run on bf16 tensors (the loop nest widens them to f32 once and accumulates in
 f32; bf16 crosses the calling convention as its i16 bits, ``attnpass/lowering/half_boundary.py``); onnxruntime is
 n/a (its CPU MatMul has no bf16 kernel).  ``--memory``: the native library's peak resident memory for the tiny GPT-2
-at S = 1024, 2048, 4096, each call in a process of its own that loads only the library (``ru_maxrss`` minus the
-RSS before the first call): it should grow about linearly in S (the fused sites hold no S x S scores).
+at S = 1024, 2048, 4096, each call in a process of its own that loads only the library (the peak RSS during the
+call minus the RSS before it): it should grow about linearly in S (the fused sites hold no S x S scores).
 """
 
 from __future__ import annotations
@@ -116,22 +116,26 @@ def _tiny_gpt(s: int):
     return Text().eval()
 
 
-def _rss_kb() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field + ":")).split()[1])
 
 
 def library_peak(path: str, s: int) -> None:
-    """(child) One call of the library at ``path`` on ``s`` tokens; prints the peak RSS growth in KiB."""
-    import resource
+    """(child) One call of the library at ``path`` on ``s`` tokens; prints the peak RSS growth in KiB.
 
+    The peak is the process's ``VmHWM`` reset to the current RSS right before the call (``clear_refs``): ``ru_maxrss``
+    would start from the parent's peak (Linux carries it over fork and exec).
+    """
     from attnpass.lowering import native
 
     lib = native.load_library(path)
     ids, mask = np.zeros((1, s), dtype=np.int64), np.ones((1, s), dtype=np.int64)
-    before = _rss_kb()
+    before = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS to the current one
     lib(ids, mask)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+    print(_status_kb("VmHWM") - before)
 
 
 def memory_table(threads: int) -> None:
