@@ -9,9 +9,11 @@ attnpass's own OpenMP runtime, ``attnpass/lowering/omp.py``).  Times are the bes
 few calls after a warm-up.  ``--model``: the whole-model table, a tiny GPT-2 at S=2048 (the native library of the
 fused rewrite vs onnxruntime on the original ONNX vs torch eager).
 
-bf16: SDPA and eager run in bf16; the MLIR and onnxruntime cells are n/a (torch-mlir's calling convention takes
-no bf16 memrefs at the function boundary; onnxruntime's CPU MatMul has no bf16 kernel).  The fused loop nest
-itself reads f16/bf16 inside a model and accumulates in f32 (tests/test_mlir_attention_op.py).
+bf16: SDPA, eager and the MLIR loop nest run on bf16 tensors (the loop nest widens them to f32 once and accumulates in
+f32; bf16 crosses the calling convention as its i16 bits, ``attnpass/lowering/half_boundary.py``); onnxruntime is
+n/a (its CPU MatMul has no bf16 kernel).  ``--memory``: the native library's peak resident memory for the tiny GPT-2
+at S = 1024, 2048, 4096, each call in a process of its own that loads only the library (the peak RSS during the
+call minus the RSS before it): it should grow about linearly in S (the fused sites hold no S x S scores).
 """
 
 from __future__ import annotations
@@ -84,21 +86,19 @@ def attention_row(s: int, causal: bool, dtype: torch.dtype, threads: int, reps: 
     if dtype == torch.float32:
         with tempfile.TemporaryDirectory() as d:
             out["ort"] = best(_ort(module, args, threads, d), reps) if s <= 4096 else float("nan")
-        t0 = time.perf_counter()
-        fn = am.compile(am.rewrite(am.import_(module, args), to="fused"))
-        out["compile_s"] = time.perf_counter() - t0
-        ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        out["err"] = float((fn(*args) - ref).abs().max())
-        out["mlir"] = best(lambda: fn(*args), 1 if s >= 4096 else reps)
+    t0 = time.perf_counter()
+    fn = am.compile(am.rewrite(am.import_(module, args), to="fused"))
+    fn.engine.lookup(fn.func_name)  # LLVM's code generation included: the engine compiles on the first lookup
+    out["compile_s"] = time.perf_counter() - t0
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    out["err"] = float((fn(*args).float() - ref.float()).abs().max())
+    out["mlir"] = best(lambda: fn(*args), 1 if s >= 4096 else reps)
     return out
 
 
-def model_row(s: int, threads: int, reps: int) -> dict[str, float]:
-    """Tiny GPT-2 (2 layers, 4 heads of 16, eager attention) at ``s`` tokens: library vs onnxruntime vs eager."""
-    import onnxruntime as ort
+def _tiny_gpt(s: int):
+    """Tiny GPT-2 (2 layers, 4 heads of 16, eager attention) for ``s`` tokens behind a (ids, mask) -> hidden wrapper."""
     import transformers as T
-
-    from attnpass import mlir as am
 
     torch.manual_seed(0)
     cfg = T.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=s, attn_implementation="eager",
@@ -113,18 +113,72 @@ def model_row(s: int, threads: int, reps: int) -> dict[str, float]:
         def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             return self.m(ids, attention_mask=mask).last_hidden_state
 
+    return Text().eval()
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field + ":")).split()[1])
+
+
+def library_peak(path: str, s: int) -> None:
+    """(child) One call of the library at ``path`` on ``s`` tokens; prints the peak RSS growth in KiB.
+
+    The peak is the process's ``VmHWM`` reset to the current RSS right before the call (``clear_refs``): ``ru_maxrss``
+    would start from the parent's peak (Linux carries it over fork and exec).
+    """
+    from attnpass.lowering import native
+
+    lib = native.load_library(path)
+    ids, mask = np.zeros((1, s), dtype=np.int64), np.ones((1, s), dtype=np.int64)
+    before = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS to the current one
+    lib(ids, mask)
+    print(_status_kb("VmHWM") - before)
+
+
+def memory_table(threads: int) -> None:
+    """The tiny GPT-2's native library (fused rewrite): peak RSS of one call at S = 1024, 2048, 4096."""
+    import subprocess
+
+    from attnpass import mlir as am
+
+    print(f"\ntiny GPT-2 native library (fused), peak RSS of one call above the loaded library, {threads} threads")
+    print(f"{'S':>5} {'peak MiB':>9} {'per 1k tokens':>13}")
+    for s in (1024, 2048, 4096):
+        with tempfile.TemporaryDirectory() as d, torch.no_grad():
+            ids, mask = torch.zeros(1, s, dtype=torch.long), torch.ones(1, s, dtype=torch.long)
+            path = os.path.join(d, "gpt.onnx")
+            torch.onnx.export(_tiny_gpt(s), (ids, mask), path, dynamo=False, opset_version=17, input_names=["ids", "mask"])
+            so = os.path.join(d, "gpt.so")
+            am.compile_library(am.rewrite(am.import_(path), to="fused"), so)
+            env = dict(os.environ, ATTNPASS_THREADS=str(threads))
+            run = subprocess.run([sys.executable, __file__, "--library-peak", so, str(s)], capture_output=True, text=True,
+                                 env=env, check=True)
+            kib = int(run.stdout.split()[-1])
+            print(f"{s:>5} {kib / 1024:>9.1f} {kib / 1024 / (s / 1024):>13.1f}", flush=True)
+
+
+def model_row(s: int, threads: int, reps: int) -> dict[str, float]:
+    """Tiny GPT-2 (2 layers, 4 heads of 16, eager attention) at ``s`` tokens: library vs onnxruntime vs eager."""
+    import onnxruntime as ort
+
+    from attnpass import mlir as am
+
+    text = _tiny_gpt(s)
     ids = torch.randint(0, 100, (1, s))
     mask = torch.ones(1, s, dtype=torch.long)  # the TorchScript exporter needs a mask input (no aten::diff then)
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as d, torch.no_grad():
         path = os.path.join(d, "gpt.onnx")
-        torch.onnx.export(Text().eval(), (ids, mask), path, dynamo=False, opset_version=17, input_names=["ids", "mask"])
+        torch.onnx.export(text, (ids, mask), path, dynamo=False, opset_version=17, input_names=["ids", "mask"])
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         sess = ort.InferenceSession(path, opts)
         feeds = {"ids": ids.numpy(), "mask": mask.numpy()}
         out["ort"] = best(lambda: sess.run(None, feeds), reps)
-        out["eager"] = best(lambda: Text()(ids, mask), reps)
+        out["eager"] = best(lambda: text(ids, mask), reps)
         t0 = time.perf_counter()
         fused, result = am.rewrite(am.import_(path), to="fused", with_report=True)
         so = os.path.join(d, "gpt.so")
@@ -149,8 +203,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--model", action="store_true", help="also the whole-model table (tiny GPT-2 at S=2048)")
+    p.add_argument("--memory", action="store_true", help="the tiny GPT-2 library's peak RSS at S = 1024, 2048, 4096")
+    p.add_argument("--library-peak", nargs=2, metavar=("SO", "S"), help=argparse.SUPPRESS)  # (child of --memory)
     p.add_argument("--sizes", help="comma-separated S values (overrides the default list; empty: no attention table)")
     args = p.parse_args()
+    if args.library_peak:
+        return library_peak(args.library_peak[0], int(args.library_peak[1]))
     torch.set_num_threads(args.threads)
     os.environ["ATTNPASS_THREADS"] = str(args.threads)  # the fused loop nest's OpenMP team
     sizes = [512, 1024, 2048] if args.quick else [512, 1024, 2048, 4096, 8192]
@@ -170,6 +228,8 @@ def main() -> None:
                 print(f"{str(dtype).split('.')[-1]:>8} {str(causal):>6} {s:>5} {1e3 * sd:>9.1f} {_ratio(r, 'mlir'):>9} "
                       f"{_ratio(r, 'eager'):>10} {_ratio(r, 'ort'):>9} {r.get('compile_s', float('nan')):>9.1f} "
                       f"{r.get('err', float('nan')):>8.1e}", flush=True)
+    if args.memory:
+        memory_table(args.threads)
     if args.model:
         r = model_row(2048, args.threads, args.reps)
         print(f"\ntiny GPT-2 (2 layers, 4 heads x 16) at S=2048, {r['sites']} fused sites, native library built in "

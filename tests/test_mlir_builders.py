@@ -201,8 +201,10 @@ def test_fused_function_is_one_loop_over_key_tiles_carrying_three_states():
     loops = [o for name, _, o in ops if name == "scf.for"]
     assert len(loops) == 1
     (loop,) = loops
-    assert [str(r.type) for r in loop.results] == ["tensor<1x2x40xf32>", "tensor<1x2x40xf32>", "tensor<1x2x40x8xf32>"]
-    in_loop = [o for name, depth, o in ops if depth == 1 and name == "linalg.generic"]
+    # one head per iteration of the parallel loop around it
+    assert [str(r.type) for r in loop.results] == ["tensor<1x1x40xf32>", "tensor<1x1x40xf32>", "tensor<1x1x40x8xf32>"]
+    at = next(depth for name, depth, _ in ops if name == "scf.for") + 1
+    in_loop = [o for name, depth, o in ops if depth == at and name == "linalg.generic"]
     reductions = [g for g in in_loop if _iterators(g)[-1] == "reduction" and "arith.maximumf" in _body_ops(g)]
     assert len(reductions) == 1, "one max reduction per tile"
     assert sum("fastmath<reassoc,contract>" in str(g) for g in in_loop) == 2, "Q K^T and P V"
@@ -214,8 +216,10 @@ def test_fused_function_is_one_loop_over_key_tiles_carrying_three_states():
 def test_fused_tail_tile_is_emitted_after_the_loop():
     text = fused_func("attn", _spec(s_k=40, tile=16))  # 2 full tiles + 8
     _, f = _func(text, "attn")
-    after = [o for name, depth, o in _ops(f) if depth == 0 and name == "linalg.generic"]
-    assert any("tensor<1x2x40x8xf32>" in str(g.results[0].type) and _iterators(g)[-2:] == ["reduction", "parallel"]
+    ops = _ops(f)
+    at = next(depth for name, depth, _ in ops if name == "scf.for")  # inside the parallel loop over the heads
+    after = [o for name, depth, o in ops if depth == at and name == "linalg.generic"]
+    assert any("tensor<1x1x40x8xf32>" in str(g.results[0].type) and _iterators(g)[-2:] == ["reduction", "parallel"]
                for g in after), "the tail's P V matmul runs outside the loop"
 
 

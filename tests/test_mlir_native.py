@@ -128,3 +128,28 @@ def test_dynamic_shapes_and_missing_outputs_are_refused(tmp_path: Path) -> None:
         am.load_library(tmp_path / "absent.so")
     assert main(["mlir", str(tmp_path / "absent.onnx"), "--emit", "so"]) != 0  # needs -o: refused before any work
     assert not list(tmp_path.iterdir())
+
+
+def test_bf16_at_the_boundary_passes_as_its_bits(tmp_path: Path) -> None:
+    """bf16 Q / K / V in and a bf16 output (the calling convention takes no bf16 memrefs: i16 bits, bitcast inside):
+    the JIT takes and gives torch bf16 tensors, the library ml_dtypes bf16 arrays (or their uint16 bits), with the
+    same bits, equal to SDPA in f32 on the same values within bf16's rounding of the output."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 128, 16, generator=g).to(torch.bfloat16) for _ in range(3))
+
+    class Sdpa(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    fused = am.rewrite(am.import_(Sdpa(), (q, k, v)), to="fused", tile=32)
+    got = am.compile(fused)(q, k, v)  # the library's opt level: the same code, so the same bits
+    assert got.dtype == torch.bfloat16 and got.shape == q.shape
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    torch.testing.assert_close(got.float(), want, rtol=8e-3, atol=8e-3)
+    sig = am.compile_library(fused, tmp_path / "bf16.so")
+    assert [t.dtype for t in sig.inputs + sig.outputs] == ["bfloat16"] * 4
+    lib = am.load_library(tmp_path / "bf16.so")
+    bits = [x.view(torch.int16).numpy().view(np.uint16) for x in (q, k, v)]
+    out = np.asarray(lib(*bits))
+    assert out.dtype.name == "bfloat16"
+    np.testing.assert_array_equal(out.view(np.int16), got.view(torch.int16).numpy())

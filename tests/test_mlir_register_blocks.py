@@ -42,18 +42,43 @@ def _module(body: str) -> str:
     return "module {\n" + wrapper + "\n" + body + "\n}"
 
 
+def _bufferized(text: str) -> object:
+    """The module as the pipeline leaves it right before the register blocks go in: bufferized, not inlined."""
+    passes = list(lowering.LINALG_TO_LLVM)
+    return lowering.run_passes(_module(text), passes[:passes.index("inline")], "test module")
+
+
 def test_both_matmuls_become_register_blocks_where_the_dims_divide() -> None:
     text = fused_func("attn", _spec(16))
-    assert text.count(microkernel.MARK_NAME) == 2 and "linalg.transpose" in text, "Q K^T and P V marked, K^T once"
-    mod = lowering.parse(_module(text))
-    assert microkernel.define_all(mod) == 2
+    assert text.count(microkernel.MARK_NAME) == 2, "Q K^T and P V marked"
+    mod = _bufferized(text)
+    assert microkernel.define_all(mod) == 4, "two matmuls, the row max and the row sum"
     lin = str(mod)
     assert lin.count("vector.contract") == 2 and microkernel.MARK_NAME not in lin
-    assert "vector<4x8xf32>, vector<8x16xf32> into vector<4x16xf32>" in lin
-    assert "arith.divui" in lin, "GQA: the K / V head read as h floordiv groups"
+    assert "vector<8x8xf32>, vector<8x16xf32> into vector<8x16xf32>" in lin  # P V: 16 value columns
+    wide = microkernel.block_width(32)  # Q K^T over a tile of 32 keys: two vectors a row on AVX-512 hosts
+    assert f"vector<8x8xf32>, vector<8x{wide}xf32> into vector<8x{wide}xf32>" in lin
+    assert "vector.reduction <maximumf>" in lin and "vector.reduction <add>" in lin, "row max / sum in vectors"
+    assert microkernel.ROWS_NAME not in lin
+    # the blocks read the Q rows, the K^T and V tiles through their subviews: no slice is copied into a buffer of
+    # its own (a call over tensors would copy all three per key tile)
+    copies = [ln.split(" : ", 1)[1] for ln in lin.splitlines() if "memref.copy" in ln]
+    assert copies and not [c for c in copies if "strided" in c.split(" to ")[0]], copies
+    assert "strided<[?, ?, ?, 1], offset: ?>" in lin
     # a head dim of 12 is no whole number of 8-wide reduction steps: Q K^T stays a generic (P V too: 12 columns)
     odd = fused_func("attn", _spec(12, q_shape=(1, 4, 128, 12), k_shape=(1, 2, 128, 12), v_shape=(1, 2, 128, 12)))
     assert microkernel.MARK_NAME not in odd and "linalg.transpose" not in odd, "K kept row-major for the generic"
+
+
+def test_k_transposed_is_packed_by_key_tiles() -> None:
+    """K^T as [kv heads, S_k / tile, D, tile]: a tile's K^T is one contiguous block, not D rows 4 S_k bytes apart."""
+    text = fused_func("attn", _spec(16))
+    assert "tensor<1x2x4x16x32xf32>" in text and "affine_map<(d0, d1, t, e, j) -> (d0, d1, t * 32 + j, e)>" in text
+    assert "tensor<1x2x4x16x32xf32> to tensor<1x1x4x16x32xf32>" in text, "the iteration's head (GQA: h floordiv 2)"
+    assert "tensor<1x1x4x16x32xf32> to tensor<1x1x16x32xf32>" in text, "one tile, the tile dim dropped"
+    # keys that are no whole number of tiles: the plain transpose
+    ragged = fused_func("attn", _spec(16, s_k=120, k_shape=(1, 2, 120, 16), v_shape=(1, 2, 120, 16)))
+    assert "linalg.transpose" in ragged and "t * 32 + j" not in ragged
 
 
 def _unmark(op) -> None:

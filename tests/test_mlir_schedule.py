@@ -48,7 +48,9 @@ def test_causal_blocks_bound_the_key_loop_by_the_diagonal() -> None:
     (d0, blocks), (d1, keys) = _loops(text)
     assert (d0, d1) == (0, 1) and query_block(_spec()) == 64
     assert blocks.name == "scf.forall" and keys.name == "scf.for", "query blocks in parallel, key tiles in order"
-    assert [str(r.type) for r in keys.results] == ["tensor<1x2x64xf32>", "tensor<1x2x64xf32>", "tensor<1x2x64x8xf32>"]
+    # one head's block per iteration: 2 heads x 4 blocks of 64 rows
+    assert str(blocks).split("(", 2)[2].startswith("8)")
+    assert [str(r.type) for r in keys.results] == ["tensor<1x1x64xf32>", "tensor<1x1x64xf32>", "tensor<1x1x64x8xf32>"]
     upper = keys.operands[1].owner
     assert upper.name == "arith.minsi", "the key loop ends at min(S_k, tile-rounded q0 + block), not at S_k"
     assert "tensor.parallel_insert_slice" in text and "x256x256x" not in text  # no S_q x S_k tensor
@@ -66,8 +68,15 @@ def test_left_window_starts_the_key_loop_at_the_block_minus_the_window() -> None
     assert keys.operands[0].owner.name == "arith.muli", "lower bound: floor((q0 - left) / tile) * tile"
 
 
-def test_few_rows_stay_one_block() -> None:
-    assert query_block(_spec(s_q=100)) is None and len(_loops(fused_func("attn", _spec(s_q=100)))) == 1
+def test_few_rows_stay_one_block_per_head_in_parallel() -> None:
+    """Too few rows for blocks (decode, short prompts): the parallel loop runs over the heads alone."""
+    assert query_block(_spec(s_q=100)) is None
+    (d0, heads), (d1, keys) = _loops(fused_func("attn", _spec(s_q=100)))
+    assert (d0, d1, heads.name) == (0, 1, "scf.forall") and str(heads).split("(", 2)[2].startswith("2)")
+    assert str(keys.results[2].type) == "tensor<1x1x100x8xf32>"
+    one = dataclasses.replace(_spec(s_q=100), batch=(1, 1), q_shape=(1, 1, 100, 8), k_shape=(1, 1, 256, 8),
+                              v_shape=(1, 1, 256, 8))
+    assert [o.name for _, o in _loops(fused_func("attn", one))] == ["scf.for"], "one head, one block: no parallel loop"
 
 
 class _Sdpa(torch.nn.Module):
@@ -160,3 +169,35 @@ def test_half_inputs_are_widened_once_and_the_output_narrowed(elem: str) -> None
     assert torch.equal(got, got.to(dt).float()), "the output is rounded to the half type"
     step = 2.0 ** -7 if elem == "bf16" else 2.0 ** -10  # one rounding of the f32 result
     torch.testing.assert_close(got, want, rtol=step, atol=step)
+
+
+def test_few_query_rows_run_one_iteration_per_head_and_equal_the_reference(monkeypatch) -> None:
+    """Decode-like shapes (B=2, 4 query heads over 2 KV heads, 5 query rows, a padding mask): the parallel loop runs
+    over the 8 batch x head slices, each reading its KV head, with the same bits on 1 and 3 threads."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, 5, 16, generator=g)
+    k, v = (torch.randn(2, 2, 96, 16, generator=g) for _ in range(2))
+    mask = torch.randn(2, 1, 1, 96, generator=g)
+    mask[1, ..., 70:] = torch.finfo(torch.float32).min
+    fused = am.rewrite(am.import_(_Sdpa(False, True), (q, k, v, mask)), to="fused", tile=32)
+    assert "scf.forall (%" in str(am.lower(fused, "linalg")) and ") in (8)" in str(am.lower(fused, "linalg"))
+    fn = am.compile(fused, opt_level=0)
+    got = {}
+    for n in (1, 3):
+        monkeypatch.setenv("ATTNPASS_THREADS", str(n))
+        got[n] = fn(q, k, v, mask).numpy()
+    np.testing.assert_array_equal(got[1], got[3])
+    want, _ = reference.attention_forward(q, k, v, attn_mask=mask, enable_gqa=True)
+    np.testing.assert_allclose(got[1], want.numpy(), rtol=1e-5, atol=2e-6)
+
+
+def test_the_scale_multiplies_q_once_and_plain_tiles_skip_the_logits_pass() -> None:
+    """``scale (q . k) = (scale q) . k``: one multiply per element of Q before the loops, none per logit; with no mask,
+    cap or factor the logits of a tile are its scores (no pass over the tile), a causal tile still masks."""
+    plain, causal = fused_func("attn", _spec()), fused_func("attn", _spec(causal=True))
+    for text in (plain, causal):
+        head, loops = text.split("scf.forall", 1)
+        assert "0.125" in head and "0.125" not in loops
+    assert "arith.cmpi ule" not in plain and "arith.cmpi ule" in causal
+    per_tile = [t.split("scf.for %", 1)[1].count("linalg.generic") for t in (plain, causal)]
+    assert per_tile[1] == per_tile[0] + 1, "the causal tile's logits pass is the only extra one"

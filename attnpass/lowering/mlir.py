@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from attnpass.errors import AttnpassError
-from attnpass.lowering import omp
+from attnpass.lowering import half_boundary, omp
 
 
 def require_torch_mlir() -> Any:
@@ -67,7 +67,7 @@ LINALG_TO_LLVM: tuple[str, ...] = (
     "convert-scf-to-cf",
     "func.func(refback-expand-ops-for-llvm)",
     "func.func(arith-expand)",
-    "convert-vector-to-llvm{vector-contract-lowering=outerproduct}",
+    "convert-vector-to-llvm{vector-contract-lowering=outerproduct reassociate-fp-reductions=true}",
     "func.func(convert-math-to-llvm)",
     "convert-math-to-libm",
     "expand-strided-metadata",
@@ -83,7 +83,6 @@ LINALG_TO_LLVM: tuple[str, ...] = (
     "reconcile-unrealized-casts",
 )
 
-BUFFERIZE = next(p for p in LINALG_TO_LLVM if p.startswith("one-shot-bufferize"))
 ORIGIN_ATTR = "attnpass.origin"  # "fx" or "onnx": which torch-backend pipeline the module needs
 
 
@@ -161,41 +160,33 @@ def to_linalg(module: Any) -> Any:
 def to_llvm(module: Any, from_linalg: bool = False, parallel: bool = True) -> Any:
     """torch dialect (or linalg-on-tensors if ``from_linalg``) -> LLVM dialect, ready to JIT.
 
-    The pipeline stops once after ``convert-scf-to-openmp`` to drop the ``memref.alloca_scope`` it wraps each
-    parallel body in (see ``inline_alloca_scopes``).  ``parallel=False``: no OpenMP, parallel loops run in order
+    The pipeline stops after bufferization to turn the marked matmuls into register blocks over their buffers
+    (``microkernel.define_all``) and after ``convert-scf-to-openmp`` to drop the ``memref.alloca_scope`` it wraps
+    each parallel body in (see ``inline_alloca_scopes``).  ``parallel=False``: no OpenMP, parallel loops run in order
     (for a host without a C compiler to build the runtime).
     """
     lin = module if from_linalg else to_linalg(module)
     from attnpass.rewrite.mlir import microkernel
 
     passes = list(LINALG_TO_LLVM)
-    if microkernel.MARK_NAME in _text(lin):  # the register-block matmuls: vector code, past the backend contract
+    if "bf16>" in _text(lin):  # bf16 at a public function's boundary: passed as i16 bits (``half_boundary``)
         lin = parse(_text(lin), "linalg module")
-        microkernel.define_all(lin)
-        passes[passes.index(BUFFERIZE)] = analysed_bufferize(lin)
+        if half_boundary.wrap(lin):
+            passes.insert(0, half_boundary.PASS)
     if not parallel:
         passes.remove("convert-scf-to-openmp")
-        return run_passes(lin, passes, "linalg -> LLVM")
-    cut = passes.index("convert-scf-to-openmp") + 1
-    mid = run_passes(lin, passes[:cut], "linalg -> OpenMP")
-    inline_alloca_scopes(mid)
-    return run_passes(mid, passes[cut:], "OpenMP -> LLVM")
-
-
-def analysed_bufferize(module: Any) -> str:
-    """One-shot bufferization that analyses the register-block functions and copies before every write elsewhere.
-
-    ``copy-before-write`` (what the rest of the pipeline is built on: ``tm-tensor-bufferize`` leaves
-    ``to_tensor`` ops the analysis refuses) would copy the whole accumulator at each register block's write; the
-    analysis keeps those writes in place.
-    """
-    from attnpass.rewrite.mlir import microkernel
-
-    names = [op.operation.attributes["sym_name"].value for op in module.body.operations
-             if op.operation.name == "func.func"]
-    others = ",".join(n for n in names if not n.startswith(microkernel.PREFIX))
-    opts = "allow-return-allocs-from-loops bufferize-function-boundaries function-boundary-type-conversion=identity-layout-map"
-    return f"one-shot-bufferize{{{opts} no-analysis-func-filter={others}}}" if others else f"one-shot-bufferize{{{opts}}}"
+    # edits between two passes, each run on the module as the passes before it left it
+    hooks: dict[int, Callable[[Any], object]] = {}
+    if microkernel.MARK_NAME in _text(lin):  # the register-block matmuls: vector code on the bufferized module
+        hooks[passes.index("inline")] = microkernel.define_all
+    if parallel:
+        hooks[passes.index("convert-scf-to-openmp") + 1] = inline_alloca_scopes
+    mod, start = lin, 0
+    for at in sorted(hooks):
+        mod = run_passes(mod, passes[start:at], "linalg -> LLVM")
+        hooks[at](mod)
+        start = at
+    return run_passes(mod, passes[start:], "linalg -> LLVM")
 
 
 def inline_alloca_scopes(module: Any) -> int:
@@ -232,7 +223,7 @@ def inline_alloca_scopes(module: Any) -> int:
 
 # ------------------------------------------------------------------ runtime
 
-_NP_OF_SUFFIX = {"f32": np.float32, "f64": np.float64, "i1": np.bool_, "i8": np.int8, "i32": np.int32,
+_NP_OF_SUFFIX = {"f32": np.float32, "f64": np.float64, "i1": np.bool_, "i8": np.int8, "i16": np.int16, "i32": np.int32,
                  "i64": np.int64, "f16": np.float16}
 
 
@@ -249,9 +240,11 @@ def _as_numpy(x: Any) -> np.ndarray:
     except ImportError:  # pragma: no cover
         torch = None
     if torch is not None and isinstance(x, torch.Tensor):
-        return x.detach().cpu().contiguous().numpy()
+        x = x.detach().cpu().contiguous()
+        return (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy()  # bf16: its bits (half_boundary)
     if isinstance(x, np.ndarray):
-        return np.ascontiguousarray(x)
+        x = np.ascontiguousarray(x)
+        return x.view(np.int16) if x.dtype.name == "bfloat16" else x
     raise TypeError(f"JIT function arguments must be torch tensors or numpy arrays, got {type(x).__name__}")
 
 
@@ -263,13 +256,15 @@ class JitFunction:
     generated code frees them.
     """
 
-    def __init__(self, llvm_module: Any, func_name: str = "main", opt_level: int = 3, shared_libs: Sequence[str] = ()):
+    def __init__(self, llvm_module: Any, func_name: str = "main", opt_level: int = 3, shared_libs: Sequence[str] = (),
+                 bf16_results: Sequence[bool] = ()):
         require_torch_mlir()
         from torch_mlir.execution_engine import ExecutionEngine
         from torch_mlir.runtime import np_to_memref as m2n
 
         self._m2n = m2n
         self.func_name = func_name
+        self.bf16_results = list(bf16_results)  # results that come back as i16 bits of bf16 values
         self.llvm_text = _text(llvm_module)
         self._result = _Result()
         self._callbacks: list[Any] = []  # keep the ctypes thunks alive as long as the engine
@@ -297,11 +292,27 @@ class JitFunction:
         out = self._result.values
         if out is None:
             raise AttnpassError(f"JIT function {self.func_name} returned nothing")
+        out = [_bf16_from_bits(o, args) if i < len(self.bf16_results) and self.bf16_results[i] else o
+               for i, o in enumerate(out)]
         if args and _is_torch(args[0]):
             import torch
 
-            out = [torch.from_numpy(o) for o in out]
+            out = [o if isinstance(o, torch.Tensor) else torch.from_numpy(o) for o in out]
         return out[0] if len(out) == 1 else tuple(out)
+
+
+def _bf16_from_bits(bits: np.ndarray, args: Sequence[Any]) -> Any:
+    """A bf16 result from its i16 bits: a torch bf16 tensor for torch callers, else an ``ml_dtypes.bfloat16`` array
+    (the bits as int16 where ml_dtypes is missing)."""
+    if args and _is_torch(args[0]):
+        import torch
+
+        return torch.from_numpy(bits).view(torch.bfloat16)
+    try:
+        import ml_dtypes
+    except ImportError:  # pragma: no cover
+        return bits
+    return bits.view(ml_dtypes.bfloat16)
 
 
 def _is_torch(x: Any) -> bool:
@@ -335,9 +346,12 @@ def compile_module(module: Any, from_linalg: bool = False, func_name: str = "mai
     except AttnpassError as e:
         warnings.warn(f"attnpass: parallel loops run on one thread: {e}", RuntimeWarning, stacklevel=2)
         runtime = None
-    llvm = to_llvm(module, from_linalg=from_linalg, parallel=runtime is not None)
+    lin = module if from_linalg else to_linalg(module)
+    lin = parse(_text(lin), "linalg module")
+    bf16 = half_boundary.bf16_results(lin, func_name)
+    llvm = to_llvm(lin, from_linalg=True, parallel=runtime is not None)
     libs = [runtime] if runtime is not None and uses_openmp(llvm) else []
-    return JitFunction(llvm, func_name=func_name, opt_level=opt_level, shared_libs=libs)
+    return JitFunction(llvm, func_name=func_name, opt_level=opt_level, shared_libs=libs, bf16_results=bf16)
 
 
 def uses_openmp(module: Any) -> bool:

@@ -36,8 +36,9 @@ ENTRY = "attnpass_model"  # the public function's symbol inside the library (``m
 
 #: torch-dialect element type -> (numpy dtype name, the callback-name suffix of the lowering pipeline)
 _ELEMS = {"f32": ("float32", "f32"), "f64": ("float64", "f64"), "f16": ("float16", "f16"),
+          "bf16": ("bfloat16", "i16"),  # passed as its bits (lowering.half_boundary)
           "si64": ("int64", "i64"), "si32": ("int32", "i32"), "i1": ("bool", "i1"), "si8": ("int8", "i8")}
-_SIZES = {"float32": 4, "float64": 8, "float16": 2, "int64": 8, "int32": 4, "bool": 1, "int8": 1}
+_SIZES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1, "int8": 1}
 
 
 @dataclass(frozen=True)
@@ -225,16 +226,29 @@ class NativeFunction:
         arrays = []
         for n, (a, want) in enumerate(zip(args, sig.inputs)):
             x = np.ascontiguousarray(a)
-            if x.dtype.name != want.dtype or x.shape != want.shape:
+            if want.dtype == "bfloat16" and x.dtype.name in ("uint16", "int16"):  # bf16 given as its bits
+                x = x.view(_dtype("bfloat16"))
+            if x.dtype.name != _dtype(want.dtype).name or x.shape != want.shape:
                 raise AttnpassError(f"{self.path}: input {n} must be {want.dtype}{list(want.shape)}, "
                                     f"got {x.dtype.name}{list(x.shape)}")
             arrays.append(x)
-        outs = [np.empty(t.shape, dtype=t.dtype) for t in sig.outputs]
+        outs = [np.empty(t.shape, dtype=_dtype(t.dtype)) for t in sig.outputs]
         ins_p = (ctypes.c_void_p * max(1, len(arrays)))(*[x.ctypes.data for x in arrays])
         outs_p = (ctypes.c_void_p * len(outs))(*[o.ctypes.data for o in outs])
         if self.lib.attnpass_run(ins_p, outs_p) != 0:
             raise AttnpassError(f"{self.path}: the library returned no result")
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _dtype(name: str) -> Any:
+    """A numpy dtype by name; ``bfloat16`` is ml_dtypes' (uint16 bits where it is missing)."""
+    if name != "bfloat16":
+        return np.dtype(name)
+    try:
+        import ml_dtypes
+    except ImportError:  # pragma: no cover
+        return np.dtype("uint16")
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 def load_library(path: str | os.PathLike) -> NativeFunction:

@@ -273,20 +273,25 @@ def matmul_tile(t: Ssa, dims: Sequence[str], a: Operand, b: Operand, acc: Operan
     return generic(t, dims, [a, b], acc, iters, body, ind, hint, attrs)
 
 
-def reduce_max(t: Ssa, dims: Sequence[str], x: Operand, init: Operand, ind: int, hint: str = "mnew") -> str:
-    """``m'[row] = max(m[row], max_j x[row, j])`` over the last dim: the running max of online softmax."""
+def reduce_max(t: Ssa, dims: Sequence[str], x: Operand, init: Operand, ind: int, hint: str = "mnew",
+               attrs: str = "") -> str:
+    """``m'[row] = max(m[row], max_j x[row, j])`` over the last dim: the running max of online softmax.
+
+    ``attrs``: as for ``generic`` (the fused loop nest marks it for a vector kernel, ``microkernel.ROWS``).
+    """
     def body(a: list[str], i: int) -> str:
         return t.op("r", f"arith.maximumf {a[0]}, {a[1]} : f32", i)
 
-    return generic(t, dims, [x], init, [PAR] * (len(dims) - 1) + [RED], body, ind, hint)
+    return generic(t, dims, [x], init, [PAR] * (len(dims) - 1) + [RED], body, ind, hint, attrs)
 
 
-def reduce_sum(t: Ssa, dims: Sequence[str], x: Operand, init: Operand, ind: int, hint: str = "lnew") -> str:
-    """``l'[row] = l[row] + sum_j x[row, j]`` over the last dim: the running normaliser."""
+def reduce_sum(t: Ssa, dims: Sequence[str], x: Operand, init: Operand, ind: int, hint: str = "lnew",
+               attrs: str = "") -> str:
+    """``l'[row] = l[row] + sum_j x[row, j]`` over the last dim: the running normaliser (``attrs`` as ``reduce_max``)."""
     def body(a: list[str], i: int) -> str:
         return t.op("r", f"arith.addf {a[0]}, {a[1]} : f32", i)
 
-    return generic(t, dims, [x], init, [PAR] * (len(dims) - 1) + [RED], body, ind, hint)
+    return generic(t, dims, [x], init, [PAR] * (len(dims) - 1) + [RED], body, ind, hint, attrs)
 
 
 def exp_sub(t: Ssa, dims: Sequence[str], x: Operand, m: Operand, shape: tuple[int, ...], ind: int,

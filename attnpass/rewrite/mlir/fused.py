@@ -19,9 +19,11 @@ recurrence per block (state of ``block`` rows, not ``S_q``), and each block's ke
 the keys its rows may attend (top-left causal: up to the block's diagonal; a window: from its first
 row minus ``left``), so those tiles are skipped, not masked.  The SSMax factor is computed once, before
 the blocks, and sliced per block.  f16 / bf16 operands are widened to f32 once on entry and the output
-narrowed on exit.  The loop over query blocks is an ``scf.forall`` (independent blocks), which the lowering
-turns into OpenMP on all cores (``lowering/omp.py``); the two matmuls of a key tile are marked for register
-blocks of ``vector.contract`` (``microkernel.py``) where their dims divide, K transposed once up front for them.
+narrowed on exit.  The parallel loop is one ``scf.forall`` over batch slices (heads included) x query blocks
+(``_query_blocks``; a few rows make one block, so decode still spreads its heads over the cores), which the
+lowering turns into OpenMP on all cores (``lowering/omp.py``); inside, every tile is one head's ``64 x tile``.  The
+two matmuls of a key tile are marked for register blocks of ``vector.contract`` (``microkernel.py``) where their dims
+divide, K transposed once up front for them, packed by key tiles (``pack_keys``) when the keys are whole tiles.
 """
 
 from __future__ import annotations
@@ -106,6 +108,11 @@ class FusedSpec:
     elem: str = "f32"  # of q, k, v and the output: f16 / bf16 are widened to f32 inside and the output narrowed
     microkernel: bool = True  # the tile matmuls as vector.contract register blocks (``microkernel``) where they divide
     k_value: str = "%k"  # the SSA name K tiles are cut from (``%k_t``: K transposed once for the register blocks)
+    q_value: str = "%q"  # the SSA name query blocks are cut from (``%qs``: Q times the scale, once)
+    v_value: str = "%v"  # the SSA name V tiles are cut from (inside the parallel loop: the iteration's head)
+    # K^T packed by key tiles, ``[kbatch..., S_k / tile, D, tile]`` (``pack_keys``): each tile's K^T is one
+    # contiguous block
+    k_packed: bool = False
     # query row i sits at position ``q_offset + i`` for the causal and window tests (a KV cache of ``P`` past keys)
     q_offset: int = 0
     # a per-batch key limit (``nonpad_kv_seqlen``): keys j >= L_b removed, causal / window rows at L_b - S_q + i
@@ -264,41 +271,130 @@ def _block_start(t: Ssa, sp: FusedSpec, k: str, qb: int, nblocks: int, ind: int)
     return t.op("q0", f"arith.muli {block}, {c(qb)} : index", ind)
 
 
-def _query_blocks(t: Ssa, sp: FusedSpec, qb: int, factor: str | None) -> str:
-    """``scf.forall`` over blocks of ``qb`` query rows, each an online softmax over its own key range; each block's
-    output is inserted in parallel into the ``[batch..., S_q, D_v]`` result.
+def _batch_slice(t: Ssa, src: str, shape: tuple[int | None, ...], elem: str, sp: FusedSpec, idx: list[str],
+                 rows: tuple[int, str, int] | None, groups: int, ind: int, inner: int = 2) -> tuple[str, tuple[int, ...]]:
+    """``src`` at one batch slice (``idx``, one index per batch dim) and, with ``rows = (axis, start, size)``, at a
+    block of query rows: size-1 (broadcast) batch dims stay whole, the GQA head dim reads ``h floordiv groups``.
+    ``src`` is read right-aligned against ``(*batch, <inner dims>)``."""
+    off = sp.nb + inner - len(shape)
+    offs, sizes = [], []
+    for a, size in enumerate(shape):
+        d = a + off
+        if rows is not None and a == rows[0]:
+            offs.append(rows[1])
+            sizes.append(rows[2])
+        elif d < sp.nb and size != 1:
+            at = idx[d]
+            if d == sp.group_dim and groups > 1:
+                at = t.op("g", f"arith.divui {at}, {t.op('c', f'arith.constant {groups} : index', ind)} : index", ind)
+            offs.append(at)
+            sizes.append(1)
+        else:
+            offs.append("0")
+            sizes.append(size)
+    out = t.op("slice", f"tensor.extract_slice {src}[{', '.join(offs)}] [{', '.join(map(str, sizes))}] "
+                        f"[{', '.join(['1'] * len(shape))}] : {tensor_type(shape, elem)} to "
+                        f"{tensor_type(tuple(sizes), elem)}", ind)
+    return out, tuple(sizes)
 
-    The blocks are independent (each reads Q rows, all of K / V and writes its own rows), so the loop is a
-    parallel one: lowered to ``scf.parallel`` and then OpenMP (``lowering.mlir``), it runs on all cores.
+
+def parallel_blocks(sp: FusedSpec, qb: int | None) -> int:
+    """Iterations of the parallel loop: every batch slice (heads included) times every block of ``qb`` query rows
+    (one block of all rows when ``qb`` is None), so a few rows (decode) still give every core work."""
+    return math.prod(sp.batch) * (sp.s_q // qb if qb else 1)
+
+
+def _query_blocks(t: Ssa, sp: FusedSpec, qb: int | None, factor: str | None) -> str:
+    """``scf.forall`` over batch slices x blocks of ``qb`` query rows (``None``: all rows), each an online softmax
+    over its own key range; each block's output is inserted in parallel into the ``[batch..., S_q, D_v]`` result.
+
+    The iterations are independent (each reads its Q rows and its head's K / V, writes its own rows), so the loop
+    is a parallel one: lowered to ``scf.parallel`` and then OpenMP (``lowering.mlir``), it runs on all cores.  One
+    collapsed loop, blocks innermost: a static schedule hands each thread whole heads, causal blocks paired inside
+    them (``_block_start``).  Inside, every batch dim is 1: the per-iteration tiles are ``qb x tile``, small
+    enough to stay in cache, and K / V are read at the head GQA maps this head to.
     """
     out_shape = (*sp.batch, sp.s_q, sp.dv)
     oty = tensor_type(out_shape, "f32")
-    blk = dataclasses.replace(sp, s_q=qb, q_shape=(*sp.q_shape[:-2], qb, sp.q_shape[-1]))
-    nblocks = sp.s_q // qb
+    rows = qb or sp.s_q
+    nblocks = sp.s_q // rows
     res, k, acc = t.fresh("blocks"), t.fresh("k"), t.fresh("o")
-    t.emit(f"{res} = scf.forall ({k}) in ({nblocks}) shared_outs({acc} = {empty(t, out_shape, 2)}) -> ({oty}) {{")
-    q0 = _block_start(t, sp, k, qb, nblocks, 3)
-    q, _ = extract_keys(t, "%q", sp.q_shape, "f32", len(sp.q_shape) - 2, q0, qb, 3)
+    t.emit(f"{res} = scf.forall ({k}) in ({parallel_blocks(sp, qb)}) shared_outs({acc} = {empty(t, out_shape, 2)}) "
+           f"-> ({oty}) {{")
+
+    def c(v: int) -> str:
+        return t.op("c", f"arith.constant {v} : index", 3)
+
+    kb, rest = k, k
+    if nblocks > 1:
+        kb = t.op("kb", f"arith.remui {k}, {c(nblocks)} : index", 3)
+        rest = t.op("bh", f"arith.divui {k}, {c(nblocks)} : index", 3)
+    idx: list[str] = []
+    for d in reversed(range(sp.nb)):  # delinearise the batch index, last dim fastest
+        size = sp.batch[d]
+        if size == 1:
+            idx.append(c(0))
+        elif d == 0 or math.prod(sp.batch[:d]) == 1:
+            idx.append(rest)
+        else:
+            idx.append(t.op("b", f"arith.remui {rest}, {c(size)} : index", 3))
+            rest = t.op("bh", f"arith.divui {rest}, {c(size)} : index", 3)
+    idx.reverse()
+    q0 = _block_start(t, sp, kb, rows, nblocks, 3) if nblocks > 1 else c(0)
+    q, q_shape = _batch_slice(t, sp.q_value, sp.q_shape, "f32", sp, idx, (len(sp.q_shape) - 2, q0, rows), 1, 3)
+    kv, k_shape = _batch_slice(t, sp.k_value, sp.k_shape, "f32", sp, idx, None, sp.k_groups, 3, 3 if sp.k_packed else 2)
+    vv, v_shape = _batch_slice(t, "%v", sp.v_shape, "f32", sp, idx, None, sp.v_groups, 3)
     masks = []
     for mk in sp.masks:  # a mask with a query axis of S_q is read at the block's rows
-        if len(mk.shape) >= 2 and mk.shape[-2] == sp.s_q and sp.s_q != 1:
-            name, shp = extract_keys(t, mk.arg, mk.shape, mk.elem, len(mk.shape) - 2, q0, qb, 3)
-            mk = MaskIn(mk.term, name, shp, mk.elem)
-        masks.append(mk)
+        on_rows = len(mk.shape) >= 2 and mk.shape[-2] == sp.s_q and sp.s_q != 1
+        name, shp = _batch_slice(t, mk.arg, mk.shape, mk.elem, sp, idx,
+                                 (len(mk.shape) - 2, q0, rows) if on_rows else None, 1, 3)
+        masks.append(MaskIn(mk.term, name, shp, mk.elem))
     fac = None
     if factor is not None:
-        fac, _ = extract_keys(t, factor, (*sp.batch, sp.s_q), "f32", sp.nb, q0, qb, 3)
-    blk = dataclasses.replace(blk, masks=masks)
-    out = _row_block(t, blk, Rows(q, q0, fac), 3, _block_keys(t, sp, q0, qb, 3))
-    offs = ", ".join(["0"] * sp.nb + [q0, "0"])
-    sizes = ", ".join(map(str, (*sp.batch, qb, sp.dv)))
-    ones = ", ".join(["1"] * (sp.nb + 2))
+        fac, _ = _batch_slice(t, factor, (*sp.batch, sp.s_q), "f32", sp, idx, (sp.nb, q0, rows), 1, 3, inner=1)
+    ones = (1,) * sp.nb
+    blk = dataclasses.replace(sp, batch=ones, s_q=rows, q_shape=q_shape, k_shape=k_shape, v_shape=v_shape,
+                              k_groups=1, v_groups=1, masks=masks, k_value=kv, v_value=vv)
+    keys = _block_keys(t, sp, q0, rows, 3) if nblocks > 1 else _static_keys(sp)
+    out = _row_block(t, blk, Rows(q, q0 if nblocks > 1 else None, fac), 3, keys)
+    offs = ", ".join([*idx, q0, "0"])
+    sizes = ", ".join(map(str, (*ones, rows, sp.dv)))
     t.emit("scf.forall.in_parallel {", 3)
-    t.emit(f"tensor.parallel_insert_slice {out} into {acc}[{offs}] [{sizes}] [{ones}] : "
-           f"{tensor_type((*sp.batch, qb, sp.dv), 'f32')} into {oty}", 4)
+    t.emit(f"tensor.parallel_insert_slice {out} into {acc}[{offs}] [{sizes}] [{', '.join(['1'] * (sp.nb + 2))}] : "
+           f"{tensor_type((*ones, rows, sp.dv), 'f32')} into {oty}", 4)
     t.emit("}", 3)
     t.emit("}", 2)
     return res
+
+
+def pack_keys(t: Ssa, k: str, shape: tuple[int, ...], tile: int) -> tuple[str, tuple[int, ...]]:
+    """``K^T`` packed by key tiles: ``kp[..., jt, e, j] = k[..., jt * tile + j, e]``, shape ``[..., S_k / tile, D,
+    tile]``; returns its name and shape.
+
+    The ``Q K^T`` register blocks read ``RK`` rows of a tile's ``K^T`` per step.  In a plain ``[D, S_k]`` transpose
+    those rows lie ``4 S_k`` bytes apart, a multiple of 4 KiB at the usual lengths, so every row of a tile falls in
+    the same L1 set and they evict each other; packed, a tile is one contiguous ``D x tile`` block.  One pass over
+    K per call, as the transpose was.
+    """
+    *kb, s_k, d = shape
+    out = (*kb, s_k // tile, d, tile)
+    dims = [f"d{i}" for i in range(len(kb))]
+    src = Operand(k, tuple(shape), dims_of([*dims, f"t * {tile} + j", "e"]))
+    dst = Operand(empty(t, out, 2), out, dims_of([*dims, "t", "e", "j"]))
+    return generic(t, [*dims, "t", "e", "j"], [src], dst, [PAR] * len(out), lambda a, i: a[0], 2, "kp"), out
+
+
+def packed_tile(t: Ssa, sp: FusedSpec, j0: str, tile: int, ind: int) -> tuple[str, tuple[int, ...]]:
+    """The ``K^T`` of the key tile at ``j0`` (its first ``tile`` keys) from the packed ``K^T``: one contiguous block."""
+    *kb, _, d, full = sp.k_shape
+    jt = t.op("jt", f"arith.divui {j0}, {t.op('c', f'arith.constant {full} : index', ind)} : index", ind)
+    rank = len(sp.k_shape)
+    offs = ", ".join(["0"] * len(kb) + [jt, "0", "0"])
+    out = (*kb, d, tile)
+    name = t.op("ktile", f"tensor.extract_slice {sp.k_value}[{offs}] [{', '.join(map(str, (*kb, 1, d, tile)))}] "
+                         f"[{', '.join(['1'] * rank)}] : {tensor_type(sp.k_shape, 'f32')} to {tensor_type(out, 'f32')}", ind)
+    return name, out
 
 
 def _tuple(prefix: str, *tail: str) -> str:
@@ -334,10 +430,18 @@ def fused_func(name: str, sp: FusedSpec) -> str:
     rows = query_block(sp) or sp.s_q
     # K^T once (S_k x D), so every Q K^T block reads rows of both; not where Q K^T stays a generic, which reads
     # K's rows along its innermost (head) dim
-    if sp.microkernel and not sp.k_transposed and microkernel.fits(rows, sp.tile, sp.d):
+    if sp.microkernel and not sp.k_transposed and microkernel.fits(rows, sp.tile, sp.d) and sp.s_k % sp.tile == 0:
+        kp, kp_shape = pack_keys(t, "%k", sp.k_shape, sp.tile)
+        sp = dataclasses.replace(sp, k_shape=kp_shape, k_transposed=True, k_value=kp, k_packed=True)
+    elif sp.microkernel and not sp.k_transposed and microkernel.fits(rows, sp.tile, sp.d):
         perm = (*range(len(sp.k_shape) - 2), len(sp.k_shape) - 1, len(sp.k_shape) - 2)
         transpose(t, "%k", sp.k_shape, perm, 2, result="%k_t")
         sp = dataclasses.replace(sp, k_shape=permuted(sp.k_shape, perm), k_transposed=True, k_value="%k_t")
+    if sp.scale != 1.0:  # scale * (q . k) = (scale * q) . k: once per row of Q, not once per logit
+        qd = [f"d{i}" for i in range(len(sp.q_shape))]
+        qs = generic(t, qd, [Operand("%q", sp.q_shape, dims_of(qd))], Operand(empty(t, sp.q_shape, 2), sp.q_shape, dims_of(qd)),
+                     [PAR] * len(qd), lambda a, i: t.op("x", f"arith.mulf {a[0]}, {constant(t, sp.scale, i)} : f32", i), 2, "qs")
+        sp = dataclasses.replace(sp, scale=1.0, q_value=qs)
     domain = (*sp.batch, sp.s_q, sp.s_k)
     sp = dataclasses.replace(sp, masks=[settle_mask(t, m, domain) for m in sp.masks])
     factor = None
@@ -348,8 +452,8 @@ def fused_func(name: str, sp: FusedSpec) -> str:
     if sp.kv_len is not None:
         sp = dataclasses.replace(sp, key_bound=key_bound(t, sp.kv_len, sp.s_k, sp.tile, 2))
     qb = query_block(sp)
-    if qb is None:
-        out = _row_block(t, sp, Rows("%q", None, factor), 2, _static_keys(sp))
+    if parallel_blocks(sp, qb) == 1:
+        out = _row_block(t, sp, Rows(sp.q_value, None, factor), 2, _static_keys(sp))
     else:
         out = _query_blocks(t, sp, qb, factor)
     if "out" in sp.packed:
@@ -380,7 +484,7 @@ def logits_tile(t: Ssa, sp: FusedSpec, s: Operand, masks: list[tuple[str, tuple[
         ins.append(sp.kv_len.operand())
 
     def body(a: list[str], i: int) -> str:
-        x = t.op("x", f"arith.mulf {a[0]}, {constant(t, sp.scale, i)} : f32", i)
+        x = a[0] if sp.scale == 1.0 else t.op("x", f"arith.mulf {a[0]}, {constant(t, sp.scale, i)} : f32", i)
         if sp.softcap is not None:
             cap = constant(t, sp.softcap, i)
             th = t.op("x", f"math.tanh {t.op('x', f'arith.divf {x}, {cap} : f32', i)} : f32", i)
@@ -422,8 +526,12 @@ def fused_tile(t: Ssa, sp: FusedSpec, j0: str, tile: int, state: tuple[str, str,
     out_shape = (*sp.batch, sp.s_q, sp.dv)
     dims5 = [*bdims, "i", "j", "e"]  # e: head dim (QK) or value dim (PV)
     dims4, dims3, dimso = [*bdims, "i", "j"], [*bdims, "i"], [*bdims, "i", "e"]
-    kt, kt_shape = extract_keys(t, sp.k_value, sp.k_shape, "f32", len(sp.k_shape) - (1 if sp.k_transposed else 2), j0, tile, ind)
-    vt, vt_shape = extract_keys(t, "%v", sp.v_shape, "f32", len(sp.v_shape) - 2, j0, tile, ind)
+    if sp.k_packed:
+        kt, kt_shape = packed_tile(t, sp, j0, tile, ind)
+    else:
+        kt, kt_shape = extract_keys(t, sp.k_value, sp.k_shape, "f32", len(sp.k_shape) - (1 if sp.k_transposed else 2), j0,
+                                    tile, ind)
+    vt, vt_shape = extract_keys(t, sp.v_value, sp.v_shape, "f32", len(sp.v_shape) - 2, j0, tile, ind)
     mask_tiles: list[tuple[str, tuple[int, ...], MaskIn]] = []
     for mk in sp.masks:
         if mk.shape and mk.shape[-1] != 1 and mk.shape[-1] == sp.s_k:
@@ -440,18 +548,21 @@ def fused_tile(t: Ssa, sp: FusedSpec, j0: str, tile: int, state: tuple[str, str,
     blocks = sp.microkernel and sp.k_transposed and microkernel.fits(sp.s_q, tile, sp.d)
     s = matmul_tile(t, dims5, q, k, s0, "e", ind, "s", microkernel.MARK if blocks else "")
     # z = masked, scaled, capped logits of the tile
-    z = logits_tile(t, sp, Operand(s, tile_shape, dims_of(dims4)), mask_tiles, factor, j0, ind, rows.i0)
+    plain = sp.scale == 1.0 and sp.softcap is None and not mask_tiles and factor is None and not sp.causal and sp.window is None
+    z = s if plain else logits_tile(t, sp, Operand(s, tile_shape, dims_of(dims4)), mask_tiles, factor, j0, ind, rows.i0)
     zt = Operand(z, tile_shape, dims_of(dims4))
     rows = dims_of(dims3)  # a per-row value, read from any domain that starts with (batch.., i)
     # m' = max(m, max_j z)
-    m_new = reduce_max(t, dims4, zt, Operand(m_old, row_shape, rows), ind)
+    by_rows = microkernel.row_mark(tile, "max") if sp.microkernel else ""  # vector kernels over whole rows
+    m_new = reduce_max(t, dims4, zt, Operand(m_old, row_shape, rows), ind, attrs=by_rows)
     # p = exp(z - m');  alpha = exp(m - m')
     p = exp_sub(t, dims4, zt, Operand(m_new, row_shape, rows), tile_shape, ind, "p")
     pt = Operand(p, tile_shape, dims_of(dims4))
     alpha = exp_sub(t, dims3, Operand(m_old, row_shape, rows), Operand(m_new, row_shape, rows), row_shape, ind, "alpha")
     # l' = l * alpha + sum_j p
     l_scaled = rescale(t, dims3, Operand(l_old, row_shape, rows), Operand(alpha, row_shape, rows), row_shape, ind, "lsc")
-    l_new = reduce_sum(t, dims4, pt, Operand(l_scaled, row_shape, rows), ind)
+    l_new = reduce_sum(t, dims4, pt, Operand(l_scaled, row_shape, rows), ind,
+                       attrs=microkernel.row_mark(tile, "add") if sp.microkernel else "")
     # acc' = acc * alpha + p @ v_tile   (value dim innermost: contiguous in acc and v)
     acc_scaled = rescale(t, dimso, Operand(acc_old, out_shape, dims_of(dimso)), Operand(alpha, row_shape, rows),
                          out_shape, ind, "accs")

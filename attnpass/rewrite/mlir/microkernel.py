@@ -8,25 +8,58 @@ pipeline lowers to ``RK`` outer products (``convert-vector-to-llvm{vector-contra
 the reduced dim of the right one leading (``K^T`` for ``Q K^T``: the fused function transposes K once).
 
 Vector ops are not part of torch-mlir's linalg-on-tensors backend contract, so the fused function emits the
-matmul as a ``linalg.generic`` marked ``attnpass.register_blocks`` (``MARK``); once the module is past the torch ->
-linalg pipeline the lowering replaces each marked generic by a call of ``@attnpass_contract_<shapes>``
-(``define_all``), and the inliner puts the body back in place.  Everything the body
-needs (batch loops, broadcast batch dims, GQA groups) follows from the three tensor types.  Shapes the blocks do
-not divide stay a ``linalg.generic`` (``fits``).
+matmul as a ``linalg.generic`` marked ``attnpass.register_blocks`` (``MARK``).  The mark survives bufferization;
+right after it (``lowering.mlir.to_llvm``) each marked generic, now over memrefs, becomes a call of
+``@attnpass_contract_<shapes>`` (``define_all``) over its own buffers, cast to strided layouts, and the inliner
+puts the body back in place.  Working on buffers, not tensors, is what keeps the tiles where they are: the Q
+block, the K^T and V tiles are read through their subviews (a call over tensors needs identity layouts, so each
+would be copied per key tile) and the accumulator is written in place.  Everything the body needs (batch
+loops, broadcast batch dims, GQA groups) follows from the three shapes.  Shapes the blocks do not divide, or a
+buffer whose rows are not contiguous, stay a ``linalg.generic`` (``fits``).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 
-from attnpass.rewrite.mlir.builders import Ssa, tensor_type
+from attnpass.rewrite.mlir.builders import Ssa
 
 PREFIX = "attnpass_contract_"
 MARK_NAME = "attnpass.register_blocks"
 MARK = ", " + MARK_NAME  # on a matmul linalg.generic (``builders.matmul_tile``): lowered as register blocks
 
-RI, RN, RK = 4, 16, 8  # 4 x 16 f32 accumulators: 8 AVX2 / 4 AVX-512 registers, with room for the operands
+# 8 x 16 f32 accumulators: 8 AVX-512 / 16 AVX2 registers; 8 independent FMA chains hide the FMA latency
+RI, RN, RK = 8, 16, 8
+
+ROWS_NAME = "attnpass.row_reduce"  # on a max / sum over the last dim (``builders.reduce_max`` / ``reduce_sum``)
+RW = 16  # the row kernels' vector width
+
+
+def row_mark(n: int, kind: str) -> str:
+    """The mark of a reduction over rows of ``n`` (``kind``: ``max`` or ``add``), empty where ``RW`` does not divide."""
+    return f', {ROWS_NAME} = "{kind}"' if n % RW == 0 else ""
+
+
+def block_width(n: int) -> int:
+    """Columns of a register block: two vectors of ``RN`` where they divide ``n`` and the host has 32 vector
+    registers (AVX-512: 16 accumulators, two rows of the right operand and the broadcasts fit), else one.
+
+    Two vectors halve the loads per multiply-add: each step is ``RI`` broadcasts and ``w / RN`` row loads for
+    ``RI w / RN`` multiply-adds, and at one vector the loads, not the multiply-adds, bound the loop.
+    """
+    return 2 * RN if n % (2 * RN) == 0 and wide_registers() else RN
+
+
+@functools.cache
+def wide_registers() -> bool:
+    """Whether the host CPU has AVX-512 (32 vector registers): the JIT and the native library compile for the host."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False
 
 
 def fits(m: int, n: int, k: int) -> bool:
@@ -52,69 +85,64 @@ def _batch_index(t: Ssa, shape: Sequence[int], domain: Sequence[int], ivs: Seque
     return out
 
 
-def contract(t: Ssa, batch: Sequence[int], a: tuple[str, tuple[int, ...]], b: tuple[str, tuple[int, ...]],
-             acc: str, groups: tuple[int, int], group_dim: int | None, ind: int) -> str:
-    """``acc[*batch, i, n] += sum_k a[.., i, k] * b[.., k, n]`` in register blocks; returns the new ``acc``.
+def contract(t: Ssa, batch: Sequence[int], a: tuple[str, tuple[int, ...], str], b: tuple[str, tuple[int, ...], str],
+             acc: tuple[str, str], groups: tuple[int, int], group_dim: int | None, ind: int) -> None:
+    """``acc[*batch, i, n] += sum_k a[.., i, k] * b[.., k, n]`` in register blocks, in place on the ``acc`` buffer.
 
-    ``groups`` is the GQA group count of ``a`` and ``b`` (1: same heads as ``batch``).
+    Operands are ``(name, shape, memref type)``; ``groups`` is the GQA group count of ``a`` and ``b`` (1: same heads
+    as ``batch``).
     """
-    (an, ashape), (bn, bshape) = a, b
+    (an, ashape, aty), (bn, bshape, bty), (accn, cty) = a, b, acc
     m, k, n = ashape[-2], ashape[-1], bshape[-1]
-    acc_shape = (*batch, m, n)
-    aty, bty, cty = tensor_type(ashape, "f32"), tensor_type(bshape, "f32"), tensor_type(acc_shape, "f32")
 
     def c(v: int, i: int) -> str:
         return t.op("c", f"arith.constant {v} : index", i)
 
-    zero, one = c(0, ind), c(1, ind)
+    zero = c(0, ind)
     pad = t.op("c", "arith.constant 0.0 : f32", ind)
     ivs: list[str] = []
-    cur, res0, depth = acc, None, ind
-    results: list[str] = []
+    depth = ind
 
-    def loop(hi: int, step: int, carried: str, ty: str) -> tuple[str, str, str]:
+    def loop(hi: int, step: int) -> str:
         nonlocal depth
-        res, iv, x = t.fresh("mk"), t.fresh("iv"), t.fresh("x")
-        t.emit(f"{res} = scf.for {iv} = {zero} to {c(hi, depth)} step {c(step, depth) if step != 1 else one} "
-               f"iter_args({x} = {carried}) -> ({ty}) {{", depth)
+        iv = t.fresh("iv")
+        t.emit(f"scf.for {iv} = {zero} to {c(hi, depth)} step {c(step, depth)} {{", depth)
         depth += 1
-        return res, iv, x
+        return iv
 
     for size in batch:
-        res, iv, cur = loop(size, 1, cur, cty)
-        ivs.append(iv)
-        results.append(res)
-        res0 = res0 or res
-    res, i, cur = loop(m, RI, cur, cty)
-    results.append(res)
-    res0 = res0 or res
-    res, n0, cur = loop(n, RN, cur, cty)
-    results.append(res)
-    vty = f"vector<{RI}x{RN}xf32>"
+        ivs.append(loop(size, 1))
+    i = loop(m, RI)
+    rn = block_width(n)
+    n0 = loop(n, rn)
+    vty = f"vector<{RI}x{rn}xf32>"
     a_at = _batch_index(t, ashape[:-2], batch, ivs, groups[0], group_dim, zero, depth)
     b_at = _batch_index(t, bshape[:-2], batch, ivs, groups[1], group_dim, zero, depth)
     inb = "{in_bounds = [true, true]}"
-    v0 = t.op("v", f"vector.transfer_read {cur}[{', '.join([*ivs, i, n0])}], {pad} {inb} : {cty}, {vty}", depth)
+    v0 = t.op("v", f"vector.transfer_read {accn}[{', '.join([*ivs, i, n0])}], {pad} {inb} : {cty}, {vty}", depth)
     kres, k0, v = t.fresh("mk"), t.fresh("k0"), t.fresh("v")
     t.emit(f"{kres} = scf.for {k0} = {zero} to {c(k, depth)} step {c(RK, depth)} iter_args({v} = {v0}) -> ({vty}) {{",
            depth)
     va = t.op("va", f"vector.transfer_read {an}[{', '.join([*a_at, i, k0])}], {pad} {inb} : {aty}, "
                     f"vector<{RI}x{RK}xf32>", depth + 1)
     vb = t.op("vb", f"vector.transfer_read {bn}[{', '.join([*b_at, k0, n0])}], {pad} {inb} : {bty}, "
-                    f"vector<{RK}x{RN}xf32>", depth + 1)
+                    f"vector<{RK}x{rn}xf32>", depth + 1)
     maps = "affine_map<(i, j, k) -> (i, k)>, affine_map<(i, j, k) -> (k, j)>, affine_map<(i, j, k) -> (i, j)>"
     out = t.op("vc", f'vector.contract {{indexing_maps = [{maps}], iterator_types = ["parallel", "parallel", '
                      f'"reduction"], kind = #vector.kind<add>}} {va}, {vb}, {v} : vector<{RI}x{RK}xf32>, '
-                     f"vector<{RK}x{RN}xf32> into {vty}", depth + 1)
+                     f"vector<{RK}x{rn}xf32> into {vty}", depth + 1)
     t.emit(f"scf.yield {out} : {vty}", depth + 1)
     t.emit("}", depth)
-    w = t.op("w", f"vector.transfer_write {kres}, {cur}[{', '.join([*ivs, i, n0])}] {inb} : {vty}, {cty}", depth)
-    for res in reversed(results):  # close the n0, i and batch loops, each yielding the inner one's result
-        t.emit(f"scf.yield {w} : {cty}", depth)
+    t.emit(f"vector.transfer_write {kres}, {accn}[{', '.join([*ivs, i, n0])}] {inb} : {vty}, {cty}", depth)
+    while depth > ind:  # close the n0, i and batch loops
         depth -= 1
         t.emit("}", depth)
-        w = res
-    return results[0]
+
+
+def strided_type(shape: Sequence[int]) -> str:
+    """A memref of ``shape`` with any offset and strides but a contiguous last dim: what every operand is cast to."""
+    strides = ", ".join(["?"] * (len(shape) - 1) + ["1"])
+    return f"memref<{''.join(f'{d}x' for d in shape)}f32, strided<[{strides}], offset: ?>>"
 
 
 def _name(a: tuple[int, ...], b: tuple[int, ...], acc: tuple[int, ...]) -> str:
@@ -130,34 +158,95 @@ def _groups(shape: tuple[int, ...], batch: tuple[int, ...]) -> int:
 
 
 def definition(name: str, a: tuple[int, ...], b: tuple[int, ...], acc: tuple[int, ...]) -> str:
-    """The body of ``@name``: ``acc + a @ b`` in register blocks, everything read off the three shapes."""
+    """The body of ``@name``: ``acc += a @ b`` in register blocks on buffers, everything read off the three shapes."""
     t = Ssa()
-    types = [tensor_type(s, "f32") for s in (a, b, acc)]
-    t.emit(f"func.func private @{name}(%a: {types[0]}, %b: {types[1]}, %acc: {types[2]}) -> {types[2]} {{", 1)
+    types = [strided_type(s) for s in (a, b, acc)]
+    t.emit(f"func.func private @{name}(%a: {types[0]}, %b: {types[1]}, %acc: {types[2]}) {{", 1)
     batch = acc[:-2]
     groups = (_groups(a[:-2], batch), _groups(b[:-2], batch))
-    out = contract(t, batch, ("%a", a), ("%b", b), "%acc", groups, len(batch) - 1 if batch else None, 2)
-    t.emit(f"return {out} : {types[2]}")
+    contract(t, batch, ("%a", a, types[0]), ("%b", b, types[1]), ("%acc", types[2]), groups,
+             len(batch) - 1 if batch else None, 2)
+    t.emit("return")
     t.emit("}", 1)
     return t.text()
 
 
-def _shape(ty: object) -> tuple[int, ...]:
-    m = _SHAPE.fullmatch(str(ty))
+def rows_definition(name: str, x: tuple[int, ...], kind: str) -> str:
+    """The body of ``@name``: ``r[row] = r[row] (+ or max) reduce(x[row, :])`` in vectors of ``RW``.
+
+    A ``linalg.generic`` reduction lowers to a scalar chain that stores the running value at every step (LLVM cannot
+    keep it in a register: it cannot tell the two buffers apart); here each row is ``n / RW`` vector loads and ops
+    and one horizontal reduction (reassociated: ``convert-vector-to-llvm{reassociate-fp-reductions}``).
+    """
+    t = Ssa()
+    tx, tr = strided_type(x), strided_type(x[:-1])
+    op = {"add": "arith.addf", "max": "arith.maximumf"}[kind]
+    red = {"add": "add", "max": "maximumf"}[kind]
+    t.emit(f"func.func private @{name}(%x: {tx}, %r: {tr}) {{", 1)
+
+    def c(v: int, i: int) -> str:
+        return t.op("c", f"arith.constant {v} : index", i)
+
+    zero, one = c(0, 2), c(1, 2)
+    pad = t.op("c", "arith.constant 0.0 : f32", 2)
+    ivs, depth = [], 2
+    for size in x[:-1]:
+        iv = t.fresh("iv")
+        t.emit(f"scf.for {iv} = {zero} to {c(size, depth)} step {one} {{", depth)
+        ivs.append(iv)
+        depth += 1
+    vty = f"vector<{RW}xf32>"
+    inb = "{in_bounds = [true]}"
+    v = t.op("v", f"vector.transfer_read %x[{', '.join([*ivs, zero])}], {pad} {inb} : {tx}, {vty}", depth)
+    if x[-1] > RW:
+        res, j0, acc = t.fresh("rows"), t.fresh("j0"), t.fresh("acc")
+        t.emit(f"{res} = scf.for {j0} = {c(RW, depth)} to {c(x[-1], depth)} step {c(RW, depth)} iter_args({acc} = {v}) "
+               f"-> ({vty}) {{", depth)
+        w = t.op("w", f"vector.transfer_read %x[{', '.join([*ivs, j0])}], {pad} {inb} : {tx}, {vty}", depth + 1)
+        t.emit(f"scf.yield {t.op('v', f'{op} {acc}, {w} : {vty}', depth + 1)} : {vty}", depth + 1)
+        t.emit("}", depth)
+        v = res
+    total = t.op("s", f"vector.reduction <{red}>, {v} : {vty} into f32", depth)
+    old = t.op("old", f"memref.load %r[{', '.join(ivs)}] : {tr}", depth)
+    t.emit(f"memref.store {t.op('new', f'{op} {old}, {total} : f32', depth)}, %r[{', '.join(ivs)}] : {tr}", depth)
+    while depth > 2:
+        depth -= 1
+        t.emit("}", depth)
+    t.emit("return", 2)
+    t.emit("}", 1)
+    return t.text()
+
+
+_MEMREF = re.compile(r"memref<((?:\d+x)*)f32(?:, strided<\[([^\]]*)\][^>]*>)?>")
+
+
+def _buffer_shape(ty: object) -> tuple[int, ...] | None:
+    """The static shape of an f32 buffer whose last dim is contiguous, else None (then the generic stays)."""
+    m = _MEMREF.fullmatch(str(ty))
     if m is None:
-        raise ValueError(f"register blocks take static f32 tensors, got {ty}")
+        return None
+    if m.group(2) is not None and m.group(2).split(",")[-1].strip() != "1":
+        return None
     return tuple(int(d) for d in m.group(1).split("x") if d)
 
 
-_SHAPE = re.compile(r"tensor<((?:\d+x)*)f32>")
+def _call(g: object, name: str, shapes: list) -> None:
+    """Replace the bufferized generic ``g`` by ``call @name`` over its buffers cast to ``strided_type``."""
+    from torch_mlir import ir
+    from torch_mlir.dialects import func as func_d
+
+    here = ir.InsertionPoint(g)
+    args = [ir.Operation.create("memref.cast", results=[ir.Type.parse(strided_type(s))], operands=[v], ip=here).result
+            for v, s in zip(g.operands, shapes)]
+    func_d.CallOp([], ir.FlatSymbolRefAttr.get(name), args, ip=here)
+    g.erase()
 
 
 def define_all(module: object) -> int:
-    """Replace every marked matmul ``linalg.generic`` of ``module`` (in place) by a call of its register-block
-    function, defined once per shape and appended; returns how many were replaced.  The pipeline's inliner
-    puts the bodies back in place."""
+    """Replace every marked matmul ``linalg.generic`` of the bufferized ``module`` (in place) by a call of its
+    register-block function over the same buffers, defined once per shape and appended; returns how many were
+    replaced.  The pipeline's inliner puts the bodies back in place."""
     from torch_mlir import ir
-    from torch_mlir.dialects import func as func_d
 
     marked: list = []
 
@@ -166,23 +255,36 @@ def define_all(module: object) -> int:
             for block in region.blocks:
                 for inner in block.operations:
                     o = inner.operation
-                    if o.name == "linalg.generic" and MARK_NAME in o.attributes:
+                    if o.name == "linalg.generic" and (MARK_NAME in o.attributes or ROWS_NAME in o.attributes):
                         marked.append(o)
                     visit(o)
 
     with module.context, ir.Location.unknown():
         visit(module.operation)
         defined: dict[str, str] = {}
+        done = 0
         for g in marked:
-            a, b, acc = (_shape(v.type) for v in g.operands)
+            shapes = [_buffer_shape(v.type) for v in g.operands]
+            if ROWS_NAME in g.attributes:
+                kind = ir.StringAttr(g.attributes[ROWS_NAME]).value
+                if len(shapes) != 2 or None in shapes or len(g.results) or shapes[0][:-1] != shapes[1]:
+                    del g.attributes[ROWS_NAME]
+                    continue
+                name = f"attnpass_rows_{kind}_" + "x".join(map(str, shapes[0]))
+                defined.setdefault(name, rows_definition(name, shapes[0], kind))
+                _call(g, name, shapes)
+                done += 1
+                continue
+            if len(shapes) != 3 or any(s is None for s in shapes) or len(g.results):
+                del g.attributes[MARK_NAME]  # not buffers the blocks can read: the generic's loops stay
+                continue
+            a, b, acc = shapes
             name = _name(a, b, acc)
             defined.setdefault(name, definition(name, a, b, acc))
-            call = func_d.CallOp([g.results[0].type], ir.FlatSymbolRefAttr.get(name), list(g.operands),
-                                 ip=ir.InsertionPoint(g))
-            g.results[0].replace_all_uses_with(call.result)
-            g.erase()
+            _call(g, name, shapes)
+            done += 1
         if defined:
             defs = ir.Module.parse("module {\n" + "\n".join(defined.values()) + "\n}")
             for op in list(defs.body.operations):
                 module.body.append(op.operation)
-    return len(marked)
+    return done
