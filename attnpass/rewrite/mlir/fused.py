@@ -354,8 +354,13 @@ def _query_blocks(t: Ssa, sp: FusedSpec, qb: int | None, factor: str | None) -> 
     if factor is not None:
         fac, _ = _batch_slice(t, factor, (*sp.batch, sp.s_q), "f32", sp, idx, (sp.nb, q0, rows), 1, 3, inner=1)
     ones = (1,) * sp.nb
+    kv_len = sp.kv_len
+    if kv_len is not None:  # L_b of this iteration's batch entry: the tile's domain has a batch of 1
+        one = tensor_type((1,), "i64")
+        kv_len = dataclasses.replace(kv_len, batch=1, arg=t.op(
+            "kvlen", f"tensor.extract_slice {kv_len.arg}[{idx[0]}] [1] [1] : {kv_len.type} to {one}", 3))
     blk = dataclasses.replace(sp, batch=ones, s_q=rows, q_shape=q_shape, k_shape=k_shape, v_shape=v_shape,
-                              k_groups=1, v_groups=1, masks=masks, k_value=kv, v_value=vv)
+                              k_groups=1, v_groups=1, masks=masks, k_value=kv, v_value=vv, kv_len=kv_len)
     keys = _block_keys(t, sp, q0, rows, 3) if nblocks > 1 else _static_keys(sp)
     out = _row_block(t, blk, Rows(q, q0 if nblocks > 1 else None, fac), 3, keys)
     offs = ", ".join([*idx, q0, "0"])
