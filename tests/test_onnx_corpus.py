@@ -9,6 +9,7 @@ s=0, b=1 self-test matches and it equals the unfused SSMax rewrite).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -98,16 +99,28 @@ def export(name: str, exporter: str, path: Path, opset: int | None = None) -> Pa
     return path
 
 
+class _Exports(dict):
+    """Exports made on first use: under pytest-xdist each worker exports only the models its tests read."""
+
+    def __init__(self, folder: Path, make: Callable[[tuple], Path]):
+        super().__init__()
+        self.folder, self.make = folder, make
+
+    def __missing__(self, key: tuple) -> Path:
+        self[key] = path = self.make(key)
+        return path
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict[tuple[str, str], Path]:
     d = tmp_path_factory.mktemp("onnx_corpus")
-    return {(n, e): export(n, e, d / f"{n}_{e}.onnx") for n in [*EXPECTED, "gemma2"] for e in EXPORTERS}
+    return _Exports(d, lambda key: export(key[0], key[1], d / f"{key[0]}_{key[1]}.onnx"))
 
 
 @pytest.fixture(scope="module")
 def opset_corpus(tmp_path_factory) -> dict[tuple[str, str, int], Path]:
     d = tmp_path_factory.mktemp("onnx_opsets")
-    return {(n, e, o): export(n, e, d / f"{n}_{e}_{o}.onnx", o) for (e, o), names in OPSETS.items() for n in names}
+    return _Exports(d, lambda key: export(key[0], key[1], d / f"{key[0]}_{key[1]}_{key[2]}.onnx", key[2]))
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
