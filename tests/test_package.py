@@ -10,6 +10,7 @@ not this checkout.  The kernel cache is a fresh folder, so the demo builds the C
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -35,7 +36,12 @@ def _clean_env(**extra: str) -> dict[str, str]:
 def built(tmp_path_factory) -> dict:
     """``python -m build`` (sdist, then the wheel from the sdist) into a temporary folder."""
     out = tmp_path_factory.mktemp("dist")
-    proc = _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)], cwd=ROOT,
+    # built from a copy: setuptools writes its staging folder and egg-info into the project folder, where another
+    # test process (pytest-xdist) or a developer's tools may be reading or writing at the same time
+    src = tmp_path_factory.mktemp("src") / "attnpass"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.egg-info", "build",
+                                                            "dist", ".pytest_cache", ".ruff_cache", "attnpass-*"))
+    proc = _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(src)], cwd=src,
                 env=_clean_env())
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"python -m build failed:\n{log[-3000:]}"
