@@ -233,11 +233,16 @@ class MaskIn:
     elem: str
 
 
-def mask_body(t: Ssa, masks: Sequence[MaskIn], scalars: Sequence[str], ind: int) -> tuple[list[str], str | None]:
+def mask_body(t: Ssa, masks: Sequence[MaskIn], scalars: Sequence[str], ind: int,
+              bias_limits: bool = True) -> tuple[list[str], str | None]:
     """The additive terms ``c * bias`` to add to the logits, and ``allowed`` = AND of every mask's keep test.
 
     A bool mask keeps a key where it equals ``attend_when``; a bias keeps it where ``bias > MASKED_BELOW``
     (tested as ``not (bias <= limit)`` so that a NaN bias stays attendable and shows up in the output).
+    ``bias_limits=False``: a bias is only added, never a keep test.  Plain fused attention needs that to keep
+    the model's output where it is finite: a row whose keys all carry ``finfo.min`` or ``-1e9`` gives the
+    mean of V in the original, and must not become a row without keys (zeros).  SSMax needs the test (the
+    factor is applied first, then such keys are removed: ``docs/numerics.md``).
     """
     adds: list[str] = []
     ok: str | None = None
@@ -252,9 +257,11 @@ def mask_body(t: Ssa, masks: Sequence[MaskIn], scalars: Sequence[str], ind: int)
             if m.term.coeff != 1.0:
                 cc = t.op("coeff", f"arith.constant {f32(m.term.coeff)} : f32", ind)
                 val = t.op("bias", f"arith.mulf {val}, {cc} : f32", ind)
+            adds.append(val)
+            if not bias_limits:
+                continue
             lim = t.op("lim", f"arith.constant {f32(semantics.MASKED_BELOW)} : f32", ind)
             cond = t.op("keep", f"arith.cmpf ugt, {val}, {lim} : f32", ind)
-            adds.append(val)
         ok = both(t, ok, cond, ind)
     return adds, ok
 

@@ -494,7 +494,7 @@ def logits_tile(t: Ssa, sp: FusedSpec, s: Operand, masks: list[tuple[str, tuple[
             cap = constant(t, sp.softcap, i)
             th = t.op("x", f"math.tanh {t.op('x', f'arith.divf {x}, {cap} : f32', i)} : f32", i)
             x = t.op("x", f"arith.mulf {th}, {cap} : f32", i)
-        adds, ok = mask_body(t, [m for _, _, m in masks], a[1:1 + len(masks)], i)
+        adds, ok = mask_body(t, [m for _, _, m in masks], a[1:1 + len(masks)], i, bias_limits=factor is not None)
         for add in adds:
             x = t.op("x", f"arith.addf {x}, {add} : f32", i)
         if factor is not None:
