@@ -110,6 +110,7 @@ def _backward(ctx, grad_probs, grad_indices):
 
 
 _softmax_topk.register_autograd(_backward, setup_context=_setup_context)
+_OP = torch.ops.attnpass.softmax_topk.default
 
 
 def softmax_topk(x: Tensor, k: int, dim: int = -1, renormalize: bool = False) -> tuple[Tensor, Tensor]:
@@ -120,11 +121,11 @@ def softmax_topk(x: Tensor, k: int, dim: int = -1, renormalize: bool = False) ->
     sorted by decreasing probability; ties go to the lower index and NaN ranks first (see
     the module docstring).  Gradients flow to ``x`` through the returned probabilities.
     """
-    if x.device.type == "cpu" and cpu_topk.dispatching():  # the op is C++ all the way: nothing to skip
-        return torch.ops.attnpass.softmax_topk.default(x, k, dim, renormalize)
+    if x.is_cpu and cpu_topk.dispatching():  # the op is C++ all the way: nothing to skip
+        return _OP(x, k, dim, renormalize)
     if _plain_eager(x):
         return _softmax_topk_impl(x, k, dim, renormalize)
-    return torch.ops.attnpass.softmax_topk.default(x, k, dim, renormalize)
+    return _OP(x, k, dim, renormalize)
 
 
 def _plain_eager(x: Tensor) -> bool:
