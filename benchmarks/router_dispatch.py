@@ -8,7 +8,8 @@ exported module's own calling convention (input flattening, guards, metadata ass
 microseconds per call whatever the router does, so ``kept / fused`` is the router rewrite alone and
 ``eager / fused``, ``compiled / fused`` are what a user of ``attnpass.fuse`` sees.  Every implementation
 runs once per round in alternating rounds (each round repeats a call for about ``--round-ms``), the best
-round is kept, and only ratios from the same rounds are meaningful (> 1: the rewritten graph is faster).
+round is kept, and only ratios from the same rounds are meaningful (> 1: the rewritten graph is faster).  "attnpass backend" is ``torch.compile(backend="attnpass")``
+(the router rewritten inside torch.compile, inductor after it), against inductor alone.
 
 Run:  python benchmarks/router_dispatch.py [--threads 1] [--rounds 7]
 """
@@ -69,16 +70,20 @@ def row(tokens: int, hidden: int, experts: int, k: int, args: argparse.Namespace
     kept, _ = fx_rewrite.emitted(_as_graph(m, (h,), {}), RewriteSpec("fused").resolve(), topk=False)
     assert any(n.target is torch.ops.attnpass.softmax_topk.default for n in fused.graph.nodes), "router not fused"
     compiled = torch.compile(m, dynamic=False)
+    ours = torch.compile(m, dynamic=False, backend="attnpass")  # the router rewritten inside torch.compile
     with torch.no_grad():
         (wf, i_f), (we, ie) = fused(h), m(h)
         same = torch.equal(i_f, ie) and torch.allclose(wf, we, atol=1e-6)
-        for _ in range(3):  # warm-up, the compile
+        for _ in range(3):  # warm-up, the compiles
             compiled(h)
-        fns = {"eager": lambda: m(h), "compiled": lambda: compiled(h), "kept": lambda: kept(h), "fused": lambda: fused(h)}
+            ours(h)
+        fns = {"eager": lambda: m(h), "compiled": lambda: compiled(h), "attnpass backend": lambda: ours(h),
+               "kept": lambda: kept(h), "fused": lambda: fused(h)}
         t = best_rounds(fns, args.rounds, args.round_ms / 1e3)
     us = " | ".join(f"{t[name] * 1e6:.1f}" for name in fns)
     ratios = " | ".join(f"{t[name] / t['fused']:.2f}" for name in ("kept", "eager", "compiled"))
-    return f"| {tokens} x {experts}, top-{k} | {us} | {ratios} | {'yes' if same else 'NO'} |"
+    return (f"| {tokens} x {experts}, top-{k} | {us} | {ratios} | {t['compiled'] / t['attnpass backend']:.2f} | "
+            f"{'yes' if same else 'NO'} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,9 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.rounds} alternating rounds\n")
-    print("| router (tokens x experts) | eager us | compiled us | kept us | fused us | kept / fused | eager / fused "
-          "| compiled / fused | same |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| router (tokens x experts) | eager us | compiled us | attnpass backend us | kept us | fused us | kept / fused "
+          "| eager / fused | compiled / fused | compiled / attnpass backend | same |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for tokens, experts, k in ((1, 64, 2), (64, 64, 2), (4096, 64, 2), (4096, 8, 2)):
         print(row(tokens, args.hidden, experts, k, args), flush=True)
 
