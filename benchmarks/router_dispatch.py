@@ -9,7 +9,9 @@ microseconds per call whatever the router does, so ``kept / fused`` is the route
 ``eager / fused``, ``compiled / fused`` are what a user of ``attnpass.fuse`` sees.  Every implementation
 runs once per round in alternating rounds (each round repeats a call for about ``--round-ms``), the best
 round is kept, and only ratios from the same rounds are meaningful (> 1: the rewritten graph is faster).  "attnpass backend" is ``torch.compile(backend="attnpass")``
-(the router rewritten inside torch.compile, inductor after it), against inductor alone.
+(the router rewritten inside torch.compile, inductor after it), against inductor alone.  A second table
+times the op alone (called directly, from a plain fx GraphModule, under inference_mode) against softmax
+alone on the same logits: the dispatch cost per call.
 
 Run:  python benchmarks/router_dispatch.py [--threads 1] [--rounds 7]
 """
@@ -86,6 +88,35 @@ def row(tokens: int, hidden: int, experts: int, k: int, args: argparse.Namespace
             f"{'yes' if same else 'NO'} |")
 
 
+class _OpCall(torch.nn.Module):
+    """One op call, as a rewritten graph spells it; symbolic_trace gives the plain fx calling convention."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.ops.attnpass.softmax_topk.default(x, 2, -1, True)
+
+
+def op_rows(args: argparse.Namespace) -> None:
+    """The op alone against softmax alone: called directly, from a plain fx GraphModule, and under inference_mode."""
+    print("\n| logits (rows x experts), top-2 | softmax us | op us | op in fx us | op inference_mode us "
+          "| softmax / op | softmax / op in fx |")
+    print("|---|---|---|---|---|---|---|")
+    traced = torch.fx.symbolic_trace(_OpCall())
+    for rows in (1, 64, 4096):
+        print(_op_row(torch.randn(rows, 64), traced, args), flush=True)
+
+
+def _op_row(x: torch.Tensor, traced: torch.fx.GraphModule, args: argparse.Namespace) -> str:
+    op = torch.ops.attnpass.softmax_topk.default
+    op(x, 2, -1, True)  # the first CPU call loads the kernel library
+    with torch.no_grad():
+        fns = {"softmax": lambda: torch.softmax(x, -1), "op": lambda: op(x, 2, -1, True), "fx": lambda: traced(x)}
+        t = best_rounds(fns, args.rounds, args.round_ms / 1e3)
+    with torch.inference_mode():
+        t_inf = best_rounds({"op": lambda: op(x, 2, -1, True)}, args.rounds, args.round_ms / 1e3)["op"]
+    return (f"| {x.shape[0]} x {x.shape[1]} | {t['softmax'] * 1e6:.1f} | {t['op'] * 1e6:.1f} | {t['fx'] * 1e6:.1f} | "
+            f"{t_inf * 1e6:.1f} | {t['softmax'] / t['op']:.2f} | {t['softmax'] / t['fx']:.2f} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -102,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for tokens, experts, k in ((1, 64, 2), (64, 64, 2), (4096, 64, 2), (4096, 8, 2)):
         print(row(tokens, args.hidden, experts, k, args), flush=True)
+    op_rows(args)
 
 
 if __name__ == "__main__":
