@@ -46,7 +46,9 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'attnpass' has no attribute {name!r}")
     module_name, attr = _LAZY[name]
     module = importlib.import_module(module_name)
-    return module if attr is None else getattr(module, attr)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value  # later reads are plain attribute reads: a router calls softmax_topk per token
+    return value
 
 
 def __dir__() -> list[str]:

@@ -204,14 +204,19 @@ def test_op_dispatches_cpu_tensors_to_the_cpp_kernel():
 
 def test_missing_kernel_falls_back_once_with_a_warning(monkeypatch):
     from attnpass.kernels import cpu
+    from attnpass.kernels.cpu import topk as cpu_topk
 
     monkeypatch.setattr(cpu, "load_topk", lambda: None)
     monkeypatch.setattr(topk_dispatch, "_warned", set())
     x = torch.randn(3, 50)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        p1, i1 = attnpass.softmax_topk(x, 4)
-        attnpass.softmax_topk(x, 4)
+    was = cpu_topk.set_dispatch(False)  # an earlier test's library owns the op's CPU kernel: as if it never built
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            p1, i1 = attnpass.softmax_topk(x, 4)
+            attnpass.softmax_topk(x, 4)
+    finally:
+        cpu_topk.set_dispatch(was)
     said = [w for w in caught if "softmax_topk kernel is unavailable" in str(w.message)]
     assert len(said) == 1
     want_p, want_i = reference.softmax_topk(x, 4)

@@ -46,6 +46,9 @@ def force_backend(name: str | None) -> None:
     """Pin the backend (``"reference"`` or a kernel's name) for tests and benchmarks; None restores the default."""
     global _forced
     _forced = name
+    from attnpass.kernels.cpu import topk as cpu_topk
+
+    cpu_topk.sync_dispatch()  # the softmax_topk ops' C++ CPU kernels bypass this module: hand them back to Python
 
 
 def backend_for(device: torch.device) -> Backend:

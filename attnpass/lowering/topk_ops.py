@@ -4,7 +4,10 @@
 it again; the fused op reads ``x`` once (running maximum, running normaliser with rescale,
 running top-k; Milakov & Gimelshein 2018) and writes only ``k`` values and indices per row.
 Registering through ``torch.library`` gives it a fake implementation (torch.compile,
-torch.export) and an autograd formula, so a rewritten MoE router still trains.
+torch.export) and an autograd formula, so a rewritten MoE router still trains.  On CPU the
+compiled kernel library registers C++ kernels for both ops and for autograd once it is loaded
+(``attnpass/kernels/cpu/topk_op.h``), the same computation without Python per call; the Python
+implementations below stay for other devices, for the first call and for a forced reference.
 
 Numerics (docs/numerics.md): probabilities within 1e-6 of float64 for float32 input; indices
 are ``torch.topk``'s on the logits, NaN ranking above every number, ties going to the lower
@@ -18,6 +21,7 @@ import torch
 from torch import Tensor
 
 from attnpass.kernels import topk as topk_kernels
+from attnpass.kernels.cpu import topk as cpu_topk
 
 
 def _check(x: Tensor, k: int, dim: int) -> int:
@@ -106,6 +110,7 @@ def _backward(ctx, grad_probs, grad_indices):
 
 
 _softmax_topk.register_autograd(_backward, setup_context=_setup_context)
+_OP = torch.ops.attnpass.softmax_topk.default
 
 
 def softmax_topk(x: Tensor, k: int, dim: int = -1, renormalize: bool = False) -> tuple[Tensor, Tensor]:
@@ -116,16 +121,19 @@ def softmax_topk(x: Tensor, k: int, dim: int = -1, renormalize: bool = False) ->
     sorted by decreasing probability; ties go to the lower index and NaN ranks first (see
     the module docstring).  Gradients flow to ``x`` through the returned probabilities.
     """
+    if x.is_cpu and cpu_topk.dispatching():  # the op is C++ all the way: nothing to skip
+        return _OP(x, k, dim, renormalize)
     if _plain_eager(x):
         return _softmax_topk_impl(x, k, dim, renormalize)
-    return torch.ops.attnpass.softmax_topk(x, k, dim, renormalize)
+    return _OP(x, k, dim, renormalize)
 
 
 def _plain_eager(x: Tensor) -> bool:
     """Whether calling the implementation directly is indistinguishable from calling the op.
 
     The op's Python dispatch (custom op, autograd wrapper) costs tens of microseconds per call, as much as a
-    router-sized kernel; it is skipped only for a plain CPU/CUDA tensor that needs no gradient, outside
+    router-sized kernel (on CPU, once the C++ kernels are loaded, they are the op's own kernels and there is no
+    Python dispatch left: ``attnpass.kernels.cpu.topk``); it is skipped only for a plain CPU/CUDA tensor that needs no gradient, outside
     torch.compile, dispatch or function modes (make_fx, FakeTensorMode) and functorch transforms (vmap), so
     every tracer and every gradient still sees the op.
     """

@@ -33,6 +33,8 @@
 // dx_i = [i selected] g_i p_i - softmax(x)_i * sum_j g_j p_j; lse is recomputed with the same online
 // pass (the op keeps only (probs, indices) as outputs), then one pass writes dx.  With it, only the
 // selected logits matter: dx = w (g - sum g w) there and 0 elsewhere.
+//
+// topk_op.h makes these kernels attnpass::softmax_topk's own CPU kernels, with no Python on the call path.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
@@ -468,7 +470,10 @@ at::Tensor topk_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tenso
 
 }  // namespace
 
+#include "topk_op.h"
+
 TORCH_LIBRARY(ATTNPASS_NS, m) {
   m.def("softmax_topk_forward", &topk_fwd);
   m.def("softmax_topk_backward", &topk_bwd);
+  m.def("set_dispatch", &set_dispatch);  // the attnpass ops' CPU kernels on / off (topk_op.h)
 }
