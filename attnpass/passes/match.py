@@ -424,7 +424,7 @@ class Matcher(MaskProofs, OperandFinder, ProbsWalker):
         t_late = ""
         for step, payload in steps:
             if step in ("softcap", "bias", "boolmask") and t_scales and not t_late:
-                t_late = f"applied after a mask, bias or soft-cap at {t_scales[-1][2]}"
+                t_late = "it is applied after a mask, bias or soft-cap, which it would scale too"
             if step == "cast":
                 upcast = True
             elif step == "scale":
