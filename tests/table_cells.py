@@ -129,10 +129,9 @@ def hand_written() -> list[Variant]:
         _hand("bmm_view4d_mask", G.Bmm3DView4DMask(), (q, k, v, additive), sem=dict(attn_mask=additive)),
         _hand("bmm_3d_causal_bias", G.Bmm3DMasked(causal=True), (q, k, v, bias[0, 0]),
               sem=dict(attn_mask=bias[0, 0].masked_fill(~semantics.causal_allowed(S, S), float("-inf")))),
-        _hand("tensor_scale_param", G.TensorScale(H), (q, k, v), q_factor=temp, sem=dict(scale=1.0), fused=0,
-              blocker="run-time tensor"),
-        _hand("tensor_scale_input", G.TensorScaleInput(), (q, k, v, temp_in), q_factor=1.0 / temp_in, sem=dict(scale=1.0),
-              fused=0, blocker="run-time tensor"),
+        # a [H, 1, 1] factor constant along S_q and S_k moves onto q: (q * t) . k == t * (q . k)
+        _hand("tensor_scale_param", G.TensorScale(H), (q, k, v), q_factor=temp, sem=dict(scale=1.0)),
+        _hand("tensor_scale_input", G.TensorScaleInput(), (q, k, v, temp_in), q_factor=1.0 / temp_in, sem=dict(scale=1.0)),
         _hand("constant_added", G.ConstantAdded(), (q, k, v)),
         _hand("sliding_window", G.SlidingWindow(3), (q, k, v),
               sem=dict(attn_mask=(torch.arange(S)[None, :] <= torch.arange(S)[:, None])

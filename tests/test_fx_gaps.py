@@ -52,9 +52,8 @@ def _cases() -> list[Case]:
         Case("bmm_3d_padding", G.Bmm3DMasked(), (q, k, v, padding3), dict(attn_mask=additive)),
         Case("bmm_3d_causal_bias", G.Bmm3DMasked(causal=True), (q, k, v, bias[0, 0]),
              dict(attn_mask=bias[0, 0].masked_fill(~semantics.causal_allowed(S, S), float("-inf")))),
-        Case("tensor_scale_param", G.TensorScale(H), (q, k, v), dict(scale=1.0), blocker="run-time tensor", q_factor=temp),
-        Case("tensor_scale_input", G.TensorScaleInput(), (q, k, v, temp_in), dict(scale=1.0), blocker="run-time tensor",
-             q_factor=1.0 / temp_in),
+        Case("tensor_scale_param", G.TensorScale(H), (q, k, v), dict(scale=1.0), q_factor=temp),
+        Case("tensor_scale_input", G.TensorScaleInput(), (q, k, v, temp_in), dict(scale=1.0), q_factor=1.0 / temp_in),
         Case("constant_added", G.ConstantAdded(), (q, k, v), dict(), note="shift-invariant"),
     ]
 

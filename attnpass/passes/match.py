@@ -197,10 +197,9 @@ class Matcher(MaskProofs, OperandFinder, ProbsWalker):
                     sym = self._symbolic_scale(lhs, rhs, kind)
                     tensor = None if sym is not None else self._tensor_scale(lhs, rhs, kind, x)
                     if tensor is not None:
-                        # a per-head (or per-batch) factor known only at run time: the site stays, SSMax applies
-                        self._walk_blockers.append(
-                            f"scores scaled by a run-time tensor at {a.name(node)} (shape {a.shape(tensor[0])}): "
-                            "the fused op takes one scalar scale")
+                        # a per-head (or per-batch) factor known only at run time: moved onto q when q's layout is
+                        # the scores' (``_build``), else the site stays unfused and SSMax applies
+                        steps.append(("tscale", (tensor[0], kind is Kind.DIV, a.name(node))))
                         self._walk_notes.append(f"run-time tensor scale at {a.name(node)}")
                         chain.append(node)
                         x = tensor[1]
@@ -361,6 +360,19 @@ class Matcher(MaskProofs, OperandFinder, ProbsWalker):
             return lhs, rhs
         return None
 
+    def _tensor_on_q(self, t: Any, q: Operand, kind: Kind, rank: int) -> str:
+        """Why ``t`` (right-aligned against the scores) cannot move onto q, or "" when q is laid out as the scores'
+        leading dims, so ``(q * t) . k == t * (q . k)`` broadcasts the same way."""
+        if kind is Kind.EINSUM or q.perm is not None or self._rank(q.value) != rank:
+            return "q is not laid out as the scores (einsum or permuted layout), the factor cannot move onto it"
+        qs, ts = self.a.shape(q.value) or (), self.a.shape(t) or ()
+        if any(d != 1 and d != e for d, e in zip(reversed(ts), reversed(qs))):
+            return f"the factor (shape {ts}) would broadcast q (shape {qs}) beyond its own size"
+        dt = getattr(self.a, "dtype", None) or (lambda v: getattr(v, "dtype", None))
+        if None not in (dt(t), dt(q.value)) and dt(t) != dt(q.value):
+            return f"the factor's dtype {dt(t)} is not q's {dt(q.value)}"
+        return ""
+
     def _symbolic_scale(self, lhs: Any, rhs: Any, kind: Kind) -> tuple[Any, Any] | None:
         """A scale that is a run-time scalar (``1/sqrt(q.size(-1))`` under dynamic shapes): ``(scalar, other)``."""
         is_scalar = getattr(self.a, "is_scalar", None)
@@ -408,7 +420,11 @@ class Matcher(MaskProofs, OperandFinder, ProbsWalker):
         pending_scale = 1.0
         seen_softcap = False
         q_scales: list[tuple[Any, bool]] = []
+        t_scales: list[tuple[Any, bool, str]] = []  # run-time tensors constant along S_q and S_k
+        t_late = ""
         for step, payload in steps:
+            if step in ("softcap", "bias", "boolmask") and t_scales and not t_late:
+                t_late = "it is applied after a mask, bias or soft-cap, which it would scale too"
             if step == "cast":
                 upcast = True
             elif step == "scale":
@@ -418,6 +434,8 @@ class Matcher(MaskProofs, OperandFinder, ProbsWalker):
                     pending_scale *= payload
             elif step == "symscale":
                 q_scales.append(payload)
+            elif step == "tscale":
+                t_scales.append(payload)
             elif step in ("softcap", "bias", "boolmask") and q_scales:
                 raise NoMatch("a run-time scale is applied after a mask, bias or soft-cap")
             elif step == "softcap":
@@ -455,6 +473,12 @@ class Matcher(MaskProofs, OperandFinder, ProbsWalker):
             qv, ktv = a.inputs(node)[:2]
             q_op, k_op, k_factor = self._qk_operands(qv, ktv, rank, node)
             scale *= k_factor
+        for t, divide, where in t_scales:
+            why = t_late or self._tensor_on_q(t, q_op, kind, rank)
+            if why:
+                self._walk_blockers.append(f"scores scaled by a run-time tensor at {where} (shape {a.shape(t)}): {why}")
+            else:
+                q_scales.append((t, divide))
         masks = [self._classify_mask(term) for term in masks]
         causal = any(m.causal for m in masks)
         site = Draft(

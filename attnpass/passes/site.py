@@ -152,7 +152,7 @@ class AttentionSite:
     notes: tuple[str, ...] = ()
     sdpa_mask: Any = None
     sdpa_is_causal: bool = False
-    q_scales: tuple[tuple[Any, bool], ...] = ()  # run-time scalars (value, divide)
+    q_scales: tuple[tuple[Any, bool], ...] = ()  # run-time scalars or [.., 1, 1] tensors, applied to q (value, divide)
     three_d: bool = False  # a fused op taking [B, S, H*D] (heads in its attributes)
     ssmax_blocker: str | None = None
     relative: Any = None  # passes/relatives.Relative: a query scaling SSMax would stack on

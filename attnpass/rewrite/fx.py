@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -168,9 +169,13 @@ def _fuse_site(gm: fx.GraphModule, plan: Plan, ssmax: tuple[fx.Node, fx.Node | N
     s_node, b_node = ssmax if ssmax is not None else (None, None)
     b = _Builder(gm.graph)
     with gm.graph.inserting_before(_insert_point(site)):
-        q, k, v = (_prepare(b, o) for o in (site.q, site.k, site.v))
-        for scalar, divide in site.q_scales:
-            q = b.call(operator.truediv if divide else operator.mul, q, scalar)
+        q = site.q.value
+        for factor, divide in site.q_scales:  # scalars, or tensors right-aligned against q as against the scores
+            if isinstance(factor, fx.Node) and isinstance(factor.meta.get("val", factor.meta.get("example_value")), torch.Tensor):
+                q = b.call(aten.div.Tensor if divide else aten.mul.Tensor, q, factor)
+            else:
+                q = b.call(operator.truediv if divide else operator.mul, q, factor)
+        q, k, v = (_prepare(b, o) for o in (replace(site.q, value=q), site.k, site.v))
         if site.form is Form.FUSED_OP:
             node = site.softmax
             gqa = bool(ad.attr(node, "enable_gqa", False)) or site.k.groups > 1

@@ -37,6 +37,15 @@ class Editor:
                                  loc=ir.Location.unknown(self.ctx), ip=ir.InsertionPoint(before))
         return op.result
 
+    def scale_by(self, v: _Val, factor: _Val, divide: bool, before: Any) -> _Val:
+        """``v * factor`` (or ``/``) as a torch op, ``factor`` broadcasting into ``v`` without growing it: the matcher
+        moves a run-time tensor scale of the scores onto Q this way, and torch-mlir lowers it with the rest."""
+        ir = self.ir
+        op = ir.Operation.create("torch.aten.div.Tensor" if divide else "torch.aten.mul.Tensor",
+                                 results=[ir.Type.parse(v.type, self.ctx)], operands=[v.value, factor.value],
+                                 loc=ir.Location.unknown(self.ctx), ip=ir.InsertionPoint(before))
+        return _Val(op.result, v.type)
+
     def call(self, callee: str, args: list[Any], types: list[str], before: Any) -> list[Any]:
         """``func.call @callee(args)`` returning builtin tensors, each converted back to its vtensor type."""
         ir = self.ir

@@ -268,7 +268,10 @@ def _fuse_site(ed: Editor, plan: Plan, tile: int, ssmax: tuple | None = None) ->
         spec.keys = replace(keys[0], q_offset=spec.q_offset, kv_len=spec.kv_len)  # a KV cache's keys (with_cache)
         spec.ssmax, pvals = _ssmax_params(ed, func, spec.batch[-1] if spec.batch else 1, s, b, params, before)
         pvals = keys[1] + pvals
-    q, k, v = (ed.builtin(o.value, before) for o in (site.q, site.k, site.v))
+    qv = site.q.value
+    for factor, divide in site.q_scales:  # run-time tensors right-aligned against q as against the scores
+        qv = ed.scale_by(qv, factor, divide, before)
+    q, k, v = (ed.builtin(x, before) for x in (qv, site.k.value, site.v.value))
     if kv is not None:
         k, v = kv
     name = ed.fresh_symbol(f"attnpass_fused_{site.index}")

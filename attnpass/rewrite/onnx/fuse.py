@@ -71,7 +71,10 @@ def fuse_site(model: ir.Model, ad: OnnxAdapter, plan: Plan, target: str, notes: 
     mms = [n for n in site.nodes if n.op_type in ("MatMul", "Einsum")]
     anchor = mms[-1]
     b = _Builder(anchor, f"attnpass/fused_{site.index}")
-    q4 = _prepare(b, site.q)
+    q = site.q.value
+    for factor, divide in site.q_scales:  # run-time tensors right-aligned against q as against the scores
+        q = b.op("Div" if divide else "Mul", [q, b.op("CastLike", [factor, q])])
+    q4 = _prepare(b, replace(site.q, value=q))
     k4 = _prepare(b, replace(site.k, groups=plan.k_repeat))
     v4 = _prepare(b, replace(site.v, groups=plan.v_repeat))
     factor, n = None, None
