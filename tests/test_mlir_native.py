@@ -7,6 +7,7 @@ through the Python loader and through a C program that links the library and not
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 import subprocess
@@ -137,6 +138,33 @@ def test_library_of_a_fused_attention_equals_the_jit(tmp_path: Path) -> None:
     so = tmp_path / "attention.so"
     am.compile_library(fused, so, opt_level=0)
     np.testing.assert_array_equal(am.load_library(so)(q.numpy(), k.numpy(), v.numpy()), want)
+
+
+def test_large_buffers_are_kept_for_the_next_call(tmp_path: Path) -> None:
+    """The generated code's large buffers (>= 256 KiB: here [512, 256] f32) go back to the library's cache when freed and
+    serve the next call; ``attnpass_release`` returns them.  Results stay exact across calls."""
+
+    class Mlp(torch.nn.Module):
+        def forward(self, x, w1, w2):
+            return torch.tanh(x @ w1) @ w2
+
+    g = torch.Generator().manual_seed(0)
+    x, w1, w2 = torch.randn(512, 64, generator=g), torch.randn(64, 256, generator=g), torch.randn(256, 64, generator=g)
+    so = tmp_path / "mlp.so"
+    am.compile_library(am.import_(Mlp(), (x, w1, w2)), so, opt_level=0)
+    fn = am.load_library(so)
+    cached = fn.lib.attnpass_cached_bytes
+    cached.restype = ctypes.c_size_t
+    assert cached() == 0
+    want = Mlp()(x, w1, w2).numpy()
+    first = fn(x.numpy(), w1.numpy(), w2.numpy())
+    kept = cached()
+    assert kept >= 512 * 256 * 4, kept  # at least the hidden [512, 256] buffer
+    np.testing.assert_allclose(first, want, rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(fn(x.numpy(), w1.numpy(), w2.numpy()), first)
+    assert cached() == kept  # the second call took its buffers from the cache and gave them back
+    fn.lib.attnpass_release()
+    assert cached() == 0
 
 
 def test_dynamic_shapes_and_missing_outputs_are_refused(tmp_path: Path) -> None:
