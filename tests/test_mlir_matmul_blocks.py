@@ -45,6 +45,7 @@ def test_plain_fitting_matmuls_become_block_calls_and_the_rest_keep_their_loops(
     assert calls == ["attnpass_matmul_2x16x24_2x24x32_2x16x32", "attnpass_matmul_32x48_48x32_32x32",
                      "attnpass_matmul_32x64_64x48_32x48"], calls
     assert text.count("vector.contract") == 3  # one body per shape
+    assert text.count("scf.parallel") == 3  # its batch x row blocks on the team (the model's matmuls run alone)
 
 
 def test_compiled_model_equals_torch(mixed) -> None:

@@ -28,6 +28,7 @@ _MEMREF = re.compile(r"memref<((?:\d+x)*)f32(?:, strided<\[([^\]]*)\][^>]*>)?>")
 
 
 _OPS = tuple(_PLAIN)
+_PARALLEL = ("scf.forall", "scf.parallel", "omp.parallel")
 
 
 def _shape(ty: Any) -> tuple[int, ...] | None:
@@ -58,30 +59,72 @@ def blockable(op: Any) -> tuple[tuple[int, ...], ...] | None:
     return shapes if microkernel.fits(a[-2], b[-1], a[-1]) else None  # type: ignore[return-value]
 
 
+def definition(name: str, a: tuple[int, ...], b: tuple[int, ...], acc: tuple[int, ...]) -> str:
+    """``@name(a, b, acc)``: ``acc += a @ b`` in ``microkernel``'s register blocks, its batch x row-block loop an
+    ``scf.parallel`` (``convert-scf-to-openmp`` runs it on the team; in order where the pipeline has no OpenMP).
+
+    The fused tiles' own body (``microkernel.definition``) is sequential: it runs inside the attention's parallel loop,
+    where the model's matmuls run alone.
+    """
+    ta, tb, tc = (microkernel.strided_type(x) for x in (a, b, acc))
+    (m, k), n, batch = a[-2:], b[-1], acc[:-2]
+    rn, ri, rk = microkernel.block_width(n), microkernel.RI, microkernel.RK
+    ivs = [f"%b{d}" for d in range(len(batch))] + ["%i"]
+    uppers = [f"%cb{d}" for d in range(len(batch))] + ["%cm"]
+    steps = ["%c1"] * len(batch) + ["%cri"]
+    consts = {"%c0": 0, "%c1": 1, "%cm": m, "%cn": n, "%ck": k, "%cri": ri, "%crn": rn, "%crk": rk,
+              **{f"%cb{d}": size for d, size in enumerate(batch)}}
+    vty, inb = f"vector<{ri}x{rn}xf32>", "{in_bounds = [true, true]}"
+    at = ", ".join(ivs)
+    maps = "affine_map<(i, j, k) -> (i, k)>, affine_map<(i, j, k) -> (k, j)>, affine_map<(i, j, k) -> (i, j)>"
+    lines = [f"func.func private @{name}(%a: {ta}, %b: {tb}, %acc: {tc}) {{",
+             *(f"  {c} = arith.constant {v} : index" for c, v in consts.items()),
+             "  %pad = arith.constant 0.0 : f32",
+             f"  scf.parallel ({at}) = ({', '.join(['%c0'] * len(ivs))}) to ({', '.join(uppers)}) step ({', '.join(steps)}) {{",
+             "    scf.for %n0 = %c0 to %cn step %crn {",
+             f"      %v0 = vector.transfer_read %acc[{at}, %n0], %pad {inb} : {tc}, {vty}",
+             f"      %r = scf.for %k0 = %c0 to %ck step %crk iter_args(%v = %v0) -> ({vty}) {{",
+             f"        %va = vector.transfer_read %a[{at}, %k0], %pad {inb} : {ta}, vector<{ri}x{rk}xf32>",
+             f"        %vb = vector.transfer_read %b[{', '.join([*ivs[:-1], '%k0', '%n0'])}], %pad {inb} : {tb}, "
+             f"vector<{rk}x{rn}xf32>",
+             f'        %vc = vector.contract {{indexing_maps = [{maps}], iterator_types = ["parallel", "parallel", '
+             f'"reduction"], kind = #vector.kind<add>}} %va, %vb, %v : vector<{ri}x{rk}xf32>, vector<{rk}x{rn}xf32> '
+             f"into {vty}",
+             f"        scf.yield %vc : {vty}",
+             "      }",
+             f"      vector.transfer_write %r, %acc[{at}, %n0] {inb} : {vty}, {tc}",
+             "    }",
+             "    scf.reduce",
+             "  }",
+             "  return",
+             "}"]
+    return "\n".join(lines)
+
+
 def define_all(module: Any) -> int:
     """Replace every blockable matmul of the bufferized ``module`` (in place) by a call of its register-block function
     over the same buffers, defined once per shape and appended; returns how many were replaced."""
     from torch_mlir import ir
     from torch_mlir.dialects import func as func_d
 
-    found: list[tuple[Any, tuple[tuple[int, ...], ...]]] = []
+    found: list[tuple[Any, tuple[tuple[int, ...], ...], bool]] = []
 
-    def visit(op: Any) -> None:
+    def visit(op: Any, nested: bool) -> None:
         for region in op.regions:
             for block in region.blocks:
                 for inner in block.operations:
                     o = inner.operation
                     shapes = blockable(o)
                     if shapes is not None:
-                        found.append((o, shapes))
-                    visit(o)
+                        found.append((o, shapes, nested))
+                    visit(o, nested or o.name in _PARALLEL)
 
     with module.context, ir.Location.unknown():
-        visit(module.operation)
+        visit(module.operation, False)
         defined: dict[str, str] = {}
-        for op, shapes in found:
-            name = PREFIX + "_".join("x".join(map(str, s)) for s in shapes)
-            defined.setdefault(name, microkernel.definition(name, *shapes))
+        for op, shapes, nested in found:  # inside a parallel loop already: the sequential body (no nested team)
+            name = PREFIX + ("seq_" if nested else "") + "_".join("x".join(map(str, s)) for s in shapes)
+            defined.setdefault(name, (microkernel.definition if nested else definition)(name, *shapes))
             here = ir.InsertionPoint(op)
             args = [ir.Operation.create("memref.cast", results=[ir.Type.parse(microkernel.strided_type(s))], operands=[v],
                                         ip=here).result for v, s in zip(op.operands, shapes)]
