@@ -7,7 +7,9 @@ through the Python loader and through a C program that links the library and not
 
 from __future__ import annotations
 
+import ctypes
 import json
+import re
 import subprocess
 import warnings
 from pathlib import Path
@@ -60,6 +62,36 @@ def test_cli_emits_a_library_equal_to_onnxruntime(gpt2, to: str, tmp_path: Path,
     # the signature is checked: a wrong dtype is a clear error, never a silent conversion
     with pytest.raises(AttnpassError, match="input 0 must be int64"):
         fn(inputs[0].astype(np.int32), inputs[1])
+
+
+def test_the_models_causal_mask_is_dead_after_the_fused_rewrite(gpt2) -> None:
+    """GPT-2's exported mask, ``where(and(key <= query, padding), 0, finfo.min)`` of ``[B, 1, S, S]``, reaches each
+    loop nest as its padding factor ``[B, 1, 1, S]`` alone (the nest tests ``key <= query`` on indices), so the
+    ``S x S`` mask is never built: peak memory stays linear in ``S``.  Numerics: the padded batch vs onnxruntime."""
+    path, inputs, want = gpt2
+    b, s = inputs[0].shape
+    fused = am.rewrite(am.import_(str(path)), to="fused")
+    text = str(fused)
+    public = text.split("func.func private", 1)[0]  # the model's own function comes first
+    assert "func.func @main_graph" in public
+    square = re.compile(rf"\[(?:[0-9?]+,)*{s},{s}\]|x{s}x{s}x")
+    assert not square.findall(public), sorted(set(square.findall(public)))
+    calls = re.findall(r"call @attnpass_fused_\d+\(.*?\) : \((.*?)\) ->", public)
+    assert len(calls) == 2 and all(c.endswith(f"tensor<{b}x1x1x{s}xi1>") for c in calls), calls
+    np.testing.assert_allclose(am.compile(fused, opt_level=0)(*inputs), want, rtol=1e-4, atol=1e-4)
+
+
+def test_folded_aranges_prove_the_mask_causal_without_evaluating_it(gpt2, monkeypatch) -> None:
+    """The exporter folds the mask's two aranges into literals; they are read as aranges (``O(S)``), so the proof does
+    not need the ``S x S`` mask's values (which the evaluator refuses past its budget, S > 4096 here)."""
+    from attnpass.passes.masks import MaskProofs
+
+    monkeypatch.setattr(MaskProofs, "_causal_by_value", lambda *a, **k: False)
+    path, inputs, _ = gpt2
+    b, s = inputs[0].shape
+    public = str(am.rewrite(am.import_(str(path)), to="fused")).split("func.func private", 1)[0]
+    calls = re.findall(r"call @attnpass_fused_\d+\(.*?\) : \((.*?)\) ->", public)
+    assert len(calls) == 2 and all(c.endswith(f"tensor<{b}x1x1x{s}xi1>") for c in calls), calls
 
 
 C_DRIVER = r"""
@@ -119,6 +151,33 @@ def test_library_of_a_fused_attention_equals_the_jit(tmp_path: Path) -> None:
     so = tmp_path / "attention.so"
     am.compile_library(fused, so, opt_level=0)
     np.testing.assert_array_equal(am.load_library(so)(q.numpy(), k.numpy(), v.numpy()), want)
+
+
+def test_large_buffers_are_kept_for_the_next_call(tmp_path: Path) -> None:
+    """The generated code's large buffers (>= 256 KiB: here [512, 256] f32) go back to the library's cache when freed and
+    serve the next call; ``attnpass_release`` returns them.  Results stay exact across calls."""
+
+    class Mlp(torch.nn.Module):
+        def forward(self, x, w1, w2):
+            return torch.tanh(x @ w1) @ w2
+
+    g = torch.Generator().manual_seed(0)
+    x, w1, w2 = torch.randn(512, 64, generator=g), torch.randn(64, 256, generator=g), torch.randn(256, 64, generator=g)
+    so = tmp_path / "mlp.so"
+    am.compile_library(am.import_(Mlp(), (x, w1, w2)), so, opt_level=0)
+    fn = am.load_library(so)
+    cached = fn.lib.attnpass_cached_bytes
+    cached.restype = ctypes.c_size_t
+    assert cached() == 0
+    want = Mlp()(x, w1, w2).numpy()
+    first = fn(x.numpy(), w1.numpy(), w2.numpy())
+    kept = cached()
+    assert kept >= 512 * 256 * 4, kept  # at least the hidden [512, 256] buffer
+    np.testing.assert_allclose(first, want, rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(fn(x.numpy(), w1.numpy(), w2.numpy()), first)
+    assert cached() == kept  # the second call took its buffers from the cache and gave them back
+    fn.lib.attnpass_release()
+    assert cached() == 0
 
 
 def test_dynamic_shapes_and_missing_outputs_are_refused(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from attnpass.errors import AttnpassError
-from attnpass.lowering import half_boundary, omp
+from attnpass.lowering import half_boundary, matmul_blocks, omp
 
 
 def require_torch_mlir() -> Any:
@@ -160,8 +160,8 @@ def to_linalg(module: Any) -> Any:
 def to_llvm(module: Any, from_linalg: bool = False, parallel: bool = True) -> Any:
     """torch dialect (or linalg-on-tensors if ``from_linalg``) -> LLVM dialect, ready to JIT.
 
-    The pipeline stops after bufferization to turn the marked matmuls into register blocks over their buffers
-    (``microkernel.define_all``) and after ``convert-scf-to-openmp`` to drop the ``memref.alloca_scope`` it wraps
+    The pipeline stops after bufferization to turn the marked matmuls and the model's plain ones into register blocks
+    over their buffers (``microkernel.define_all``, ``matmul_blocks.define_all``) and after ``convert-scf-to-openmp`` to drop the ``memref.alloca_scope`` it wraps
     each parallel body in (see ``inline_alloca_scopes``).  ``parallel=False``: no OpenMP, parallel loops run in order
     (for a host without a C compiler to build the runtime).
     """
@@ -177,8 +177,11 @@ def to_llvm(module: Any, from_linalg: bool = False, parallel: bool = True) -> An
         passes.remove("convert-scf-to-openmp")
     # edits between two passes, each run on the module as the passes before it left it
     hooks: dict[int, Callable[[Any], object]] = {}
-    if microkernel.MARK_NAME in _text(lin):  # the register-block matmuls: vector code on the bufferized module
-        hooks[passes.index("inline")] = microkernel.define_all
+    text = _text(lin)
+    blocks = [f for f, on in ((microkernel.define_all, microkernel.MARK_NAME in text),
+                              (matmul_blocks.define_all, "linalg.matmul" in text or "linalg.batch_matmul" in text)) if on]
+    if blocks:  # the register-block matmuls (fused tiles, the model's own): vector code on the bufferized module
+        hooks[passes.index("inline")] = lambda m: [f(m) for f in blocks]
     if parallel:
         hooks[passes.index("convert-scf-to-openmp") + 1] = inline_alloca_scopes
     mod, start = lin, 0

@@ -129,6 +129,66 @@ static void copy_out(const UnrankedMemRef *m, size_t elem, void *dst) {
   }
 }
 
+/* The generated code's malloc / free (the link wraps this library's own references only: -Wl,--wrap): a large
+   buffer it frees is kept for the next request of about its size, so a call reuses the pages of the one before
+   instead of mapping fresh ones and faulting each in (glibc serves such sizes by mmap / munmap every time).
+   Each block carries a 16-byte header (its capacity, whether it is cacheable): malloc's alignment is kept. */
+#include <pthread.h>
+#include <stdlib.h>
+void *__real_malloc(size_t n);
+void __real_free(void *p);
+enum { ATTNPASS_BIG = 256 << 10, ATTNPASS_SLOTS = 256 };
+typedef struct { size_t cap, big; } attnpass_head;
+static pthread_mutex_t attnpass_lock = PTHREAD_MUTEX_INITIALIZER;
+static attnpass_head *attnpass_cache[ATTNPASS_SLOTS];
+static int attnpass_cached;
+
+void *__wrap_malloc(size_t n) {
+  attnpass_head *h = NULL;
+  if (n >= ATTNPASS_BIG) { /* best fit among the kept blocks, at most a quarter larger than asked */
+    pthread_mutex_lock(&attnpass_lock);
+    int best = -1;
+    for (int i = 0; i < attnpass_cached; ++i) {
+      size_t c = attnpass_cache[i]->cap;
+      if (c >= n && c - n <= n / 4 && (best < 0 || c < attnpass_cache[best]->cap)) best = i;
+    }
+    if (best >= 0) { h = attnpass_cache[best]; attnpass_cache[best] = attnpass_cache[--attnpass_cached]; }
+    pthread_mutex_unlock(&attnpass_lock);
+  }
+  if (h == NULL) {
+    h = (attnpass_head *)__real_malloc(sizeof *h + n);
+    if (h == NULL) return NULL;
+    h->cap = n;
+    h->big = n >= ATTNPASS_BIG;
+  }
+  return h + 1;
+}
+
+void __wrap_free(void *p) {
+  if (p == NULL) return;
+  attnpass_head *h = (attnpass_head *)p - 1;
+  if (h->big) {
+    pthread_mutex_lock(&attnpass_lock);
+    if (attnpass_cached < ATTNPASS_SLOTS) { attnpass_cache[attnpass_cached++] = h; h = NULL; }
+    pthread_mutex_unlock(&attnpass_lock);
+  }
+  if (h != NULL) __real_free(h);
+}
+
+size_t attnpass_cached_bytes(void) {
+  size_t total = 0;
+  pthread_mutex_lock(&attnpass_lock);
+  for (int i = 0; i < attnpass_cached; ++i) total += attnpass_cache[i]->cap;
+  pthread_mutex_unlock(&attnpass_lock);
+  return total;
+}
+
+void attnpass_release(void) {
+  pthread_mutex_lock(&attnpass_lock);
+  while (attnpass_cached > 0) __real_free(attnpass_cache[--attnpass_cached]);
+  pthread_mutex_unlock(&attnpass_lock);
+}
+
 @CALLBACKS@
 extern void _mlir_ciface_@ENTRY@(@PARAMS@);
 
@@ -186,7 +246,9 @@ def link(engine: Any, sig: Signature, path: str) -> None:
         with open(rt, "w", encoding="utf-8") as f:  # the __kmpc_* calls of parallel loops (lowering.omp)
             f.write(omp.SOURCE)
         # -Bsymbolic: the library's parallel loops use its own runtime even in a process with another OpenMP loaded
-        cmd = [cc, "-shared", "-fPIC", "-O2", "-Wl,-Bsymbolic", "-o", out, shim, rt, obj, "-lm", "-lpthread"]
+        # --wrap: the generated code's malloc / free go through the shim's buffer cache (this library's references only)
+        cmd = [cc, "-shared", "-fPIC", "-O2", "-Wl,-Bsymbolic", "-Wl,--wrap=malloc", "-Wl,--wrap=free", "-o", out, shim, rt,
+               obj, "-lm", "-lpthread"]
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode != 0:
             raise AttnpassError(f"linking the native library failed ({cc}): {(run.stderr or run.stdout).strip()[:500]}")

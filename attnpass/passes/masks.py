@@ -207,5 +207,18 @@ class MaskProofs(WalkBase):
                 if not isinstance(start, int | float):
                     return None
                 return offset + start
-            return None
+            start = self._arange_literal(v, s[axis])
+            return None if start is None else offset + start
         return None
+
+    def _arange_literal(self, v: Any, n: Any) -> float | None:
+        """The start of a constant that holds ``start, start + 1, ...`` (``n`` of them): an ``arange`` an exporter folded
+        (the TorchScript exporter leaves GPT-2's as literals).  Read in ``O(n)``, where proving the mask by value
+        evaluates ``n x n`` elements (and gives up past the evaluator's budget)."""
+        if not isinstance(n, int) or n < 1 or not self.a.is_static(v):
+            return None
+        value = self.a.static_value(v)
+        if value is None or value.size != n:
+            return None
+        flat = np.asarray(value, dtype=np.float64).reshape(-1)
+        return float(flat[0]) if np.array_equal(flat - flat[0], np.arange(n)) else None

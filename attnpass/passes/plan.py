@@ -51,6 +51,9 @@ class Capabilities:
     grouped_kv: bool = True  # the fused op takes fewer K/V heads than query heads (GQA, multi-query)
     head_views: bool = False  # lays out a mask added in a [B, H, S_q, S_k] view of [B*H, S_q, S_k] scores
     dynamic_head_views: bool = False  # ... also where the view's batch or lengths are symbolic (dynamic shapes)
+    # a mask term that holds the causal constraint and others (``and(key <= query, padding)``) reaches a causal
+    # fused op as its other factors only (the op tests ``key <= query`` on indices; no S x S mask is read)
+    split_causal: bool = False
 
 
 class FactorClass(enum.StrEnum):
@@ -192,6 +195,8 @@ def plan_for(site: AttentionSite, spec: RewriteSpec, caps: Capabilities, adapter
     keep = tuple(_keep(m) for m in site.masks)
     add = tuple(k for k in keep if k.kind is MaskKind.ADDITIVE and not (causal and k.term.only_causal))
     boolean = tuple(k for k in keep if k.kind is MaskKind.BOOL and not (causal and k.term.only_causal))
+    if causal and caps.split_causal:
+        add, boolean = _without_causal_factor(add + boolean, adapter)
     dropped = {GuardKind.NAN} | ({GuardKind.NO_KEY} if fused and caps.empty_rows_zero else set())
     uses_ssmax = action in (Action.SSMAX, Action.SSMAX_FUSED)
     return Plan(
@@ -209,6 +214,32 @@ def plan_for(site: AttentionSite, spec: RewriteSpec, caps: Capabilities, adapter
         k_repeat=1 if caps.grouped_kv or not fused else _repeat_to_heads(site, site.k, adapter),
         v_repeat=1 if caps.grouped_kv or not fused else _repeat_to_heads(site, site.v, adapter),
     )
+
+
+def _without_causal_factor(terms: tuple[KeepTerm, ...], adapter: Adapter) -> tuple[tuple[KeepTerm, ...], ...]:
+    """(additive, bool) terms for a causal fused op: a term that contains the causal constraint becomes its other factors.
+
+    The exporters' ``where(and(key <= query, padding[B, 1, 1, S_k]), 0, finfo.min)`` is ``[B, 1, S, S]``; what the op
+    still needs from it is the padding factor, ``O(B * S)``.  A term is split only where exactly one of its factors
+    is proven causal (``_Splitter``); otherwise it stays whole (the op then reads it tile by tile).
+    """
+    out: list[KeepTerm] = []
+    for k in terms:
+        if k.term is None or not k.term.causal or k.term.only_causal:
+            out.append(k)
+            continue
+        split = _Splitter(adapter)
+        split.view = k.view
+        if k.kind is MaskKind.BOOL:
+            split.add_bool(k.value, k.attend_when)
+        else:
+            split.add_additive(k.value, k.coeff)
+        factors = split.plan(causal_op=False).factors
+        if sum(f.cls is FactorClass.CAUSAL for f in factors) != 1:
+            out.append(k)
+            continue
+        out.extend(f.keep for f in factors if f.cls is not FactorClass.CAUSAL)
+    return (tuple(k for k in out if k.kind is MaskKind.ADDITIVE), tuple(k for k in out if k.kind is MaskKind.BOOL))
 
 
 def _existing_scaling(site: AttentionSite, spec: RewriteSpec, action: Action, reason: str | None) -> tuple:

@@ -31,7 +31,7 @@ from attnpass.rewrite.mlir.topk import emit_topk
 CAPS = Capabilities(refuse_fused_ops=True, softcap=True, ssmax_softcap_fused=True, is_causal=True,
                     scores_rank3=True, any_rank=True, static_heads=False, empty_rows_zero=True,
                     factor_on_q=False, count_keys=True, head_views=True,
-                    dynamic_head_views=True)
+                    dynamic_head_views=True, split_causal=True)
 
 
 def _heads(x_shape: tuple[int, ...]) -> int:
