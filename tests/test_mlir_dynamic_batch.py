@@ -175,3 +175,28 @@ def test_fused_from_onnx_at_two_batch_sizes(source: str, tmp_path: Path) -> None
         want = session.run(None, dict(q=q, k=k, v=v, mask=mask))[0]
         for fn in fns:
             np.testing.assert_allclose(np.asarray(fn(q, k, v, mask)), want, rtol=1e-5, atol=2e-6)
+
+
+class _CausalSdpa(torch.nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def test_half_precision_under_a_dynamic_batch() -> None:
+    """f16 operands are widened and the output narrowed by generics sized with the run-time batch."""
+    def args(batch: int) -> tuple[torch.Tensor, ...]:
+        g = torch.Generator().manual_seed(batch)
+        return tuple(torch.randn(batch, 2, S, D, generator=g).to(torch.float16) for _ in range(3))
+
+    dim = torch.export.Dim("batch", min=1, max=64)
+    ep = torch.export.export(_CausalSdpa().eval(), args(2), dynamic_shapes=({0: dim},) * 3, strict=False)
+    fused, res = am.rewrite(am.import_(ep), to="fused", tile=32, with_report=True)
+    assert res.rewritten == [0], res.left
+    assert _signature(str(fused)).count("tensor<?x2x128x16xf16>") == 4
+    fn = am.compile(fused, opt_level=0)
+    for batch in (1, 3):
+        q, k, v = args(batch)
+        got = fn(q, k, v)
+        assert got.dtype == torch.float16 and got.shape == q.shape
+        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+        torch.testing.assert_close(got.float(), want, rtol=2e-3, atol=2e-3)
