@@ -142,22 +142,29 @@ class _Padded(torch.nn.Module):
         return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + mask, dim=-1) @ v
 
 
-def _onnx_export(path: Path) -> str:
-    """A TorchScript ONNX export with a dynamic batch on every input."""
+def _onnx_export(path: Path, exporter: str) -> str:
+    """An ONNX export (TorchScript or dynamo) with a dynamic batch on every input."""
     args = _args("gqa", 2, 0)
     args = (args[0], args[0] + 0.5, args[0] - 0.5, args[3])
+    names = ["q", "k", "v", "mask"]
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(_Padded().eval(), args, str(path), dynamo=False, opset_version=17,
-                          input_names=["q", "k", "v", "mask"], dynamic_axes={n: {0: "batch"} for n in ("q", "k", "v", "mask")})
+        if exporter == "torchscript":
+            torch.onnx.export(_Padded().eval(), args, str(path), dynamo=False, opset_version=17, input_names=names,
+                              dynamic_axes={n: {0: "batch"} for n in names})
+        else:
+            dim = torch.export.Dim("batch", min=1, max=64)
+            torch.onnx.export(_Padded().eval(), args, str(path), dynamo=True, opset_version=18, input_names=names,
+                              dynamic_shapes=({0: dim},) * 4, verbose=False)
     return str(path)
 
 
-@pytest.mark.parametrize("source", ["export", "mask_broadcast"])
+@pytest.mark.parametrize("source", ["torchscript", "dynamo", "mask_broadcast"])
 def test_fused_from_onnx_at_two_batch_sizes(source: str, tmp_path: Path) -> None:
     """Fused equals onnxruntime and fused SSMax(s=0, b=1) equals it too, at two batch sizes; with the mask's own
     ``?`` first dim fed as 1, every batch entry reads the one mask."""
-    path = _onnx_export(tmp_path / "m.onnx") if source == "export" else _explicit_onnx(tmp_path / "m.onnx", "mb")
+    exported = source != "mask_broadcast"
+    path = _onnx_export(tmp_path / "m.onnx", source) if exported else _explicit_onnx(tmp_path / "m.onnx", "mb")
     imported = am.import_(path)
     fused, res = am.rewrite(imported, to="fused", with_report=True)
     assert res.rewritten == [0], res.left
@@ -168,7 +175,7 @@ def test_fused_from_onnx_at_two_batch_sizes(source: str, tmp_path: Path) -> None
     session = ort.InferenceSession(path)
     rng = np.random.default_rng(0)
     for batch in (1, 3):
-        shape = (batch, H, S, D) if source == "export" else (batch, 2, 6, 8)
+        shape = (batch, H, S, D) if exported else (batch, 2, 6, 8)
         q, k, v = (rng.standard_normal(shape, dtype=np.float32) for _ in range(3))
         mask_rows = 1 if source == "mask_broadcast" else batch
         mask = np.where(rng.random((mask_rows, 1, 1, shape[2])) > 0.3, 0.0, -1e9).astype(np.float32)

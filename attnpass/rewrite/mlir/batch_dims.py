@@ -73,8 +73,6 @@ def batch_index(t: Ssa, sp: FusedSpec, flat: str, ind: int) -> list[str]:
     return idx
 
 
-
-
 def broadcast_index(t: Ssa, src: str, shape: tuple[int | None, ...], elem: str, axis: int, at: str, ind: int) -> str:
     """The index to read ``src`` at along its unknown ``axis`` for batch index ``at``: ``at``, or 0 where that size is
     1 at run time (a mask or K / V broadcast over a batch whose own size is unknown too)."""
