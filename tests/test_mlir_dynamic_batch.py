@@ -207,3 +207,39 @@ def test_half_precision_under_a_dynamic_batch() -> None:
         assert got.dtype == torch.float16 and got.shape == q.shape
         want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
         torch.testing.assert_close(got.float(), want, rtol=2e-3, atol=2e-3)
+
+
+def _attention_op(path: Path) -> str:
+    """The ONNX ``Attention`` op (opset 23) with GQA, ``is_causal`` and a ``[batch, 1, S, S]`` bias, batch dynamic."""
+    def info(name: str, shape: list) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+    node = helper.make_node("Attention", ["q", "k", "v", "mask"], ["y"], is_causal=1)
+    ins = [info("q", ["batch", H, S, D]), info("k", ["batch", KV, S, D]), info("v", ["batch", KV, S, D]),
+           info("mask", ["batch", 1, S, S])]
+    model = helper.make_model(helper.make_graph([node], "attn", ins, [info("y", ["batch", H, S, D])]),
+                              opset_imports=[helper.make_opsetid("", 23)])
+    model.ir_version = 11
+    onnx.save(model, path)
+    return str(path)
+
+
+def test_attention_op_under_a_dynamic_batch(tmp_path: Path) -> None:
+    """The op itself (which torch-mlir leaves as ``torch.operator``) is replaced by the loop nest with a ``?`` batch:
+    fused and fused SSMax(s=0, b=1) equal onnxruntime at two batch sizes."""
+    path = _attention_op(tmp_path / "attn.onnx")
+    imported = am.import_(path)
+    fused, res = am.rewrite(imported, to="fused", with_report=True)
+    assert res.rewritten == [0], res.left
+    assert "tensor<?x" in _signature(str(fused)) and "onnx.Attention" not in str(fused)
+    fns = [am.compile(fused), am.compile(am.rewrite(imported, to="ssmax", s=0.0, b=1.0, fused=True))]
+    session = ort.InferenceSession(path)
+    rng = np.random.default_rng(1)
+    for batch in (1, 3):
+        q = rng.standard_normal((batch, H, S, D), dtype=np.float32)
+        k, v = (rng.standard_normal((batch, KV, S, D), dtype=np.float32) for _ in range(2))
+        mask = np.where(rng.random((batch, 1, S, S)) > 0.3, 0.0, -1e9).astype(np.float32)
+        mask[..., 0] = 0.0  # every row keeps key 0 (the one its causal window always holds)
+        want = session.run(None, dict(q=q, k=k, v=v, mask=mask))[0]
+        for fn in fns:
+            np.testing.assert_allclose(np.asarray(fn(q, k, v, mask)), want, rtol=1e-5, atol=2e-6)
