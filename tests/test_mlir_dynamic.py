@@ -66,7 +66,7 @@ def test_symbolic_mask_dim_ssmax_parses_and_matches(symbolic_mask):
     imported = am.import_(symbolic_mask)
     assert "[?,6]" in str(imported)
     (site,) = am.find(imported).sites
-    assert not site.fusable and "dynamic" in site.fuse_blocker  # fused: a reason, never a parse error
+    assert site.fusable, site.fuse_blocker  # the loop nest settles the mask's unknown size against the scores
     q, k, v, mask = _inputs(SHAPE[-2])
     # SSMax(s=0, b=1) is the original model
     same, report = am.rewrite(imported, to="ssmax", s=0.0, b=1.0, with_report=True)
@@ -79,9 +79,16 @@ def test_symbolic_mask_dim_ssmax_parses_and_matches(symbolic_mask):
     t = [torch.from_numpy(a) for a in (q, k, v, mask)]
     ref = semantics.ssmax_attention(*t[:3], attn_mask=t[3], s=0.7)
     np.testing.assert_allclose(got, ref.numpy(), atol=2e-5, rtol=1e-5)
-    # and fused=True falls back to SSMax on the unfused chain, with the same numbers
-    got_f = am.compile(am.rewrite(imported, to="ssmax", s=0.7, fused=True))(q, k, v, mask)
-    np.testing.assert_allclose(got_f, got, atol=1e-6)
+    # and fused=True applies the same factor inside the loop nest, with the same numbers
+    fused_ssmax = am.rewrite(imported, to="ssmax", s=0.7, fused=True)
+    assert "attnpass_fused" in str(fused_ssmax) and "None" not in str(fused_ssmax)
+    np.testing.assert_allclose(am.compile(fused_ssmax)(q, k, v, mask), got, atol=2e-5, rtol=1e-5)
+    # the fused loop nest equals onnxruntime for the mask's [6, 6] and its broadcast [1, 6] (the scf.if of both)
+    fn = am.compile(am.rewrite(imported, to="fused"))
+    for rows in (1, SHAPE[-2]):
+        q, k, v, mask = _inputs(rows)
+        want = ort.InferenceSession(symbolic_mask).run(None, dict(q=q, k=k, v=v, mask=mask))[0]
+        np.testing.assert_allclose(fn(q, k, v, mask), want, atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [1, 6])

@@ -29,6 +29,7 @@ from attnpass.passes import topk_ir
 from attnpass.passes.aten import ATEN_KINDS
 from attnpass.passes.match import AttentionSite, Dim, Kind, Report, find_sites
 from attnpass.passes.mlir_broadcasts import is_broadcast_tile, materialized_expand
+from attnpass.passes.mlir_dynamic import dynamic_blocker
 from attnpass.passes.mlir_values import Evaluator, size_expr, splat
 
 # ------------------------------------------------------------------ op tables
@@ -512,8 +513,10 @@ def _lowering_blocker(site: AttentionSite) -> str | None:
         why = "rows zeroed after the softmax by a condition other than 'no attendable key' are not handled"
     else:
         vals = [site.q.value, site.k.value, site.v.value, site.out, *masks]
-        if any(not isinstance(v, _Val) or v.shape is None or any(d is None for d in v.shape) for v in vals):
-            why = "dynamic shapes: the MLIR fused rewrite needs static sizes"
+        if any(not isinstance(v, _Val) or v.shape is None for v in vals):
+            why = "dynamic shapes: the MLIR fused rewrite needs operands of known rank"
+        elif (dyn := dynamic_blocker(site)) is not None:  # unknown batch dims are read at run time
+            why = dyn
         elif len({v.dtype for v in (site.q.value, site.k.value, site.v.value, site.out)} - {None}) != 1 or \
                 site.q.value.dtype not in _FLOATS:
             why = "the MLIR fused rewrite needs Q, K, V and the output in one of f32, f16, bf16"
@@ -581,6 +584,8 @@ def _gqa_groups(site: AttentionSite) -> int | None:
     qs, ks = site.q.value.shape, site.k.value.shape
     if len(qs) < 3 or len(ks) < 3 or qs[-3] == ks[-3]:
         return 1
+    if qs[-3] is None or ks[-3] is None:  # an unknown head count (the fused rewrite is then left, mlir_dynamic)
+        return None
     if ks[-3] and qs[-3] % ks[-3] == 0:
         return qs[-3] // ks[-3]
     return None

@@ -437,6 +437,15 @@ def dim_size(t: Ssa, tensor: str, axis: int, ty: str, ind: int) -> str:
     return t.op("dim", f"tensor.dim {tensor}, {c} : {ty}", ind)
 
 
+def unknown_sizes(t: Ssa, src: str, shape: Sequence[int | None], elem: str, ind: int,
+                  perm: Sequence[int] | None = None) -> list[str]:
+    """The run-time sizes (``tensor.dim`` of ``src``) of the unknown dims of ``src.permute(perm)``, in order: what
+    ``empty`` takes to build a tensor shaped like it (none for a static shape)."""
+    order = list(perm) if perm is not None else list(range(len(shape)))
+    ty = tensor_type(shape, elem)
+    return [dim_size(t, src, a, ty, ind) for a in order if shape[a] is None]
+
+
 def permuted(shape: Sequence[int], perm: Sequence[int] | None) -> tuple[int, ...]:
     """The shape of ``x.permute(perm)``."""
     return tuple(shape) if perm is None else tuple(shape[p] for p in perm)
@@ -460,7 +469,7 @@ def transpose(t: Ssa, src: str, shape: tuple[int, ...], perm: Sequence[int], ind
     copy of ``S x D`` per head, never of the scores.
     """
     dst = permuted(shape, perm)
-    init = empty(t, dst, ind, elem)
+    init = empty(t, dst, ind, elem, unknown_sizes(t, src, shape, elem, ind, perm))
     name = result or t.fresh("tr")
     t.emit(f"{name} = linalg.transpose ins({src} : {tensor_type(shape, elem)}) outs({init} : {tensor_type(dst, elem)}) "
            f"permutation = [{', '.join(map(str, perm))}]", ind)
@@ -482,7 +491,7 @@ def convert(t: Ssa, src: str, shape: tuple[int, ...], src_elem: str, dst_elem: s
         return src
     dims = [f"d{i}" for i in range(len(shape))]
     op = "arith.extf" if dst_elem == "f32" else "arith.truncf"
-    out = Operand(empty(t, shape, ind, dst_elem), shape, dims_of(dims), dst_elem)
+    out = Operand(empty(t, shape, ind, dst_elem, unknown_sizes(t, src, shape, src_elem, ind)), shape, dims_of(dims), dst_elem)
     name = generic(t, dims, [Operand(src, shape, dims_of(dims), src_elem)], out, [PAR] * len(shape),
                    lambda a, i: t.op("cv", f"{op} {a[0]} : {src_elem} to {dst_elem}", i), ind, "cv")
     if result is not None:

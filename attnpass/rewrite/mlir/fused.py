@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass
 
 from attnpass.rewrite.mlir import microkernel
+from attnpass.rewrite.mlir.batch_dims import batch_index, batch_sizes, broadcast_index, trip_count
 from attnpass.rewrite.mlir.builders import (
     PAR,
     MaskIn,
@@ -61,6 +62,7 @@ from attnpass.rewrite.mlir.builders import (
     settle_mask,
     tensor_type,
     transpose,
+    unknown_sizes,
     unpermuted,
     window_test,
 )
@@ -78,16 +80,21 @@ def tile_for(s_k: int, tile: int) -> int:
 
 @dataclass
 class FusedSpec:
-    """Everything the loop nest needs, in static sizes."""
+    """Everything the loop nest needs: static sizes but for batch dims, which may be unknown (None).
 
-    batch: tuple[int, ...]  # batch dims of the scores (heads included)
+    An unknown batch size prints as ``?`` in the function's types and is read with ``tensor.dim`` of Q (``batch_sizes``):
+    the tensors built before the parallel loop are sized with it, and the loop's trip count and index are computed from
+    it.  Inside the loop every batch dim is 1, so the per-tile code only ever sees static sizes.
+    """
+
+    batch: tuple[int | None, ...]  # batch dims of the scores (heads included); None: known at run time only
     s_q: int
     s_k: int
     d: int
     dv: int
-    q_shape: tuple[int, ...]
-    k_shape: tuple[int, ...]
-    v_shape: tuple[int, ...]
+    q_shape: tuple[int | None, ...]
+    k_shape: tuple[int | None, ...]
+    v_shape: tuple[int | None, ...]
     k_transposed: bool
     k_groups: int
     v_groups: int
@@ -118,6 +125,8 @@ class FusedSpec:
     # a per-batch key limit (``nonpad_kv_seqlen``): keys j >= L_b removed, causal / window rows at L_b - S_q + i
     kv_len: KvLen | None = None
     key_bound: str | None = None  # with ``kv_len``: an index, the end of the keys any batch entry holds (whole tiles)
+    # the index values of the unknown batch sizes, one per None in ``batch``, in order (``batch_sizes``)
+    sizes: tuple[str, ...] = ()
 
     def args(self) -> list[str]:
         """The arguments after Q, K, V: the masks, then ``L_b`` (with ``kv_len``)."""
@@ -284,7 +293,7 @@ def _batch_slice(t: Ssa, src: str, shape: tuple[int | None, ...], elem: str, sp:
             offs.append(rows[1])
             sizes.append(rows[2])
         elif d < sp.nb and size != 1:
-            at = idx[d]
+            at = idx[d] if size is not None else broadcast_index(t, src, shape, elem, a, idx[d], ind)
             if d == sp.group_dim and groups > 1:
                 at = t.op("g", f"arith.divui {at}, {t.op('c', f'arith.constant {groups} : index', ind)} : index", ind)
             offs.append(at)
@@ -298,9 +307,12 @@ def _batch_slice(t: Ssa, src: str, shape: tuple[int | None, ...], elem: str, sp:
     return out, tuple(sizes)
 
 
-def parallel_blocks(sp: FusedSpec, qb: int | None) -> int:
+def parallel_blocks(sp: FusedSpec, qb: int | None) -> int | None:
     """Iterations of the parallel loop: every batch slice (heads included) times every block of ``qb`` query rows
-    (one block of all rows when ``qb`` is None), so a few rows (decode) still give every core work."""
+    (one block of all rows when ``qb`` is None), so a few rows (decode) still give every core work.  None when an
+    unknown batch size makes it a run-time count (``batch_dims.trip_count``)."""
+    if None in sp.batch:
+        return None
     return math.prod(sp.batch) * (sp.s_q // qb if qb else 1)
 
 
@@ -318,9 +330,11 @@ def _query_blocks(t: Ssa, sp: FusedSpec, qb: int | None, factor: str | None) -> 
     oty = tensor_type(out_shape, "f32")
     rows = qb or sp.s_q
     nblocks = sp.s_q // rows
+    static = parallel_blocks(sp, qb)
+    count = str(static) if static is not None else trip_count(t, sp, nblocks, 2)
+    init = empty(t, out_shape, 2, sizes=sp.sizes)
     res, k, acc = t.fresh("blocks"), t.fresh("k"), t.fresh("o")
-    t.emit(f"{res} = scf.forall ({k}) in ({parallel_blocks(sp, qb)}) shared_outs({acc} = {empty(t, out_shape, 2)}) "
-           f"-> ({oty}) {{")
+    t.emit(f"{res} = scf.forall ({k}) in ({count}) shared_outs({acc} = {init}) -> ({oty}) {{")
 
     def c(v: int) -> str:
         return t.op("c", f"arith.constant {v} : index", 3)
@@ -329,17 +343,7 @@ def _query_blocks(t: Ssa, sp: FusedSpec, qb: int | None, factor: str | None) -> 
     if nblocks > 1:
         kb = t.op("kb", f"arith.remui {k}, {c(nblocks)} : index", 3)
         rest = t.op("bh", f"arith.divui {k}, {c(nblocks)} : index", 3)
-    idx: list[str] = []
-    for d in reversed(range(sp.nb)):  # delinearise the batch index, last dim fastest
-        size = sp.batch[d]
-        if size == 1:
-            idx.append(c(0))
-        elif d == 0 or math.prod(sp.batch[:d]) == 1:
-            idx.append(rest)
-        else:
-            idx.append(t.op("b", f"arith.remui {rest}, {c(size)} : index", 3))
-            rest = t.op("bh", f"arith.divui {rest}, {c(size)} : index", 3)
-    idx.reverse()
+    idx = batch_index(t, sp, rest, 3)  # last dim fastest
     q0 = _block_start(t, sp, kb, rows, nblocks, 3) if nblocks > 1 else c(0)
     q, q_shape = _batch_slice(t, sp.q_value, sp.q_shape, "f32", sp, idx, (len(sp.q_shape) - 2, q0, rows), 1, 3)
     kv, k_shape = _batch_slice(t, sp.k_value, sp.k_shape, "f32", sp, idx, None, sp.k_groups, 3, 3 if sp.k_packed else 2)
@@ -359,7 +363,7 @@ def _query_blocks(t: Ssa, sp: FusedSpec, qb: int | None, factor: str | None) -> 
         one = tensor_type((1,), "i64")
         kv_len = dataclasses.replace(kv_len, batch=1, arg=t.op(
             "kvlen", f"tensor.extract_slice {kv_len.arg}[{idx[0]}] [1] [1] : {kv_len.type} to {one}", 3))
-    blk = dataclasses.replace(sp, batch=ones, s_q=rows, q_shape=q_shape, k_shape=k_shape, v_shape=v_shape,
+    blk = dataclasses.replace(sp, batch=ones, sizes=(), s_q=rows, q_shape=q_shape, k_shape=k_shape, v_shape=v_shape,
                               k_groups=1, v_groups=1, masks=masks, k_value=kv, v_value=vv, kv_len=kv_len)
     keys = _block_keys(t, sp, q0, rows, 3) if nblocks > 1 else _static_keys(sp)
     out = _row_block(t, blk, Rows(q, q0 if nblocks > 1 else None, fac), 3, keys)
@@ -386,7 +390,7 @@ def pack_keys(t: Ssa, k: str, shape: tuple[int, ...], tile: int) -> tuple[str, t
     out = (*kb, s_k // tile, d, tile)
     dims = [f"d{i}" for i in range(len(kb))]
     src = Operand(k, tuple(shape), dims_of([*dims, f"t * {tile} + j", "e"]))
-    dst = Operand(empty(t, out, 2), out, dims_of([*dims, "t", "e", "j"]))
+    dst = Operand(empty(t, out, 2, sizes=unknown_sizes(t, k, shape, "f32", 2)), out, dims_of([*dims, "t", "e", "j"]))
     return generic(t, [*dims, "t", "e", "j"], [src], dst, [PAR] * len(out), lambda a, i: a[0], 2, "kp"), out
 
 
@@ -432,6 +436,7 @@ def fused_func(name: str, sp: FusedSpec) -> str:
             unpack(t, f"%{n}_raw", {"q": sp.q_shape, "k": sp.k_shape, "v": sp.v_shape}[n], 2, result=f"%{n}")
         elif n in sp.perms:
             transpose(t, f"%{n}_raw", shape, sp.perms[n], 2, result=f"%{n}")
+    sp = batch_sizes(t, sp, 2)
     rows = query_block(sp) or sp.s_q
     # K^T once (S_k x D), so every Q K^T block reads rows of both; not where Q K^T stays a generic, which reads
     # K's rows along its innermost (head) dim
@@ -444,7 +449,8 @@ def fused_func(name: str, sp: FusedSpec) -> str:
         sp = dataclasses.replace(sp, k_shape=permuted(sp.k_shape, perm), k_transposed=True, k_value="%k_t")
     if sp.scale != 1.0:  # scale * (q . k) = (scale * q) . k: once per row of Q, not once per logit
         qd = [f"d{i}" for i in range(len(sp.q_shape))]
-        qs = generic(t, qd, [Operand("%q", sp.q_shape, dims_of(qd))], Operand(empty(t, sp.q_shape, 2), sp.q_shape, dims_of(qd)),
+        q0 = empty(t, sp.q_shape, 2, sizes=unknown_sizes(t, "%q", sp.q_shape, "f32", 2))
+        qs = generic(t, qd, [Operand("%q", sp.q_shape, dims_of(qd))], Operand(q0, sp.q_shape, dims_of(qd)),
                      [PAR] * len(qd), lambda a, i: t.op("x", f"arith.mulf {a[0]}, {constant(t, sp.scale, i)} : f32", i), 2, "qs")
         sp = dataclasses.replace(sp, scale=1.0, q_value=qs)
     domain = (*sp.batch, sp.s_q, sp.s_k)
@@ -453,7 +459,7 @@ def fused_func(name: str, sp: FusedSpec) -> str:
     if sp.ssmax is not None:
         # n_i needs every key of the row before the first tile: one reduction over the masks up front
         sp.ssmax.emit_constants(t)
-        factor = emit_factor(t, row_shape, sp.s_k, sp.keys.settled(t, domain), sp.ssmax)
+        factor = emit_factor(t, row_shape, sp.s_k, sp.keys.settled(t, domain), sp.ssmax, sp.sizes)
     if sp.kv_len is not None:
         sp = dataclasses.replace(sp, key_bound=key_bound(t, sp.kv_len, sp.s_k, sp.tile, 2))
     qb = query_block(sp)

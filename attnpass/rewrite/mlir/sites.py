@@ -266,7 +266,7 @@ def _fuse_site(ed: Editor, plan: Plan, tile: int, ssmax: tuple | None = None) ->
         if keys is None:
             raise AttnpassError(f"internal error: {site.name} planned fused with a mask the loop nest cannot read")
         spec.keys = replace(keys[0], q_offset=spec.q_offset, kv_len=spec.kv_len)  # a KV cache's keys (with_cache)
-        spec.ssmax, pvals = _ssmax_params(ed, func, spec.batch[-1] if spec.batch else 1, s, b, params, before)
+        spec.ssmax, pvals = _ssmax_params(ed, func, _heads_of(spec), s, b, params, before)
         pvals = keys[1] + pvals
     qv = site.q.value
     for factor, divide in site.q_scales:  # run-time tensors right-aligned against q as against the scores
@@ -309,6 +309,12 @@ def _spec(plan: Plan, tile: int) -> FusedSpec:
         scale=float(plan.scale), softcap=plan.softcap, causal=plan.causal or plan.is_causal_op, masks=[], tile=tile_for(s_k, tile),
         perms=perms, window=_window(plan), elem=_elem(site),
     )
+
+
+def _heads_of(spec: FusedSpec) -> int:
+    """The head count SSMax's per-head ``s`` / ``b`` are read by: 1 (one value for every head) when it is unknown."""
+    heads = spec.batch[-1] if spec.batch else 1
+    return heads if isinstance(heads, int) else 1
 
 
 def _elem(site: Any) -> str:
