@@ -273,6 +273,52 @@ def matmul_tile(t: Ssa, dims: Sequence[str], a: Operand, b: Operand, acc: Operan
     return generic(t, dims, [a, b], acc, iters, body, ind, hint, attrs)
 
 
+def first_step(t: Ssa, dim: int, ind: int) -> str:
+    """``i1``: whether the reduced dim ``dim`` is at index 0, where a ``*_from`` generic takes its start value instead
+    of its output (a new tensor: the start is read from one buffer and the result written to another, no copy)."""
+    idx = t.op("ix", f"linalg.index {dim} : index", ind)
+    return t.op("first", f"arith.cmpi eq, {idx}, {t.op('c', 'arith.constant 0 : index', ind)} : index", ind)
+
+
+def matmul_from(t: Ssa, dims: Sequence[str], a: Operand, b: Operand, start: Operand | None, scale: Operand | None,
+                out: tuple[tuple[int, ...], str], reduce: str, ind: int, hint: str = "mm", attrs: str = "") -> str:
+    """``start * scale + sum a * b`` over ``reduce`` into a new tensor of shape / index ``out`` (``start`` None: from 0).
+
+    ``matmul_tile`` with its start folded in: the online softmax's ``acc * alpha + P V`` and ``Q K^T`` from zero need
+    no rescale or fill pass, and the register blocks (``microkernel``) apply the start once per block they load.
+    """
+    ins = [a, b] + ([scale] if scale is not None else []) + ([start] if start is not None else [])
+    iters = [RED if d == reduce else PAR for d in dims]
+
+    def body(x: list[str], i: int) -> str:
+        if start is None:
+            init = t.op("c", "arith.constant 0.0 : f32", i)
+        else:
+            init = x[-2] if scale is None else t.op("s", f"arith.mulf {x[-2]}, {x[2]} : f32", i)
+        base = t.op("b", f"arith.select {first_step(t, dims.index(reduce), i)}, {init}, {x[-1]} : f32", i)
+        p = t.op("p", f"arith.mulf {x[0]}, {x[1]} {FASTMATH} : f32", i)
+        return t.op("r", f"arith.addf {base}, {p} {FASTMATH} : f32", i)
+
+    dst = Operand(empty(t, out[0], ind), out[0], out[1])
+    return generic(t, dims, ins, dst, iters, body, ind, hint, attrs)
+
+
+def reduce_from(t: Ssa, dims: Sequence[str], x: Operand, start: Operand, scale: Operand | None, kind: str, ind: int,
+                hint: str = "rnew", attrs: str = "") -> str:
+    """``start * scale (+ or max) reduce_j x`` over the last dim into a new tensor: ``reduce_max`` / ``reduce_sum``
+    with the running value read, not updated in place, and ``l * alpha`` folded in (no copy, no rescale pass)."""
+    op = {"add": "arith.addf", "max": "arith.maximumf"}[kind]
+
+    def body(a: list[str], i: int) -> str:
+        init = a[1] if scale is None else t.op("s", f"arith.mulf {a[1]}, {a[2]} : f32", i)
+        base = t.op("b", f"arith.select {first_step(t, len(dims) - 1, i)}, {init}, {a[-1]} : f32", i)
+        return t.op("r", f"{op} {base}, {a[0]} : f32", i)
+
+    dst = Operand(empty(t, start.shape, ind), start.shape, start.index)
+    ins = [x, start] + ([scale] if scale is not None else [])
+    return generic(t, dims, ins, dst, [PAR] * (len(dims) - 1) + [RED], body, ind, hint, attrs)
+
+
 def reduce_max(t: Ssa, dims: Sequence[str], x: Operand, init: Operand, ind: int, hint: str = "mnew",
                attrs: str = "") -> str:
     """``m'[row] = max(m[row], max_j x[row, j])`` over the last dim: the running max of online softmax.

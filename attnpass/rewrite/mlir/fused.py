@@ -52,8 +52,10 @@ from attnpass.rewrite.mlir.builders import (
     fill,
     generic,
     mask_body,
+    matmul_from,
     matmul_tile,
     permuted,
+    reduce_from,
     reduce_max,
     reduce_sum,
     rescale,
@@ -549,31 +551,42 @@ def fused_tile(t: Ssa, sp: FusedSpec, j0: str, tile: int, state: tuple[str, str,
     q = Operand(rows.q, sp.q_shape, _tuple(bcast_map(sp.q_shape[:-2], batch_dom, bdims), "i", "e"))
     kb = bcast_map(kt_shape[:-2], batch_dom, bdims, sp.k_groups, sp.group_dim)
     k = Operand(kt, kt_shape, _tuple(kb, "e", "j") if sp.k_transposed else _tuple(kb, "j", "e"))
-    s0 = Operand(fill(t, tile_shape, "0.0", ind), tile_shape, dims_of(dims4))
-    blocks = sp.microkernel and sp.k_transposed and microkernel.fits(sp.s_q, tile, sp.d)
-    s = matmul_tile(t, dims5, q, k, s0, "e", ind, "s", microkernel.MARK if blocks else "")
+    if sp.microkernel and sp.k_transposed and microkernel.fits(sp.s_q, tile, sp.d):  # blocks from zero: no fill pass
+        s = matmul_from(t, dims5, q, k, None, None, (tile_shape, dims_of(dims4)), "e", ind, "s", microkernel.mark("zero"))
+    else:
+        s = matmul_tile(t, dims5, q, k, Operand(fill(t, tile_shape, "0.0", ind), tile_shape, dims_of(dims4)), "e", ind, "s")
     # z = masked, scaled, capped logits of the tile
     plain = sp.scale == 1.0 and sp.softcap is None and not mask_tiles and factor is None and not sp.causal and sp.window is None
     z = s if plain else logits_tile(t, sp, Operand(s, tile_shape, dims_of(dims4)), mask_tiles, factor, j0, ind, rows.i0)
     zt = Operand(z, tile_shape, dims_of(dims4))
     rows = dims_of(dims3)  # a per-row value, read from any domain that starts with (batch.., i)
     # m' = max(m, max_j z)
-    by_rows = microkernel.row_mark(tile, "max") if sp.microkernel else ""  # vector kernels over whole rows
-    m_new = reduce_max(t, dims4, zt, Operand(m_old, row_shape, rows), ind, attrs=by_rows)
+    by_rows = sp.microkernel and microkernel.row_mark(tile, "max") != ""  # vector kernels over whole rows
+    if by_rows:  # read from the old max, written to a new one: no copy of the state
+        m_new = reduce_from(t, dims4, zt, Operand(m_old, row_shape, rows), None, "max", ind, "mnew",
+                            microkernel.row_mark(tile, "max_from"))
+    else:
+        m_new = reduce_max(t, dims4, zt, Operand(m_old, row_shape, rows), ind)
     # p = exp(z - m');  alpha = exp(m - m')
     p = exp_sub(t, dims4, zt, Operand(m_new, row_shape, rows), tile_shape, ind, "p")
     pt = Operand(p, tile_shape, dims_of(dims4))
     alpha = exp_sub(t, dims3, Operand(m_old, row_shape, rows), Operand(m_new, row_shape, rows), row_shape, ind, "alpha")
     # l' = l * alpha + sum_j p
-    l_scaled = rescale(t, dims3, Operand(l_old, row_shape, rows), Operand(alpha, row_shape, rows), row_shape, ind, "lsc")
-    l_new = reduce_sum(t, dims4, pt, Operand(l_scaled, row_shape, rows), ind,
-                       attrs=microkernel.row_mark(tile, "add") if sp.microkernel else "")
+    at = Operand(alpha, row_shape, rows)
+    if by_rows:
+        l_new = reduce_from(t, dims4, pt, Operand(l_old, row_shape, rows), at, "add", ind, "lnew",
+                            microkernel.row_mark(tile, "add_scaled"))
+    else:
+        l_scaled = rescale(t, dims3, Operand(l_old, row_shape, rows), at, row_shape, ind, "lsc")
+        l_new = reduce_sum(t, dims4, pt, Operand(l_scaled, row_shape, rows), ind)
     # acc' = acc * alpha + p @ v_tile   (value dim innermost: contiguous in acc and v)
-    acc_scaled = rescale(t, dimso, Operand(acc_old, out_shape, dims_of(dimso)), Operand(alpha, row_shape, rows),
-                         out_shape, ind, "accs")
     vb = bcast_map(vt_shape[:-2], batch_dom, bdims, sp.v_groups, sp.group_dim)
-    blocks = sp.microkernel and microkernel.fits(sp.s_q, sp.dv, tile)
-    acc_new = matmul_tile(t, dims5, pt, Operand(vt, vt_shape, _tuple(vb, "j", "e")),
-                          Operand(acc_scaled, out_shape, dims_of(dimso)), "j", ind, "accnew",
-                          microkernel.MARK if blocks else "")
+    vo = Operand(vt, vt_shape, _tuple(vb, "j", "e"))
+    acc_o = Operand(acc_old, out_shape, dims_of(dimso))
+    if sp.microkernel and microkernel.fits(sp.s_q, sp.dv, tile):  # alpha applied as each register block is loaded
+        acc_new = matmul_from(t, dims5, pt, vo, acc_o, at, (out_shape, dims_of(dimso)), "j", ind, "accnew",
+                              microkernel.mark("scaled"))
+    else:
+        acc_scaled = rescale(t, dimso, acc_o, at, out_shape, ind, "accs")
+        acc_new = matmul_tile(t, dims5, pt, vo, Operand(acc_scaled, out_shape, dims_of(dimso)), "j", ind, "accnew")
     return m_new, l_new, acc_new
