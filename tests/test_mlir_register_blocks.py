@@ -111,3 +111,30 @@ def test_register_blocks_equal_the_generic_loop_nest_and_the_reference() -> None
     assert microkernel.MARK_NAME not in str(plain)
     ref = lowering.compile_module(plain, from_linalg=True, opt_level=0)(q, k, v, mask).numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
+def _key_loop(text: str) -> str:
+    """The body of the first key loop (the ``scf.for`` carrying the state) in the printed module."""
+    lines = text.splitlines()
+    at = next(n for n, ln in enumerate(lines) if "scf.for" in ln and "iter_args" in ln and "memref<" in ln)
+    indent = len(lines[at]) - len(lines[at].lstrip())
+    end = next(n for n in range(at + 1, len(lines)) if lines[n].strip() == "}" and len(lines[n]) - 1 - indent <= 0)
+    return "\n".join(lines[at + 1:end])
+
+
+def test_key_loop_has_no_fill_rescale_or_copy_pass() -> None:
+    """Q K^T starts its blocks at 0, P V at ``acc * alpha`` (one load of the old accumulator per block), the row max
+    and sum read the old state and write a new buffer: per key tile no fill, no rescale generic, no copy."""
+    text = fused_func("attn", _spec(16))
+    assert 'attnpass.register_blocks = "zero"' in text and 'attnpass.register_blocks = "scaled"' in text
+    assert 'attnpass.row_reduce = "max_from"' in text and 'attnpass.row_reduce = "add_scaled"' in text
+    mod = _bufferized(text)
+    microkernel.define_all(mod)
+    body = _key_loop(str(mod))
+    for kernel in ("contract_zero_", "contract_scaled_", "rows_max_from_", "rows_add_scaled_"):
+        assert f"call @attnpass_{kernel}" in body, kernel
+    assert "memref.copy" not in body and "linalg.fill" not in body
+    # what stays a generic in the loop: the causal logits, p = exp(z - m') and alpha = exp(m - m')
+    assert body.count("linalg.generic") == 3, body
+    lin = str(mod)
+    assert "vector.outerproduct" in lin, "alpha broadcast along the block's columns"
