@@ -568,7 +568,8 @@ def fused_tile(t: Ssa, sp: FusedSpec, j0: str, tile: int, state: tuple[str, str,
     else:
         m_new = reduce_max(t, dims4, zt, Operand(m_old, row_shape, rows), ind)
     # p = exp(z - m');  alpha = exp(m - m')
-    p = exp_sub(t, dims4, zt, Operand(m_new, row_shape, rows), tile_shape, ind, "p")
+    p = exp_sub(t, dims4, zt, Operand(m_new, row_shape, rows), tile_shape, ind, "p",
+                microkernel.row_mark(tile, "exp") if by_rows else "")  # a vector kernel: 512-bit where the host has it
     pt = Operand(p, tile_shape, dims_of(dims4))
     alpha = exp_sub(t, dims3, Operand(m_old, row_shape, rows), Operand(m_new, row_shape, rows), row_shape, ind, "alpha")
     # l' = l * alpha + sum_j p
