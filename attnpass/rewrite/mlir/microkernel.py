@@ -331,18 +331,23 @@ def _start(attr: object) -> str:
         return ""
 
 
-def _drop_copy_into(out: object, copies: list) -> None:
-    """Erase the copy into ``out``, a fresh buffer that a ``zero`` / ``scaled`` / ``*_from`` kernel overwrites whole.
+def _drop_uninitialised_copies(copies: list) -> int:
+    """Erase every copy out of a buffer nothing writes (a ``memref.alloc`` whose only uses are copies from it).
 
-    Those generics write into a ``tensor.empty`` that the pipeline hoists out of the key loop; bufferizing with
-    ``copy-before-write`` then copies the hoisted (uninitialised) buffer into a fresh one per key tile: a pass over
-    the tile that nothing reads.
+    Bufferizing with ``copy-before-write`` copies a ``tensor.empty`` (hoisted out of the key loop, or the parallel
+    loop's output) into a fresh buffer before the op that overwrites it: per key tile a pass over a tile, per call a
+    pass over the whole output and its page faults, copying values no one wrote.  Returns how many went.
     """
+    gone = 0
     for c in copies:
-        if c.operands[1] == out and c.operands[1].owner.name == "memref.alloc":
-            copies.remove(c)
+        src = c.operands[0]
+        owner = src.owner
+        if getattr(owner, "name", None) != "memref.alloc":
+            continue
+        if all(u.owner.name == "memref.copy" and u.operand_number == 0 for u in src.uses):
             c.erase()
-            return
+            gone += 1
+    return gone
 
 
 def define_all(module: object) -> int:
@@ -382,8 +387,6 @@ def define_all(module: object) -> int:
                 name = f"attnpass_rows_{kind}_" + "x".join(map(str, shapes[0]))
                 defined.setdefault(name, exp_definition(name, shapes[0]) if kind == "exp"
                                    else rows_definition(name, shapes[0], kind))
-                if kind in ("max_from", "add_scaled", "exp"):
-                    _drop_copy_into(g.operands[-1], copies)
                 _call(g, name, shapes)
                 done += 1
                 continue
@@ -397,10 +400,9 @@ def define_all(module: object) -> int:
                 continue
             name = _name(a, b, acc, start)
             defined.setdefault(name, definition(name, a, b, acc, start))
-            if start:
-                _drop_copy_into(g.operands[-1], copies)
             _call(g, name, shapes)
             done += 1
+        _drop_uninitialised_copies(copies)
         if defined:
             defs = ir.Module.parse("module {\n" + "\n".join(defined.values()) + "\n}")
             for op in list(defs.body.operations):
