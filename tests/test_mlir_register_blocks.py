@@ -136,6 +136,9 @@ def test_key_loop_has_no_fill_rescale_or_copy_pass() -> None:
     for kernel in ("contract_zero_", "contract_scaled_", "rows_max_from_", "rows_exp_", "rows_add_scaled_"):
         assert f"call @attnpass_{kernel}" in body, kernel
     assert "memref.copy" not in body and "linalg.fill" not in body
+    # a buffer per key tile only for the state yielded to the next tile (max, normaliser, accumulator): the score
+    # tile, p and alpha are allocated once before the loop
+    assert body.count("memref.alloc()") == 3, body
     # what stays a generic in the loop: the causal logits and alpha = exp(m - m') (one value a row)
     assert body.count("linalg.generic") == 2, body
     lin = str(mod)

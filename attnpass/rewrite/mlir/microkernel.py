@@ -347,7 +347,38 @@ def _drop_uninitialised_copies(copies: list) -> int:
         if all(u.owner.name == "memref.copy" and u.operand_number == 0 for u in src.uses):
             c.erase()
             gone += 1
+            if not list(src.uses):  # the buffer itself is dead now
+                owner.erase()
     return gone
+
+
+_VIEWS = ("memref.cast", "memref.subview", "memref.expand_shape", "memref.collapse_shape", "memref.reinterpret_cast")
+
+
+def _escapes(value: object) -> bool:
+    """Whether a buffer (or a view of it) leaves its loop iteration: yielded to the next one."""
+    for use in value.uses:
+        op = use.owner
+        if op.name == "scf.yield" or (op.name in _VIEWS and any(_escapes(r) for r in op.results)):
+            return True
+    return False
+
+
+def _hoist_allocs(loops: list) -> int:
+    """Move each static ``memref.alloc`` of a key loop's body that stays in its iteration to right before the loop.
+
+    A fresh buffer holds nothing a program may read before writing it, so one buffer serves every iteration: the
+    score tile, ``p`` and ``alpha`` are allocated once per query block instead of once per key tile (a malloc and
+    a free each).  The running state is yielded to the next iteration and keeps its buffers.  Returns how many moved.
+    """
+    moved = 0
+    for loop in loops:
+        for op in list(loop.regions[0].blocks[0].operations):
+            o = op.operation
+            if o.name == "memref.alloc" and not len(o.operands) and not _escapes(o.results[0]):
+                o.move_before(loop)
+                moved += 1
+    return moved
 
 
 def define_all(module: object) -> int:
@@ -372,6 +403,11 @@ def define_all(module: object) -> int:
 
     with module.context, ir.Location.unknown():
         visit(module.operation)
+        loops: list = []  # the key loops: around a marked generic
+        for g in marked:
+            parent = g.parent
+            if parent is not None and parent.name == "scf.for" and all(parent != x for x in loops):
+                loops.append(parent)
         defined: dict[str, str] = {}
         done = 0
         for g in marked:
@@ -403,6 +439,7 @@ def define_all(module: object) -> int:
             _call(g, name, shapes)
             done += 1
         _drop_uninitialised_copies(copies)
+        _hoist_allocs(loops)
         if defined:
             defs = ir.Module.parse("module {\n" + "\n".join(defined.values()) + "\n}")
             for op in list(defs.body.operations):
