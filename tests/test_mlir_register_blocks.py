@@ -77,9 +77,14 @@ def test_k_transposed_is_packed_by_key_tiles() -> None:
     assert "tensor<1x2x4x16x32xf32>" in text and "affine_map<(d0, d1, t, e, j) -> (d0, d1, t * 32 + j, e)>" in text
     assert "tensor<1x2x4x16x32xf32> to tensor<1x1x4x16x32xf32>" in text, "the iteration's head (GQA: h floordiv 2)"
     assert "tensor<1x1x4x16x32xf32> to tensor<1x1x16x32xf32>" in text, "one tile, the tile dim dropped"
+    # the scale rides on the packing pass (q . (scale k)): no pass over Q, no multiply per logit
+    pack = text[text.index("%kp"):text.index("} -> tensor<1x2x4x16x32xf32>")]
+    assert "arith.constant 0.25 : f32" in pack and "arith.mulf" in pack
+    assert "%qs" not in text and "ins(%q :" not in text, "no pass over Q"
     # keys that are no whole number of tiles: the plain transpose
     ragged = fused_func("attn", _spec(16, s_k=120, k_shape=(1, 2, 120, 16), v_shape=(1, 2, 120, 16)))
     assert "linalg.transpose" in ragged and "t * 32 + j" not in ragged
+    assert "%qs" in ragged, "K not packed: the scale stays on Q"
 
 
 def _unmark(op) -> None:

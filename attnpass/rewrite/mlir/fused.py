@@ -375,9 +375,9 @@ def _query_blocks(t: Ssa, sp: FusedSpec, qb: int | None, factor: str | None) -> 
     return res
 
 
-def pack_keys(t: Ssa, k: str, shape: tuple[int, ...], tile: int) -> tuple[str, tuple[int, ...]]:
-    """``K^T`` packed by key tiles: ``kp[..., jt, e, j] = k[..., jt * tile + j, e]``, shape ``[..., S_k / tile, D,
-    tile]``; returns its name and shape.
+def pack_keys(t: Ssa, k: str, shape: tuple[int, ...], tile: int, scale: float = 1.0) -> tuple[str, tuple[int, ...]]:
+    """``K^T`` packed by key tiles: ``kp[..., jt, e, j] = scale * k[..., jt * tile + j, e]``, shape ``[..., S_k / tile,
+    D, tile]``; returns its name and shape.
 
     The ``Q K^T`` register blocks read ``RK`` rows of a tile's ``K^T`` per step.  In a plain ``[D, S_k]`` transpose
     those rows lie ``4 S_k`` bytes apart, a multiple of 4 KiB at the usual lengths, so every row of a tile falls in
@@ -389,7 +389,10 @@ def pack_keys(t: Ssa, k: str, shape: tuple[int, ...], tile: int) -> tuple[str, t
     dims = [f"d{i}" for i in range(len(kb))]
     src = Operand(k, tuple(shape), dims_of([*dims, f"t * {tile} + j", "e"]))
     dst = Operand(empty(t, out, 2), out, dims_of([*dims, "t", "e", "j"]))
-    return generic(t, [*dims, "t", "e", "j"], [src], dst, [PAR] * len(out), lambda a, i: a[0], 2, "kp"), out
+    def body(a: list[str], i: int) -> str:
+        return a[0] if scale == 1.0 else t.op("x", f"arith.mulf {a[0]}, {constant(t, scale, i)} : f32", i)
+
+    return generic(t, [*dims, "t", "e", "j"], [src], dst, [PAR] * len(out), body, 2, "kp"), out
 
 
 def packed_tile(t: Ssa, sp: FusedSpec, j0: str, tile: int, ind: int) -> tuple[str, tuple[int, ...]]:
@@ -438,8 +441,9 @@ def fused_func(name: str, sp: FusedSpec) -> str:
     # K^T once (S_k x D), so every Q K^T block reads rows of both; not where Q K^T stays a generic, which reads
     # K's rows along its innermost (head) dim
     if sp.microkernel and not sp.k_transposed and microkernel.fits(rows, sp.tile, sp.d) and sp.s_k % sp.tile == 0:
-        kp, kp_shape = pack_keys(t, "%k", sp.k_shape, sp.tile)
-        sp = dataclasses.replace(sp, k_shape=kp_shape, k_transposed=True, k_value=kp, k_packed=True)
+        # scale * (q . k) = q . (scale * k): folded into the packing pass, no pass over Q (and its buffer) per call
+        kp, kp_shape = pack_keys(t, "%k", sp.k_shape, sp.tile, sp.scale)
+        sp = dataclasses.replace(sp, k_shape=kp_shape, k_transposed=True, k_value=kp, k_packed=True, scale=1.0)
     elif sp.microkernel and not sp.k_transposed and microkernel.fits(rows, sp.tile, sp.d):
         perm = (*range(len(sp.k_shape) - 2), len(sp.k_shape) - 1, len(sp.k_shape) - 2)
         transpose(t, "%k", sp.k_shape, perm, 2, result="%k_t")
