@@ -9,6 +9,7 @@ last key tile that falls back to the generic) against the reference and against 
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 
 import numpy as np
@@ -52,7 +53,7 @@ def test_both_matmuls_become_register_blocks_where_the_dims_divide() -> None:
     text = fused_func("attn", _spec(16))
     assert text.count(microkernel.MARK_NAME) == 2, "Q K^T and P V marked"
     mod = _bufferized(text)
-    assert microkernel.define_all(mod) == 4, "two matmuls, the row max and the row sum"
+    assert microkernel.define_all(mod) == 5, "two matmuls, the row max, the row sum and p = exp(z - m')"
     lin = str(mod)
     assert lin.count("vector.contract") == 2 and microkernel.MARK_NAME not in lin
     assert "vector<8x8xf32>, vector<8x16xf32> into vector<8x16xf32>" in lin  # P V: 16 value columns
@@ -76,9 +77,14 @@ def test_k_transposed_is_packed_by_key_tiles() -> None:
     assert "tensor<1x2x4x16x32xf32>" in text and "affine_map<(d0, d1, t, e, j) -> (d0, d1, t * 32 + j, e)>" in text
     assert "tensor<1x2x4x16x32xf32> to tensor<1x1x4x16x32xf32>" in text, "the iteration's head (GQA: h floordiv 2)"
     assert "tensor<1x1x4x16x32xf32> to tensor<1x1x16x32xf32>" in text, "one tile, the tile dim dropped"
+    # the scale rides on the packing pass (q . (scale k)): no pass over Q, no multiply per logit
+    pack = text[text.index("%kp"):text.index("} -> tensor<1x2x4x16x32xf32>")]
+    assert "arith.constant 0.25 : f32" in pack and "arith.mulf" in pack
+    assert "%qs" not in text and "ins(%q :" not in text, "no pass over Q"
     # keys that are no whole number of tiles: the plain transpose
     ragged = fused_func("attn", _spec(16, s_k=120, k_shape=(1, 2, 120, 16), v_shape=(1, 2, 120, 16)))
     assert "linalg.transpose" in ragged and "t * 32 + j" not in ragged
+    assert "%qs" in ragged, "K not packed: the scale stays on Q"
 
 
 def _unmark(op) -> None:
@@ -111,3 +117,53 @@ def test_register_blocks_equal_the_generic_loop_nest_and_the_reference() -> None
     assert microkernel.MARK_NAME not in str(plain)
     ref = lowering.compile_module(plain, from_linalg=True, opt_level=0)(q, k, v, mask).numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
+def _key_loop(text: str) -> str:
+    """The body of the first key loop (the ``scf.for`` carrying the state) in the printed module."""
+    lines = text.splitlines()
+    at = next(n for n, ln in enumerate(lines) if "scf.for" in ln and "iter_args" in ln and "memref<" in ln)
+    indent = len(lines[at]) - len(lines[at].lstrip())
+    end = next(n for n in range(at + 1, len(lines)) if lines[n].strip() == "}" and len(lines[n]) - 1 - indent <= 0)
+    return "\n".join(lines[at + 1:end])
+
+
+def test_key_loop_has_no_fill_rescale_or_copy_pass() -> None:
+    """Q K^T starts its blocks at 0, P V at ``acc * alpha`` (one load of the old accumulator per block), the row max
+    and sum read the old state and write a new buffer, p is a vector kernel: per key tile no fill, no rescale
+    generic, no copy."""
+    text = fused_func("attn", _spec(16))
+    assert 'attnpass.register_blocks = "zero"' in text and 'attnpass.register_blocks = "scaled"' in text
+    assert 'attnpass.row_reduce = "max_from"' in text and 'attnpass.row_reduce = "add_scaled"' in text
+    mod = _bufferized(text)
+    microkernel.define_all(mod)
+    body = _key_loop(str(mod))
+    for kernel in ("contract_zero_", "contract_scaled_", "rows_max_from_", "rows_exp_", "rows_add_scaled_"):
+        assert f"call @attnpass_{kernel}" in body, kernel
+    assert "memref.copy" not in body and "linalg.fill" not in body
+    # a buffer per key tile only for the state yielded to the next tile (max, normaliser, accumulator): the score
+    # tile, p and alpha are allocated once before the loop
+    assert body.count("memref.alloc()") == 3, body
+    # what stays a generic in the loop: the causal logits and alpha = exp(m - m') (one value a row)
+    assert body.count("linalg.generic") == 2, body
+    lin = str(mod)
+    assert "vector.outerproduct" in lin, "alpha broadcast along the block's columns"
+    # p = exp(z - m') as vector<RW x f32> ops (512 bits on an AVX-512 host), not a loop left to LLVM's vectoriser
+    exp = lin[lin.index("func.func private @attnpass_rows_exp_"):]
+    fmas = [ln for ln in exp.split("return")[0].splitlines() if "math.fma" in ln]
+    assert fmas and all(ln.endswith(f": vector<{microkernel.RW}xf32>") for ln in fmas), fmas
+
+
+def test_no_copy_out_of_a_buffer_nothing_wrote() -> None:
+    """``copy-before-write`` copies every ``tensor.empty`` an op overwrites (the output of the parallel loop: a pass
+    over all of it and its page faults per call); ``define_all`` drops each copy whose source only copies read."""
+    mod = _bufferized(fused_func("attn", _spec(16)))
+
+    def blank_sources(text: str) -> list[str]:
+        allocs = set(re.findall(r"(%\w+) = memref.alloc\(\)", text))
+        sources = re.findall(r"memref.copy (%\w+), ", text)
+        return [s for s in sources if s in allocs and len(re.findall(rf"{s}\b", text)) == 1 + sources.count(s)]
+
+    assert blank_sources(str(mod)), "the pipeline copies an uninitialised buffer (else this test checks nothing)"
+    microkernel.define_all(mod)
+    assert not blank_sources(str(mod))

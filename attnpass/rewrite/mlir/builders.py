@@ -280,6 +280,52 @@ def matmul_tile(t: Ssa, dims: Sequence[str], a: Operand, b: Operand, acc: Operan
     return generic(t, dims, [a, b], acc, iters, body, ind, hint, attrs)
 
 
+def first_step(t: Ssa, dim: int, ind: int) -> str:
+    """``i1``: whether the reduced dim ``dim`` is at index 0, where a ``*_from`` generic takes its start value instead
+    of its output (a new tensor: the start is read from one buffer and the result written to another, no copy)."""
+    idx = t.op("ix", f"linalg.index {dim} : index", ind)
+    return t.op("first", f"arith.cmpi eq, {idx}, {t.op('c', 'arith.constant 0 : index', ind)} : index", ind)
+
+
+def matmul_from(t: Ssa, dims: Sequence[str], a: Operand, b: Operand, start: Operand | None, scale: Operand | None,
+                out: tuple[tuple[int, ...], str], reduce: str, ind: int, hint: str = "mm", attrs: str = "") -> str:
+    """``start * scale + sum a * b`` over ``reduce`` into a new tensor of shape / index ``out`` (``start`` None: from 0).
+
+    ``matmul_tile`` with its start folded in: the online softmax's ``acc * alpha + P V`` and ``Q K^T`` from zero need
+    no rescale or fill pass, and the register blocks (``microkernel``) apply the start once per block they load.
+    """
+    ins = [a, b] + ([scale] if scale is not None else []) + ([start] if start is not None else [])
+    iters = [RED if d == reduce else PAR for d in dims]
+
+    def body(x: list[str], i: int) -> str:
+        if start is None:
+            init = t.op("c", "arith.constant 0.0 : f32", i)
+        else:
+            init = x[-2] if scale is None else t.op("s", f"arith.mulf {x[-2]}, {x[2]} : f32", i)
+        base = t.op("b", f"arith.select {first_step(t, dims.index(reduce), i)}, {init}, {x[-1]} : f32", i)
+        p = t.op("p", f"arith.mulf {x[0]}, {x[1]} {FASTMATH} : f32", i)
+        return t.op("r", f"arith.addf {base}, {p} {FASTMATH} : f32", i)
+
+    dst = Operand(empty(t, out[0], ind), out[0], out[1])
+    return generic(t, dims, ins, dst, iters, body, ind, hint, attrs)
+
+
+def reduce_from(t: Ssa, dims: Sequence[str], x: Operand, start: Operand, scale: Operand | None, kind: str, ind: int,
+                hint: str = "rnew", attrs: str = "") -> str:
+    """``start * scale (+ or max) reduce_j x`` over the last dim into a new tensor: ``reduce_max`` / ``reduce_sum``
+    with the running value read, not updated in place, and ``l * alpha`` folded in (no copy, no rescale pass)."""
+    op = {"add": "arith.addf", "max": "arith.maximumf"}[kind]
+
+    def body(a: list[str], i: int) -> str:
+        init = a[1] if scale is None else t.op("s", f"arith.mulf {a[1]}, {a[2]} : f32", i)
+        base = t.op("b", f"arith.select {first_step(t, len(dims) - 1, i)}, {init}, {a[-1]} : f32", i)
+        return t.op("r", f"{op} {base}, {a[0]} : f32", i)
+
+    dst = Operand(empty(t, start.shape, ind), start.shape, start.index)
+    ins = [x, start] + ([scale] if scale is not None else [])
+    return generic(t, dims, ins, dst, [PAR] * (len(dims) - 1) + [RED], body, ind, hint, attrs)
+
+
 def reduce_max(t: Ssa, dims: Sequence[str], x: Operand, init: Operand, ind: int, hint: str = "mnew",
                attrs: str = "") -> str:
     """``m'[row] = max(m[row], max_j x[row, j])`` over the last dim: the running max of online softmax.
@@ -302,7 +348,7 @@ def reduce_sum(t: Ssa, dims: Sequence[str], x: Operand, init: Operand, ind: int,
 
 
 def exp_sub(t: Ssa, dims: Sequence[str], x: Operand, m: Operand, shape: tuple[int, ...], ind: int,
-            hint: str = "e") -> str:
+            hint: str = "e", attrs: str = "") -> str:
     """``exp(x - base(m))`` elementwise, ``m`` broadcast along the rows; ``base`` is 0 for a row max of -inf.
 
     With ``x`` the logits tile it is the tile's unnormalised probabilities ``p``; with ``x`` the old
@@ -313,7 +359,7 @@ def exp_sub(t: Ssa, dims: Sequence[str], x: Operand, m: Operand, shape: tuple[in
         return exp_poly(t, d, i)
 
     out = Operand(empty(t, shape, ind), shape, dims_of(dims))
-    return generic(t, dims, [x, m], out, [PAR] * len(dims), body, ind, hint)
+    return generic(t, dims, [x, m], out, [PAR] * len(dims), body, ind, hint, attrs)
 
 
 # exp(x) = 2^k exp(r), k = round(x / ln 2), r = x - k ln 2 (ln 2 split in two for an exact product), exp(r) by a
@@ -323,33 +369,38 @@ _EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
 _EXP_MIN = -87.33654  # below: 0 (2^k would leave the normal range); the loop nest's arguments are <= 0
 
 
-def exp_poly(t: Ssa, x: str, ind: int) -> str:
+def exp_poly(t: Ssa, x: str, ind: int, width: int = 0) -> str:
     """``exp(x)`` for ``x <= 0`` as arithmetic only (no libm call), so LLVM vectorises the loop it sits in.
 
     ``-inf`` (and anything below ``_EXP_MIN``) gives exactly 0, so a removed key adds nothing; NaN stays NaN.
+    ``width``: on ``vector<width x f32>`` values (the vector kernels of ``microkernel``), not scalars.
     """
-    def c(v: float) -> str:
-        return constant(t, v, ind)
+    ft, it = (f"vector<{width}xf32>", f"vector<{width}xi32>") if width else ("f32", "i32")
 
-    kl = t.op("kl", f"arith.mulf {x}, {c(1.4426950408889634)} : f32", ind)
-    k = t.op("k", f"math.floor {t.op('kx', f'arith.addf {kl}, {c(0.5)} : f32', ind)} : f32", ind)
-    r = t.op("r", f"arith.subf {x}, {t.op('kh', f'arith.mulf {k}, {c(_LN2_HI)} : f32', ind)} : f32", ind)
-    r = t.op("r", f"arith.subf {r}, {t.op('kl', f'arith.mulf {k}, {c(_LN2_LO)} : f32', ind)} : f32", ind)
+    def c(v: float) -> str:
+        return t.op("c", f"arith.constant dense<{f32(v)}> : {ft}", ind) if width else constant(t, v, ind)
+
+    def ci(v: int) -> str:
+        return t.op("c", f"arith.constant {f'dense<{v}>' if width else v} : {it}", ind)
+
+    kl = t.op("kl", f"arith.mulf {x}, {c(1.4426950408889634)} : {ft}", ind)
+    k = t.op("k", f"math.floor {t.op('kx', f'arith.addf {kl}, {c(0.5)} : {ft}', ind)} : {ft}", ind)
+    r = t.op("r", f"arith.subf {x}, {t.op('kh', f'arith.mulf {k}, {c(_LN2_HI)} : {ft}', ind)} : {ft}", ind)
+    r = t.op("r", f"arith.subf {r}, {t.op('kl', f'arith.mulf {k}, {c(_LN2_LO)} : {ft}', ind)} : {ft}", ind)
     p = c(_EXP_POLY[0])
     for coeff in _EXP_POLY[1:]:
-        p = t.op("p", f"math.fma {p}, {r}, {c(coeff)} : f32", ind)
-    r2 = t.op("r2", f"arith.mulf {r}, {r} : f32", ind)
-    p = t.op("p", f"math.fma {p}, {r2}, {r} : f32", ind)
-    p = t.op("p", f"arith.addf {p}, {c(1.0)} : f32", ind)
-    ki = t.op("ki", f"arith.fptosi {t.op('kc', f'arith.maximumf {k}, {c(-127.0)} : f32', ind)} : f32 to i32", ind)
-    bias = t.op("c", "arith.constant 127 : i32", ind)
-    sh = t.op("c", "arith.constant 23 : i32", ind)
-    bits = t.op("bits", f"arith.shli {t.op('kb', f'arith.addi {ki}, {bias} : i32', ind)}, {sh} : i32", ind)
-    e = t.op("e", f"arith.mulf {p}, {t.op('two', f'arith.bitcast {bits} : i32 to f32', ind)} : f32", ind)
-    low = t.op("low", f"arith.cmpf olt, {x}, {c(_EXP_MIN)} : f32", ind)
-    e = t.op("e", f"arith.select {low}, {c(0.0)}, {e} : f32", ind)
-    nan = t.op("nan", f"arith.cmpf uno, {x}, {x} : f32", ind)
-    return t.op("e", f"arith.select {nan}, {x}, {e} : f32", ind)
+        p = t.op("p", f"math.fma {p}, {r}, {c(coeff)} : {ft}", ind)
+    r2 = t.op("r2", f"arith.mulf {r}, {r} : {ft}", ind)
+    p = t.op("p", f"math.fma {p}, {r2}, {r} : {ft}", ind)
+    p = t.op("p", f"arith.addf {p}, {c(1.0)} : {ft}", ind)
+    ki = t.op("ki", f"arith.fptosi {t.op('kc', f'arith.maximumf {k}, {c(-127.0)} : {ft}', ind)} : {ft} to {it}", ind)
+    bits = t.op("bits", f"arith.shli {t.op('kb', f'arith.addi {ki}, {ci(127)} : {it}', ind)}, {ci(23)} : {it}", ind)
+    e = t.op("e", f"arith.mulf {p}, {t.op('two', f'arith.bitcast {bits} : {it} to {ft}', ind)} : {ft}", ind)
+    low = t.op("low", f"arith.cmpf olt, {x}, {c(_EXP_MIN)} : {ft}", ind)
+    mt = f"vector<{width}xi1>, {ft}" if width else "f32"
+    e = t.op("e", f"arith.select {low}, {c(0.0)}, {e} : {mt}", ind)
+    nan = t.op("nan", f"arith.cmpf uno, {x}, {x} : {ft}", ind)
+    return t.op("e", f"arith.select {nan}, {x}, {e} : {mt}", ind)
 
 
 def rescale(t: Ssa, dims: Sequence[str], x: Operand, f: Operand, shape: tuple[int, ...], ind: int,

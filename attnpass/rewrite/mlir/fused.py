@@ -53,8 +53,10 @@ from attnpass.rewrite.mlir.builders import (
     fill,
     generic,
     mask_body,
+    matmul_from,
     matmul_tile,
     permuted,
+    reduce_from,
     reduce_max,
     reduce_sum,
     rescale,
@@ -66,6 +68,7 @@ from attnpass.rewrite.mlir.builders import (
     unpermuted,
     window_test,
 )
+from attnpass.rewrite.mlir.key_pack import pack_keys, packed_tile
 from attnpass.rewrite.mlir.kv_len import KvLen, keep_test, key_bound
 from attnpass.rewrite.mlir.packed_heads import pack, packed_shape, unpack
 from attnpass.rewrite.mlir.ssmax import KeyMasks, SsmaxParams, emit_factor
@@ -377,35 +380,6 @@ def _query_blocks(t: Ssa, sp: FusedSpec, qb: int | None, factor: str | None) -> 
     return res
 
 
-def pack_keys(t: Ssa, k: str, shape: tuple[int, ...], tile: int) -> tuple[str, tuple[int, ...]]:
-    """``K^T`` packed by key tiles: ``kp[..., jt, e, j] = k[..., jt * tile + j, e]``, shape ``[..., S_k / tile, D,
-    tile]``; returns its name and shape.
-
-    The ``Q K^T`` register blocks read ``RK`` rows of a tile's ``K^T`` per step.  In a plain ``[D, S_k]`` transpose
-    those rows lie ``4 S_k`` bytes apart, a multiple of 4 KiB at the usual lengths, so every row of a tile falls in
-    the same L1 set and they evict each other; packed, a tile is one contiguous ``D x tile`` block.  One pass over
-    K per call, as the transpose was.
-    """
-    *kb, s_k, d = shape
-    out = (*kb, s_k // tile, d, tile)
-    dims = [f"d{i}" for i in range(len(kb))]
-    src = Operand(k, tuple(shape), dims_of([*dims, f"t * {tile} + j", "e"]))
-    dst = Operand(empty(t, out, 2, sizes=unknown_sizes(t, k, shape, "f32", 2)), out, dims_of([*dims, "t", "e", "j"]))
-    return generic(t, [*dims, "t", "e", "j"], [src], dst, [PAR] * len(out), lambda a, i: a[0], 2, "kp"), out
-
-
-def packed_tile(t: Ssa, sp: FusedSpec, j0: str, tile: int, ind: int) -> tuple[str, tuple[int, ...]]:
-    """The ``K^T`` of the key tile at ``j0`` (its first ``tile`` keys) from the packed ``K^T``: one contiguous block."""
-    *kb, _, d, full = sp.k_shape
-    jt = t.op("jt", f"arith.divui {j0}, {t.op('c', f'arith.constant {full} : index', ind)} : index", ind)
-    rank = len(sp.k_shape)
-    offs = ", ".join(["0"] * len(kb) + [jt, "0", "0"])
-    out = (*kb, d, tile)
-    name = t.op("ktile", f"tensor.extract_slice {sp.k_value}[{offs}] [{', '.join(map(str, (*kb, 1, d, tile)))}] "
-                         f"[{', '.join(['1'] * rank)}] : {tensor_type(sp.k_shape, 'f32')} to {tensor_type(out, 'f32')}", ind)
-    return name, out
-
-
 def _tuple(prefix: str, *tail: str) -> str:
     """``(d0, d1)`` + ``i, e`` -> ``(d0, d1, i, e)``: a broadcast batch prefix followed by named dims."""
     inner = prefix[1:-1]
@@ -441,8 +415,9 @@ def fused_func(name: str, sp: FusedSpec) -> str:
     # K^T once (S_k x D), so every Q K^T block reads rows of both; not where Q K^T stays a generic, which reads
     # K's rows along its innermost (head) dim
     if sp.microkernel and not sp.k_transposed and microkernel.fits(rows, sp.tile, sp.d) and sp.s_k % sp.tile == 0:
-        kp, kp_shape = pack_keys(t, "%k", sp.k_shape, sp.tile)
-        sp = dataclasses.replace(sp, k_shape=kp_shape, k_transposed=True, k_value=kp, k_packed=True)
+        # scale * (q . k) = q . (scale * k): folded into the packing pass, no pass over Q (and its buffer) per call
+        kp, kp_shape = pack_keys(t, "%k", sp.k_shape, sp.tile, sp.scale)
+        sp = dataclasses.replace(sp, k_shape=kp_shape, k_transposed=True, k_value=kp, k_packed=True, scale=1.0)
     elif sp.microkernel and not sp.k_transposed and microkernel.fits(rows, sp.tile, sp.d):
         perm = (*range(len(sp.k_shape) - 2), len(sp.k_shape) - 1, len(sp.k_shape) - 2)
         transpose(t, "%k", sp.k_shape, perm, 2, result="%k_t")
@@ -555,31 +530,43 @@ def fused_tile(t: Ssa, sp: FusedSpec, j0: str, tile: int, state: tuple[str, str,
     q = Operand(rows.q, sp.q_shape, _tuple(bcast_map(sp.q_shape[:-2], batch_dom, bdims), "i", "e"))
     kb = bcast_map(kt_shape[:-2], batch_dom, bdims, sp.k_groups, sp.group_dim)
     k = Operand(kt, kt_shape, _tuple(kb, "e", "j") if sp.k_transposed else _tuple(kb, "j", "e"))
-    s0 = Operand(fill(t, tile_shape, "0.0", ind), tile_shape, dims_of(dims4))
-    blocks = sp.microkernel and sp.k_transposed and microkernel.fits(sp.s_q, tile, sp.d)
-    s = matmul_tile(t, dims5, q, k, s0, "e", ind, "s", microkernel.MARK if blocks else "")
+    if sp.microkernel and sp.k_transposed and microkernel.fits(sp.s_q, tile, sp.d):  # blocks from zero: no fill pass
+        s = matmul_from(t, dims5, q, k, None, None, (tile_shape, dims_of(dims4)), "e", ind, "s", microkernel.mark("zero"))
+    else:
+        s = matmul_tile(t, dims5, q, k, Operand(fill(t, tile_shape, "0.0", ind), tile_shape, dims_of(dims4)), "e", ind, "s")
     # z = masked, scaled, capped logits of the tile
     plain = sp.scale == 1.0 and sp.softcap is None and not mask_tiles and factor is None and not sp.causal and sp.window is None
     z = s if plain else logits_tile(t, sp, Operand(s, tile_shape, dims_of(dims4)), mask_tiles, factor, j0, ind, rows.i0)
     zt = Operand(z, tile_shape, dims_of(dims4))
     rows = dims_of(dims3)  # a per-row value, read from any domain that starts with (batch.., i)
     # m' = max(m, max_j z)
-    by_rows = microkernel.row_mark(tile, "max") if sp.microkernel else ""  # vector kernels over whole rows
-    m_new = reduce_max(t, dims4, zt, Operand(m_old, row_shape, rows), ind, attrs=by_rows)
+    by_rows = sp.microkernel and microkernel.row_mark(tile, "max") != ""  # vector kernels over whole rows
+    if by_rows:  # read from the old max, written to a new one: no copy of the state
+        m_new = reduce_from(t, dims4, zt, Operand(m_old, row_shape, rows), None, "max", ind, "mnew",
+                            microkernel.row_mark(tile, "max_from"))
+    else:
+        m_new = reduce_max(t, dims4, zt, Operand(m_old, row_shape, rows), ind)
     # p = exp(z - m');  alpha = exp(m - m')
-    p = exp_sub(t, dims4, zt, Operand(m_new, row_shape, rows), tile_shape, ind, "p")
+    p = exp_sub(t, dims4, zt, Operand(m_new, row_shape, rows), tile_shape, ind, "p",
+                microkernel.row_mark(tile, "exp") if by_rows else "")  # a vector kernel: 512-bit where the host has it
     pt = Operand(p, tile_shape, dims_of(dims4))
     alpha = exp_sub(t, dims3, Operand(m_old, row_shape, rows), Operand(m_new, row_shape, rows), row_shape, ind, "alpha")
     # l' = l * alpha + sum_j p
-    l_scaled = rescale(t, dims3, Operand(l_old, row_shape, rows), Operand(alpha, row_shape, rows), row_shape, ind, "lsc")
-    l_new = reduce_sum(t, dims4, pt, Operand(l_scaled, row_shape, rows), ind,
-                       attrs=microkernel.row_mark(tile, "add") if sp.microkernel else "")
+    at = Operand(alpha, row_shape, rows)
+    if by_rows:
+        l_new = reduce_from(t, dims4, pt, Operand(l_old, row_shape, rows), at, "add", ind, "lnew",
+                            microkernel.row_mark(tile, "add_scaled"))
+    else:
+        l_scaled = rescale(t, dims3, Operand(l_old, row_shape, rows), at, row_shape, ind, "lsc")
+        l_new = reduce_sum(t, dims4, pt, Operand(l_scaled, row_shape, rows), ind)
     # acc' = acc * alpha + p @ v_tile   (value dim innermost: contiguous in acc and v)
-    acc_scaled = rescale(t, dimso, Operand(acc_old, out_shape, dims_of(dimso)), Operand(alpha, row_shape, rows),
-                         out_shape, ind, "accs")
     vb = bcast_map(vt_shape[:-2], batch_dom, bdims, sp.v_groups, sp.group_dim)
-    blocks = sp.microkernel and microkernel.fits(sp.s_q, sp.dv, tile)
-    acc_new = matmul_tile(t, dims5, pt, Operand(vt, vt_shape, _tuple(vb, "j", "e")),
-                          Operand(acc_scaled, out_shape, dims_of(dimso)), "j", ind, "accnew",
-                          microkernel.MARK if blocks else "")
+    vo = Operand(vt, vt_shape, _tuple(vb, "j", "e"))
+    acc_o = Operand(acc_old, out_shape, dims_of(dimso))
+    if sp.microkernel and microkernel.fits(sp.s_q, sp.dv, tile):  # alpha applied as each register block is loaded
+        acc_new = matmul_from(t, dims5, pt, vo, acc_o, at, (out_shape, dims_of(dimso)), "j", ind, "accnew",
+                              microkernel.mark("scaled"))
+    else:
+        acc_scaled = rescale(t, dimso, acc_o, at, out_shape, ind, "accs")
+        acc_new = matmul_tile(t, dims5, pt, vo, Operand(acc_scaled, out_shape, dims_of(dimso)), "j", ind, "accnew")
     return m_new, l_new, acc_new

@@ -24,11 +24,19 @@ import functools
 import re
 from collections.abc import Sequence
 
-from attnpass.rewrite.mlir.builders import Ssa
+from attnpass.rewrite.mlir.builders import Ssa, exp_base, exp_poly
 
 PREFIX = "attnpass_contract_"
 MARK_NAME = "attnpass.register_blocks"
 MARK = ", " + MARK_NAME  # on a matmul linalg.generic (``builders.matmul_tile``): lowered as register blocks
+
+
+
+def mark(start: str) -> str:
+    """The mark of a ``builders.matmul_from`` generic: ``start`` is ``zero`` (operands ``a, b, out``: the blocks start
+    at 0) or ``scaled`` (``a, b, f, c, out``: each block starts at ``c * f[row]``, read once per block)."""
+    return f', {MARK_NAME} = "{start}"'
+
 
 # 8 x 16 f32 accumulators: 8 AVX-512 / 16 AVX2 registers; 8 independent FMA chains hide the FMA latency
 RI, RN, RK = 8, 16, 8
@@ -38,7 +46,9 @@ RW = 16  # the row kernels' vector width
 
 
 def row_mark(n: int, kind: str) -> str:
-    """The mark of a reduction over rows of ``n`` (``kind``: ``max`` or ``add``), empty where ``RW`` does not divide."""
+    """The mark of a reduction over rows of ``n``, empty where ``RW`` does not divide.  ``kind``: ``max`` / ``add``
+    (in place: ``x, r``), ``max_from`` (``x, old, r``) or ``add_scaled`` (``x, old, f, r``: ``r = old * f + sum x``),
+    the forms of ``builders.reduce_from``."""
     return f', {ROWS_NAME} = "{kind}"' if n % RW == 0 else ""
 
 
@@ -86,11 +96,14 @@ def _batch_index(t: Ssa, shape: Sequence[int], domain: Sequence[int], ivs: Seque
 
 
 def contract(t: Ssa, batch: Sequence[int], a: tuple[str, tuple[int, ...], str], b: tuple[str, tuple[int, ...], str],
-             acc: tuple[str, str], groups: tuple[int, int], group_dim: int | None, ind: int) -> None:
+             acc: tuple[str, str], groups: tuple[int, int], group_dim: int | None, ind: int,
+             start: tuple[str, str, str, str] | None = None) -> None:
     """``acc[*batch, i, n] += sum_k a[.., i, k] * b[.., k, n]`` in register blocks, in place on the ``acc`` buffer.
 
     Operands are ``(name, shape, memref type)``; ``groups`` is the GQA group count of ``a`` and ``b`` (1: same heads
-    as ``batch``).
+    as ``batch``).  ``start``: ``("zero", ...)`` starts each block at 0 (``acc`` only written), ``("scaled", f, fty,
+    c)`` at ``c * f[row]`` (``c`` of ``acc``'s type, ``f`` one value per row): the fill or rescale pass folded into
+    the one load of the block.
     """
     (an, ashape, aty), (bn, bshape, bty), (accn, cty) = a, b, acc
     m, k, n = ashape[-2], ashape[-1], bshape[-1]
@@ -119,7 +132,22 @@ def contract(t: Ssa, batch: Sequence[int], a: tuple[str, tuple[int, ...], str], 
     a_at = _batch_index(t, ashape[:-2], batch, ivs, groups[0], group_dim, zero, depth)
     b_at = _batch_index(t, bshape[:-2], batch, ivs, groups[1], group_dim, zero, depth)
     inb = "{in_bounds = [true, true]}"
-    v0 = t.op("v", f"vector.transfer_read {accn}[{', '.join([*ivs, i, n0])}], {pad} {inb} : {cty}, {vty}", depth)
+    if start is None:
+        v0 = t.op("v", f"vector.transfer_read {accn}[{', '.join([*ivs, i, n0])}], {pad} {inb} : {cty}, {vty}", depth)
+    elif start[0] == "zero":
+        v0 = t.op("v", f"arith.constant dense<0.0> : {vty}", depth)
+    else:
+        _, fn, fty, cn = start
+        c0 = t.op("v", f"vector.transfer_read {cn}[{', '.join([*ivs, i, n0])}], {pad} {inb} : {cty}, {vty}", depth)
+        fs = t.op("f", f"vector.transfer_read {fn}[{', '.join([*ivs, i])}], {pad} {{in_bounds = [true]}} : {fty}, "
+                       f"vector<{RI}xf32>", depth)
+        # f[row] along the block's columns: an outer product with ones (a broadcast read or a chain of row inserts
+        # is scalarised by the vector lowering)
+        ones = t.op("one", f"arith.constant dense<1.0> : vector<{rn}xf32>", depth)
+        zeros = t.op("z", f"arith.constant dense<0.0> : {vty}", depth)
+        fb = t.op("fb", f"vector.outerproduct {fs}, {ones}, {zeros} {{kind = #vector.kind<add>}} : vector<{RI}xf32>, "
+                        f"vector<{rn}xf32>", depth)
+        v0 = t.op("v", f"arith.mulf {c0}, {fb} : {vty}", depth)
     kres, k0, v = t.fresh("mk"), t.fresh("k0"), t.fresh("v")
     t.emit(f"{kres} = scf.for {k0} = {zero} to {c(k, depth)} step {c(RK, depth)} iter_args({v} = {v0}) -> ({vty}) {{",
            depth)
@@ -145,8 +173,8 @@ def strided_type(shape: Sequence[int]) -> str:
     return f"memref<{''.join(f'{d}x' for d in shape)}f32, strided<[{strides}], offset: ?>>"
 
 
-def _name(a: tuple[int, ...], b: tuple[int, ...], acc: tuple[int, ...]) -> str:
-    return PREFIX + "_".join("x".join(map(str, s)) for s in (a, b, acc))
+def _name(a: tuple[int, ...], b: tuple[int, ...], acc: tuple[int, ...], start: str = "") -> str:
+    return PREFIX + (f"{start}_" if start else "") + "_".join("x".join(map(str, s)) for s in (a, b, acc))
 
 
 def _groups(shape: tuple[int, ...], batch: tuple[int, ...]) -> int:
@@ -157,15 +185,22 @@ def _groups(shape: tuple[int, ...], batch: tuple[int, ...]) -> int:
     return h // oh if oh not in (1, h) else 1
 
 
-def definition(name: str, a: tuple[int, ...], b: tuple[int, ...], acc: tuple[int, ...]) -> str:
-    """The body of ``@name``: ``acc += a @ b`` in register blocks on buffers, everything read off the three shapes."""
+def definition(name: str, a: tuple[int, ...], b: tuple[int, ...], acc: tuple[int, ...], start: str = "") -> str:
+    """The body of ``@name``: ``acc += a @ b`` in register blocks on buffers, everything read off the three shapes.
+
+    ``start`` (``mark``): ``zero`` writes ``acc = a @ b``; ``scaled`` takes ``(%a, %b, %f, %c, %acc)`` and writes
+    ``acc = c * f[row] + a @ b``, ``c`` of ``acc``'s shape and ``f`` of its rows'.
+    """
     t = Ssa()
     types = [strided_type(s) for s in (a, b, acc)]
-    t.emit(f"func.func private @{name}(%a: {types[0]}, %b: {types[1]}, %acc: {types[2]}) {{", 1)
+    fty = strided_type(acc[:-1])
+    extra = f"%f: {fty}, %c: {types[2]}, " if start == "scaled" else ""
+    t.emit(f"func.func private @{name}(%a: {types[0]}, %b: {types[1]}, {extra}%acc: {types[2]}) {{", 1)
     batch = acc[:-2]
     groups = (_groups(a[:-2], batch), _groups(b[:-2], batch))
+    init = None if not start else ("zero", "", "", "") if start == "zero" else ("scaled", "%f", fty, "%c")
     contract(t, batch, ("%a", a, types[0]), ("%b", b, types[1]), ("%acc", types[2]), groups,
-             len(batch) - 1 if batch else None, 2)
+             len(batch) - 1 if batch else None, 2, init)
     t.emit("return")
     t.emit("}", 1)
     return t.text()
@@ -180,9 +215,11 @@ def rows_definition(name: str, x: tuple[int, ...], kind: str) -> str:
     """
     t = Ssa()
     tx, tr = strided_type(x), strided_type(x[:-1])
-    op = {"add": "arith.addf", "max": "arith.maximumf"}[kind]
-    red = {"add": "add", "max": "maximumf"}[kind]
-    t.emit(f"func.func private @{name}(%x: {tx}, %r: {tr}) {{", 1)
+    base = kind.split("_")[0]
+    op = {"add": "arith.addf", "max": "arith.maximumf"}[base]
+    red = {"add": "add", "max": "maximumf"}[base]
+    extra = {"max_from": f"%old: {tr}, ", "add_scaled": f"%old: {tr}, %f: {tr}, "}.get(kind, "")
+    t.emit(f"func.func private @{name}(%x: {tx}, {extra}%r: {tr}) {{", 1)
 
     def c(v: int, i: int) -> str:
         return t.op("c", f"arith.constant {v} : index", i)
@@ -207,8 +244,50 @@ def rows_definition(name: str, x: tuple[int, ...], kind: str) -> str:
         t.emit("}", depth)
         v = res
     total = t.op("s", f"vector.reduction <{red}>, {v} : {vty} into f32", depth)
-    old = t.op("old", f"memref.load %r[{', '.join(ivs)}] : {tr}", depth)
+    old = t.op("old", f"memref.load {'%old' if extra else '%r'}[{', '.join(ivs)}] : {tr}", depth)
+    if kind == "add_scaled":
+        old = t.op("old", f"arith.mulf {old}, {t.op('f', f'memref.load %f[{chr(44).join(ivs)}] : {tr}', depth)} : f32", depth)
     t.emit(f"memref.store {t.op('new', f'{op} {old}, {total} : f32', depth)}, %r[{', '.join(ivs)}] : {tr}", depth)
+    while depth > 2:
+        depth -= 1
+        t.emit("}", depth)
+    t.emit("return", 2)
+    t.emit("}", 1)
+    return t.text()
+
+
+def exp_definition(name: str, x: tuple[int, ...]) -> str:
+    """The body of ``@name``: ``p[row, :] = exp(x[row, :] - base(m[row]))`` in vectors of ``RW``.
+
+    The generic's loop is vectorised by LLVM at its preferred width (256 bits on AVX-512 hosts); written as
+    ``vector<RW x f32>`` ops the polynomial runs at 512 bits there, half the instructions for the ``S_q x tile``
+    exponentials of every key tile.
+    """
+    t = Ssa()
+    tx, tr = strided_type(x), strided_type(x[:-1])
+    t.emit(f"func.func private @{name}(%x: {tx}, %m: {tr}, %p: {tx}) {{", 1)
+
+    def c(v: int, i: int) -> str:
+        return t.op("c", f"arith.constant {v} : index", i)
+
+    zero, one = c(0, 2), c(1, 2)
+    pad = t.op("c", "arith.constant 0.0 : f32", 2)
+    ivs, depth = [], 2
+    for size in x[:-1]:
+        iv = t.fresh("iv")
+        t.emit(f"scf.for {iv} = {zero} to {c(size, depth)} step {one} {{", depth)
+        ivs.append(iv)
+        depth += 1
+    vty = f"vector<{RW}xf32>"
+    base = exp_base(t, t.op("m", f"memref.load %m[{', '.join(ivs)}] : {tr}", depth), depth)
+    bb = t.op("bb", f"vector.broadcast {base} : f32 to {vty}", depth)
+    j0 = t.fresh("j0")
+    t.emit(f"scf.for {j0} = {zero} to {c(x[-1], depth)} step {c(RW, depth)} {{", depth)
+    at = ", ".join([*ivs, j0])
+    v = t.op("v", f"vector.transfer_read %x[{at}], {pad} {{in_bounds = [true]}} : {tx}, {vty}", depth + 1)
+    e = exp_poly(t, t.op("d", f"arith.subf {v}, {bb} : {vty}", depth + 1), depth + 1, RW)
+    t.emit(f"vector.transfer_write {e}, %p[{at}] {{in_bounds = [true]}} : {vty}, {tx}", depth + 1)
+    t.emit("}", depth)
     while depth > 2:
         depth -= 1
         t.emit("}", depth)
@@ -242,6 +321,66 @@ def _call(g: object, name: str, shapes: list) -> None:
     g.erase()
 
 
+def _start(attr: object) -> str:
+    """A matmul mark's start: the string of ``mark`` or, for the unit attribute ``MARK``, "" (in place)."""
+    from torch_mlir import ir
+
+    try:
+        return ir.StringAttr(attr).value
+    except ValueError:
+        return ""
+
+
+def _drop_uninitialised_copies(copies: list) -> int:
+    """Erase every copy out of a buffer nothing writes (a ``memref.alloc`` whose only uses are copies from it).
+
+    Bufferizing with ``copy-before-write`` copies a ``tensor.empty`` (hoisted out of the key loop, or the parallel
+    loop's output) into a fresh buffer before the op that overwrites it: per key tile a pass over a tile, per call a
+    pass over the whole output and its page faults, copying values no one wrote.  Returns how many went.
+    """
+    gone = 0
+    for c in copies:
+        src = c.operands[0]
+        owner = src.owner
+        if getattr(owner, "name", None) != "memref.alloc":
+            continue
+        if all(u.owner.name == "memref.copy" and u.operand_number == 0 for u in src.uses):
+            c.erase()
+            gone += 1
+            if not list(src.uses):  # the buffer itself is dead now
+                owner.erase()
+    return gone
+
+
+_VIEWS = ("memref.cast", "memref.subview", "memref.expand_shape", "memref.collapse_shape", "memref.reinterpret_cast")
+
+
+def _escapes(value: object) -> bool:
+    """Whether a buffer (or a view of it) leaves its loop iteration: yielded to the next one."""
+    for use in value.uses:
+        op = use.owner
+        if op.name == "scf.yield" or (op.name in _VIEWS and any(_escapes(r) for r in op.results)):
+            return True
+    return False
+
+
+def _hoist_allocs(loops: list) -> int:
+    """Move each static ``memref.alloc`` of a key loop's body that stays in its iteration to right before the loop.
+
+    A fresh buffer holds nothing a program may read before writing it, so one buffer serves every iteration: the
+    score tile, ``p`` and ``alpha`` are allocated once per query block instead of once per key tile (a malloc and
+    a free each).  The running state is yielded to the next iteration and keeps its buffers.  Returns how many moved.
+    """
+    moved = 0
+    for loop in loops:
+        for op in list(loop.regions[0].blocks[0].operations):
+            o = op.operation
+            if o.name == "memref.alloc" and not len(o.operands) and not _escapes(o.results[0]):
+                o.move_before(loop)
+                moved += 1
+    return moved
+
+
 def define_all(module: object) -> int:
     """Replace every marked matmul ``linalg.generic`` of the bufferized ``module`` (in place) by a call of its
     register-block function over the same buffers, defined once per shape and appended; returns how many were
@@ -249,6 +388,7 @@ def define_all(module: object) -> int:
     from torch_mlir import ir
 
     marked: list = []
+    copies: list = []
 
     def visit(op: object) -> None:
         for region in op.regions:
@@ -257,32 +397,49 @@ def define_all(module: object) -> int:
                     o = inner.operation
                     if o.name == "linalg.generic" and (MARK_NAME in o.attributes or ROWS_NAME in o.attributes):
                         marked.append(o)
+                    elif o.name == "memref.copy":
+                        copies.append(o)
                     visit(o)
 
     with module.context, ir.Location.unknown():
         visit(module.operation)
+        loops: list = []  # the key loops: around a marked generic
+        for g in marked:
+            parent = g.parent
+            if parent is not None and parent.name == "scf.for" and all(parent != x for x in loops):
+                loops.append(parent)
         defined: dict[str, str] = {}
         done = 0
         for g in marked:
             shapes = [_buffer_shape(v.type) for v in g.operands]
             if ROWS_NAME in g.attributes:
                 kind = ir.StringAttr(g.attributes[ROWS_NAME]).value
-                if len(shapes) != 2 or None in shapes or len(g.results) or shapes[0][:-1] != shapes[1]:
+                arity = {"max_from": 3, "add_scaled": 4, "exp": 3}.get(kind, 2)
+                rows = shapes[1:-1] if kind == "exp" else shapes[1:]  # exp: its output is of the input's shape
+                if (len(shapes) != arity or None in shapes or len(g.results) or any(s != shapes[0][:-1] for s in rows)
+                        or (kind == "exp" and shapes[-1] != shapes[0])):
                     del g.attributes[ROWS_NAME]
                     continue
                 name = f"attnpass_rows_{kind}_" + "x".join(map(str, shapes[0]))
-                defined.setdefault(name, rows_definition(name, shapes[0], kind))
+                defined.setdefault(name, exp_definition(name, shapes[0]) if kind == "exp"
+                                   else rows_definition(name, shapes[0], kind))
                 _call(g, name, shapes)
                 done += 1
                 continue
-            if len(shapes) != 3 or any(s is None for s in shapes) or len(g.results):
+            start = _start(g.attributes[MARK_NAME])
+            if len(shapes) != (5 if start == "scaled" else 3) or any(s is None for s in shapes) or len(g.results):
                 del g.attributes[MARK_NAME]  # not buffers the blocks can read: the generic's loops stay
                 continue
-            a, b, acc = shapes
-            name = _name(a, b, acc)
-            defined.setdefault(name, definition(name, a, b, acc))
+            a, b, acc = shapes[0], shapes[1], shapes[-1]
+            if start == "scaled" and (shapes[2] != acc[:-1] or shapes[3] != acc):
+                del g.attributes[MARK_NAME]
+                continue
+            name = _name(a, b, acc, start)
+            defined.setdefault(name, definition(name, a, b, acc, start))
             _call(g, name, shapes)
             done += 1
+        _drop_uninitialised_copies(copies)
+        _hoist_allocs(loops)
         if defined:
             defs = ir.Module.parse("module {\n" + "\n".join(defined.values()) + "\n}")
             for op in list(defs.body.operations):
