@@ -47,7 +47,11 @@ def __getattr__(name: str) -> Any:
     module_name, attr = _LAZY[name]
     module = importlib.import_module(module_name)
     value = module if attr is None else getattr(module, attr)
-    globals()[name] = value  # later reads are plain attribute reads: a router calls softmax_topk per token
+    if module_name != f"{__name__}.{name}" or attr is None:
+        # later reads are plain attribute reads: a router calls softmax_topk per token.  Not ``validate``: that
+        # name is also a submodule, which ``from attnpass import validate`` inside the package must keep finding
+        # (the module is callable as the function, ``attnpass.validate``'s docstring says why)
+        globals()[name] = value
     return value
 
 
