@@ -224,14 +224,7 @@ def rows_definition(name: str, x: tuple[int, ...], kind: str) -> str:
     def c(v: int, i: int) -> str:
         return t.op("c", f"arith.constant {v} : index", i)
 
-    zero, one = c(0, 2), c(1, 2)
-    pad = t.op("c", "arith.constant 0.0 : f32", 2)
-    ivs, depth = [], 2
-    for size in x[:-1]:
-        iv = t.fresh("iv")
-        t.emit(f"scf.for {iv} = {zero} to {c(size, depth)} step {one} {{", depth)
-        ivs.append(iv)
-        depth += 1
+    zero, pad, ivs, depth = _row_loops(t, x)
     vty = f"vector<{RW}xf32>"
     inb = "{in_bounds = [true]}"
     v = t.op("v", f"vector.transfer_read %x[{', '.join([*ivs, zero])}], {pad} {inb} : {tx}, {vty}", depth)
@@ -256,6 +249,20 @@ def rows_definition(name: str, x: tuple[int, ...], kind: str) -> str:
     return t.text()
 
 
+def _row_loops(t: Ssa, x: tuple[int, ...]) -> tuple[str, str, list[str], int]:
+    """Opens one ``scf.for`` per row dim of ``x`` (all but the last) for a row kernel: the index 0, the f32 0.0
+    that pads vector reads, the loops' induction variables and the depth inside them (closed by the caller)."""
+    zero, one = (t.op("c", f"arith.constant {v} : index", 2) for v in (0, 1))
+    pad = t.op("c", "arith.constant 0.0 : f32", 2)
+    ivs, depth = [], 2
+    for size in x[:-1]:
+        iv = t.fresh("iv")
+        t.emit(f"scf.for {iv} = {zero} to {t.op('c', f'arith.constant {size} : index', depth)} step {one} {{", depth)
+        ivs.append(iv)
+        depth += 1
+    return zero, pad, ivs, depth
+
+
 def exp_definition(name: str, x: tuple[int, ...]) -> str:
     """The body of ``@name``: ``p[row, :] = exp(x[row, :] - base(m[row]))`` in vectors of ``RW``.
 
@@ -270,14 +277,7 @@ def exp_definition(name: str, x: tuple[int, ...]) -> str:
     def c(v: int, i: int) -> str:
         return t.op("c", f"arith.constant {v} : index", i)
 
-    zero, one = c(0, 2), c(1, 2)
-    pad = t.op("c", "arith.constant 0.0 : f32", 2)
-    ivs, depth = [], 2
-    for size in x[:-1]:
-        iv = t.fresh("iv")
-        t.emit(f"scf.for {iv} = {zero} to {c(size, depth)} step {one} {{", depth)
-        ivs.append(iv)
-        depth += 1
+    zero, pad, ivs, depth = _row_loops(t, x)
     vty = f"vector<{RW}xf32>"
     base = exp_base(t, t.op("m", f"memref.load %m[{', '.join(ivs)}] : {tr}", depth), depth)
     bb = t.op("bb", f"vector.broadcast {base} : f32 to {vty}", depth)
