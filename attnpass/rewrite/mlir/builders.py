@@ -163,13 +163,24 @@ def constant(t: Ssa, value: float, ind: int) -> str:
 
 # ------------------------------------------------------------------ scalar bodies (inside a region)
 
-def causal_test(t: Ssa, i_dim: int, j_dim: int, j0: str | None, ind: int, i0: str | None = None) -> str:
-    """``j0 + j <= i0 + i`` (top-left causal) from the loop indices and the tile's first key / query block's first row."""
-    ii = _row_index(t, i_dim, i0, ind)
+def causal_test(t: Ssa, i_dim: int, j_dim: int, j0: str | None, ind: int, i0: str | None = None,
+                j_shift: int = 0) -> str:
+    """``j0 + j <= i0 + i`` (top-left causal) from the loop indices and the tile's first key / query block's first row.
+
+    ``j_shift`` is added to the key side: a row position that may be negative (``nonpad_kv_seqlen``'s
+    ``L_b - S_q + i``) is compared as ``j + S_q <= i + L_b``, every side a non-negative index."""
+    return t.op("causal", f"arith.cmpi ule, {_key_index(t, j_dim, j0, j_shift, ind)}, {_row_index(t, i_dim, i0, ind)} "
+                          ": index", ind)
+
+
+def _key_index(t: Ssa, j_dim: int, j0: str | None, j_shift: int, ind: int) -> str:
+    """The key of the iteration: ``linalg.index`` plus the tile's first key, plus ``j_shift``."""
     jj = t.op("j", f"linalg.index {j_dim} : index", ind)
     if j0 is not None:
         jj = t.op("jg", f"arith.addi {jj}, {j0} : index", ind)
-    return t.op("causal", f"arith.cmpi ule, {jj}, {ii} : index", ind)
+    if j_shift:
+        jj = t.op("jq", f"arith.addi {jj}, {t.op('c', f'arith.constant {j_shift} : index', ind)} : index", ind)
+    return jj
 
 
 def row_offset(t: Ssa, i0: str | None, offset: int, ind: int) -> str | None:
@@ -188,18 +199,16 @@ def _row_index(t: Ssa, i_dim: int, i0: str | None, ind: int) -> str:
 
 
 def window_test(t: Ssa, i_dim: int, j_dim: int, j0: str | None, window: tuple[int, int], ind: int,
-                i0: str | None = None) -> str | None:
+                i0: str | None = None, j_shift: int = 0) -> str | None:
     """``i - left <= j0 + j <= i + right`` (the ONNX ``Attention`` window, top-left aligned); -1 leaves a side open.
 
-    Written as ``j + left >= i`` so that no index goes below zero.
+    Written as ``j + left >= i`` so that no index goes below zero; ``j_shift`` as for ``causal_test``.
     """
     left, right = window
     if left < 0 and right < 0:
         return None
     ii = _row_index(t, i_dim, i0, ind)
-    jj = t.op("j", f"linalg.index {j_dim} : index", ind)
-    if j0 is not None:
-        jj = t.op("jg", f"arith.addi {jj}, {j0} : index", ind)
+    jj = _key_index(t, j_dim, j0, j_shift, ind)
     ok: str | None = None
     if left >= 0:
         lhs = t.op("jl", f"arith.addi {jj}, {t.op('c', f'arith.constant {left} : index', ind)} : index", ind)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from attnpass.passes.mlir_attention_op import nonpad_kv_seqlen
-from attnpass.rewrite.mlir.builders import Operand, Ssa, both, tensor_type
+from attnpass.rewrite.mlir.builders import Operand, Ssa, both, causal_test, tensor_type, window_test
 
 if TYPE_CHECKING:
     from attnpass.rewrite.mlir.editor import Editor
@@ -49,33 +49,19 @@ class KvLen:
 def keep_test(t: Ssa, kv: KvLen, length: str, i_dim: int, j_dim: int, j0: str | None, i0: str | None,
               causal: bool, window: tuple[int, int] | None, ind: int) -> str:
     """``j < L_b`` and (causal) ``j <= p`` and the window around ``p = L_b - S_q + i``, for the iteration's query
-    row ``i0 + i`` and key ``j0 + j``; ``length`` is the scalar ``L_b`` (i64) the generic reads."""
-    def c(v: int) -> str:
-        return t.op("c", f"arith.constant {v} : index", ind)
-
+    row ``i0 + i`` and key ``j0 + j``; ``length`` is the scalar ``L_b`` (i64) the generic reads.  The causal and
+    window tests are the loop nest's own (``builders.causal_test`` / ``window_test``), with the rows at ``L_b + i``
+    and the keys shifted by ``S_q``."""
     lb = t.op("lb", f"arith.index_cast {length} : i64 to index", ind)
     jj = t.op("j", f"linalg.index {j_dim} : index", ind)
     if j0 is not None:
         jj = t.op("jg", f"arith.addi {jj}, {j0} : index", ind)
     ok = t.op("valid", f"arith.cmpi slt, {jj}, {lb} : index", ind)
-    left, right = window if window is not None else (-1, -1)
-    if not (causal or left >= 0 or right >= 0):
-        return ok
-    ii = t.op("i", f"linalg.index {i_dim} : index", ind)
-    if i0 is not None:
-        ii = t.op("ig", f"arith.addi {ii}, {i0} : index", ind)
-    # p = lb - S_q + i, compared as j + S_q <op> i + lb (no side below zero)
-    pos = t.op("p", f"arith.addi {ii}, {lb} : index", ind)
-    jq = t.op("jq", f"arith.addi {jj}, {c(kv.s_q)} : index", ind)
+    base = lb if i0 is None else t.op("ib", f"arith.addi {i0}, {lb} : index", ind)
     if causal:
-        ok = both(t, ok, t.op("causal", f"arith.cmpi sle, {jq}, {pos} : index", ind), ind)
-    if right >= 0:
-        ok = both(t, ok, t.op("inwin", f"arith.cmpi sle, {jq}, {t.op('pr', f'arith.addi {pos}, {c(right)} : index', ind)}"
-                                       " : index", ind), ind)
-    if left >= 0:
-        ok = both(t, ok, t.op("inwin", f"arith.cmpi sge, {t.op('jl', f'arith.addi {jq}, {c(left)} : index', ind)}, {pos}"
-                                       " : index", ind), ind)
-    return ok
+        ok = both(t, ok, causal_test(t, i_dim, j_dim, j0, ind, base, kv.s_q), ind)
+    win = window_test(t, i_dim, j_dim, j0, window, ind, base, kv.s_q) if window is not None else None
+    return both(t, ok, win, ind) if win is not None else ok
 
 
 def key_bound(t: Ssa, kv: KvLen, s_k: int, tile: int, ind: int) -> str:

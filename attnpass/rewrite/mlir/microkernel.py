@@ -241,12 +241,7 @@ def rows_definition(name: str, x: tuple[int, ...], kind: str) -> str:
     if kind == "add_scaled":
         old = t.op("old", f"arith.mulf {old}, {t.op('f', f'memref.load %f[{chr(44).join(ivs)}] : {tr}', depth)} : f32", depth)
     t.emit(f"memref.store {t.op('new', f'{op} {old}, {total} : f32', depth)}, %r[{', '.join(ivs)}] : {tr}", depth)
-    while depth > 2:
-        depth -= 1
-        t.emit("}", depth)
-    t.emit("return", 2)
-    t.emit("}", 1)
-    return t.text()
+    return _close_rows(t, depth)
 
 
 def _row_loops(t: Ssa, x: tuple[int, ...]) -> tuple[str, str, list[str], int]:
@@ -261,6 +256,16 @@ def _row_loops(t: Ssa, x: tuple[int, ...]) -> tuple[str, str, list[str], int]:
         ivs.append(iv)
         depth += 1
     return zero, pad, ivs, depth
+
+
+def _close_rows(t: Ssa, depth: int) -> str:
+    """Closes what ``_row_loops`` opened and the function; the function's text."""
+    while depth > 2:
+        depth -= 1
+        t.emit("}", depth)
+    t.emit("return", 2)
+    t.emit("}", 1)
+    return t.text()
 
 
 def exp_definition(name: str, x: tuple[int, ...]) -> str:
@@ -288,12 +293,7 @@ def exp_definition(name: str, x: tuple[int, ...]) -> str:
     e = exp_poly(t, t.op("d", f"arith.subf {v}, {bb} : {vty}", depth + 1), depth + 1, RW)
     t.emit(f"vector.transfer_write {e}, %p[{at}] {{in_bounds = [true]}} : {vty}, {tx}", depth + 1)
     t.emit("}", depth)
-    while depth > 2:
-        depth -= 1
-        t.emit("}", depth)
-    t.emit("return", 2)
-    t.emit("}", 1)
-    return t.text()
+    return _close_rows(t, depth)
 
 
 _MEMREF = re.compile(r"memref<((?:\d+x)*)f32(?:, strided<\[([^\]]*)\][^>]*>)?>")
